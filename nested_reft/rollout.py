@@ -1,0 +1,225 @@
+"""Rollouts: G sampled completions per prompt from a (nested) behavior model, with their log-probs.
+
+The behavior log-prob of each sampled token is recorded while sampling, from the very logits the
+sampler drew from, so the importance weights never need an extra forward pass of the behavior model.
+Knows nothing of rewards. The sampler is a plain KV-cached decoding loop over `model(...)`: it is what
+`generate` does for a decoder-only model, minus the generality we do not need, which makes it at least
+as fast as `generate` and lets us read the log-probs on the way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from nested_reft.nesting import nested
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are drawn. Defaults follow the paper (appendix F) and TRL's GRPOConfig."""
+
+    temperature: float = 1.0  # TRL GRPOConfig.temperature; 0 means greedy
+    top_p: float = 1.0  # TRL GRPOConfig.top_p
+    top_k: int = 0  # TRL GRPOConfig.top_k (0 = disabled)
+    max_new_tokens: int = 256  # paper, appendix F: completions of 256 tokens
+    min_new_tokens: int = 256  # paper: min = max, so every completion has the same length
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+            )
+
+
+@dataclass
+class Samples:
+    """What the sampler returns for a batch of N sequences of T new tokens.
+
+    tokens: (N, T) long, pad after a sequence ends; mask: (N, T) 1 for generated tokens (the EOS
+    included), 0 after; logprobs: (N, T) float32 log-probs of `tokens` under the sampling model's
+    temperature-scaled softmax (before top-k/top-p/min-length filtering), 0 where mask is 0.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+
+
+@dataclass
+class Rollouts:
+    """A batch of B prompts x G completions, in prompt-major order (completion i belongs to prompt i // G).
+
+    prompt_ids, prompt_mask: (B*G, P) left-padded prompts; completion_ids, completion_mask,
+    behavior_logprobs: (B*G, T) as in `Samples`.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    behavior_logprobs: torch.Tensor
+    num_generations: int
+    skip_set: tuple[int, ...]
+    generation_time_s: float
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.prompt_mask.sum())
+
+    @property
+    def completion_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / max(self.generation_time_s, 1e-9)
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: SamplingConfig,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Samples:
+    """Decode up to `config.max_new_tokens` tokens for left-padded `input_ids` (N, P) with a KV cache."""
+    batch = input_ids.shape[0]
+    device = input_ids.device
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    cache = DynamicCache(config=model.config.get_text_config())
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, masks, logprobs = [], [], []
+    for step in range(config.max_new_tokens):
+        scaled = logits.float() / (config.temperature or 1.0)
+        token_logprobs = torch.log_softmax(scaled, dim=-1)
+        next_tokens = _draw(scaled, config, eos if step < config.min_new_tokens else None, generator)
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
+        alive = ~finished
+        tokens.append(next_tokens)
+        masks.append(alive)
+        logprobs.append(token_logprobs.gather(-1, next_tokens[:, None]).squeeze(-1) * alive)
+        finished = finished | torch.isin(next_tokens, eos)
+        if bool(finished.all()) or step + 1 == config.max_new_tokens:
+            break
+        attention_mask = torch.cat([attention_mask, alive[:, None].to(attention_mask.dtype)], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+        logits = model(
+            input_ids=next_tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        ).logits[:, -1]
+    return Samples(torch.stack(tokens, 1), torch.stack(masks, 1).long(), torch.stack(logprobs, 1))
+
+
+def _draw(
+    scaled_logits: torch.Tensor,
+    config: SamplingConfig,
+    banned: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One token per row from temperature-scaled logits, after min-length, top-k and top-p filtering."""
+    logits = scaled_logits.clone() if banned is not None else scaled_logits
+    if banned is not None:
+        logits[:, banned] = float("-inf")  # min_new_tokens: no EOS before the minimum length
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    if config.top_k:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        logits = _top_p_filter(logits, config.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches `top_p` (nucleus sampling)."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token is enough
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def generate_rollouts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    num_generations: int,
+    sampling: SamplingConfig,
+    skip_set: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> Rollouts:
+    """Sample `num_generations` completions for each prompt from `model` with `skip_set` skipped.
+
+    `prompts` are already templated text. The behavior model is the nested model
+    nested(model, skip_set); with an empty skip set it is the model itself (classical ReFT).
+    """
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    device = next(model.parameters()).device
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    prompt_ids = encoded["input_ids"].repeat_interleave(num_generations, dim=0)
+    prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0)
+    was_training = model.training
+    model.eval()
+    start = _synchronized_clock(device)
+    with nested(model, skip_set):
+        samples = sample(
+            model, prompt_ids, prompt_mask, sampling, eos_token_ids(model, tokenizer), tokenizer.pad_token_id, generator
+        )
+    elapsed = _synchronized_clock(device) - start
+    model.train(was_training)
+    return Rollouts(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=samples.tokens,
+        completion_mask=samples.mask,
+        behavior_logprobs=samples.logprobs,
+        num_generations=num_generations,
+        skip_set=tuple(sorted(skip_set)),
+        generation_time_s=elapsed,
+    )
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion: the generation config's EOS ids, else the tokenizer's."""
+    configured = model.generation_config.eos_token_id
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    ids = configured if isinstance(configured, (list, tuple)) else [configured]
+    return [int(i) for i in ids if i is not None]
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    """Wall time, after the device's queued work is done (so GPU timings are real)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

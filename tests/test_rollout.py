@@ -1,0 +1,159 @@
+"""Rollouts: the sampler agrees with `generate`, records the behavior log-probs, honours its settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nested_reft.nesting import nested
+from nested_reft.rollout import SamplingConfig, generate_rollouts
+from nested_reft.tiny import tiny_model
+
+PROMPTS = ["what is two plus two?", "hi", "count to three"]
+
+
+def recomputed_logprobs(model, rollouts, temperature: float) -> torch.Tensor:
+    """Log-probs of the sampled completions from a fresh full forward pass (the slow, obvious way)."""
+    ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
+    mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+    prompt_length = rollouts.prompt_ids.shape[1]
+    logits = logits[:, prompt_length - 1 : -1] / temperature
+    logprobs = torch.log_softmax(logits, -1).gather(-1, rollouts.completion_ids[..., None]).squeeze(-1)
+    return logprobs * rollouts.completion_mask
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("skip_set", [(), (0, 3), (2,)])
+def test_behavior_logprobs_equal_a_recomputed_forward_of_the_nested_model(architecture, skip_set):
+    model, tokenizer = tiny_model(architecture, num_layers=6)
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9, top_k=40, max_new_tokens=12, min_new_tokens=0)
+    rollouts = generate_rollouts(
+        model, tokenizer, PROMPTS, 3, sampling, skip_set, generator=torch.Generator().manual_seed(0)
+    )
+    with nested(model, skip_set):
+        expected = recomputed_logprobs(model, rollouts, temperature=0.7)
+    torch.testing.assert_close(rollouts.behavior_logprobs, expected, atol=1e-4, rtol=0)
+    assert rollouts.behavior_logprobs.dtype == torch.float32
+    if skip_set:  # and they are not the full model's log-probs
+        assert not torch.allclose(recomputed_logprobs(model, rollouts, 0.7), expected, atol=1e-3)
+
+
+def test_greedy_rollouts_equal_hugging_face_generate():
+    model, tokenizer = tiny_model("qwen2", num_layers=4)
+    rollouts = generate_rollouts(
+        model, tokenizer, PROMPTS, 1, SamplingConfig(temperature=0, max_new_tokens=15, min_new_tokens=0)
+    )
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    expected = model.generate(**batch, max_new_tokens=15, do_sample=False)[:, batch["input_ids"].shape[1] :]
+    width = expected.shape[1]
+    assert torch.equal(rollouts.completion_ids[:, :width], expected)
+
+
+class FavourToken(torch.nn.Module):
+    """An output head that adds a large logit to one token."""
+
+    def __init__(self, head: torch.nn.Module, token: int):
+        super().__init__()
+        self.head, self.token = head, token
+
+    def forward(self, hidden):
+        logits = self.head(hidden).clone()
+        logits[..., self.token] += 100.0
+        return logits
+
+
+def test_fixed_length_mode_never_stops_early():
+    model, tokenizer = tiny_model("llama", num_layers=4)
+    eos = tokenizer.eos_token_id
+    model.lm_head = FavourToken(model.lm_head, eos)  # EOS is the most likely token everywhere
+    stopping = generate_rollouts(model, tokenizer, PROMPTS, 2, SamplingConfig(max_new_tokens=8, min_new_tokens=0))
+    assert stopping.completion_mask.sum(1).tolist() == [1] * 6  # EOS first, mask covers it, then padding
+    assert (stopping.completion_ids[:, 0] == eos).all()
+    fixed = generate_rollouts(model, tokenizer, PROMPTS, 2, SamplingConfig(max_new_tokens=8, min_new_tokens=8))
+    assert fixed.completion_mask.sum(1).tolist() == [8] * 6
+    assert not (fixed.completion_ids == eos).any()
+
+
+def test_sequences_stop_independently_and_are_padded_after_eos():
+    model, tokenizer = tiny_model("llama", num_layers=4)
+    rollouts = generate_rollouts(
+        model, tokenizer, PROMPTS * 4, 2, SamplingConfig(temperature=2.0, max_new_tokens=40, min_new_tokens=0),
+        generator=torch.Generator().manual_seed(1),
+    )
+    for ids, mask in zip(rollouts.completion_ids, rollouts.completion_mask):
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()  # a prefix mask
+        assert (ids[length:] == tokenizer.pad_token_id).all()
+        if length < ids.shape[0]:
+            assert ids[length - 1] == tokenizer.eos_token_id
+    assert (rollouts.behavior_logprobs[rollouts.completion_mask == 0] == 0).all()
+
+
+def test_rollouts_are_reproducible_from_a_seed_and_grouped_by_prompt():
+    model, tokenizer = tiny_model("llama", num_layers=4)
+    sampling = SamplingConfig(max_new_tokens=10, min_new_tokens=10)
+
+    def draw(seed):
+        return generate_rollouts(model, tokenizer, PROMPTS, 4, sampling, (1,), torch.Generator().manual_seed(seed))
+
+    first, second, other = draw(0), draw(0), draw(1)
+    assert torch.equal(first.completion_ids, second.completion_ids)
+    assert not torch.equal(first.completion_ids, other.completion_ids)
+    assert first.completion_ids.shape == (12, 10)
+    for prompt in range(3):  # completion i belongs to prompt i // G
+        group = first.prompt_ids[prompt * 4 : (prompt + 1) * 4]
+        assert (group == group[0]).all()
+    assert first.prompt_tokens == int(first.prompt_mask.sum())
+    assert first.completion_tokens == 120 and first.skip_set == (1,)
+    assert first.generation_time_s > 0
+
+
+def test_top_k_one_is_greedy():
+    model, tokenizer = tiny_model("llama", num_layers=4)
+    top1 = generate_rollouts(
+        model, tokenizer, PROMPTS, 2, SamplingConfig(top_k=1, max_new_tokens=10, min_new_tokens=10),
+        generator=torch.Generator().manual_seed(3),
+    )
+    greedy = generate_rollouts(
+        model, tokenizer, PROMPTS, 2, SamplingConfig(temperature=0, max_new_tokens=10, min_new_tokens=10)
+    )
+    assert torch.equal(top1.completion_ids, greedy.completion_ids)
+
+
+def test_small_top_p_keeps_only_the_most_likely_token():
+    model, tokenizer = tiny_model("llama", num_layers=4)
+    nucleus = generate_rollouts(
+        model, tokenizer, PROMPTS, 2, SamplingConfig(top_p=1e-6, max_new_tokens=10, min_new_tokens=10),
+        generator=torch.Generator().manual_seed(5),
+    )
+    greedy = generate_rollouts(
+        model, tokenizer, PROMPTS, 2, SamplingConfig(temperature=0, max_new_tokens=10, min_new_tokens=10)
+    )
+    assert torch.equal(nucleus.completion_ids, greedy.completion_ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_new_tokens=0, min_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
+    ],
+)
+def test_bad_sampling_settings_name_the_option(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        SamplingConfig(**kwargs)
+
+
+def test_rollouts_do_not_copy_parameters_and_leave_the_model_in_its_mode():
+    model, tokenizer = tiny_model("llama", num_layers=6)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    model.train()
+    generate_rollouts(model, tokenizer, PROMPTS, 2, SamplingConfig(max_new_tokens=4, min_new_tokens=4), (2, 3))
+    assert model.training
+    assert [p.data_ptr() for p in model.parameters()] == pointers
