@@ -1,0 +1,133 @@
+"""Importance weights h_m that correct for sampling from the nested behavior model (section 2.2).
+
+With r = pi_theta / eta (target over behavior, computed in log space):
+    base       h = r                          the plain importance ratio
+    practical  h = 1                          ignore the off-policyness
+    retrace    h = lambda * min(1, r)         Retrace(lambda), Munos et al. 2016
+at token level (one r per token) or sequence level (r = the product over the completion's tokens).
+The weights are detached: they scale each token's GRPO term but carry no gradient. Pure tensor
+functions, no model and no I/O.
+
+Shapes: logp_old, logp_behavior, mask are (B, T); token-level weights are (B, T), sequence-level (B, 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# exp() of float32 overflows past ~88.7; a sequence-level log-ratio sums up to 256 token terms, so the
+# base ratio is computed from a log-ratio clipped here, which keeps it finite (and is counted as truncated).
+MAX_LOG_WEIGHT = 80.0
+
+LEVELS = ("token", "sequence")
+
+
+def base_weights(log_ratio: torch.Tensor, lam: float) -> torch.Tensor:
+    """h_base = pi/eta."""
+    return torch.exp(log_ratio.clamp(max=MAX_LOG_WEIGHT))
+
+
+def practical_weights(log_ratio: torch.Tensor, lam: float) -> torch.Tensor:
+    """h_1 = 1: trust SGD to absorb the off-policyness."""
+    return torch.ones_like(log_ratio)
+
+
+def retrace_weights(log_ratio: torch.Tensor, lam: float) -> torch.Tensor:
+    """h_lambda = lambda * min(1, pi/eta), i.e. lambda * exp(min(0, log r))."""
+    return lam * torch.exp(log_ratio.clamp(max=0.0))
+
+
+WEIGHT_FUNCTIONS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "base": base_weights,
+    "practical": practical_weights,
+    "retrace": retrace_weights,
+}
+MITIGATIONS = tuple(WEIGHT_FUNCTIONS)
+
+
+def log_importance_ratio(
+    logp_old: torch.Tensor, logp_behavior: torch.Tensor, mask: torch.Tensor, level: str = "token"
+) -> torch.Tensor:
+    """log(pi_theta/eta) per token (B, T), or summed over each completion's tokens (B, 1), in float32."""
+    if level not in LEVELS:
+        raise ValueError(f"importance level must be one of {LEVELS}, got {level!r}")
+    log_ratio = (logp_old.float() - logp_behavior.float()) * mask
+    if level == "sequence":
+        return log_ratio.sum(dim=-1, keepdim=True)
+    return log_ratio
+
+
+def importance_weights(
+    logp_old: torch.Tensor,
+    logp_behavior: torch.Tensor,
+    mask: torch.Tensor,
+    method: str,
+    lam: float = 1.0,
+    level: str = "token",
+) -> torch.Tensor:
+    """The detached weights h_m: (B, T) at token level (0 at masked positions), (B, 1) at sequence level."""
+    if method not in WEIGHT_FUNCTIONS:
+        raise ValueError(f"mitigation must be one of {MITIGATIONS}, got {method!r}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"retrace lambda must be in [0, 1], got {lam}")
+    log_ratio = log_importance_ratio(logp_old.detach(), logp_behavior.detach(), mask, level)
+    weights = WEIGHT_FUNCTIONS[method](log_ratio, lam)
+    return weights * mask if level == "token" else weights
+
+
+@dataclass(frozen=True)
+class ImportanceStats:
+    """How far the behavior model is from the target, and what the weights did about it.
+
+    mean/min/max: of h over valid positions; truncated: fraction of positions where the weight
+    function cut the ratio (retrace: r > 1; base: r beyond exp(MAX_LOG_WEIGHT)); ess: effective sample
+    size of the raw ratios r as a fraction of the positions, (sum r)^2 / (n sum r^2), 1 when on-policy;
+    kl_behavior_target: the k3 estimate of KL(eta || pi_theta) per token, E_eta[r - 1 - log r].
+    """
+
+    mean: float
+    min: float
+    max: float
+    truncated: float
+    ess: float
+    kl_behavior_target: float
+
+
+def importance_statistics(
+    logp_old: torch.Tensor,
+    logp_behavior: torch.Tensor,
+    mask: torch.Tensor,
+    method: str,
+    lam: float = 1.0,
+    level: str = "token",
+) -> ImportanceStats:
+    """Diagnostics of the weights `importance_weights` returns for the same arguments."""
+    with torch.no_grad():
+        weights = importance_weights(logp_old, logp_behavior, mask, method, lam, level)
+        log_ratio = log_importance_ratio(logp_old, logp_behavior, mask, level)
+        valid = mask.bool() if level == "token" else mask.sum(-1, keepdim=True) > 0
+        if not valid.any():
+            return ImportanceStats(1.0, 1.0, 1.0, 0.0, 1.0, 0.0)
+        h, log_r = weights[valid], log_ratio[valid]
+        ratio = torch.exp(log_r.clamp(max=MAX_LOG_WEIGHT))
+        token_log_ratio = log_importance_ratio(logp_old, logp_behavior, mask, "token")[mask.bool()]
+        kl = torch.expm1(token_log_ratio.clamp(max=MAX_LOG_WEIGHT)) - token_log_ratio
+        return ImportanceStats(
+            mean=h.mean().item(),
+            min=h.min().item(),
+            max=h.max().item(),
+            truncated=_truncated_fraction(log_r, method),
+            ess=(ratio.sum() ** 2 / (ratio.numel() * (ratio**2).sum())).item(),
+            kl_behavior_target=kl.mean().item(),
+        )
+
+
+def _truncated_fraction(log_ratio: torch.Tensor, method: str) -> float:
+    """The share of positions whose ratio the weight function changed."""
+    thresholds = {"retrace": 0.0, "base": MAX_LOG_WEIGHT}
+    if method not in thresholds:
+        return 0.0
+    return (log_ratio > thresholds[method]).float().mean().item()
