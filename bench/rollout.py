@@ -1,0 +1,164 @@
+"""Rollout throughput of nested behavior models, side by side with Hugging Face `generate`, in one process.
+
+For each model and skip ratio x it times, on the same left-padded batch and in interleaved order,
+our sampler (`generate_rollouts`) and `model.generate` (both under `nested(model, S)` with the same
+skip set, fixed length min = max), and prints generation tokens/s, the speedup over x = 0, the FLOP
+bound (N c_layer + c_head) / ((N - U) c_layer + c_head) from the model's own shapes, and the peak
+memory of a nested generation relative to x = 0 (measured in a fresh child process per x).
+
+    python bench/rollout.py                       # SmolLM2-135M-Instruct and tiny-llama, batch 32
+    python bench/rollout.py --models tiny-llama --tokens 16 --repeats 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from nested_reft.models import load_model
+from nested_reft.nesting import decoder_layers, nested, num_skipped_layers, sample_skip_set
+from nested_reft.data import generate_arithmetic
+from nested_reft.prompts import build_prompt
+from nested_reft.rollout import SamplingConfig, generate_rollouts
+
+RATIOS = (0.0, 0.05, 0.10, 0.15, 0.25)
+
+
+def layer_and_head_flops(model, context: float) -> tuple[float, float]:
+    """FLOPs per generated token of one decoder block and of the output head, from the model's shapes.
+
+    A block costs 2 FLOPs per parameter (its matrix multiplies) plus attention over `context`
+    positions (2 x 2 x context x hidden for scores and values); the head costs 2 x hidden x vocab.
+    """
+    config = model.config.get_text_config()
+    block = decoder_layers(model)[2][0]
+    block_params = sum(p.numel() for p in block.parameters())
+    head = model.get_output_embeddings().weight
+    layer = 2 * block_params + 4 * context * config.hidden_size
+    return float(layer), float(2 * head.numel())
+
+
+def flop_bound(model, skipped: int, context: float) -> float:
+    """The best speedup that skipping `skipped` of N blocks can give: (N c + h) / ((N - U) c + h)."""
+    layer, head = layer_and_head_flops(model, context)
+    n = len(decoder_layers(model)[2])
+    return (n * layer + head) / ((n - skipped) * layer + head)
+
+
+def skip_set_for(model, ratio: float) -> tuple[int, ...]:
+    """One seeded draw of f_{x,1}, reused for every timing of this ratio."""
+    n = len(decoder_layers(model)[2])
+    count = num_skipped_layers(n, ratio)
+    return sample_skip_set(n, ratio, border=1, generator=torch.Generator().manual_seed(0))
+
+
+def prompts_for(tokenizer, batch: int) -> list[str]:
+    return [build_prompt(tokenizer, p.question) for p in generate_arithmetic(batch, seed=0)]
+
+
+def time_ours(model, tokenizer, prompts, sampling, skip) -> float:
+    rollouts = generate_rollouts(model, tokenizer, prompts, 1, sampling, skip, torch.Generator().manual_seed(0))
+    return rollouts.completion_tokens / rollouts.generation_time_s
+
+
+def time_hf(model, tokenizer, prompts, sampling, skip) -> float:
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    start = time.perf_counter()
+    with nested(model, skip), torch.no_grad():
+        out = model.generate(
+            **batch,
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or None,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens,
+        )
+    elapsed = time.perf_counter() - start
+    return (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0] / elapsed
+
+
+def peak_memory_mb(model_name: str, ratio: float, batch: int, tokens: int) -> float:
+    """Peak resident memory (MB) of a fresh child process that loads the model and runs one nested generation."""
+    command = [sys.executable, __file__, "--probe-memory", str(ratio), "--models", model_name,
+               "--batch", str(batch), "--tokens", str(tokens)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def probe_memory(model_name: str, ratio: float, batch: int, tokens: int) -> None:
+    """Child side of `peak_memory_mb`: print the peak RSS after one generation at ratio x."""
+    model, tokenizer = load_model(model_name)
+    sampling = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens)
+    generate_rollouts(model, tokenizer, prompts_for(tokenizer, batch), 1, sampling, skip_set_for(model, ratio))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def run_model(model_name: str, args) -> list[dict]:
+    model, tokenizer = load_model(model_name)
+    prompts = prompts_for(tokenizer, args.batch)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+    prompt_length = tokenizer(prompts, return_tensors="pt", padding=True)["input_ids"].shape[1]
+    context = prompt_length + args.tokens / 2
+    time_ours(model, tokenizer, prompts[:2], sampling, ())  # warm-up
+    samples = {(r, engine): [] for r in RATIOS for engine in ("ours", "hf")}
+    for _ in range(args.repeats):  # interleave configurations so machine noise hits them alike
+        for ratio in RATIOS:
+            skip = skip_set_for(model, ratio)
+            samples[(ratio, "ours")].append(time_ours(model, tokenizer, prompts, sampling, skip))
+            samples[(ratio, "hf")].append(time_hf(model, tokenizer, prompts, sampling, skip))
+    n = len(decoder_layers(model)[2])
+    base = statistics.median(samples[(0.0, "ours")])
+    rows = []
+    for ratio in RATIOS:
+        ours, hf = statistics.median(samples[(ratio, "ours")]), statistics.median(samples[(ratio, "hf")])
+        skipped = num_skipped_layers(n, ratio)
+        rows.append(
+            dict(model=model_name, layers=n, x=ratio, skipped=skipped, ours_tok_s=ours, hf_tok_s=hf,
+                 ours_over_hf=ours / hf, speedup=ours / base, flop_bound=flop_bound(model, skipped, context))
+        )
+    if args.memory:
+        base_memory = peak_memory_mb(model_name, 0.0, args.batch, args.tokens)
+        for row in rows:
+            row["peak_mem_vs_x0"] = peak_memory_mb(model_name, row["x"], args.batch, args.tokens) / base_memory
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = "| model | N | x | U | ours tok/s | HF generate tok/s | ours/HF | speedup vs x=0 | FLOP bound | peak mem vs x=0 |"
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for r in rows:
+        memory = f"{r['peak_mem_vs_x0']:.3f}" if "peak_mem_vs_x0" in r else "-"
+        print(
+            f"| {r['model']} | {r['layers']} | {r['x']:.0%} | {r['skipped']} | {r['ours_tok_s']:.1f} | "
+            f"{r['hf_tok_s']:.1f} | {r['ours_over_hf']:.2f} | {r['speedup']:.3f} | {r['flop_bound']:.3f} | {memory} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "tiny-llama"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per completion (min = max)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per configuration; the median is shown")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--probe-memory", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.probe_memory is not None:
+        return probe_memory(args.models[0], args.probe_memory, args.batch, args.tokens)
+    print(f"# torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.tokens} tokens, "
+          f"median of {args.repeats}")
+    print_table([row for name in args.models for row in run_model(name, args)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Atomic files and resumable checkpoints.
+
+A checkpoint is a directory: the model (`save_pretrained`, safetensors) with its tokenizer, the
+optimizer and scheduler states (`torch.save`, read back with `weights_only=True`, so loading never
+runs pickled code), `trainer_state.json`, and `manifest.json` written last with the SHA-256 of every
+file. It is assembled in a temporary sibling directory and renamed into place, so a killed run leaves
+either the previous checkpoint or the new one, never half of one; a checkpoint whose manifest is
+missing or whose files do not match it is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.pt"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, partial or corrupt."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temporary file and a rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(directory: Path, model, tokenizer) -> Path:
+    """Write a `from_pretrained`-loadable model directory (safetensors + tokenizer) atomically."""
+    return _write_atomically(directory, lambda staging: _write_model(staging, model, tokenizer))
+
+
+def save_checkpoint(
+    directory: Path,
+    model,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: dict,
+) -> Path:
+    """Write a complete, resumable checkpoint to `directory` atomically (replacing an older one there)."""
+
+    def write(staging: Path) -> None:
+        _write_model(staging, model, tokenizer)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_STATE)
+        atomic_write_json(staging / TRAINER_STATE, state)
+
+    return _write_atomically(directory, write)
+
+
+def _write_model(staging: Path, model, tokenizer) -> None:
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+
+
+def _write_atomically(directory: Path, write) -> Path:
+    """Run `write(staging)` in a temporary sibling, seal it with a manifest, then rename it to `directory`."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        write(staging)
+        atomic_write_json(staging / MANIFEST, _hashes(staging))
+        _replace_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Verify `directory`, load its weights and optimizer/scheduler states in place, return its state."""
+    directory = Path(directory)
+    verify_checkpoint(directory)
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {name for name in missing if _is_tied(model, name)}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(
+            f"checkpoint {directory} does not fit the model: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    states = torch.load(directory / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    return json.loads((directory / TRAINER_STATE).read_text())
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise CheckpointError unless every file listed in the manifest is present and unchanged."""
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint: {MANIFEST} is missing")
+    try:
+        expected = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{manifest_path} is corrupt: {error}") from None
+    actual = _hashes(Path(directory), exclude={MANIFEST})
+    for name, digest in expected.items():
+        if name not in actual:
+            raise CheckpointError(f"checkpoint {directory} is partial: {name} is missing")
+        if actual[name] != digest:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its checksum")
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint of the highest step in `output_dir`, or None."""
+    candidates = [
+        path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+
+
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def _hashes(directory: Path, exclude: set[str] = frozenset()) -> dict[str, str]:
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name not in exclude
+    }
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Rename `staging` to `target`; an existing `target` is moved aside first and removed after."""
+    if target.exists():
+        retired = target.with_name(f".{target.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def _is_tied(model, name: str) -> bool:
+    """Whether parameter `name` is tied to another one (safetensors stores tied weights once)."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    keys = tied.keys() if isinstance(tied, dict) else tied
+    return name in keys

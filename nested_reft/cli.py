@@ -1,0 +1,181 @@
+"""The `nested-reft` command line: a thin layer over the library.
+
+    nested-reft data show gsm8k --limit 2 --data-dir ../shared/data
+    nested-reft train --model Qwen/Qwen2.5-Math-1.5B-Instruct --dataset gsm8k --skip-ratio 0.15 --mitigation retrace
+    nested-reft sft --model smollm2-135m-instruct --dataset arithmetic --output-dir runs/sft
+    nested-reft demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+# Training flags -> dotted config option. One table: the flag names are fixed by the docs, the options
+# and their defaults live in nested_reft.config.
+TRAIN_FLAGS: dict[str, tuple[str, type]] = {
+    "--model": ("model", str),
+    "--dataset": ("dataset", str),
+    "--data-dir": ("data_dir", str),
+    "--output-dir": ("output_dir", str),
+    "--seed": ("seed", int),
+    "--skip-ratio": ("nesting.skip_ratio", float),
+    "--border": ("nesting.border", int),
+    "--mitigation": ("importance.mitigation", str),
+    "--retrace-lambda": ("importance.retrace_lambda", float),
+    "--is-level": ("importance.level", str),
+    "--sft-epochs": ("sft.epochs", int),
+    "--sft-max-examples": ("sft.max_examples", int),
+    "--rft-steps": ("rft_steps", int),
+    "--batch-size": ("batch_size", int),
+    "--micro-batch-size": ("micro_batch_size", int),
+    "--num-generations": ("grpo.num_generations", int),
+    "--learning-rate": ("grpo.learning_rate", float),
+    "--beta": ("grpo.beta", float),
+    "--temperature": ("sampling.temperature", float),
+    "--min-completion-length": ("sampling.min_new_tokens", int),
+    "--dtype": ("dtype", str),
+    "--save-steps": ("save_steps", int),
+    "--report-to": ("report_to", str),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        return args.run(args) or 0
+    except _user_errors() as error:
+        print(f"nested-reft: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nested-reft", description="Nested-ReFT: cheaper reinforced fine-tuning.")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    data = commands.add_parser("data", help="inspect the datasets").add_subparsers(metavar="ACTION")
+    show = data.add_parser("show", help="print examples of a dataset")
+    show.add_argument("name", help="a training set or benchmark name")
+    show.add_argument("--split", default=None, help="train or test (default: train for training sets, else test)")
+    show.add_argument("--limit", type=int, default=3)
+    show.add_argument("--data-dir", default=None, help="a local copy (default $NESTED_REFT_DATA, else the hub)")
+    show.set_defaults(run=_data_show)
+
+    for name, run, summary in (
+        ("train", _train, "SFT warm-up (when --sft-epochs > 0) then Nested-ReFT"),
+        ("sft", _sft, "the SFT warm-up alone; saves the model to OUTPUT_DIR/model"),
+    ):
+        command = commands.add_parser(name, help=summary)
+        command.add_argument("--config", default=None, help="a YAML config file (see configs/)")
+        for flag, (option, kind) in TRAIN_FLAGS.items():
+            command.add_argument(flag, type=kind, default=None, help=f"config option {option}")
+        command.add_argument(
+            "--max-completion-length", type=int, default=None,
+            help="sampling.max_new_tokens; also the minimum unless --min-completion-length is given (paper: min = max)",
+        )
+        command.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                             help="any other config option, e.g. --set grpo.epsilon=0.3")
+        command.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+        command.set_defaults(run=run)
+
+    demo = commands.add_parser("demo", help="baseline vs Nested-ReFT on SmolLM2-135M and arithmetic problems")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    demo.add_argument("--steps", type=int, default=None, help="ReFT steps per run")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    """A TrainConfig from --config, the fixed flags and --set overrides (later ones win)."""
+    from nested_reft.config import ConfigError, load_config
+
+    overrides = {}
+    for flag, (option, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[option] = value
+    if args.max_completion_length is not None:
+        overrides["sampling.max_new_tokens"] = args.max_completion_length
+        overrides.setdefault("sampling.min_new_tokens", args.max_completion_length)
+    for assignment in args.set:
+        option, separator, value = assignment.partition("=")
+        if not separator:
+            raise ConfigError(f"--set expects OPTION=VALUE, got {assignment!r}")
+        overrides[option.strip()] = value.strip()
+    return load_config(args.config, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from nested_reft.trainer import train
+
+    summary = train(config_from_args(args), resume=args.resume)
+    _print_summary(summary)
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from nested_reft.trainer import train
+
+    config = config_from_args(args)
+    if config.sft.epochs == 0:
+        from nested_reft.config import ConfigError
+
+        raise ConfigError("sft.epochs must be >= 1 for `nested-reft sft`")
+    train(dataclasses.replace(config, rft_steps=0), resume=args.resume)
+    print(f"SFT model saved to {config.output_dir}/model")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from nested_reft.demo import run_demo
+
+    run_demo(args.output_dir, model=args.model, steps=args.steps)
+    return 0
+
+
+def _data_show(args: argparse.Namespace) -> int:
+    from nested_reft.data import TRAINING_SETS, load_problems
+
+    split = args.split or ("train" if args.name in TRAINING_SETS else "test")
+    for problem in load_problems(args.name, split=split, data_dir=args.data_dir, limit=args.limit):
+        print(f"--- {problem.id}\nquestion: {problem.question}\nanswer:   {problem.answer}")
+        if problem.solution:
+            print(f"solution: {problem.solution}")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    for key in ("steps", "total_runtime_s", "token_speed", "generation_share", "final_reward"):
+        value = summary.get(key)
+        print(f"{key:>18}: {value:.4g}" if isinstance(value, float) else f"{key:>18}: {value}")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by what the user asked for: shown as one line, not a traceback."""
+    from nested_reft.checkpoint import CheckpointError
+    from nested_reft.config import ConfigError
+    from nested_reft.data import DataError
+    from nested_reft.models import ModelLoadError
+
+    return (ConfigError, DataError, ModelLoadError, CheckpointError)
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our progress bar: no per-shard save bars or library chatter."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

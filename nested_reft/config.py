@@ -1,0 +1,243 @@
+"""Typed configuration: one dataclass per concern, every default in exactly one place with its source.
+
+Sources: "paper" is appendix F of the Nested-ReFT paper; "TRL" is `trl.GRPOConfig` / `trl.SFTConfig`
+of TRL 1.16.0 (and the `transformers.TrainingArguments` defaults they inherit), which the paper says
+it follows for everything it does not state.
+
+A run's config is a `TrainConfig`; it loads from YAML (sections named like the fields below), takes
+`section.field=value` overrides, validates every value at start-up (naming the option) and is saved
+resolved into the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nested_reft.importance import LEVELS, MITIGATIONS
+from nested_reft.rollout import SamplingConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is not valid; the message names the option."""
+
+
+@dataclass(frozen=True)
+class NestingConfig:
+    """f_{x,b}: which layers the behavior model skips."""
+
+    skip_ratio: float = 0.0  # x; paper grid: 0, 0.05, 0.10, 0.15 (0 = classical ReFT)
+    border: int = 1  # b; paper: 1 (first and last layer never skipped); 0 for the x = 0 baseline
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.skip_ratio < 1.0, "nesting.skip_ratio", self.skip_ratio, "in [0, 1)")
+        _check(self.border >= 0, "nesting.border", self.border, ">= 0")
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    """h_m: how the update corrects for sampling from the nested model."""
+
+    mitigation: str = "retrace"  # paper: base | practical | retrace (retrace is the most stable, section 3.1)
+    retrace_lambda: float = 1.0  # paper does not state lambda; 1.0 makes retrace the truncated ratio min(1, r)
+    level: str = "token"  # token | sequence; TRL importance_sampling_level="token"
+
+    def __post_init__(self) -> None:
+        _check(self.mitigation in MITIGATIONS, "importance.mitigation", self.mitigation, f"one of {MITIGATIONS}")
+        _check(0.0 <= self.retrace_lambda <= 1.0, "importance.retrace_lambda", self.retrace_lambda, "in [0, 1]")
+        _check(self.level in LEVELS, "importance.level", self.level, f"one of {LEVELS}")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """The RL update (TRL GRPOConfig defaults unless the paper says otherwise)."""
+
+    num_generations: int = 8  # G; paper and TRL: 8
+    learning_rate: float = 1e-6  # TRL GRPOConfig
+    beta: float = 0.0  # paper: no KL penalty, so no reference model is loaded (TRL default is 0.0 too)
+    epsilon: float = 0.2  # TRL: lower clip
+    epsilon_high: float = 0.2  # TRL: upper clip defaults to epsilon
+    loss_type: str = "dapo"  # TRL 1.16 default: normalise by active tokens of the whole batch
+    scale_rewards: str = "group"  # TRL: divide by the group std
+    max_grad_norm: float = 1.0  # TrainingArguments
+    weight_decay: float = 0.0  # TrainingArguments (AdamW)
+    adam_beta1: float = 0.9  # TrainingArguments
+    adam_beta2: float = 0.999  # TrainingArguments
+    adam_epsilon: float = 1e-8  # TrainingArguments
+    lr_scheduler: str = "linear"  # TrainingArguments lr_scheduler_type
+    warmup_ratio: float = 0.0  # TrainingArguments
+
+    def __post_init__(self) -> None:
+        _check(self.num_generations >= 2, "grpo.num_generations", self.num_generations, ">= 2 (groups compare)")
+        _check(self.learning_rate > 0, "grpo.learning_rate", self.learning_rate, "> 0")
+        _check(self.beta >= 0, "grpo.beta", self.beta, ">= 0")
+        _check(0 < self.epsilon < 1, "grpo.epsilon", self.epsilon, "in (0, 1)")
+        _check(self.epsilon_high > 0, "grpo.epsilon_high", self.epsilon_high, "> 0")
+        _check(self.loss_type in LOSS_TYPES, "grpo.loss_type", self.loss_type, f"one of {LOSS_TYPES}")
+        _check(self.scale_rewards in SCALINGS, "grpo.scale_rewards", self.scale_rewards, f"one of {SCALINGS}")
+        _check(self.max_grad_norm > 0, "grpo.max_grad_norm", self.max_grad_norm, "> 0")
+        _check(self.lr_scheduler in SCHEDULERS, "grpo.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
+        _check(0 <= self.warmup_ratio < 1, "grpo.warmup_ratio", self.warmup_ratio, "in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """The warm-up: cross-entropy on (prompt, chain of thought), loss on completion tokens only."""
+
+    epochs: int = 2  # E_sft; paper (following Luong et al. 2024)
+    learning_rate: float = 2e-5  # TRL SFTConfig
+    batch_size: int = 16  # paper's batch of 16, reached by accumulation
+    max_length: int = 1024  # TRL SFTConfig max_length
+    max_examples: int | None = None  # cap the SFT set (None = the whole training set)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, "sft.epochs", self.epochs, ">= 0")
+        _check(self.learning_rate > 0, "sft.learning_rate", self.learning_rate, "> 0")
+        _check(self.batch_size >= 1, "sft.batch_size", self.batch_size, ">= 1")
+        _check(self.max_length >= 8, "sft.max_length", self.max_length, ">= 8")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One Nested-ReFT run: SFT warm-up (sft.epochs > 0) then S ReFT steps."""
+
+    model: str = "smollm2-135m-instruct"  # an alias, a hub id, a local directory or a .gguf file
+    dataset: str = "arithmetic"  # svamp | gsm8k | math12k | arithmetic
+    data_dir: str | None = None  # a local copy in the original formats; default $NESTED_REFT_DATA, else the hub
+    output_dir: str = "runs/nested-reft"
+    seed: int = 0
+    rft_steps: int = 99  # S; paper
+    batch_size: int = 16  # prompts per gradient step; paper
+    micro_batch_size: int = 16  # completions per forward/backward; accumulation reaches the batch
+    dtype: str = "float32"  # float32 | bfloat16 | float16 for the weights
+    save_steps: int = 25  # checkpoint every N steps (and at the end)
+    max_nonfinite_steps: int = 5  # abort after this many skipped non-finite updates (0 = never abort)
+    report_to: tuple[str, ...] = ()  # accelerate trackers: tensorboard, wandb, ...
+    nesting: NestingConfig = field(default_factory=NestingConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def __post_init__(self) -> None:
+        from nested_reft.data import TRAINING_SETS
+
+        _check(self.dataset in TRAINING_SETS, "dataset", self.dataset, f"one of {TRAINING_SETS}")
+        _check(self.rft_steps >= 0, "rft_steps", self.rft_steps, ">= 0")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        _check(self.save_steps >= 1, "save_steps", self.save_steps, ">= 1")
+        _check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, ">= 0")
+
+
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+SCALINGS = ("group", "batch", "none")
+SCHEDULERS = ("linear", "constant", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(ok: bool, option: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{option} must be {expected}, got {value!r}")
+
+
+def to_dict(config: Any) -> dict:
+    """A plain, YAML-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def from_dict(cls: type, values: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys by their full dotted name."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        names = ", ".join(f"{where}{key}" for key in unknown)
+        raise ConfigError(f"unknown option(s) {names}; valid options here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for key, value in values.items():
+        nested_type = _dataclass_type(cls, key)
+        if nested_type is not None:
+            kwargs[key] = from_dict(nested_type, value or {}, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, fields[key], f"{where}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{where or 'config'}: {error}") from None
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    default = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if default.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        made = default.default_factory()  # type: ignore[misc]
+        return type(made) if dataclasses.is_dataclass(made) else None
+    return None
+
+
+def _coerce(value: Any, spec: dataclasses.Field, option: str) -> Any:
+    """Turn YAML/CLI values into the field's type (ints from strings, lists into tuples)."""
+    annotation = str(spec.type)
+    try:
+        if value is None or annotation.startswith("str"):
+            return value if value is None or not annotation.startswith("str") else str(value)
+        if annotation.startswith("tuple"):
+            return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+        if annotation.startswith("bool"):
+            return _as_bool(value)
+        if annotation.startswith("int"):
+            return None if value in ("None", "none", "null") else int(value)
+        if annotation.startswith("float"):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option} must be a {annotation}, got {value!r}") from None
+    return value
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(value)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from an optional YAML file plus dotted overrides ({"nesting.skip_ratio": 0.15})."""
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of options")
+    for dotted, value in (overrides or {}).items():
+        target = values
+        *sections, key = dotted.split(".")
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = value
+    return from_dict(TrainConfig, values)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from nested_reft.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

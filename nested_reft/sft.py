@@ -1,0 +1,116 @@
+"""SFT warm-up (Algorithm 1, step 1): E_sft epochs of cross-entropy on (prompt, chain of thought).
+
+The loss covers the completion tokens only (the solution and its end-of-turn token), not the prompt,
+as in TRL's SFTTrainer with `completion_only_loss`. Batches of `batch_size` examples are reached by
+accumulating micro-batches, and the loss is normalised by the completion tokens of the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nested_reft.config import SFTConfig
+from nested_reft.data import Problem
+from nested_reft.policy import completion_logprobs
+from nested_reft.prompts import build_prompt
+
+
+@dataclass
+class SFTBatch:
+    """Tokenised examples: left-padded prompts (N, P) and right-padded solutions (N, T)."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+
+def sft_examples(problems: Sequence[Problem]) -> list[Problem]:
+    """The problems that have a chain of thought to imitate."""
+    return [problem for problem in problems if problem.solution]
+
+
+def tokenize_examples(tokenizer, problems: Sequence[Problem], max_length: int, device) -> SFTBatch:
+    """Prompt (chat template) and solution + EOS, truncated so that prompt + solution <= max_length."""
+    prompts = [tokenizer(build_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"] for p in problems]
+    solutions = [
+        tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems
+    ]
+    pairs = [(prompt[-max_length // 2 :], solution[: max_length - min(len(prompt), max_length // 2)])
+             for prompt, solution in zip(prompts, solutions)]
+    prompt_ids, prompt_mask = _pad([p for p, _ in pairs], tokenizer.pad_token_id, left=True)
+    completion_ids, completion_mask = _pad([s for _, s in pairs], tokenizer.pad_token_id, left=False)
+    return SFTBatch(*(t.to(device) for t in (prompt_ids, prompt_mask, completion_ids, completion_mask)))
+
+
+def _pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def sft_loss(model, batch: SFTBatch, num_tokens: float) -> torch.Tensor:
+    """Summed negative log-likelihood of the solution tokens, divided by the batch's token count."""
+    logp = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    return -(logp * batch.completion_mask).sum() / max(num_tokens, 1.0)
+
+
+def sft_warmup(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    config: SFTConfig,
+    micro_batch_size: int,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train `model` in place for `config.epochs` epochs; returns the loss of every optimizer step."""
+    examples = sft_examples(problems)[: config.max_examples]
+    if config.epochs == 0 or not examples:
+        return []
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    steps = config.epochs * math.ceil(len(examples) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    order = random.Random(seed)
+    model.train()
+    losses = []
+    for _ in range(config.epochs):
+        shuffled = list(examples)
+        order.shuffle(shuffled)
+        for start in range(0, len(shuffled), config.batch_size):
+            batch = shuffled[start : start + config.batch_size]
+            losses.append(_sft_step(model, tokenizer, batch, config, micro_batch_size, device))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if on_step:
+                on_step(len(losses), losses[-1])
+    model.eval()
+    return losses
+
+
+def _sft_step(model, tokenizer, batch: Sequence[Problem], config: SFTConfig, micro_batch_size: int, device) -> float:
+    """Accumulate the gradients of one batch over micro-batches; return its loss."""
+    micro_batches = [
+        tokenize_examples(tokenizer, batch[i : i + micro_batch_size], config.max_length, device)
+        for i in range(0, len(batch), micro_batch_size)
+    ]
+    num_tokens = float(sum(int(m.completion_mask.sum()) for m in micro_batches))
+    total = 0.0
+    for micro_batch in micro_batches:
+        loss = sft_loss(model, micro_batch, num_tokens)
+        loss.backward()
+        total += loss.item()
+    return total
