@@ -54,7 +54,6 @@ def flop_bound(model, skipped: int, context: float) -> float:
 def skip_set_for(model, ratio: float) -> tuple[int, ...]:
     """One seeded draw of f_{x,1}, reused for every timing of this ratio."""
     n = len(decoder_layers(model)[2])
-    count = num_skipped_layers(n, ratio)
     return sample_skip_set(n, ratio, border=1, generator=torch.Generator().manual_seed(0))
 
 

@@ -36,6 +36,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
             stream.flush()
@@ -44,6 +45,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -84,6 +91,7 @@ def _write_atomically(directory: Path, write) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; give it a normal directory's mode
         write(staging)
         atomic_write_json(staging / MANIFEST, _hashes(staging))
         _replace_directory(staging, directory)
@@ -96,11 +104,16 @@ def _write_atomically(directory: Path, write) -> Path:
 def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, scheduler) -> dict:
     """Verify `directory`, load its weights and optimizer/scheduler states in place, return its state."""
     directory = Path(directory)
-    verify_checkpoint(directory)
+    listed = verify_checkpoint(directory)
     from safetensors.torch import load_file
 
+    shards = sorted(directory.glob("*.safetensors"))
+    unverified = [name for name in [p.name for p in shards] + [OPTIMIZER_STATE, TRAINER_STATE] if name not in listed]
+    if not shards or unverified:  # everything read below must be covered by the manifest's checksums
+        missing = unverified or "no *.safetensors"
+        raise CheckpointError(f"checkpoint {directory} is partial: {missing} not in {MANIFEST}")
     weights = {}
-    for shard in sorted(directory.glob("*.safetensors")):
+    for shard in shards:
         weights.update(load_file(shard))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {name for name in missing if _is_tied(model, name)}
@@ -115,8 +128,8 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, sc
     return json.loads((directory / TRAINER_STATE).read_text())
 
 
-def verify_checkpoint(directory: Path) -> None:
-    """Raise CheckpointError unless every file listed in the manifest is present and unchanged."""
+def verify_checkpoint(directory: Path) -> dict[str, str]:
+    """Raise CheckpointError unless every file listed in the manifest is present and unchanged; return it."""
     manifest_path = Path(directory) / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory} is not a complete checkpoint: {MANIFEST} is missing")
@@ -124,12 +137,15 @@ def verify_checkpoint(directory: Path) -> None:
         expected = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{manifest_path} is corrupt: {error}") from None
+    if not isinstance(expected, dict) or not expected:
+        raise CheckpointError(f"{manifest_path} is corrupt: not a mapping of file names to checksums")
     actual = _hashes(Path(directory), exclude={MANIFEST})
     for name, digest in expected.items():
         if name not in actual:
             raise CheckpointError(f"checkpoint {directory} is partial: {name} is missing")
         if actual[name] != digest:
             raise CheckpointError(f"checkpoint {directory} is corrupt: {name} does not match its checksum")
+    return expected
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -4,6 +4,9 @@
     nested-reft train --model Qwen/Qwen2.5-Math-1.5B-Instruct --dataset gsm8k --skip-ratio 0.15 --mitigation retrace
     nested-reft sft --model smollm2-135m-instruct --dataset arithmetic --output-dir runs/sft
     nested-reft demo
+    nested-reft eval --model runs/sft/model --benchmarks aime24 amc math500 minerva olympiadbench --limit 50
+    nested-reft sweep configs/grids/smollm2-cpu.yaml        (--emit-commands jobs.txt, --only ID, --collect)
+    nested-reft report runs/sweeps/smollm2-cpu
 """
 
 from __future__ import annotations
@@ -89,6 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     demo.add_argument("--steps", type=int, default=None, help="ReFT steps per run")
     demo.set_defaults(run=_demo)
+
+    evaluation = commands.add_parser(
+        "eval", help="pass@1 accuracy on math benchmarks (paper: temperature 0.6, top-p 0.95)"
+    )
+    evaluation.add_argument("--model", required=True, help="a model alias, local directory or hub id")
+    evaluation.add_argument("--benchmarks", nargs="+", default=None, metavar="NAME",
+                            help="default: aime24 amc math500 minerva olympiadbench (the paper's five)")
+    evaluation.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of each benchmark")
+    evaluation.add_argument("--max-new-tokens", type=int, default=None, help="default 1024 (paper: 32k)")
+    evaluation.add_argument("--data-dir", default=None, help="a local copy (default $NESTED_REFT_DATA, else the hub)")
+    evaluation.add_argument("--output-dir", default=None, help="default runs/eval/<model>; a rerun resumes it")
+    evaluation.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default 16)")
+    evaluation.add_argument("--seed", type=int, default=None, help="default 0")
+    evaluation.add_argument("--dtype", default="float32", help="e.g. bfloat16 on a GPU")
+    evaluation.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    evaluation.set_defaults(run=_eval)
+
+    sweep = commands.add_parser("sweep", help="run a grid of instances (configs/grids/), skipping finished ones")
+    sweep.add_argument("grid", help="a grid file, e.g. configs/grids/paper.yaml")
+    sweep.add_argument("--only", default=None, metavar="ID", help="run just this instance (its SFT first if missing)")
+    sweep.add_argument("--emit-commands", default=None, metavar="FILE",
+                       help="write one shell command per instance to FILE (for a job array) instead of running")
+    sweep.add_argument("--collect", action="store_true", help="only rewrite OUTPUT_DIR/results.csv from the runs")
+    sweep.set_defaults(run=_sweep)
+
+    report = commands.add_parser("report", help="Figure 1, Table 2, counts and fits from SWEEP_DIR/results.csv")
+    report.add_argument("sweep_dir", help="the grid's output_dir (holding results.csv)")
+    report.add_argument("--output-dir", default=None, help="default SWEEP_DIR/report")
+    report.set_defaults(run=_report)
     return parser
 
 
@@ -140,6 +172,46 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.output_dir, model=args.model, steps=args.steps)
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig, EvalError, evaluate_model, format_table
+
+    options = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed}
+    config = EvalConfig(**{key: value for key, value in options.items() if value is not None})
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def progress(benchmark: str, done: int, total: int) -> None:
+        print(f"\r{benchmark}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    try:
+        result = evaluate_model(
+            args.model, args.benchmarks or DEFAULT_BENCHMARKS, args.output_dir, config, args.data_dir, args.limit,
+            dtype=args.dtype, device=device, progress=progress,
+        )
+    except EvalError as error:
+        print(f"nested-reft: error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from nested_reft.sweep import sweep_main
+
+    return sweep_main(args.grid, only=args.only, emit=args.emit_commands, collect=args.collect)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from nested_reft.report import ReportError, report_main
+
+    try:
+        return report_main(args.sweep_dir, args.output_dir)
+    except ReportError as error:
+        print(f"nested-reft: error: {error}", file=sys.stderr)
+        return 2
 
 
 def _data_show(args: argparse.Namespace) -> int:

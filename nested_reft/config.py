@@ -176,6 +176,10 @@ def from_dict(cls: type, values: dict, where: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as error:
         raise ConfigError(f"{where or 'config'}: {error}") from None
+    except ConfigError:
+        raise
+    except ValueError as error:  # sections validated outside this module (SamplingConfig) name the bare field
+        raise ConfigError(f"{where}{error}") from None
 
 
 def _dataclass_type(cls: type, name: str) -> type | None:
@@ -196,7 +200,11 @@ def _coerce(value: Any, spec: dataclasses.Field, option: str) -> Any:
             return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
         if annotation.startswith("bool"):
             return _as_bool(value)
+        if isinstance(value, bool) and not annotation.startswith("bool"):
+            raise ValueError(value)  # int(True) would pass silently
         if annotation.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)  # int(2.5) would truncate silently
             return None if value in ("None", "none", "null") else int(value)
         if annotation.startswith("float"):
             return float(value)

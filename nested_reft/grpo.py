@@ -2,7 +2,7 @@
 
 Nested-ReFT changes one thing here: each token's clipped surrogate is multiplied by a detached
 importance weight h_m (see `importance`). With h = 1 everything below is TRL's loss for the same
-settings, which `tests/test_grpo_trl_peer.py` checks against TRL itself.
+settings, which `tests/test_trl_peer.py` checks against TRL itself.
 
 Shapes: N completions (B prompts x G generations, prompt-major), T completion tokens.
 """

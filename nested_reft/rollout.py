@@ -9,6 +9,7 @@ as fast as `generate` and lets us read the log-probs on the way.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,13 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from nested_reft.nesting import nested
+
+
+def seeded_generator(key: str, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator on `device` (where the draws happen) seeded from a hash of `key` alone, so a resumed run
+    draws exactly what an uninterrupted one did, whatever ran before it."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ DDP averages the gradients).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -45,7 +45,7 @@ from nested_reft.importance import importance_statistics, importance_weights
 from nested_reft.models import load_model
 from nested_reft.nesting import num_decoder_layers, sample_skip_set
 from nested_reft.policy import completion_logprobs
-from nested_reft.rollout import Rollouts, generate_rollouts
+from nested_reft.rollout import Rollouts, generate_rollouts, seeded_generator
 from nested_reft.sft import sft_warmup
 from nested_reft.tasks import Task
 
@@ -109,7 +109,9 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
     """Run SFT (if sft.epochs > 0) and ReFT for `config`; return the summary written to summary.json."""
     accelerator = Accelerator(log_with=list(config.report_to) or None, project_dir=config.output_dir)
     output = Path(config.output_dir)
+    _check_world(accelerator)
     checkpoint = _checkpoint_to_resume(output, resume)
+    accelerator.wait_for_everyone()  # every rank decides fresh/resume before the main process writes anything
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=accelerator.device)
     task = task or Task.load(config.dataset, "train", config.data_dir)
     if accelerator.is_main_process:
@@ -151,7 +153,7 @@ def reft(config, task, model, tokenizer, optimizer, scheduler, accelerator, star
             )
             rollouts = generate_rollouts(  # [N2] lines 8, 10, 11: eta'_s = pi_{theta_{s-1}} without S_s
                 policy, tokenizer, task.prompts(tokenizer, problems), G, config.sampling, skip_set,
-                _generator(config.seed, step, f"sample-{accelerator.process_index}"),
+                _generator(config.seed, step, f"sample-{accelerator.process_index}", accelerator.device),
             )
             scored = time.perf_counter()
             completions = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
@@ -159,10 +161,11 @@ def reft(config, task, model, tokenizer, optimizer, scheduler, accelerator, star
             rewards = torch.tensor(task.score(completions, golds), dtype=torch.float32)  # line 12
             advantages = group_advantages(rewards, G, config.grpo.scale_rewards)
             trained = time.perf_counter()
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this step's update uses (logged as such)
             update = policy_update(model, optimizer, scheduler, rollouts, advantages, config, accelerator)  # 13-14
             finished = time.perf_counter()
             metrics = _step_metrics(
-                step, skip_set, rollouts, rewards, update, config, accelerator, scheduler,
+                step, skip_set, rollouts, rewards, update, config, accelerator, learning_rate,
                 timings=(started, scored, trained, finished),
             )
             _accumulate(totals, metrics)
@@ -217,6 +220,8 @@ def policy_update(model, optimizer, scheduler, rollouts: Rollouts, advantages, c
         logp_old_parts.append(logp_old)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grpo.max_grad_norm)
     grad_norm = float(grad_norm)
+    # the whole step's loss (the mean over ranks), so every rank takes the same step-or-skip decision
+    total_loss = accelerator.reduce(torch.tensor(total_loss, device=device), reduction="mean").item()
     finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
@@ -269,13 +274,14 @@ def _shuffled_index(length: int, seed: int, position: int) -> int:
     return int(order[offset])
 
 
-def _generator(seed: int, step: int, purpose: str) -> torch.Generator:
+def _generator(seed: int, step: int, purpose: str, device: str | torch.device = "cpu") -> torch.Generator:
     """A generator that depends only on (seed, step, purpose), so a resumed run draws what the original did."""
-    digest = hashlib.sha256(f"{seed}:{step}:{purpose}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return seeded_generator(f"{seed}:{step}:{purpose}", device)
 
 
-def _step_metrics(step, skip_set, rollouts, rewards, update, config, accelerator, scheduler, timings) -> StepMetrics:
+def _step_metrics(
+    step, skip_set, rollouts, rewards, update, config, accelerator, learning_rate, timings
+) -> StepMetrics:
     started, scored, trained, finished = timings
     all_rewards = accelerator.gather(rewards.to(accelerator.device)).float()
     generated = int(accelerator.reduce(torch.tensor(rollouts.completion_tokens, device=accelerator.device), "sum"))
@@ -308,7 +314,7 @@ def _step_metrics(step, skip_set, rollouts, rewards, update, config, accelerator
         kl_behavior_target=stats.kl_behavior_target,
         loss=update.loss,
         grad_norm=update.grad_norm,
-        learning_rate=scheduler.get_last_lr()[0],
+        learning_rate=learning_rate,
         update_skipped=not update.finite,
     )
 
@@ -363,6 +369,16 @@ def _checkpoint(config, model, tokenizer, optimizer, scheduler, accelerator, ste
     accelerator.wait_for_everyone()
 
 
+def _check_world(accelerator) -> None:
+    """Refuse a multi-process launch that `accelerate` does not see (each rank would run, and write, alone)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise ConfigError(
+            f"{launched} processes were launched (WORLD_SIZE) but accelerate runs {accelerator.num_processes}: "
+            "on CPU launch with `accelerate launch --cpu` or set ACCELERATE_USE_CPU=1"
+        )
+
+
 def _checkpoint_to_resume(output: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a finished or started run."""
     if resume:
@@ -394,7 +410,7 @@ def _flat(values: dict, prefix: str = "") -> dict:
 @contextlib.contextmanager
 def _progress(accelerator, total: int, done: int) -> Iterator:
     """A live progress bar (main process only) showing reward and generation tokens/s."""
-    if not accelerator.is_main_process:
+    if not accelerator.is_main_process or total == 0:
         yield lambda metrics: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -1,0 +1,421 @@
+"""Evaluation: pass@1 accuracy a_k on each benchmark k and their mean, the paper's test-time metric.
+
+Section 1 ("Goal") defines a_k = (1/|B_k|) sum_i 1[v(y_hat_i) = y_i], one sampled answer per problem, and the
+paper reports the average of a_k over the 5 benchmarks of Liu et al. 2025 (aime24, amc, math500, minerva,
+olympiadbench). Appendix F samples with temperature 0.6 and top-p 0.95, up to 32k new tokens; completions end at
+EOS. The score of a completion is `Task.score`, the very function that is the training reward.
+
+Files written to `output_dir`:
+
+* `<benchmark>.jsonl`: one line per problem, `{"id", "prompt", "completion", "extracted_answer", "gold",
+  "correct", "completion_tokens", "finished"}` (`finished`: the completion ended with EOS rather than at
+  `max_new_tokens`). Lines are appended and flushed batch by batch; once a benchmark is done the file is
+  rewritten (atomically) in the data set's order.
+* `eval.json`: `{"benchmarks": {name: {"accuracy", "n", "correct", "mean_completion_tokens",
+  "finished_fraction"}}, "average", "model", "config", "limit", "data_dir", "complete", "timing"}`, written
+  atomically at the end. Everything but `timing` is a function of the settings and the seed.
+* `eval_settings.json`: the model and `EvalConfig` the results were drawn with, so that a resumed evaluation
+  refuses to mix its samples with those of another model or other sampling settings.
+
+Resuming: an interrupted evaluation started again with the same output directory reads the lines already
+written (a trailing partial line, from a kill in the middle of a write, is dropped and the file rewritten
+without it), and generates only the problems that have no line yet. Problems are sorted by prompt length
+(longest first, so an out-of-memory error shows in the first batch) and cut into batches over the whole
+requested set, done or not; each batch draws from a generator seeded by (seed, benchmark, batch index). A run
+resumed at a batch boundary therefore draws exactly what an uninterrupted one does, and its files are equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nested_reft.checkpoint import atomic_write_json, atomic_write_text
+from nested_reft.config import ConfigError
+from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
+from nested_reft.rewards import extract_answer
+from nested_reft.rollout import SamplingConfig, eos_token_ids, generate_rollouts, seeded_generator
+from nested_reft.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BENCHMARKS = ("aime24", "amc", "math500", "minerva", "olympiadbench")  # paper: the 5 of Liu et al. 2025
+# What `evaluate` accepts: the benchmarks, plus the generated arithmetic test set (the demo's task).
+EVALUATION_SETS = BENCHMARKS + ("arithmetic",)
+EVAL_FILE = "eval.json"
+SETTINGS_FILE = "eval_settings.json"
+RECORD_FIELDS = ("id", "prompt", "completion", "extracted_answer", "gold", "correct", "completion_tokens", "finished")
+
+Progress = Callable[[str, int, int], None]  # (benchmark, problems done, problems in the benchmark)
+
+
+class EvalError(ValueError):
+    """An output directory whose results cannot be resumed: corrupt lines or results of other settings."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How evaluation completions are drawn: pass@1, one sample per problem, stopping at EOS."""
+
+    temperature: float = 0.6  # paper, appendix F
+    top_p: float = 0.95  # paper, appendix F
+    max_new_tokens: int = 1024  # paper: 32k (32768); 1024 keeps a CPU run of a small model to minutes
+    batch_size: int = 16  # not in the paper: prompts per generate call, a memory/speed trade-off only
+    seed: int = 0  # seeds each batch's generator with (seed, benchmark, batch index)
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
+        _check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+
+    def sampling(self) -> SamplingConfig:
+        """The sampler's settings: no top-k, and no minimum length so that completions stop at EOS."""
+        return SamplingConfig(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=0,
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=0,
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, option: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{option} must be {expected}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------------
+
+
+def evaluate_model(
+    name_or_path: str,
+    benchmarks: Sequence[str] = DEFAULT_BENCHMARKS,
+    output_dir: str | Path | None = None,
+    config: EvalConfig = EvalConfig(),
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Load `name_or_path` with `models.load_model` and `evaluate` it; `output_dir` defaults to
+    `default_output_dir(name_or_path)`.
+
+    Benchmark names and the data are checked before the model is loaded; a path that is not a model raises
+    `ModelLoadError` before anything is generated or written.
+    """
+    from nested_reft.models import MODEL_ALIASES, load_model
+
+    tasks = load_tasks(benchmarks, data_dir, limit)
+    model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
+    local = Path(name_or_path).expanduser()
+    model_name = str(local.resolve()) if name_or_path not in MODEL_ALIASES and local.exists() else str(name_or_path)
+    output_dir = default_output_dir(name_or_path) if output_dir is None else output_dir
+    return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    benchmarks: Sequence[str],
+    output_dir: str | Path,
+    config: EvalConfig = EvalConfig(),
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    *,
+    model_name: str | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """pass@1 accuracy of `model` on each of `benchmarks` and their mean; writes and returns `eval.json`.
+
+    `tokenizer` must pad on the left (as `load_model` sets it up). `data_dir` as in `data.load_problems`;
+    `limit` keeps the first `limit` problems of each benchmark. `model_name` is recorded in the output and
+    checked on resume (default: the model's `name_or_path`). `progress(benchmark, done, total)` is called after
+    every batch.
+    """
+    tasks = load_tasks(benchmarks, data_dir, limit)
+    name = model_name if model_name is not None else str(getattr(model, "name_or_path", "") or type(model).__name__)
+    return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, name, progress)
+
+
+def load_tasks(benchmarks: Sequence[str], data_dir: str | Path | None = None, limit: int | None = None) -> list[Task]:
+    """The test problems of each benchmark (duplicates dropped), every name checked before any data is read."""
+    if isinstance(benchmarks, str):
+        benchmarks = [benchmarks]
+    names = list(dict.fromkeys(benchmarks))
+    if not names:
+        raise DataError(f"no benchmark given; expected some of {', '.join(EVALUATION_SETS)}")
+    unknown = [name for name in names if name not in EVALUATION_SETS]
+    if unknown:
+        listed = ", ".join(map(repr, unknown))
+        raise DataError(f"unknown benchmark(s) {listed}; expected some of {', '.join(EVALUATION_SETS)}")
+    if limit is not None and (not _is_int(limit) or limit < 1):
+        raise DataError(f"limit must be an integer >= 1, got {limit!r}")
+    tasks = [Task.load(name, split="test", data_dir=data_dir, limit=limit) for name in names]
+    for task in tasks:
+        if not task.problems:
+            raise DataError(f"benchmark {task.name!r} has no problems")
+        duplicates = len(task.problems) - len({problem.id for problem in task.problems})
+        if duplicates:
+            raise DataError(f"benchmark {task.name!r} has {duplicates} duplicate problem id(s)")
+    return tasks
+
+
+def default_output_dir(name_or_path: str) -> Path:
+    """`runs/eval/<the model name with every run of odd characters made one '_'>`."""
+    return Path("runs") / "eval" / (re.sub(r"[^A-Za-z0-9._-]+", "_", str(name_or_path).strip("/")) or "model")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The evaluation loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _evaluate_tasks(
+    model,
+    tokenizer,
+    tasks: list[Task],
+    output_dir: str | Path,
+    config: EvalConfig,
+    data_dir: str | Path | None,
+    limit: int | None,
+    model_name: str,
+    progress: Progress | None,
+) -> dict:
+    output_dir = Path(output_dir)
+    settings = {"model": model_name, "config": dataclasses.asdict(config)}
+    _claim_output_dir(output_dir, settings, [task.name for task in tasks])
+    started = time.perf_counter()
+    timing = {"generated_tokens": 0, "generation_time_s": 0.0, "generated_problems": 0, "resumed_problems": 0}
+    summaries = {}
+    for task in tasks:
+        records = _evaluate_task(model, tokenizer, task, output_dir / f"{task.name}.jsonl", config, timing, progress)
+        summaries[task.name] = _summary(records)
+    timing["tokens_per_s"] = timing["generated_tokens"] / max(timing["generation_time_s"], 1e-9)
+    timing["wall_time_s"] = time.perf_counter() - started
+    result = {
+        "benchmarks": summaries,
+        "average": sum(s["accuracy"] for s in summaries.values()) / len(summaries),
+        "model": model_name,
+        "config": settings["config"],
+        "limit": limit,
+        "data_dir": str(data_dir) if data_dir is not None else os.environ.get(DATA_ENV) or None,
+        "complete": True,
+        "timing": timing,
+    }
+    atomic_write_json(output_dir / EVAL_FILE, result)
+    return result
+
+
+def _evaluate_task(
+    model, tokenizer, task: Task, path: Path, config: EvalConfig, timing: dict, progress: Progress | None
+) -> list[dict]:
+    """Records for every problem of `task`, generating only those `path` does not hold yet."""
+    done = read_records(path)
+    wanted = {problem.id for problem in task.problems}
+    timing["resumed_problems"] += sum(1 for key in done if key in wanted)
+    prompts = dict(zip((p.id for p in task.problems), task.prompts(tokenizer, task.problems)))
+    batches = _batches(task.problems, [prompts[p.id] for p in task.problems], tokenizer, config.batch_size)
+    _warn_if_longer_than_context(model, tokenizer, batches, prompts, config.max_new_tokens)
+    sampling = config.sampling()
+    eos = set(eos_token_ids(model, tokenizer))
+    device = next(model.parameters()).device
+    with path.open("a", encoding="utf-8") as stream:
+        for index, batch in enumerate(batches):
+            pending = [problem for problem in batch if problem.id not in done]
+            if pending:
+                generator = seeded_generator(f"eval:{config.seed}:{task.name}:{index}", device)
+                rollouts = generate_rollouts(
+                    model, tokenizer, [prompts[p.id] for p in pending], 1, sampling, generator=generator
+                )
+                records = _records(task, pending, [prompts[p.id] for p in pending], rollouts, tokenizer, eos)
+                stream.write("".join(json.dumps(record) + "\n" for record in records))
+                stream.flush()
+                os.fsync(stream.fileno())
+                done.update((record["id"], record) for record in records)
+                timing["generated_tokens"] += rollouts.completion_tokens
+                timing["generation_time_s"] += rollouts.generation_time_s
+                timing["generated_problems"] += len(pending)
+            if progress is not None:
+                progress(task.name, sum(1 for key in done if key in wanted), len(task.problems))
+    # Data set order, then any lines of problems outside this request (a larger --limit before), kept as they were.
+    ordered = [done[problem.id] for problem in task.problems]
+    ordered += [record for key, record in done.items() if key not in wanted]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in ordered))
+    return [done[problem.id] for problem in task.problems]
+
+
+def _records(task: Task, problems: list[Problem], prompts: list[str], rollouts, tokenizer, eos: set[int]) -> list[dict]:
+    lengths = rollouts.completion_mask.sum(dim=1).tolist()
+    ids = rollouts.completion_ids.tolist()
+    completions = [tokenizer.decode(row[:length], skip_special_tokens=True) for row, length in zip(ids, lengths)]
+    scores = task.score(completions, [problem.answer for problem in problems])
+    return [
+        {
+            "id": problem.id,
+            "prompt": prompt,
+            "completion": completion,
+            "extracted_answer": extract_answer(completion),
+            "gold": problem.answer,
+            "correct": score == 1.0,
+            "completion_tokens": int(length),
+            "finished": length > 0 and row[length - 1] in eos,
+        }
+        for problem, prompt, completion, score, length, row in zip(problems, prompts, completions, scores, lengths, ids)
+    ]
+
+
+def _summary(records: list[dict]) -> dict:
+    n = len(records)
+    correct = sum(bool(record["correct"]) for record in records)
+    return {
+        "accuracy": correct / n,
+        "n": n,
+        "correct": correct,
+        "mean_completion_tokens": sum(record["completion_tokens"] for record in records) / n,
+        "finished_fraction": sum(bool(record["finished"]) for record in records) / n,
+    }
+
+
+def _batches(problems: list[Problem], prompts: list[str], tokenizer, batch_size: int) -> list[list[Problem]]:
+    """Problems sorted by prompt length in tokens, longest first (ties in data set order), cut into batches."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(problems)), key=lambda i: (-lengths[i], i))
+    ordered = [problems[i] for i in order]
+    return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+
+
+def _warn_if_longer_than_context(model, tokenizer, batches, prompts, max_new_tokens: int) -> None:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not limit or not batches:
+        return
+    longest = len(tokenizer(prompts[batches[0][0].id], add_special_tokens=False)["input_ids"])
+    if longest + max_new_tokens > limit:
+        logger.warning(
+            "%s: the longest prompt (%d tokens) plus max_new_tokens (%d) exceeds the model's %d positions; "
+            "generation may run past the positions the model was trained on",
+            batches[0][0].id.split("/")[0], longest, max_new_tokens, limit,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Result files: resuming
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_records(path: Path) -> dict[str, dict]:
+    """The records already in a benchmark's JSONL file, by problem id (first one wins), in file order.
+
+    A last line that is not valid JSON is what a kill in the middle of a write leaves: it is dropped and the
+    file rewritten without it (atomically). An invalid line elsewhere, or a record without the expected
+    fields, is corruption that resuming must not paper over: `EvalError`, naming the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    trailing = lines.pop()  # "" when the file ends with a newline
+    records: dict[str, dict] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            message = f"{path}, line {number}: invalid JSON ({error.msg}); delete the file to start over"
+            raise EvalError(message) from None
+        _check_record(record, path, number)
+        records.setdefault(record["id"], record)
+    repaired = False
+    if trailing.strip():
+        try:
+            record = json.loads(trailing)
+            _check_record(record, path, len(lines) + 1)
+            records.setdefault(record["id"], record)  # complete, only the newline was lost
+        except (json.JSONDecodeError, EvalError):
+            logger.warning("%s: dropping a partial last line (an interrupted write)", path)
+        repaired = True
+    if repaired:
+        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records.values()))
+    return records
+
+
+def _check_record(record: Any, path: Path, number: int) -> None:
+    missing = [key for key in RECORD_FIELDS if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise EvalError(f"{path}, line {number}: not an evaluation record (missing {', '.join(missing)})")
+    if not isinstance(record["id"], str):
+        raise EvalError(f"{path}, line {number}: field 'id' must be a string")
+
+
+def _claim_output_dir(output_dir: Path, settings: dict, names: list[str]) -> None:
+    """Record the settings, or check them against those of the results already in `output_dir`.
+
+    `batch_size` may change between a run and its resumption (samples stay valid pass@1 draws, only no longer
+    the exact draws of an uninterrupted run); anything else is refused.
+    """
+    path = output_dir / SETTINGS_FILE
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise EvalError(f"{path}: invalid JSON ({error.msg}); delete it to start over") from None
+        differences = _differences(previous, settings)
+        if differences:
+            raise EvalError(
+                f"{output_dir} holds results of another evaluation ({'; '.join(differences)}); "
+                "use another output directory, or delete this one to start over"
+            )
+    else:
+        unclaimed = [f"{name}.jsonl" for name in names if (output_dir / f"{name}.jsonl").exists()]
+        if unclaimed:
+            raise EvalError(
+                f"{output_dir} holds {', '.join(unclaimed)} but no {SETTINGS_FILE} saying how they were drawn; "
+                "use another output directory"
+            )
+    atomic_write_json(path, settings)
+
+
+def _differences(previous: dict, current: dict) -> list[str]:
+    def flat(settings: dict) -> dict:
+        config = dict(settings.get("config") or {})
+        config.pop("batch_size", None)
+        return {"model": settings.get("model"), **config}
+
+    before, now = flat(previous), flat(current)
+    return [f"{key} was {before.get(key)!r}, now {now[key]!r}" for key in now if before.get(key) != now[key]]
+
+
+def format_table(result: dict) -> str:
+    """Accuracy per benchmark and the average, as a small text table."""
+    rows = [("benchmark", "accuracy", "correct", "n")]
+    for name, summary in result["benchmarks"].items():
+        rows.append((name, f"{100 * summary['accuracy']:.1f}%", str(summary["correct"]), str(summary["n"])))
+    rows.append(("average", f"{100 * result['average']:.1f}%", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}".rstrip()
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    return "\n".join(lines)

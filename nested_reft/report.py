@@ -1,0 +1,477 @@
+"""The sweep's figures and tables (section 3.1 of the paper), computed from results.csv and nothing else.
+
+`nested-reft report SWEEP_DIR` reads SWEEP_DIR/results.csv (one row per instance, written by `sweep`) and
+writes into SWEEP_DIR/report/:
+
+* `deltas.csv`: per finished instance, each metric z (average accuracy a, token speed, total runtime), the
+  baseline's z (the mean over the baseline seeds of the same model and dataset) and its spread, and
+  Delta(z) = 100 (z - z_base) / z_base and Delta_abs(z) = z - z_base;
+* `figure1-<model>-<dataset>.png`: Figure 1, three panels (Delta accuracy %, Delta tok/s %, Delta runtime %)
+  against the skip ratio x, one line per mitigation, the baseline's seed spread as a grey band; the smallest
+  value of a panel is annotated in red, the largest in green, as in the paper;
+* `report.md`: the baselines and their spread, Table 2 (best and worst Delta_abs accuracy per dataset and
+  their mean absolute value per model), the best/worst/neutral counts per mitigation, the linear fits of
+  Delta tok/s and Delta runtime against x with R^2, the per-instance deltas, and links to the figures.
+
+Instances that differ only by seed are averaged before Table 2, the counts, the fits and the figure (an
+"instance" of the paper is a configuration (x, b, m); seeds replicate it). The computations are small pure
+functions over rows (dicts), so they test without files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# The columns of results.csv (the contract between `sweep`, which writes it, and this module). The sweep
+# adds one `accuracy_<benchmark>` column per benchmark before `accuracy` (the average over benchmarks).
+RESULT_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border", "mitigation", "seed", "status",
+                  "accuracy", "token_speed", "total_runtime_s", "error"]
+REQUIRED_COLUMNS = [column for column in RESULT_COLUMNS if column != "error"]
+NUMERIC = {"skip_ratio": float, "border": int, "seed": int}
+# metric column -> label in figures and tables. Accuracy and tok/s are to maximise, runtime to minimise.
+METRICS = {"accuracy": "accuracy", "token_speed": "tok/s", "total_runtime_s": "runtime"}
+REPORT_DIR = "report"
+TIE = 1e-12  # Delta_abs accuracies closer than this count as the same value (a tie for best or worst)
+
+
+class ReportError(ValueError):
+    """results.csv is missing, lacks columns or holds values that are not numbers where numbers belong."""
+
+
+def accuracy_column(benchmark: str) -> str:
+    return f"accuracy_{benchmark}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading results.csv
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """The rows of results.csv, numbers parsed; finished rows must have every metric."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"{path} does not exist; run `nested-reft sweep GRID.yaml` (or `--collect`) first")
+    return parse_results(path.read_text(), str(path))
+
+
+def parse_results(text: str, source: str = "results.csv") -> list[dict]:
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
+    if missing:
+        raise ReportError(
+            f"{source} lacks column(s) {', '.join(missing)}; expected the columns written by `nested-reft sweep`: "
+            f"{', '.join(REQUIRED_COLUMNS)}"
+        )
+    return [_parse_row(row, f"{source}, line {number}") for number, row in enumerate(reader, start=2)]
+
+
+def _parse_row(row: dict, where: str) -> dict:
+    parsed: dict[str, Any] = dict(row)
+    for column, kind in NUMERIC.items():
+        parsed[column] = _number(row[column], column, where, kind)
+    done = row["status"] == "done"
+    for column in [*METRICS, *(c for c in row if c.startswith("accuracy_"))]:
+        value = row.get(column)
+        if value in (None, ""):
+            if done and column in METRICS:
+                raise ReportError(f"{where}: instance {row['instance']} is done but has no {column}")
+            parsed[column] = None
+        else:
+            parsed[column] = _number(value, column, where, float)
+    if row["role"] not in ("baseline", "nested"):
+        raise ReportError(f"{where}: role must be baseline or nested, got {row['role']!r}")
+    return parsed
+
+
+def _number(value: str, column: str, where: str, kind: type) -> float | int:
+    try:
+        return kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        raise ReportError(f"{where}: column {column} must be a number, got {value!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Deltas to the baseline
+# ----------------------------------------------------------------------------------------------------------
+
+
+def relative_delta(value: float, baseline: float) -> float | None:
+    """Delta(z) = 100 (z - z_base) / z_base; None where z_base = 0 (undefined)."""
+    return None if baseline == 0 else 100.0 * (value - baseline) / baseline
+
+
+def baseline_summary(rows: Iterable[dict]) -> dict[tuple[str, str], dict]:
+    """Per (model, dataset): the number of finished baseline seeds and each metric's mean, std, min, max."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["role"] == "baseline" and row["status"] == "done":
+            groups[(row["model"], row["dataset"])].append(row)
+    summary = {}
+    for key, members in groups.items():
+        entry: dict[str, Any] = {"n": len(members), "seeds": sorted(row["seed"] for row in members)}
+        for metric in METRICS:
+            values = [row[metric] for row in members]
+            entry[metric] = statistics.fmean(values)
+            entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            entry[f"{metric}_min"], entry[f"{metric}_max"] = min(values), max(values)
+        summary[key] = entry
+    return summary
+
+
+def compute_deltas(rows: Sequence[dict]) -> list[dict]:
+    """Every finished instance (baselines too) against the mean of its group's finished baselines.
+
+    Instances of a (model, dataset) with no finished baseline are left out (the report lists them).
+    """
+    baselines = baseline_summary(rows)
+    deltas = []
+    for row in rows:
+        base = baselines.get((row["model"], row["dataset"]))
+        if row["status"] != "done" or base is None:
+            continue
+        entry = {key: row[key] for key in ("model", "dataset", "instance", "role", "skip_ratio", "border",
+                                           "mitigation", "seed")}
+        entry["baseline_n"] = base["n"]
+        for metric in METRICS:
+            entry[metric] = row[metric]
+            entry[f"{metric}_baseline"] = base[metric]
+            entry[f"{metric}_baseline_std"] = base[f"{metric}_std"]
+            entry[f"delta_{metric}"] = relative_delta(row[metric], base[metric])
+            entry[f"delta_abs_{metric}"] = row[metric] - base[metric]
+        deltas.append(entry)
+    return deltas
+
+
+def instance_means(deltas: Iterable[dict]) -> list[dict]:
+    """Nested instances averaged over seeds: one point per (model, dataset, x, b, m), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in deltas:
+        if row["role"] == "nested":
+            key = (row["model"], row["dataset"], row["skip_ratio"], row["border"], row["mitigation"])
+            groups.setdefault(key, []).append(row)
+    points = []
+    for (model, dataset, ratio, border, mitigation), members in groups.items():
+        point: dict[str, Any] = dict(model=model, dataset=dataset, skip_ratio=ratio, border=border,
+                                     mitigation=mitigation, n_seeds=len(members))
+        for metric in METRICS:
+            for prefix in ("delta_", "delta_abs_"):
+                values = [row[prefix + metric] for row in members if row[prefix + metric] is not None]
+                point[prefix + metric] = statistics.fmean(values) if values else None
+        points.append(point)
+    return points
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Table 2, the best/worst/neutral counts, the linear fits
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _configurations(points: Iterable[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for point in points:
+        groups.setdefault((point["model"], point["dataset"]), []).append(point)
+    return groups
+
+
+def table2(points: Sequence[dict]) -> dict[str, dict]:
+    """Per model: the best and worst Delta_abs accuracy per dataset, and the mean of their absolute values.
+
+    {model: {"datasets": [...], "best": {dataset: value}, "worst": {...}, "best_mean_abs": v, "worst_mean_abs": v}}
+    """
+    table: dict[str, dict] = {}
+    for (model, dataset), members in _configurations(points).items():
+        values = [point["delta_abs_accuracy"] for point in members]
+        entry = table.setdefault(model, {"datasets": [], "best": {}, "worst": {}})
+        entry["datasets"].append(dataset)
+        entry["best"][dataset], entry["worst"][dataset] = max(values), min(values)
+    for entry in table.values():
+        for row in ("best", "worst"):
+            entry[f"{row}_mean_abs"] = statistics.fmean(abs(value) for value in entry[row].values())
+    return table
+
+
+def format_table2(table: dict[str, dict]) -> str:
+    """Table 2 as Markdown: rows Best/Worst per model, one column per dataset, then the mean |Delta_abs|."""
+    datasets = list(dict.fromkeys(dataset for entry in table.values() for dataset in entry["datasets"]))
+    lines = ["| Model | Instance | " + " | ".join(datasets) + " | mean abs |", "|---" * (len(datasets) + 3) + "|"]
+    for model, entry in table.items():
+        for index, row in enumerate(("best", "worst")):
+            cells = [f"{entry[row][d]:+.3f}" if d in entry[row] else "–" for d in datasets]
+            label = model if index == 0 else ""
+            mean_abs = entry[f"{row}_mean_abs"]
+            lines.append(f"| {label} | {row.capitalize()} | " + " | ".join(cells) + f" | {mean_abs:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def mitigation_counts(points: Sequence[dict]) -> dict[str, dict[str, int]]:
+    """Over (model, dataset) configurations: how often each mitigation holds the best (max Delta accuracy)
+    instance, the worst (min), or neither ("neutral"). A mitigation can be both best and worst in one
+    configuration (then it is not neutral); ties count for every mitigation that attains the extreme.
+
+    {mitigation: {"best": n, "worst": n, "neutral": n, "configurations": N}}
+    """
+    configurations = _configurations(points)
+    mitigations = list(dict.fromkeys(point["mitigation"] for point in points))
+    counts = {m: {"best": 0, "worst": 0, "neutral": 0, "configurations": 0} for m in mitigations}
+    for members in configurations.values():
+        values = [point["delta_abs_accuracy"] for point in members]
+        high, low = max(values), min(values)
+        best = {p["mitigation"] for p in members if p["delta_abs_accuracy"] >= high - TIE}
+        worst = {p["mitigation"] for p in members if p["delta_abs_accuracy"] <= low + TIE}
+        for mitigation in dict.fromkeys(point["mitigation"] for point in members):
+            entry = counts[mitigation]
+            entry["configurations"] += 1
+            entry["best"] += mitigation in best
+            entry["worst"] += mitigation in worst
+            entry["neutral"] += mitigation not in best and mitigation not in worst
+    return counts
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """y = slope * x + intercept by least squares; r2 = 1 - SS_res / SS_tot."""
+
+    slope: float
+    intercept: float
+    r2: float
+    n: int
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
+    """Least-squares line through (xs, ys); NaNs where the xs do not vary (no line is determined).
+
+    When the ys do not vary, R^2 is 1 if the line fits them exactly (it does), by convention.
+    """
+    n = len(xs)
+    if n != len(ys):
+        raise ValueError(f"{n} xs but {len(ys)} ys")
+    if n < 2 or len(set(xs)) < 2:
+        return LinearFit(math.nan, math.nan, math.nan, n)
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+    slope = sxy / sxx
+    intercept = mean_y - slope * mean_x
+    ss_res = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - mean_y) ** 2 for y in ys)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return LinearFit(slope, intercept, r2, n)
+
+
+def efficiency_fits(points: Sequence[dict]) -> list[dict]:
+    """Delta tok/s % and Delta runtime % against x: per (model, dataset), then pooled over all of them."""
+    scopes = [((model, dataset), members) for (model, dataset), members in _configurations(points).items()]
+    scopes.append((("all", "all"), list(points)))
+    fits = []
+    for (model, dataset), members in scopes:
+        for metric in ("token_speed", "total_runtime_s"):
+            pairs = [(p["skip_ratio"], p[f"delta_{metric}"]) for p in members if p[f"delta_{metric}"] is not None]
+            fit = linear_fit([x for x, _ in pairs], [y for _, y in pairs])
+            fits.append(dict(model=model, dataset=dataset, metric=metric, slope=fit.slope,
+                             intercept=fit.intercept, r2=fit.r2, n=fit.n))
+    return fits
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figure 1
+# ----------------------------------------------------------------------------------------------------------
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", str(text).lower()).strip("-.") or "x"
+
+
+def figure_name(model: str, dataset: str) -> str:
+    return f"figure1-{slug(Path(model.rstrip('/')).name)}-{slug(dataset)}.png"
+
+
+def plot_figure1(points: Sequence[dict], baselines: dict[tuple[str, str], dict], output_dir: Path) -> list[Path]:
+    """One PNG per (model, dataset): Delta accuracy %, Delta tok/s %, Delta runtime % against x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for (model, dataset), members in _configurations(points).items():
+        figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        base = baselines.get((model, dataset), {})
+        for axis, metric in zip(axes, METRICS):
+            _panel(axis, members, metric, base)
+        axes[0].legend(title="mitigation", fontsize=8)
+        figure.suptitle(f"{model} fine-tuned on {dataset}: deltas to the baseline (x = 0, b = 0, base)")
+        figure.tight_layout()
+        path = Path(output_dir) / figure_name(model, dataset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def _panel(axis, members: Sequence[dict], metric: str, base: dict) -> None:
+    key = f"delta_{metric}"
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    spread = base.get(f"{metric}_std")
+    if spread and base.get(metric):
+        band = 100.0 * spread / abs(base[metric])
+        axis.axhspan(-band, band, color="grey", alpha=0.2, label=f"baseline ±1 sd ({base['n']} seeds)")
+    for mitigation in dict.fromkeys(point["mitigation"] for point in members):
+        line = sorted((p["skip_ratio"], p[key]) for p in members if p["mitigation"] == mitigation)
+        xs = [100 * x for x, _ in line]
+        ys = [math.nan if y is None else y for _, y in line]
+        axis.plot(xs, ys, marker="o", label=mitigation)
+    values = [(100 * p["skip_ratio"], p[key]) for p in members if p[key] is not None]
+    if values:
+        for (x, y), colour in ((min(values, key=lambda v: v[1]), "red"), (max(values, key=lambda v: v[1]), "green")):
+            axis.annotate(f"{y:+.2f}", (x, y), color=colour, textcoords="offset points", xytext=(4, 4), fontsize=8)
+    goal = "minimise" if metric == "total_runtime_s" else "maximise"
+    axis.set(xlabel="skip ratio x (%)", ylabel=f"Δ {METRICS[metric]} (%)", title=f"Δ {METRICS[metric]} (%), {goal}")
+    axis.grid(alpha=0.3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: deltas.csv and report.md
+# ----------------------------------------------------------------------------------------------------------
+
+DELTA_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border", "mitigation", "seed", "baseline_n"] + [
+    f"{prefix}{metric}{suffix}"
+    for metric in METRICS
+    for prefix, suffix in (("", ""), ("", "_baseline"), ("", "_baseline_std"), ("delta_", ""), ("delta_abs_", ""))
+]
+
+
+def deltas_csv(deltas: Sequence[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=DELTA_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in deltas:
+        writer.writerow({key: "" if row.get(key) is None else row[key] for key in DELTA_COLUMNS})
+    return buffer.getvalue()
+
+
+def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) -> Path:
+    """Read SWEEP_DIR/results.csv only; write deltas.csv, the Figure 1 PNGs and report.md; return report.md."""
+    from nested_reft.checkpoint import atomic_write_text
+
+    sweep_dir = Path(sweep_dir)
+    output = Path(output_dir) if output_dir is not None else sweep_dir / REPORT_DIR
+    rows = read_results(sweep_dir / "results.csv")
+    if not any(row["status"] == "done" for row in rows):
+        raise ReportError(f"{sweep_dir / 'results.csv'} has no finished instance yet")
+    baselines = baseline_summary(rows)
+    deltas = compute_deltas(rows)
+    points = instance_means(deltas)
+    figures = plot_figure1(points, baselines, output)
+    atomic_write_text(output / "deltas.csv", deltas_csv(deltas))
+    text = render_markdown(rows, baselines, deltas, points, [path.name for path in figures])
+    atomic_write_text(output / "report.md", text)
+    return output / "report.md"
+
+
+def render_markdown(rows, baselines, deltas, points, figure_files: Sequence[str]) -> str:
+    done = sum(row["status"] == "done" for row in rows)
+    parts = [
+        "# Nested-ReFT sweep report\n",
+        f"From `results.csv`: {len(rows)} instances, {done} done. Deltas are to the baseline (x = 0, b = 0, "
+        "m = base) of the same model and dataset, averaged over its seeds: Δ(z) = 100 (z − z_base) / z_base, "
+        "Δ_abs(z) = z − z_base; accuracy is the average over the benchmarks (a fraction). Seeds of one "
+        "configuration are averaged. Per-instance values: [deltas.csv](deltas.csv).\n",
+        _not_done_section(rows, baselines),
+        "## Baselines and their seed spread\n",
+        _baseline_table(baselines),
+    ]
+    if points:
+        parts += [
+            "## Table 2: best and worst Δ_abs accuracy\n",
+            "Max and min over the instances of each dataset; last column: mean absolute value across datasets.\n",
+            format_table2(table2(points)),
+            "## Best / worst / neutral counts per mitigation (section 3.1)\n",
+            _counts_table(mitigation_counts(points)),
+            "## Efficiency against the skip ratio: least-squares lines (Δ in %, x as a fraction)\n",
+            _fits_table(efficiency_fits(points)),
+            "## Figure 1\n",
+            "".join(f"![{name}]({name})\n\n" for name in figure_files),
+            "## Deltas per instance\n",
+            _points_table(points),
+        ]
+    return "\n".join(part for part in parts if part)
+
+
+def _not_done_section(rows: Sequence[dict], baselines: dict) -> str:
+    lines = []
+    pending = [row for row in rows if row["status"] != "done"]
+    if pending:
+        lines.append(f"Not done ({len(pending)}), left out:\n")
+        lines += [f"- `{row['instance']}`: {row['status']}" + (f" ({row['error']})" if row.get("error") else "")
+                  for row in pending]
+    orphans = sorted({(row["model"], row["dataset"]) for row in rows if row["status"] == "done"} - set(baselines))
+    if orphans:
+        lines.append("\nNo finished baseline, so no deltas, for: " + ", ".join(f"{m} / {d}" for m, d in orphans))
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _format(value: float | None, spec: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _baseline_table(baselines: dict) -> str:
+    lines = ["| model | dataset | seeds | accuracy mean ± sd (min–max) | tok/s mean ± sd (rel. sd) | "
+             "runtime s mean ± sd (rel. sd) |", "|---|---|---|---|---|---|"]
+    for (model, dataset), entry in baselines.items():
+        cells = [f"{_format(entry['accuracy'], '.4f')} ± {_format(entry['accuracy_std'], '.4f')} "
+                 f"({entry['accuracy_min']:.4f}–{entry['accuracy_max']:.4f})"]
+        for metric in ("token_speed", "total_runtime_s"):
+            std = entry[f"{metric}_std"]
+            relative = None if std is None or not entry[metric] else 100 * std / entry[metric]
+            cells.append(f"{_format(entry[metric], '.4g')} ± {_format(std, '.3g')} ({_format(relative, '.2f')}%)")
+        lines.append(f"| {model} | {dataset} | {entry['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _counts_table(counts: dict) -> str:
+    lines = ["| mitigation | best | worst | neutral | configurations |", "|---|---|---|---|---|"]
+    for mitigation, entry in counts.items():
+        n = entry["configurations"]
+        lines.append(f"| {mitigation} | {entry['best']}/{n} | {entry['worst']}/{n} | {entry['neutral']}/{n} | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fits_table(fits: Sequence[dict]) -> str:
+    lines = ["| model | dataset | metric | slope (% per unit x) | intercept (%) | R² | points |",
+             "|---|---|---|---|---|---|---|"]
+    for fit in fits:
+        lines.append(f"| {fit['model']} | {fit['dataset']} | Δ {METRICS[fit['metric']]} "
+                     f"| {_format(fit['slope'], '.2f')} | {_format(fit['intercept'], '.2f')} "
+                     f"| {_format(fit['r2'], '.3f')} | {fit['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _points_table(points: Sequence[dict]) -> str:
+    lines = ["| model | dataset | x | b | mitigation | seeds | Δ acc % | Δ_abs acc | Δ tok/s % | Δ runtime % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        lines.append(
+            f"| {p['model']} | {p['dataset']} | {p['skip_ratio']:g} | {p['border']} | {p['mitigation']} "
+            f"| {p['n_seeds']} "
+            f"| {_format(p['delta_accuracy'], '+.2f')} | {_format(p['delta_abs_accuracy'], '+.4f')} "
+            f"| {_format(p['delta_token_speed'], '+.2f')} | {_format(p['delta_total_runtime_s'], '+.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report_main(sweep_dir: str, output_dir: str | None = None) -> int:
+    """The `nested-reft report` command."""
+    path = write_report(sweep_dir, output_dir)
+    print(f"wrote {path}")
+    return 0

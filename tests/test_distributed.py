@@ -1,0 +1,173 @@
+"""Training under `accelerate` DDP: two CPU processes (gloo) launched with `torch.distributed.run`.
+
+The test launches this very file as the worker (`python -m torch.distributed.run --nproc_per_node 2
+tests/test_distributed.py OUTPUT_DIR`). Each rank calls `train`; the worker records, per rank, which
+prompts it sampled for and how many completion tokens, and the weights it ends with, so the test can
+check that the ranks split the batch, that only the main process wrote the run's files, and that DDP
+kept the ranks' weights identical (and equal to the saved model). Rank 1 is made to inspect the output
+directory two seconds late, which fails a fresh run if the main process writes to it before every rank
+has decided between a fresh start and a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BATCH, G, T, STEPS, WORLD = 4, 2, 4, 2, 2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def overrides(output_dir: str) -> dict:
+    return {
+        "model": "tiny-llama", "dataset": "arithmetic", "output_dir": output_dir, "rft_steps": STEPS,
+        "batch_size": BATCH, "micro_batch_size": 2, "grpo.num_generations": G, "grpo.learning_rate": 1e-3,
+        "sampling.max_new_tokens": T, "sampling.min_new_tokens": T, "nesting.skip_ratio": 0.3,
+        "sft.epochs": 0, "save_steps": 1, "importance.mitigation": "retrace",
+    }
+
+
+def lowercase_share(completion: str, gold: str) -> float:
+    """A reward a random tiny model earns sometimes, so groups disagree and the update is not zero."""
+    return sum(ch.islower() for ch in completion) / max(len(completion), 1)
+
+
+def worker(output_dir: str) -> None:
+    """One rank: train, recording this rank's prompts, generated tokens and final weights under records/."""
+    torch.set_num_threads(1)
+    import nested_reft.trainer as trainer
+    from nested_reft.config import load_config
+    from nested_reft.data import generate_arithmetic
+    from nested_reft.tasks import Task
+
+    rank = int(os.environ["RANK"])
+    records = Path(output_dir).parent / "records"
+    records.mkdir(exist_ok=True)
+    log = records / f"rank{rank}.jsonl"
+    generate, reft = trainer.generate_rollouts, trainer.reft
+
+    def recording_generate(model, tokenizer, prompts, num_generations, *args, **kwargs):
+        rollouts = generate(model, tokenizer, prompts, num_generations, *args, **kwargs)
+        with open(log, "a") as stream:
+            stream.write(json.dumps({"prompts": list(prompts), "rows": rollouts.completion_ids.shape[0],
+                                     "tokens": rollouts.completion_tokens}) + "\n")
+        return rollouts
+
+    def recording_reft(config, task, model, tokenizer, optimizer, scheduler, accelerator, *args):
+        reft(config, task, model, tokenizer, optimizer, scheduler, accelerator, *args)
+        record = {"world": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+                  "backend": str(getattr(accelerator.state, "backend", None))}
+        (records / f"rank{rank}.json").write_text(json.dumps(record))
+        weights = {k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        torch.save(weights, records / f"rank{rank}.pt")
+
+    decide = trainer._checkpoint_to_resume
+
+    def late_decision(output, resume):  # rank 1 looks at the output dir late: rank 0 must not have written yet
+        if rank == 1:
+            time.sleep(2)
+        return decide(output, resume)
+
+    trainer.generate_rollouts, trainer.reft = recording_generate, recording_reft
+    trainer._checkpoint_to_resume = late_decision
+    task = Task("arithmetic", generate_arithmetic(16, seed=3), reward=lowercase_share)
+    trainer.train(load_config(None, overrides(output_dir)), task)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_available() -> str | None:
+    """Why the platform cannot run gloo, or None where it can."""
+    if not torch.distributed.is_available():
+        return "torch.distributed is not available in this torch build"
+    if not torch.distributed.is_gloo_available():
+        return "torch was built without the gloo backend"
+    try:
+        _free_port()
+    except OSError as error:
+        return f"cannot open a local TCP port for the rendezvous: {error}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    reason = _gloo_available()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--nnodes=1",
+               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", __file__, str(root / "run")]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"DDP run failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    return root
+
+
+def test_ddp_run_completes_with_two_gloo_processes(ddp_run):
+    for rank in range(WORLD):
+        record = json.loads((ddp_run / "records" / f"rank{rank}.json").read_text())
+        assert record["world"] == WORLD and record["distributed_type"].endswith("MULTI_CPU"), record
+    summary = json.loads((ddp_run / "run" / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+
+
+def test_metrics_are_written_once_by_the_main_process(ddp_run):
+    lines = (ddp_run / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, STEPS + 1))
+    for line in lines:
+        # min = max new tokens: every completion of every rank has T tokens, and the metric sums the ranks
+        assert json.loads(line)["tokens_generated"] == BATCH * G * T
+
+
+def test_each_rank_samples_its_own_share_of_the_batch(ddp_run):
+    from nested_reft.config import load_config
+    from nested_reft.data import generate_arithmetic
+    from nested_reft.prompts import build_prompt
+    from nested_reft.tiny import byte_tokenizer
+    from nested_reft.trainer import batch_for_step
+
+    class OneProcess:
+        num_processes, process_index = 1, 0
+
+    problems, tokenizer = generate_arithmetic(16, seed=3), byte_tokenizer()
+    config = load_config(None, overrides("unused"))
+    calls = [[json.loads(line) for line in (ddp_run / "records" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(WORLD)]
+    for step in range(1, STEPS + 1):
+        shares = [calls[rank][step - 1] for rank in range(WORLD)]
+        for share in shares:
+            assert len(share["prompts"]) == BATCH // WORLD
+            assert share["rows"] == BATCH // WORLD * G and share["tokens"] == BATCH // WORLD * G * T
+        whole = [build_prompt(tokenizer, p.question) for p in batch_for_step(problems, config, step, OneProcess())]
+        assert shares[0]["prompts"] + shares[1]["prompts"] == whole  # the ranks split the step's batch
+
+
+def test_ranks_end_with_identical_weights_equal_to_the_saved_model(ddp_run):
+    from safetensors.torch import load_file
+
+    from nested_reft.tiny import tiny_model
+
+    ranks = [torch.load(ddp_run / "records" / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    saved = load_file(ddp_run / "run" / "model" / "model.safetensors")
+    initial = tiny_model("llama", num_layers=6, seed=0)[0].state_dict()
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), f"ranks disagree on {name}"
+        if name in saved:
+            assert torch.equal(value, saved[name]), f"saved model differs from the ranks on {name}"
+    assert any(not torch.equal(ranks[0][n], initial[n]) for n in saved), "training did not change the weights"
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

@@ -1,0 +1,281 @@
+"""sweep: grid validation, instance enumeration, scheduler commands, skip/retry/isolate logic, one real sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nested_reft import sweep
+from nested_reft.cli import main
+from nested_reft.config import ConfigError
+from nested_reft.sweep import (
+    GridConfig,
+    enumerate_instances,
+    load_grid,
+    read_status,
+    run_directory,
+    run_sweep,
+    sweep_main,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_grid(tmp_path: Path, **options) -> Path:
+    values = {"name": "test", "output_dir": str(tmp_path / "sweep"), "models": ["tiny-llama"],
+              "datasets": ["arithmetic"], "skip_ratios": [0.2], "mitigations": ["retrace"],
+              "train": {"sft": {"epochs": 1}}, "eval": {"benchmarks": ["arithmetic"], "limit": 2}}
+    values.update(options)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation and enumeration
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"skip_ratio": [0.1]}, "skip_ratio"),  # typo of skip_ratios
+        ({"eval": {"benchmarks": ["arithmetic"], "limt": 3}}, "eval.limt"),
+        ({"train": {"grpo": {"num_generatons": 2}}}, "grpo.num_generatons"),
+        ({"train": {"sampling.max_new_token": 2}}, "sampling.max_new_token"),
+        ({"datasets": ["arithmetc"]}, "arithmetc"),
+        ({"mitigations": ["retrace", "retrace-lambda"]}, "retrace-lambda"),
+        ({"eval": {"benchmarks": ["aime2024"]}}, "aime2024"),
+        ({"skip_ratios": [1.5]}, "skip_ratios"),
+        ({"train": {"nesting": {"skip_ratio": 0.1}}}, "train.nesting.skip_ratio"),
+        ({"train": {"grpo": {"num_generations": 1}}}, "grpo.num_generations"),
+        ({"train": {"sampling": {"max_new_tokens": 4, "min_new_tokens": 8}}}, "min_new_tokens"),
+    ],
+)
+def test_bad_grid_is_rejected_naming_the_option(tmp_path, options, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_grid(write_grid(tmp_path, **options))
+
+
+def test_missing_required_option_is_named(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "datasets": ["gsm8k"]}))
+    with pytest.raises(ConfigError, match="models"):
+        load_grid(path)
+
+
+def test_paper_defaults_give_one_baseline_and_twelve_instances():
+    grid = GridConfig(name="paper", models=("Qwen/Qwen2.5-Math-1.5B-Instruct",), datasets=("gsm8k",))
+    instances = enumerate_instances(grid)
+    assert len(instances) == 13
+    baselines = [i for i in instances if i.role == "baseline"]
+    assert [(b.skip_ratio, b.border, b.mitigation) for b in baselines] == [(0.0, 0, "base")]
+    nested = {(i.skip_ratio, i.border, i.mitigation) for i in instances if i.role == "nested"}
+    assert nested == {(x, 1, m) for x in (0.0, 0.05, 0.10, 0.15) for m in ("base", "practical", "retrace")}
+    assert len({i.id for i in instances}) == 13
+    assert instances[0].id == "qwen2.5-math-1.5b-instruct/gsm8k/baseline-s0"
+    assert "qwen2.5-math-1.5b-instruct/gsm8k/x0.05-b1-practical-s0" in {i.id for i in instances}
+
+
+def test_extra_baseline_seeds_and_seeds_multiply():
+    grid = GridConfig(name="g", models=("a", "b"), datasets=("gsm8k", "svamp", "math12k"), seeds=(0, 1),
+                      baseline_seeds=(1, 2, 3))
+    instances = enumerate_instances(grid)
+    assert len(instances) == 2 * 3 * (4 + 2 * 12)  # baselines at seeds 0-3, 12 instances per seed
+    group = [i for i in instances if i.group == "a/gsm8k" and i.role == "baseline"]
+    assert [i.seed for i in group] == [0, 1, 2, 3]
+
+
+def test_shipped_grids_load():
+    paper = load_grid(REPO / "configs" / "grids" / "paper.yaml")
+    assert len(enumerate_instances(paper)) == 78
+    config = sweep.instance_config(paper, enumerate_instances(paper)[5])
+    assert (config.rft_steps, config.batch_size, config.grpo.num_generations, config.dtype) == (99, 16, 8, "bfloat16")
+    assert config.sampling.min_new_tokens == config.sampling.max_new_tokens == 256
+    assert config.sft.epochs == 0 and config.model.endswith("sft-s0/model")
+    assert sweep.sft_config(paper, enumerate_instances(paper)[5]).sft.epochs == 2
+    assert (paper.eval.temperature, paper.eval.top_p) == (0.6, 0.95)
+    assert paper.eval.benchmarks == ("aime24", "amc", "math500", "minerva", "olympiadbench")
+    cpu = load_grid(REPO / "configs" / "grids" / "smollm2-cpu.yaml")
+    assert len(enumerate_instances(cpu)) == 2 * (2 + 12)
+    assert cpu.eval.limit >= 300
+
+
+def test_emit_commands_one_per_instance(tmp_path):
+    grid_path = write_grid(tmp_path, skip_ratios=[0.1, 0.2], mitigations=["base", "retrace"])
+    jobs = tmp_path / "jobs.txt"
+    assert main(["sweep", str(grid_path), "--emit-commands", str(jobs)]) == 0
+    lines = jobs.read_text().splitlines()
+    ids = [i.id for i in enumerate_instances(load_grid(grid_path))]
+    assert len(lines) == len(ids) == 5
+    for line, instance_id in zip(lines, ids):
+        words = shlex.split(line)
+        assert words[:3] == ["cd", str(Path.cwd()), "&&"] and words[4:7] == ["-m", "nested_reft.cli", "sweep"]
+        assert words[7] == str(grid_path.resolve()) and words[-2:] == ["--only", instance_id]
+    assert not (tmp_path / "sweep").exists()  # nothing ran
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Skip finished, retry failed, isolate failures (train and evaluation replaced by instant fakes)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class FakeRuns:
+    """Instant stand-ins for training and evaluation that record their calls and can be told to fail."""
+
+    def __init__(self, monkeypatch):
+        self.trained: list[tuple[str, bool]] = []
+        self.evaluated: list[str] = []
+        self.fail_train: set[str] = set()
+        monkeypatch.setattr(sweep, "train", self.train)
+        monkeypatch.setattr(sweep, "evaluate_instance", self.evaluate)
+
+    def train(self, config, resume=False):
+        output = Path(config.output_dir)
+        self.trained.append((output.name, resume))
+        if output.name in self.fail_train:
+            raise RuntimeError(f"boom in {output.name}")
+        if config.rft_steps > 0:
+            assert config.sft.epochs == 0 and config.model.endswith(f"sft-s{config.seed}/model")
+        (output / "model").mkdir(parents=True, exist_ok=True)
+        summary = {"token_speed": 100.0 * (1 + config.nesting.skip_ratio), "total_runtime_s": 10.0}
+        (output / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    def evaluate(self, model_dir, output_dir, settings, train_config, seed):
+        self.evaluated.append(Path(output_dir).parent.name)
+        result = {"benchmarks": {name: {"accuracy": 0.25, "n": 4} for name in settings.benchmarks}, "average": 0.25}
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "eval.json").write_text(json.dumps(result))
+        return result
+
+
+def results(grid) -> dict[str, dict]:
+    with (grid.root / "results.csv").open() as stream:
+        return {row["instance"].rsplit("/", 1)[1]: row for row in csv.DictReader(stream)}
+
+
+def test_skip_done_retry_failed_and_one_failure_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    fake = FakeRuns(monkeypatch)
+    grid_path = write_grid(tmp_path, skip_ratios=[0.1, 0.2], mitigations=["base", "retrace"], baseline_seeds=[0, 1])
+    grid = load_grid(grid_path)
+    fake.fail_train = {"x0.1-b1-retrace-s0"}
+
+    assert sweep_main(str(grid_path), log=lambda line: None) == 1
+    assert "x0.1-b1-retrace-s0: RuntimeError: boom" in capsys.readouterr().err
+    trained = [name for name, _ in fake.trained]
+    assert trained.count("sft-s0") == 1 and trained.count("sft-s1") == 1  # one warm-up per seed, shared
+    assert all(resume for _, resume in fake.trained)
+    table = results(grid)
+    assert len(table) == 6
+    assert table["x0.1-b1-retrace-s0"]["status"] == "failed" and "boom" in table["x0.1-b1-retrace-s0"]["error"]
+    assert table["x0.1-b1-retrace-s0"]["accuracy"] == ""
+    done = [name for name, row in table.items() if row["status"] == "done"]
+    assert len(done) == 5  # the instance after the failure ran too
+    assert table["x0.2-b1-base-s0"]["accuracy_arithmetic"] == "0.25"
+    assert float(table["x0.2-b1-base-s0"]["token_speed"]) == pytest.approx(120.0)
+    failed = grid.root / "tiny-llama" / "arithmetic" / "x0.1-b1-retrace-s0"
+    status = read_status(failed)
+    assert status["status"] == "failed" and "Traceback" in status["traceback"] and status["attempts"] == 1
+
+    fake.trained.clear(), fake.evaluated.clear()
+    fake.fail_train = set()
+    assert sweep_main(str(grid_path), log=lambda line: None) == 0
+    assert fake.trained == [("x0.1-b1-retrace-s0", True)]  # only the failed one; its warm-up is done
+    assert fake.evaluated == ["x0.1-b1-retrace-s0"]
+    assert {row["status"] for row in results(grid).values()} == {"done"}
+    status = read_status(failed)
+    assert status["attempts"] == 2 and status["error"] is None and status["finished_at"]
+
+
+def test_evaluation_failure_is_retried_without_retraining(tmp_path, monkeypatch):
+    fake = FakeRuns(monkeypatch)
+    grid = load_grid(write_grid(tmp_path))
+    calls = {"n": 0}
+    evaluate = fake.evaluate
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("disk full")
+        return evaluate(*args)
+
+    monkeypatch.setattr(sweep, "evaluate_instance", flaky)
+    outcome = run_sweep(grid, log=lambda line: None)
+    assert list(outcome.failed) == ["tiny-llama/arithmetic/baseline-s0"] and len(outcome.ran) == 1
+    fake.trained.clear()
+    outcome = run_sweep(grid, log=lambda line: None)
+    assert outcome.ran == ["tiny-llama/arithmetic/baseline-s0"] and fake.trained == []
+
+
+def test_failed_warm_up_fails_its_instances_once(tmp_path, monkeypatch):
+    fake = FakeRuns(monkeypatch)
+    fake.fail_train = {"sft-s0"}
+    grid = load_grid(write_grid(tmp_path, mitigations=["base", "retrace"]))
+    outcome = run_sweep(grid, log=lambda line: None)
+    assert len(outcome.failed) == 3 and all("SFT" in e or "boom" in e for e in outcome.failed.values())
+    assert [name for name, _ in fake.trained] == ["sft-s0"]  # not retried for every instance
+    assert read_status(grid.root / "tiny-llama" / "arithmetic" / "sft-s0")["status"] == "failed"
+
+
+def test_only_runs_one_instance_and_its_warm_up(tmp_path, monkeypatch):
+    fake = FakeRuns(monkeypatch)
+    grid_path = write_grid(tmp_path, mitigations=["base", "retrace"])
+    target = "tiny-llama/arithmetic/x0.2-b1-base-s0"
+    assert main(["sweep", str(grid_path), "--only", target]) == 0
+    assert [name for name, _ in fake.trained] == ["sft-s0", "x0.2-b1-base-s0"]
+    table = results(load_grid(grid_path))
+    assert table["x0.2-b1-base-s0"]["status"] == "done" and table["baseline-s0"]["status"] == "pending"
+    assert main(["sweep", str(grid_path), "--only", "tiny-llama/arithmetic/nope"]) == 2
+
+
+def test_no_warm_up_when_sft_epochs_is_zero(tmp_path, monkeypatch):
+    fake = FakeRuns(monkeypatch)
+    monkeypatch.setattr(FakeRuns, "train", lambda self, config, resume=False: (
+        self.trained.append((config.model, config.sft.epochs)),
+        (Path(config.output_dir) / "model").mkdir(parents=True),
+        (Path(config.output_dir) / "summary.json").write_text("{}"),
+    ))
+    monkeypatch.setattr(sweep, "train", fake.train)
+    grid = load_grid(write_grid(tmp_path, train={"sft": {"epochs": 0}}))
+    assert not run_sweep(grid, log=lambda line: None).failed
+    assert fake.trained == [("tiny-llama", 0), ("tiny-llama", 0)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One real sweep: SFT, two trainings, evaluation, results.csv and the report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_end_to_end_tiny_sweep(tmp_path, capsys):
+    grid_path = write_grid(
+        tmp_path,
+        train={"rft_steps": 2, "batch_size": 2, "micro_batch_size": 4, "save_steps": 2,
+               "grpo": {"num_generations": 2, "learning_rate": 1e-4},
+               "sampling": {"max_new_tokens": 8, "min_new_tokens": 8},
+               "sft": {"epochs": 1, "max_examples": 4, "batch_size": 2, "max_length": 64}},
+        eval={"benchmarks": ["arithmetic"], "limit": 2, "max_new_tokens": 8, "batch_size": 2},
+    )
+    assert main(["sweep", str(grid_path)]) == 0
+    grid = load_grid(grid_path)
+    for instance in enumerate_instances(grid):
+        directory = run_directory(grid, instance)
+        assert read_status(directory)["status"] == "done"
+        assert (directory / "model").is_dir() and (directory / "summary.json").is_file()
+        assert not list(directory.glob("checkpoint-*"))  # removed once trained (keep_checkpoints: false)
+        assert json.loads((directory / "eval" / "eval.json").read_text())["benchmarks"]["arithmetic"]["n"] == 2
+    table = results(grid)
+    assert set(table) == {"baseline-s0", "x0.2-b1-retrace-s0"}
+    assert float(table["x0.2-b1-retrace-s0"]["token_speed"]) > 0
+    assert float(table["baseline-s0"]["accuracy_arithmetic"]) >= 0
+    capsys.readouterr()
+    assert main(["sweep", str(grid_path)]) == 0  # everything done: nothing runs again
+    assert "0 run, 2 already done" in capsys.readouterr().out
+    assert main(["report", str(grid.root)]) == 0
+    assert (grid.root / "report" / "figure1-tiny-llama-arithmetic.png").is_file()
+    assert "Table 2" in (grid.root / "report" / "report.md").read_text()

@@ -1,0 +1,351 @@
+"""The ReFT loop on tiny models: updates, bookkeeping, nesting, resumption, failure handling, learning."""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nested_reft.trainer as trainer
+from nested_reft.checkpoint import CheckpointError, latest_checkpoint
+from nested_reft.config import ConfigError, load_config
+from nested_reft.data import generate_arithmetic
+from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
+from nested_reft.nesting import num_skipped_layers
+from nested_reft.tasks import Task
+from nested_reft.tiny import tiny_model
+from nested_reft.trainer import METRICS_FILE, SUMMARY_FILE, StepMetrics, train
+
+B, G, T = 2, 4, 6  # prompts per step, completions per prompt, tokens per completion (min = max)
+PROBLEMS = generate_arithmetic(24, seed=1)
+LOWERCASE = set(string.ascii_lowercase)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models are faster on one thread, and much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lowercase_share(completion: str, gold: str) -> float:
+    """A reward a random byte-level model earns now and then (about 1 character in 10): learnable, varied."""
+    return sum(ch in LOWERCASE for ch in completion) / max(len(completion), 1)
+
+
+def config_for(output_dir, **overrides):
+    values = {
+        "model": "tiny-llama", "dataset": "arithmetic", "output_dir": str(output_dir), "rft_steps": 2,
+        "batch_size": B, "micro_batch_size": 4, "grpo.num_generations": G, "grpo.learning_rate": 1e-3,
+        "sampling.max_new_tokens": T, "sampling.min_new_tokens": T, "nesting.skip_ratio": 0.3,
+        "nesting.border": 1, "importance.mitigation": "retrace", "sft.epochs": 0, "save_steps": 1000,
+    }
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def run(output_dir, reward=lowercase_share, resume=False, **overrides):
+    """Train; return (summary, metric rows)."""
+    summary = train(config_for(output_dir, **overrides), Task("tiny", list(PROBLEMS), reward=reward), resume=resume)
+    return summary, metrics(output_dir)
+
+
+def metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / METRICS_FILE).read_text().splitlines()]
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    return tiny_model("llama", num_layers=TINY_NUM_LAYERS, seed=TINY_SEED)[0].state_dict()
+
+
+def final_weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "model" / "model.safetensors")
+
+
+def changed(a: dict, b: dict) -> set[str]:
+    return {name for name in a if not torch.equal(a[name], b[name])}
+
+
+class Snapshots:
+    """Wraps `policy_update` to record the parameters before and after each update."""
+
+    def __init__(self, monkeypatch):
+        self.before, self.after, self.results = [], [], []
+        update = trainer.policy_update
+
+        def recording(model, *args, **kwargs):
+            params = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}  # noqa: E731
+            self.before.append(params())
+            result = update(model, *args, **kwargs)
+            self.after.append(params())
+            self.results.append(result)
+            return result
+
+        monkeypatch.setattr(trainer, "policy_update", recording)
+
+    def changed(self, step: int) -> set[str]:
+        return changed(self.before[step - 1], self.after[step - 1])
+
+
+# --- one update ----------------------------------------------------------------------------------------
+
+
+def test_one_step_with_varied_rewards_changes_every_layer(tmp_path):
+    _, rows = run(tmp_path / "run", rft_steps=1)
+    assert rows[0]["reward_std"] > 0, "the test needs rewards that differ within a group"
+    assert rows[0]["loss"] != 0 and rows[0]["grad_norm"] > 0 and not rows[0]["update_skipped"]
+    moved = changed(initial_weights(), final_weights(tmp_path / "run"))
+    for layer in range(TINY_NUM_LAYERS):  # skipped layers too: the update is of the full model
+        assert any(name.startswith(f"model.layers.{layer}.") for name in moved), f"layer {layer} did not change"
+    assert "lm_head.weight" in moved and "model.norm.weight" in moved
+
+
+def test_equal_rewards_give_zero_advantages_and_no_update(tmp_path):
+    _, rows = run(tmp_path / "run", reward=lambda completion, gold: 1.0, rft_steps=1)
+    row = rows[0]
+    assert row["reward_mean"] == 1.0 and row["reward_std"] == 0.0
+    assert row["loss"] == 0.0 and row["grad_norm"] == 0.0 and not row["update_skipped"]
+    for key, value in row.items():
+        if isinstance(value, float):
+            assert math.isfinite(value), f"{key} is {value}"
+    assert changed(initial_weights(), final_weights(tmp_path / "run")) == set()  # zero gradient, first Adam step
+
+
+# --- what a run leaves behind --------------------------------------------------------------------------
+
+METRIC_KEYS = {
+    "step", "skip_set", "skipped_layers", "reward_mean", "reward_std", "fraction_correct", "completion_length",
+    "generation_time_s", "scoring_time_s", "training_time_s", "step_time_s", "tokens_generated", "tokens_processed",
+    "gen_tokens_per_s", "h_mean", "h_min", "h_max", "h_truncated", "h_ess", "kl_behavior_target", "loss",
+    "grad_norm", "learning_rate", "update_skipped",
+}
+
+
+def test_metrics_summary_and_files_of_a_run(tmp_path):
+    steps, lr = 3, 1e-3
+    output = tmp_path / "run"
+    summary, rows = run(output, rft_steps=steps, save_steps=2)
+
+    assert METRIC_KEYS <= set(StepMetrics.__dataclass_fields__)
+    assert [row["step"] for row in rows] == [1, 2, 3]  # one line per step
+    for step, row in enumerate(rows, start=1):
+        assert set(row) == set(StepMetrics.__dataclass_fields__) and METRIC_KEYS <= set(row)
+        assert row["tokens_generated"] == B * G * T and row["completion_length"] == T
+        assert row["tokens_processed"] > row["tokens_generated"]  # prompts count too
+        assert row["gen_tokens_per_s"] == pytest.approx(row["tokens_generated"] / row["generation_time_s"])
+        assert 0 < row["generation_time_s"] < row["step_time_s"]
+        assert row["generation_time_s"] + row["scoring_time_s"] + row["training_time_s"] <= row["step_time_s"] + 1e-6
+        assert 0 <= row["h_min"] <= row["h_mean"] <= row["h_max"] <= 1.0  # retrace, lambda = 1
+        assert 0 < row["h_ess"] <= 1.0 + 1e-6 and row["kl_behavior_target"] >= -1e-6
+        # the rate the update used: linear decay from lr over the run (TrainingArguments' default)
+        assert row["learning_rate"] == pytest.approx(lr * (1 - (step - 1) / steps))
+
+    assert summary == json.loads((output / SUMMARY_FILE).read_text())
+    assert summary["steps"] == steps
+    assert summary["total_runtime_s"] == pytest.approx(sum(r["step_time_s"] for r in rows))
+    assert summary["tokens_processed"] == sum(r["tokens_processed"] for r in rows)
+    assert summary["tokens_generated"] == steps * B * G * T
+    assert summary["token_speed"] == pytest.approx(summary["tokens_processed"] / summary["total_runtime_s"])
+    assert summary["generation_share"] == pytest.approx(
+        sum(r["generation_time_s"] for r in rows) / summary["total_runtime_s"])
+    assert 0 < summary["generation_share"] < 1
+    assert summary["final_reward"] == pytest.approx(rows[-1]["reward_mean"])
+    assert summary["nonfinite_updates"] == 0
+
+    assert load_config(output / "config.yaml") == config_for(output, rft_steps=steps, save_steps=2)
+    assert latest_checkpoint(output) == output / "checkpoint-3"  # the last one, the older one removed
+    assert not (output / "checkpoint-2").exists()
+    assert (output / "model" / "model.safetensors").is_file()
+
+
+# --- nesting -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ratio, border, expected_count, allowed",
+    [(0.3, 1, 2, range(1, 5)), (0.2, 1, 1, range(1, 5)), (0.3, 2, 2, range(2, 4)), (0.5, 0, 3, range(0, 6))],
+)
+def test_skip_sets_have_U_x_layers_and_avoid_the_borders(tmp_path, ratio, border, expected_count, allowed):
+    assert num_skipped_layers(TINY_NUM_LAYERS, ratio) == expected_count
+    _, rows = run(tmp_path / "run", rft_steps=6, **{"nesting.skip_ratio": ratio, "nesting.border": border,
+                                                     "sampling.max_new_tokens": 2, "sampling.min_new_tokens": 2})
+    for row in rows:
+        assert row["skipped_layers"] == expected_count == len(row["skip_set"]) == len(set(row["skip_set"]))
+        assert set(row["skip_set"]) <= set(allowed), row["skip_set"]
+        assert row["skip_set"] == sorted(row["skip_set"])
+    if len(allowed) > expected_count:  # a fresh draw every step, not one fixed set
+        assert len({tuple(row["skip_set"]) for row in rows}) > 1
+
+
+def test_classical_reft_has_unit_importance_weights(tmp_path):
+    """x = 0, b = 0, m = base: the behavior model is the target, h = pi/eta = 1 up to rounding."""
+    _, rows = run(tmp_path / "run", rft_steps=2, **{"nesting.skip_ratio": 0.0, "nesting.border": 0,
+                                                     "importance.mitigation": "base"})
+    for row in rows:
+        assert row["skip_set"] == [] and row["skipped_layers"] == 0
+        assert abs(row["h_mean"] - 1) < 1e-5
+        assert abs(row["h_min"] - 1) < 1e-4 and abs(row["h_max"] - 1) < 1e-4
+        assert abs(row["kl_behavior_target"]) < 1e-6
+
+
+def test_nested_behavior_with_base_weights_is_off_policy(tmp_path):
+    """The control for the test above: skipping layers moves h away from 1."""
+    _, rows = run(tmp_path / "run", rft_steps=1, **{"importance.mitigation": "base"})
+    assert rows[0]["h_max"] - rows[0]["h_min"] > 1e-2 and rows[0]["kl_behavior_target"] > 1e-5
+
+
+# --- resumption ----------------------------------------------------------------------------------------
+
+
+class KilledAfter(Exception):
+    pass
+
+
+def killed_after(step: int):
+    """A reward that kills the run when scoring step `step` + 1: steps 1..step are complete and logged."""
+    calls = []
+
+    def reward(completion, gold):
+        calls.append(None)
+        if len(calls) > step * B * G:
+            raise KilledAfter(f"killed after step {step}")
+        return lowercase_share(completion, gold)
+
+    return reward
+
+
+RESUMED_KEYS = ("step", "skip_set", "reward_mean", "reward_std", "loss", "grad_norm", "learning_rate", "h_mean",
+                "h_min", "h_max", "h_truncated", "h_ess", "kl_behavior_target", "tokens_generated",
+                "tokens_processed", "update_skipped")
+
+
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    settings = dict(rft_steps=4, save_steps=2, **{"importance.mitigation": "base", "sft.epochs": 1,
+                                                   "sft.max_examples": 4, "sft.batch_size": 4})
+    whole_summary, whole = run(tmp_path / "whole", **settings)
+
+    with pytest.raises(KilledAfter):  # dies after step 3: its last checkpoint is step 2
+        run(tmp_path / "killed", reward=killed_after(3), **settings)
+    assert [row["step"] for row in metrics(tmp_path / "killed")] == [1, 2, 3]
+    assert latest_checkpoint(tmp_path / "killed").name == "checkpoint-2"
+    assert not (tmp_path / "killed" / "model").exists()
+
+    resumed_summary, resumed = run(tmp_path / "killed", resume=True, **settings)
+
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4]  # step 3 recomputed, not logged twice
+    for a, b in zip(whole, resumed):
+        for key in RESUMED_KEYS:
+            if isinstance(a[key], float):
+                assert b[key] == pytest.approx(a[key], abs=1e-6), f"step {a['step']}: {key}"
+            else:
+                assert b[key] == a[key], f"step {a['step']}: {key}"
+    assert changed(final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")) == set()
+    for key in ("steps", "tokens_processed", "tokens_generated", "final_reward", "nonfinite_updates"):
+        assert resumed_summary[key] == whole_summary[key], key
+    assert any(row["grad_norm"] > 0 for row in whole[2:])  # steps 3-4 did update: the comparison means something
+
+
+def test_resuming_from_a_corrupt_checkpoint_is_refused(tmp_path):
+    output = tmp_path / "run"
+    run(output, rft_steps=2, save_steps=1)
+    weights = latest_checkpoint(output) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        run(output, resume=True, rft_steps=4, save_steps=1)
+
+
+def test_a_fresh_run_refuses_an_output_dir_that_holds_a_run(tmp_path):
+    output = tmp_path / "run"
+    run(output, rft_steps=1)
+    before = (output / METRICS_FILE).read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(output, rft_steps=1)
+    assert (output / METRICS_FILE).read_text() == before  # and leaves it untouched
+    (output / METRICS_FILE).unlink()  # a checkpoint alone is a run too
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(output, rft_steps=1)
+
+
+def test_a_launch_that_accelerate_does_not_see_is_refused(tmp_path, monkeypatch):
+    """torchrun on CPU without ACCELERATE_USE_CPU: each rank would train alone into the same directory."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU"):
+        run(tmp_path / "run", rft_steps=1)
+    assert not (tmp_path / "run" / METRICS_FILE).exists()
+
+
+# --- non-finite updates --------------------------------------------------------------------------------
+
+
+def poison_loss(monkeypatch, steps: set[int] | None = None):
+    """Make the GRPO loss NaN on the given ReFT steps (all steps if None)."""
+    loss, calls = trainer.grpo_loss, []
+
+    def poisoned(*args, **kwargs):
+        value = loss(*args, **kwargs)
+        step = trainer_step[0]
+        calls.append(step)
+        return value * float("nan") if steps is None or step in steps else value
+
+    trainer_step = [0]
+    score = Task.score
+
+    def counting_score(self, completions, golds):  # one call per step, before the update
+        trainer_step[0] += 1
+        return score(self, completions, golds)
+
+    monkeypatch.setattr(trainer, "grpo_loss", poisoned)
+    monkeypatch.setattr(Task, "score", counting_score)
+
+
+def test_a_non_finite_loss_skips_the_update(tmp_path, monkeypatch):
+    poison_loss(monkeypatch, steps={2})
+    snapshots = Snapshots(monkeypatch)
+    summary, rows = run(tmp_path / "run", rft_steps=3, max_nonfinite_steps=0)
+    assert [row["update_skipped"] for row in rows] == [False, True, False]
+    assert math.isnan(rows[1]["loss"])
+    assert snapshots.changed(2) == set()  # parameters unchanged by the skipped step
+    assert snapshots.changed(1) and snapshots.changed(3)
+    assert rows[2]["learning_rate"] == rows[1]["learning_rate"]  # the schedule did not advance either
+    assert summary["nonfinite_updates"] == 1
+
+
+def test_repeated_non_finite_losses_abort_the_run(tmp_path, monkeypatch):
+    poison_loss(monkeypatch)
+    snapshots = Snapshots(monkeypatch)
+    with pytest.raises(FloatingPointError, match="max_nonfinite_steps=2"):
+        run(tmp_path / "run", rft_steps=5, max_nonfinite_steps=2)
+    rows = metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2] and all(row["update_skipped"] for row in rows)
+    assert snapshots.changed(1) == snapshots.changed(2) == set()
+    assert changed(initial_weights(), snapshots.after[-1]) == set()
+
+
+# --- learning ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mitigation", ["base", "practical", "retrace"])
+def test_nested_reft_learns_a_trivial_reward(tmp_path, mitigation):
+    """On x = 0.2 (1 of 6 layers skipped), b = 1, each mitigation raises a learnable reward clearly.
+
+    Reward: the share of lowercase letters in the completion (about 0.1 for the random model).
+    """
+    _, rows = run(tmp_path / "run", rft_steps=25, **{
+        "batch_size": 2, "micro_batch_size": 16, "grpo.num_generations": 8, "grpo.learning_rate": 1e-2,
+        "grpo.lr_scheduler": "constant", "sampling.max_new_tokens": 8, "sampling.min_new_tokens": 8,
+        "nesting.skip_ratio": 0.2, "nesting.border": 1, "importance.mitigation": mitigation,
+    })
+    rewards = [row["reward_mean"] for row in rows]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"{mitigation}: first-5 mean reward {first:.3f}, last-5 {last:.3f}")
+    assert all(row["skipped_layers"] == 1 for row in rows)
+    assert not any(row["update_skipped"] for row in rows)
+    assert last > first + 0.25, f"{mitigation} did not learn: {[round(r, 2) for r in rewards]}"

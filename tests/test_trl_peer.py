@@ -1,0 +1,216 @@
+"""The peer check: at x = 0 our GRPO update is TRL's `GRPOTrainer` loss, value and gradients.
+
+On the same tiny model, the same batch (sampled by `generate_rollouts`, advantages from `group_advantages`)
+and the same settings, a real `trl.GRPOTrainer` computes its loss (`compute_loss`, micro-batch by micro-batch,
+as its training step does) and we run our real `policy_update` (mitigation "base", so h = 1 up to rounding)
+with an optimizer stand-in that records the gradients instead of stepping. Loss and every parameter's
+gradient must agree within 1e-5, for each loss normalisation, on one micro-batch and on two accumulated ones.
+
+Known differences from TRL 1.16 that this tolerates (they cancel, up to float rounding):
+- TRL's training forward passes no position ids, so left-padded rows get positions shifted by their padding;
+  we use positions from the attention mask, as sampling does. RoPE only sees position differences, so the
+  log-probs agree up to rounding (for absolute-position models such as GPT-2 they would not: TRL's training
+  forward would then score padded rows at other positions than its own `generate` sampled them at).
+- TRL scores completion-padding positions as 0 and we score the pad token there; both are masked out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")  # a dev dependency; built offline below (construction needs no network)
+datasets = pytest.importorskip("datasets")
+from accelerate import Accelerator  # noqa: E402
+
+from nested_reft.config import GRPOConfig, ImportanceConfig, NestingConfig, TrainConfig  # noqa: E402
+from nested_reft.grpo import group_advantages  # noqa: E402
+from nested_reft.policy import completion_logprobs  # noqa: E402
+from nested_reft.rollout import Rollouts, SamplingConfig, generate_rollouts  # noqa: E402
+from nested_reft.tiny import byte_tokenizer, tiny_model  # noqa: E402
+from nested_reft.trainer import policy_update  # noqa: E402
+
+TOLERANCE = 1e-5
+ARCHITECTURE, LAYERS, SEED = "qwen2", 2, 0
+G = 4  # generations per prompt
+T = 10  # completion tokens (max_completion_length)
+TEMPERATURE = 0.7  # not 1, so that a temperature mismatch would show in the gradients and log-probs
+PROMPTS = ("2 + 3 =", "Tom has 4 apples and eats one.", "7 x 6?")  # different lengths: rows are left-padded
+# One reward per completion; the middle group is all equal (advantage 0), the others mixed.
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 1.0, 0.0])
+PAD_ID = byte_tokenizer().pad_token_id
+CUT_LENGTHS = (T, 3, T, 7, 1, T, 5, T, 2, 8, 4, 6)  # ragged ends, as if EOS had come early; the halves
+# hold different token counts (41 and 35), so per-micro-batch and whole-batch normalisations differ
+
+
+def fresh_model():
+    """The tiny policy, identical weights on every call (same seed)."""
+    return tiny_model(ARCHITECTURE, num_layers=LAYERS, seed=SEED)
+
+
+def cut(rollouts: Rollouts, lengths) -> Rollouts:
+    """End row i after lengths[i] tokens (pad, mask 0, log-prob 0 after), keeping the recorded log-probs of the
+    tokens that stay: sampling is causal, so they are what the sampler would have recorded anyway."""
+    keep = torch.arange(rollouts.completion_ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+    return dataclasses.replace(
+        rollouts,
+        completion_ids=torch.where(keep, rollouts.completion_ids, torch.full_like(rollouts.completion_ids, PAD_ID)),
+        completion_mask=rollouts.completion_mask * keep,
+        behavior_logprobs=rollouts.behavior_logprobs * keep,
+    )
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[Rollouts, torch.Tensor]:
+    """B = 3 prompts x G = 4 completions of up to T tokens from the full model (x = 0), and their advantages."""
+    model, tokenizer = fresh_model()
+    sampling = SamplingConfig(temperature=TEMPERATURE, max_new_tokens=T, min_new_tokens=T)
+    rollouts = generate_rollouts(model, tokenizer, PROMPTS, G, sampling, (), torch.Generator().manual_seed(0))
+    rollouts = cut(rollouts, CUT_LENGTHS)
+    assert rollouts.prompt_mask.eq(0).any(), "the batch should hold left-padded prompts"
+    assert rollouts.completion_mask.eq(0).any(), "the batch should hold ragged completions"
+    return rollouts, group_advantages(REWARDS, G)
+
+
+def trl_trainer(model, tokenizer, tmp_path, loss_type: str, micro_batches: int):
+    """A real GRPOTrainer, built offline, that accumulates `micro_batches` micro-batches per generation batch."""
+    rows = len(PROMPTS) * G
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,  # TRL 1.16 defaults to bf16 and activation checkpointing: the peer runs in float32, plainly
+        activation_checkpointing=False,
+        num_generations=G,
+        per_device_train_batch_size=rows // micro_batches,
+        gradient_accumulation_steps=micro_batches,  # steps_per_generation follows it: one generation batch
+        max_completion_length=T,
+        temperature=TEMPERATURE,
+        loss_type=loss_type,
+        beta=0.0,
+        epsilon=0.2,
+        save_strategy="no",
+    )
+    dataset = datasets.Dataset.from_dict({"prompt": list(PROMPTS)})
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),  # never called: we pass the batch
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    assert trainer.temperature == TEMPERATURE and trainer.beta == 0.0 and trainer.loss_type == loss_type
+    # Set by Trainer's training loop for each accumulation window; we call the loss outside that loop.
+    trainer.current_gradient_accumulation_steps = micro_batches
+    return trainer
+
+
+def trl_loss_and_gradients(trainer, model, rollouts: Rollouts, advantages: torch.Tensor, micro_batches: int):
+    """TRL's loss summed over the micro-batches and the accumulated gradients, as its training step builds them."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    rows = rollouts.completion_ids.shape[0]
+    size = rows // micro_batches
+    num_items_in_batch = rollouts.completion_mask.sum().float()  # active tokens of the whole generation batch
+    total = 0.0
+    for start in range(0, rows, size):
+        part = slice(start, start + size)
+        inputs = {
+            "prompt_ids": rollouts.prompt_ids[part],
+            "prompt_mask": rollouts.prompt_mask[part],
+            "completion_ids": rollouts.completion_ids[part],
+            "completion_mask": rollouts.completion_mask[part],
+            "advantages": advantages[part],
+            "num_items_in_batch": num_items_in_batch,
+            "old_per_token_logps": None,  # one update per batch: TRL uses the detached log-probs of this forward
+        }
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        total += loss.item()
+    gradients = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return total, gradients
+
+
+class GradientRecorder:
+    """Stands in for the optimizer of `policy_update`: keeps the gradients at `step()` instead of stepping."""
+
+    def __init__(self, model):
+        self.parameters = dict(model.named_parameters())
+        self.gradients: dict[str, torch.Tensor] = {}
+
+    def step(self) -> None:
+        self.gradients = {n: p.grad.detach().clone() for n, p in self.parameters.items() if p.grad is not None}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for parameter in self.parameters.values():
+            parameter.grad = None
+
+
+class NoSchedule:
+    def step(self) -> None:
+        pass
+
+
+def our_loss_and_gradients(model, rollouts: Rollouts, advantages: torch.Tensor, loss_type: str, micro_batches: int):
+    """Our real `policy_update` at x = 0, mitigation "base", no clipping of the gradient norm."""
+    rows = rollouts.completion_ids.shape[0]
+    config = TrainConfig(
+        micro_batch_size=rows // micro_batches,
+        nesting=NestingConfig(skip_ratio=0.0, border=0),
+        importance=ImportanceConfig(mitigation="base"),
+        sampling=SamplingConfig(temperature=TEMPERATURE, max_new_tokens=T, min_new_tokens=T),
+        grpo=GRPOConfig(num_generations=G, loss_type=loss_type, epsilon=0.2, epsilon_high=0.2, max_grad_norm=1e9),
+    )
+    recorder = GradientRecorder(model)
+    update = policy_update(model, recorder, NoSchedule(), rollouts, advantages, config, Accelerator(cpu=True))
+    assert update.finite
+    return update, recorder.gradients
+
+
+def max_gradient_difference(ours: dict, theirs: dict) -> tuple[float, str]:
+    assert ours.keys() == theirs.keys(), "the two updates reached different parameters"
+    differences = {name: (ours[name] - theirs[name]).abs().max().item() for name in ours}
+    name = max(differences, key=differences.get)
+    return differences[name], name
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_loss_and_gradients_match_trl(batch, tmp_path, loss_type, micro_batches):
+    rollouts, advantages = batch
+    model, tokenizer = fresh_model()
+    trainer = trl_trainer(model, tokenizer, tmp_path, loss_type, micro_batches)
+
+    theirs_loss, theirs_gradients = trl_loss_and_gradients(trainer, model, rollouts, advantages, micro_batches)
+    update, ours_gradients = our_loss_and_gradients(model, rollouts, advantages, loss_type, micro_batches)
+
+    # x = 0 and mitigation "base": h = pi_theta / eta is 1 up to rounding (sampler and scorer agree).
+    h = torch.exp(update.logp_old - rollouts.behavior_logprobs)[rollouts.completion_mask.bool()]
+    assert (h - 1).abs().max().item() < 1e-4
+    assert update.loss == pytest.approx(theirs_loss, abs=TOLERANCE)
+    difference, where = max_gradient_difference(ours_gradients, theirs_gradients)
+    assert difference <= TOLERANCE, f"largest gradient difference {difference:.3g} at {where}"
+    # The comparison has teeth: the gradients are not all (near) zero.
+    assert max(g.abs().max().item() for g in theirs_gradients.values()) > 100 * TOLERANCE
+
+
+def test_same_temperature_scaling_as_trl(batch, tmp_path):
+    """TRL's per-token log-probs (the ones its loss uses) equal `completion_logprobs` and the sampler's record."""
+    rollouts, _ = batch
+    model, tokenizer = fresh_model()
+    trainer = trl_trainer(model, tokenizer, tmp_path, "dapo", 1)
+    input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
+    attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
+    mask = rollouts.completion_mask.bool()
+    with torch.no_grad():
+        # The function TRL's `_compute_loss` gets its log-probs from (private; pinned by the TRL version).
+        theirs, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, T)
+        args = (model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids, rollouts.completion_mask)
+        ours = completion_logprobs(*args, temperature=TEMPERATURE)
+        unscaled = completion_logprobs(*args, temperature=1.0)
+    assert (ours - theirs)[mask].abs().max().item() <= TOLERANCE
+    assert (rollouts.behavior_logprobs - theirs)[mask].abs().max().item() <= TOLERANCE
+    assert (unscaled - theirs)[mask].abs().max().item() > 1e-3  # a temperature mismatch would be caught
