@@ -223,18 +223,24 @@ def _as_bool(value: Any) -> bool:
     raise ValueError(value)
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
+    """The mapping a YAML file holds (empty for an empty file); a ConfigError naming `what` and `path` if not."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of options")
+    return values
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A TrainConfig from an optional YAML file plus dotted overrides ({"nesting.skip_ratio": 0.15})."""
-    values: dict = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of options")
+    values: dict = read_yaml_mapping(path, "config file") if path is not None else {}
     for dotted, value in (overrides or {}).items():
         target = values
         *sections, key = dotted.split(".")

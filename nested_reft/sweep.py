@@ -56,10 +56,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from nested_reft.checkpoint import CHECKPOINT_PREFIX, atomic_write_json, atomic_write_text
-from nested_reft.config import ConfigError, TrainConfig, from_dict, load_config, to_dict
+from nested_reft.config import ConfigError, TrainConfig, from_dict, load_config, read_yaml_mapping, to_dict
 from nested_reft.data import TRAINING_SETS
 from nested_reft.importance import MITIGATIONS
 from nested_reft.report import RESULT_COLUMNS, accuracy_column
@@ -188,14 +187,7 @@ class GridConfig:
 
 def load_grid(path: str | os.PathLike) -> GridConfig:
     """Read and validate a grid file; every error is a ConfigError naming the option, before any work."""
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"grid file {path} does not exist") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"grid file {path} is not valid YAML: {error}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"grid file {path} must hold a mapping of options")
+    values = read_yaml_mapping(path, "grid file")
     try:
         return from_dict(GridConfig, values)
     except ConfigError as error:

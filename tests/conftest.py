@@ -1,10 +1,11 @@
-"""Shared fixtures: where the shared datasets are, and tiny models."""
+"""Shared fixtures: where the shared datasets are, and one torch thread per test."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 # CI clones the repo next to a copy of shared/, as the developers' checkout sits next to it.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -16,3 +17,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a shared, busy 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

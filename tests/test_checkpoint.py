@@ -31,13 +31,6 @@ from nested_reft.trainer import make_optimizer
 STATE = {"step": 3, "totals": {"runtime_s": 1.5, "tokens_processed": 42}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def trained(seed: int = 0, steps: int = 3, architecture: str = "llama"):
     """A tiny model with a few AdamW steps behind it, so optimizer and scheduler states are not trivial."""

@@ -32,15 +32,6 @@ def _no_data_env(monkeypatch):
     monkeypatch.delenv(DATA_ENV, raising=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models decode fastest on one thread (and do not fight over the cores other tests use)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
     """gsm8k/test.jsonl and svamp/SVAMP.json in their original formats, questions of different lengths."""

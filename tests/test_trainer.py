@@ -25,14 +25,6 @@ PROBLEMS = generate_arithmetic(24, seed=1)
 LOWERCASE = set(string.ascii_lowercase)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are faster on one thread, and much faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def lowercase_share(completion: str, gold: str) -> float:
     """A reward a random byte-level model earns now and then (about 1 character in 10): learnable, varied."""
