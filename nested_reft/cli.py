@@ -15,6 +15,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+DATA_DIR_HELP = "a local copy (default $NESTED_REFT_DATA, else the hub)"
+
 # Training flags -> dotted config option. One table: the flag names are fixed by the docs, the options
 # and their defaults live in nested_reft.config.
 TRAIN_FLAGS: dict[str, tuple[str, type]] = {
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name", help="a training set or benchmark name")
     show.add_argument("--split", default=None, help="train or test (default: train for training sets, else test)")
     show.add_argument("--limit", type=int, default=3)
-    show.add_argument("--data-dir", default=None, help="a local copy (default $NESTED_REFT_DATA, else the hub)")
+    show.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     show.set_defaults(run=_data_show)
 
     for name, run, summary in (
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="default: aime24 amc math500 minerva olympiadbench (the paper's five)")
     evaluation.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of each benchmark")
     evaluation.add_argument("--max-new-tokens", type=int, default=None, help="default 1024 (paper: 32k)")
-    evaluation.add_argument("--data-dir", default=None, help="a local copy (default $NESTED_REFT_DATA, else the hub)")
+    evaluation.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     evaluation.add_argument("--output-dir", default=None, help="default runs/eval/<model>; a rerun resumes it")
     evaluation.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default 16)")
     evaluation.add_argument("--seed", type=int, default=None, help="default 0")
@@ -175,25 +177,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
+    from nested_reft.evaluate import DEFAULT_BENCHMARKS, eval_config, evaluate_model, format_table, print_progress
 
-    from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig, EvalError, evaluate_model, format_table
-
-    options = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed}
-    config = EvalConfig(**{key: value for key, value in options.items() if value is not None})
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-    def progress(benchmark: str, done: int, total: int) -> None:
-        print(f"\r{benchmark}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    try:
-        result = evaluate_model(
-            args.model, args.benchmarks or DEFAULT_BENCHMARKS, args.output_dir, config, args.data_dir, args.limit,
-            dtype=args.dtype, device=device, progress=progress,
-        )
-    except EvalError as error:
-        print(f"nested-reft: error: {error}", file=sys.stderr)
-        return 2
+    config = eval_config(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    result = evaluate_model(
+        args.model, args.benchmarks or DEFAULT_BENCHMARKS, args.output_dir, config, args.data_dir, args.limit,
+        dtype=args.dtype, device=args.device, progress=print_progress,
+    )
     print(format_table(result))
     return 0
 
@@ -205,13 +195,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from nested_reft.report import ReportError, report_main
+    from nested_reft.report import report_main
 
-    try:
-        return report_main(args.sweep_dir, args.output_dir)
-    except ReportError as error:
-        print(f"nested-reft: error: {error}", file=sys.stderr)
-        return 2
+    return report_main(args.sweep_dir, args.output_dir)
 
 
 def _data_show(args: argparse.Namespace) -> int:
@@ -232,13 +218,19 @@ def _print_summary(summary: dict) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors caused by what the user asked for: shown as one line, not a traceback."""
+    """Errors caused by what the user asked for, or that a user can act on: one line, not a traceback.
+
+    ConfigError covers the trainer's refusals too (an output directory that holds a run, a bad launch);
+    FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
+    """
     from nested_reft.checkpoint import CheckpointError
     from nested_reft.config import ConfigError
     from nested_reft.data import DataError
+    from nested_reft.evaluate import EvalError
     from nested_reft.models import ModelLoadError
+    from nested_reft.report import ReportError
 
-    return (ConfigError, DataError, ModelLoadError, CheckpointError)
+    return (ConfigError, DataError, ModelLoadError, CheckpointError, EvalError, ReportError, FloatingPointError)
 
 
 def _quiet_libraries() -> None:

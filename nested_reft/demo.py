@@ -20,7 +20,7 @@ from nested_reft.models import DEFAULT_MODEL
 from nested_reft.rollout import SamplingConfig
 from nested_reft.trainer import FINAL_MODEL_DIR, METRICS_FILE, train
 
-DEMO_STEPS = 6  # ReFT steps per run; small enough for a laptop CPU (the paper's scale: configs/paper/)
+DEMO_STEPS = 6  # ReFT steps per run; small enough for a laptop CPU (the paper's scale: configs/paper.yaml)
 
 
 def demo_config(output_dir: Path, model: str, steps: int) -> TrainConfig:

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 
 from nested_reft.checkpoint import atomic_write_json, atomic_write_text
-from nested_reft.config import ConfigError
+from nested_reft.config import _check
 from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
 from nested_reft.rewards import extract_answer
 from nested_reft.rollout import SamplingConfig, eos_token_ids, generate_rollouts, seeded_generator
@@ -91,13 +92,18 @@ class EvalConfig:
         )
 
 
+def eval_config(**options: Any) -> EvalConfig:
+    """An EvalConfig from `options`, None meaning "the default": unset command-line flags and null grid keys."""
+    return EvalConfig(**{key: value for key, value in options.items() if value is not None})
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check(ok: bool, option: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{option} must be {expected}, got {value!r}")
+def print_progress(benchmark: str, done: int, total: int) -> None:
+    """A `Progress` for terminals: one line per benchmark on stderr, rewritten after every batch."""
+    print(f"\reval {benchmark}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,7 +123,7 @@ def evaluate_model(
     progress: Progress | None = None,
 ) -> dict:
     """Load `name_or_path` with `models.load_model` and `evaluate` it; `output_dir` defaults to
-    `default_output_dir(name_or_path)`.
+    `default_output_dir(name_or_path)`, `device` to cuda where there is one, else cpu.
 
     Benchmark names and the data are checked before the model is loaded; a path that is not a model raises
     `ModelLoadError` before anything is generated or written.
@@ -125,6 +131,7 @@ def evaluate_model(
     from nested_reft.models import MODEL_ALIASES, load_model
 
     tasks = load_tasks(benchmarks, data_dir, limit)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
     local = Path(name_or_path).expanduser()
     model_name = str(local.resolve()) if name_or_path not in MODEL_ALIASES and local.exists() else str(name_or_path)
@@ -158,15 +165,7 @@ def evaluate(
 
 def load_tasks(benchmarks: Sequence[str], data_dir: str | Path | None = None, limit: int | None = None) -> list[Task]:
     """The test problems of each benchmark (duplicates dropped), every name checked before any data is read."""
-    if isinstance(benchmarks, str):
-        benchmarks = [benchmarks]
-    names = list(dict.fromkeys(benchmarks))
-    if not names:
-        raise DataError(f"no benchmark given; expected some of {', '.join(EVALUATION_SETS)}")
-    unknown = [name for name in names if name not in EVALUATION_SETS]
-    if unknown:
-        listed = ", ".join(map(repr, unknown))
-        raise DataError(f"unknown benchmark(s) {listed}; expected some of {', '.join(EVALUATION_SETS)}")
+    names = benchmark_names(benchmarks)
     if limit is not None and (not _is_int(limit) or limit < 1):
         raise DataError(f"limit must be an integer >= 1, got {limit!r}")
     tasks = [Task.load(name, split="test", data_dir=data_dir, limit=limit) for name in names]
@@ -177,6 +176,21 @@ def load_tasks(benchmarks: Sequence[str], data_dir: str | Path | None = None, li
         if duplicates:
             raise DataError(f"benchmark {task.name!r} has {duplicates} duplicate problem id(s)")
     return tasks
+
+
+def benchmark_names(benchmarks: Sequence[str] | str) -> list[str]:
+    """The distinct names of `benchmarks`, in order; a DataError naming those `evaluate` does not know.
+
+    Cheap, so callers check names before any data, model or (in a sweep) training is loaded.
+    """
+    names = list(dict.fromkeys([benchmarks] if isinstance(benchmarks, str) else benchmarks))
+    if not names:
+        raise DataError(f"no benchmark given; expected some of {', '.join(EVALUATION_SETS)}")
+    unknown = [name for name in names if name not in EVALUATION_SETS]
+    if unknown:
+        listed = ", ".join(map(repr, unknown))
+        raise DataError(f"unknown benchmark(s) {listed}; expected some of {', '.join(EVALUATION_SETS)}")
+    return names
 
 
 def default_output_dir(name_or_path: str) -> Path:

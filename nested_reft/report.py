@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -287,12 +286,12 @@ def efficiency_fits(points: Sequence[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9._-]+", "-", str(text).lower()).strip("-.") or "x"
-
-
 def figure_name(model: str, dataset: str) -> str:
-    return f"figure1-{slug(Path(model.rstrip('/')).name)}-{slug(dataset)}.png"
+    """`figure1-<model-slug>-<dataset>.png`, the model named as the sweep names its directories."""
+    # Imported here, not at the top: sweep imports this module (RESULT_COLUMNS), and it loads torch.
+    from nested_reft.sweep import model_slug
+
+    return f"figure1-{model_slug(model)}-{dataset}.png"
 
 
 def plot_figure1(points: Sequence[dict], baselines: dict[tuple[str, str], dict], output_dir: Path) -> list[Path]:

@@ -56,23 +56,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from nested_reft.checkpoint import CHECKPOINT_PREFIX, atomic_write_json, atomic_write_text
-from nested_reft.config import ConfigError, TrainConfig, from_dict, load_config, read_yaml_mapping, to_dict
-from nested_reft.data import TRAINING_SETS
+from nested_reft.config import ConfigError, TrainConfig, _check, from_dict, load_config, read_yaml_mapping, to_dict
+from nested_reft.data import TRAINING_SETS, DataError
+from nested_reft.evaluate import (
+    DEFAULT_BENCHMARKS,
+    EVAL_FILE,
+    EvalConfig,
+    benchmark_names,
+    eval_config,
+    evaluate_model,
+    print_progress,
+)
 from nested_reft.importance import MITIGATIONS
 from nested_reft.report import RESULT_COLUMNS, accuracy_column
+from nested_reft.trainer import FINAL_MODEL_DIR, SUMMARY_FILE, train
 
 PAPER_SKIP_RATIOS = (0.0, 0.05, 0.10, 0.15)  # section 3: x in {5, 10, 15}% plus x = 0 at b = 1 (4 x 3 = 12)
-PAPER_BENCHMARKS = ("aime24", "amc", "math500", "minerva", "olympiadbench")  # section 3, Liu et al. 2025
 BASELINE = dict(skip_ratio=0.0, border=0, mitigation="base")  # section 3: classical ReFT
 
 STATUS_FILE = "status.json"
 RESULTS_FILE = "results.csv"
 EVAL_DIR = "eval"
-EVAL_FILE = "eval.json"
-SUMMARY_FILE = "summary.json"  # nested_reft.trainer.SUMMARY_FILE (not imported: keeps this module light)
-MODEL_DIR = "model"  # nested_reft.trainer.FINAL_MODEL_DIR
 STATUSES = ("pending", "running", "done", "failed")
 
 # Options a grid sets per instance; `train:` may not set them.
@@ -89,7 +96,7 @@ PER_INSTANCE_OPTIONS = ("model", "dataset", "seed", "output_dir", "nesting.skip_
 class EvalSettings:
     """How every instance is evaluated; None leaves an option at `nested_reft.evaluate.EvalConfig`'s default."""
 
-    benchmarks: tuple[str, ...] = PAPER_BENCHMARKS
+    benchmarks: tuple[str, ...] = DEFAULT_BENCHMARKS
     limit: int | None = None  # first N problems of each benchmark (None = all)
     max_new_tokens: int | None = None
     batch_size: int | None = None
@@ -98,19 +105,20 @@ class EvalSettings:
     data_dir: str | None = None  # None = the train data_dir, then $NESTED_REFT_DATA, then the hub
 
     def __post_init__(self) -> None:
+        """Every check runs here, at grid load, not when the first instance has trained for hours."""
         _normalise(self, "benchmarks", str)
-        if not self.benchmarks:
-            raise ConfigError("eval.benchmarks must name at least one benchmark")
-        known = evaluation_benchmarks()
-        unknown = [name for name in self.benchmarks if name not in known]
-        if unknown:
-            raise ConfigError(f"eval.benchmarks: unknown benchmark(s) {unknown}; expected some of {list(known)}")
-        _require(len(set(self.benchmarks)) == len(self.benchmarks), "eval.benchmarks", self.benchmarks, "distinct")
-        for option in ("limit", "max_new_tokens", "batch_size"):
-            value = getattr(self, option)
-            _require(value is None or value >= 1, f"eval.{option}", value, ">= 1 or null")
-        _require(self.temperature is None or self.temperature >= 0, "eval.temperature", self.temperature, ">= 0")
-        _require(self.top_p is None or 0 < self.top_p <= 1, "eval.top_p", self.top_p, "in (0, 1]")
+        try:
+            benchmark_names(self.benchmarks)
+            self.config(seed=0)  # EvalConfig's own checks of the sampling options
+        except (DataError, ConfigError) as error:
+            raise ConfigError(f"eval: {error}") from None
+        _check(len(set(self.benchmarks)) == len(self.benchmarks), "eval.benchmarks", self.benchmarks, "distinct")
+        _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, ">= 1 or null")
+
+    def config(self, seed: int) -> EvalConfig:
+        """The sampling settings of an instance's evaluation."""
+        options = {key: getattr(self, key) for key in ("temperature", "top_p", "max_new_tokens", "batch_size")}
+        return eval_config(seed=seed, **options)
 
 
 @dataclass(frozen=True)
@@ -131,24 +139,24 @@ class GridConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.name, str) and bool(re.fullmatch(r"[\w.-]+", self.name)), "name", self.name,
-                 "a non-empty name of letters, digits, '.', '_' or '-'")
+        _check(isinstance(self.name, str) and bool(re.fullmatch(r"[\w.-]+", self.name)), "name", self.name,
+               "a non-empty name of letters, digits, '.', '_' or '-'")
         for option, kind in (("models", str), ("datasets", str), ("skip_ratios", float), ("mitigations", str),
                              ("seeds", int), ("baseline_seeds", int)):
             _normalise(self, option, kind)
         for option in ("models", "datasets", "skip_ratios", "mitigations", "seeds"):
             values = getattr(self, option)
-            _require(len(values) > 0, option, values, "a non-empty list")
-            _require(len(set(values)) == len(values), option, values, "a list without repeats")
+            _check(len(values) > 0, option, values, "a non-empty list")
+            _check(len(set(values)) == len(values), option, values, "a list without repeats")
         for dataset in self.datasets:
-            _require(dataset in TRAINING_SETS, "datasets", dataset, f"one of {TRAINING_SETS}")
+            _check(dataset in TRAINING_SETS, "datasets", dataset, f"one of {TRAINING_SETS}")
         for mitigation in self.mitigations:
-            _require(mitigation in MITIGATIONS, "mitigations", mitigation, f"one of {MITIGATIONS}")
+            _check(mitigation in MITIGATIONS, "mitigations", mitigation, f"one of {MITIGATIONS}")
         for ratio in self.skip_ratios:
-            _require(0.0 <= ratio < 1.0, "skip_ratios", ratio, "in [0, 1)")
-        _require(isinstance(self.border, int) and self.border >= 0, "border", self.border, "an integer >= 0")
+            _check(0.0 <= ratio < 1.0, "skip_ratios", ratio, "in [0, 1)")
+        _check(isinstance(self.border, int) and self.border >= 0, "border", self.border, "an integer >= 0")
         slugs = [model_slug(model) for model in self.models]
-        _require(len(set(slugs)) == len(slugs), "models", self.models, f"models with distinct slugs (got {slugs})")
+        _check(len(set(slugs)) == len(slugs), "models", self.models, f"models with distinct slugs (got {slugs})")
         if not isinstance(self.train, dict):
             raise ConfigError(f"train must be a mapping of TrainConfig options, got {type(self.train).__name__}")
         object.__setattr__(self, "train", flatten_options(self.train))
@@ -174,9 +182,7 @@ class GridConfig:
         options = {**self.train, "model": model, "dataset": dataset, "seed": seed, **(overrides or {})}
         try:
             return load_config(None, options)
-        except ConfigError as error:
-            raise ConfigError(f"train: {error}") from None
-        except ValueError as error:  # engine configs (rollout.SamplingConfig) raise plain ValueError
+        except ValueError as error:  # a ConfigError, or a plain ValueError from an engine's config (SamplingConfig)
             raise ConfigError(f"train: {error}") from None
 
     @property
@@ -206,13 +212,6 @@ def flatten_options(options: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def evaluation_benchmarks() -> tuple[str, ...]:
-    """The names `evaluate_model` accepts: the benchmarks and the arithmetic test set."""
-    from nested_reft.evaluate import EVALUATION_SETS
-
-    return tuple(EVALUATION_SETS)
-
-
 def model_slug(model: str) -> str:
     """A directory name for a model: `Qwen/Qwen2.5-Math-1.5B-Instruct` -> `qwen2.5-math-1.5b-instruct`."""
     name = Path(str(model).rstrip("/")).name
@@ -234,11 +233,6 @@ def _normalise(config: Any, option: str, kind: type) -> None:
     if kind is int and any(isinstance(v, float) and v != int(v) for v in values):
         raise ConfigError(f"{option} must be a list of int, got {values!r}")
     object.__setattr__(config, option, converted)
-
-
-def _require(ok: bool, option: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{option} must be {expected}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,7 +310,7 @@ def instance_config(grid: GridConfig, instance: Instance) -> TrainConfig:
         "importance.mitigation": instance.mitigation,
     }
     if grid.warm_up:
-        overrides.update({"model": str(sft_directory(grid, instance) / MODEL_DIR), "sft.epochs": 0})
+        overrides.update({"model": str(sft_directory(grid, instance) / FINAL_MODEL_DIR), "sft.epochs": 0})
     return grid.base_config(instance.model, instance.dataset, instance.seed, overrides)
 
 
@@ -375,32 +369,15 @@ class SweepOutcome:
     failed: dict[str, str] = field(default_factory=dict)  # id -> error
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict:
-    """nested_reft.trainer.train (imported on use, so loading a grid does not load torch); tests replace it."""
-    from nested_reft.trainer import train as train_run
-
-    return train_run(config, resume=resume)
-
-
 def evaluate_instance(model_dir: Path, output_dir: Path, settings: EvalSettings, train_config: TrainConfig,
                       seed: int) -> dict:
     """Evaluate a trained model on the grid's benchmarks at pass@1 (in the training dtype, on the GPU where
     there is one); writes <output_dir>/eval.json and returns it. A rerun resumes a partial evaluation."""
-    import torch
-
-    from nested_reft.evaluate import EvalConfig, evaluate_model
-
-    options = {key: getattr(settings, key) for key in ("temperature", "top_p", "max_new_tokens", "batch_size")}
-    config = EvalConfig(seed=seed, **{key: value for key, value in options.items() if value is not None})
     return evaluate_model(
-        str(model_dir), settings.benchmarks, output_dir, config, data_dir=settings.data_dir or train_config.data_dir,
-        limit=settings.limit, dtype=train_config.dtype, device="cuda" if torch.cuda.is_available() else "cpu",
-        progress=_eval_progress,
+        str(model_dir), settings.benchmarks, output_dir, settings.config(seed),
+        data_dir=settings.data_dir or train_config.data_dir, limit=settings.limit, dtype=train_config.dtype,
+        progress=print_progress,
     )
-
-
-def _eval_progress(benchmark: str, done: int, total: int) -> None:
-    print(f"\reval {benchmark}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
 def select(grid: GridConfig, only: str | None) -> list[Instance]:
@@ -459,12 +436,12 @@ def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str
                 failed_warm_ups[instance.sft_id] = _describe(error)
                 raise
         config = instance_config(grid, instance)
-        if not (directory / SUMMARY_FILE).is_file() or not (directory / MODEL_DIR).is_dir():
+        if not (directory / SUMMARY_FILE).is_file() or not (directory / FINAL_MODEL_DIR).is_dir():
             train(config, resume=True)  # resumes from the last checkpoint; starts afresh where there is none
         if not grid.keep_checkpoints:  # trained: model/ is the result, the checkpoint only served resuming
             for checkpoint in directory.glob(f"{CHECKPOINT_PREFIX}*"):
                 shutil.rmtree(checkpoint, ignore_errors=True)
-        evaluate_instance(directory / MODEL_DIR, directory / EVAL_DIR, grid.eval, config, instance.seed)
+        evaluate_instance(directory / FINAL_MODEL_DIR, directory / EVAL_DIR, grid.eval, config, instance.seed)
     except KeyboardInterrupt:
         write_status(directory, "failed", error="interrupted")
         raise
@@ -483,8 +460,8 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
     """
     directory = sft_directory(grid, instance)
     with _locked(directory.with_name(directory.name + ".lock")):
-        if read_status(directory).get("status") == "done" and (directory / MODEL_DIR).is_dir():
-            return directory / MODEL_DIR
+        if read_status(directory).get("status") == "done" and (directory / FINAL_MODEL_DIR).is_dir():
+            return directory / FINAL_MODEL_DIR
         write_status(directory, "running", instance=instance.sft_id)
         try:
             train(sft_config(grid, instance), resume=True)  # rft_steps = 0: no checkpoint, resume just reuses the dir
@@ -492,7 +469,7 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
             write_status(directory, "failed", error=_describe(error), traceback=traceback.format_exc())
             raise
         write_status(directory, "done")
-    return directory / MODEL_DIR
+    return directory / FINAL_MODEL_DIR
 
 
 @contextmanager
@@ -509,8 +486,7 @@ def _locked(path: Path) -> Iterator[None]:
 def _free_memory() -> None:
     """Let the next instance start with the memory of the last one returned (GPU caches included)."""
     gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 

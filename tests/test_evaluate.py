@@ -17,6 +17,8 @@ from nested_reft.evaluate import (
     RECORD_FIELDS,
     EvalConfig,
     EvalError,
+    benchmark_names,
+    eval_config,
     evaluate,
     evaluate_model,
     read_records,
@@ -137,6 +139,23 @@ def test_defaults_follow_the_paper():
 def test_bad_settings_name_the_option(kwargs, option):
     with pytest.raises(ConfigError, match=option):
         EvalConfig(**kwargs)
+
+
+def test_eval_config_leaves_unset_options_at_their_defaults():
+    assert eval_config(temperature=None, max_new_tokens=8, seed=None) == EvalConfig(max_new_tokens=8)
+
+
+def test_benchmark_names_are_distinct_and_known():
+    assert benchmark_names(["gsm8k", "amc", "gsm8k"]) == ["gsm8k", "amc"]
+    assert benchmark_names("svamp") == ["svamp"]
+    with pytest.raises(DataError, match="no benchmark given"):
+        benchmark_names([])
+
+
+def test_progress_rewrites_one_line_per_benchmark(capsys):
+    evaluation.print_progress("amc", 1, 2)
+    evaluation.print_progress("amc", 2, 2)
+    assert capsys.readouterr().err == "\reval amc: 1/2\reval amc: 2/2\n"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,25 +292,19 @@ def refuse_to_load(*args, **kwargs):
     raise AssertionError("the model must not be loaded")
 
 
-def test_unknown_benchmark_fails_before_the_model_is_loaded(tmp_path, monkeypatch, capsys):
+def test_unknown_benchmark_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr("nested_reft.models.load_model", refuse_to_load)
     with pytest.raises(DataError, match=r"'aime25'.*aime24, amc, math500, minerva, olympiadbench"):
         evaluate_model("tiny-llama", ["aime24", "aime25"], tmp_path / "out")
-    out = str(tmp_path / "cli")
-    assert main(["eval", "--model", "tiny-llama", "--benchmarks", "gsm8k", "aime25", "--output-dir", out]) == 2
-    assert "unknown benchmark(s) 'aime25'" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+    assert not (tmp_path / "out").exists()  # the command line's exit 2: tests/test_cli.py
 
 
-def test_a_directory_that_is_not_a_model_fails_before_any_work(data_dir, tmp_path, monkeypatch, capsys):
+def test_a_directory_that_is_not_a_model_fails_before_any_work(data_dir, tmp_path, monkeypatch):
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
     calls = CountingGenerate(monkeypatch)
     with pytest.raises(ModelLoadError, match="not a model directory"):
         evaluate_model(str(not_a_model), ["gsm8k"], tmp_path / "out", data_dir=data_dir)
-    assert main(["eval", "--model", str(not_a_model), "--benchmarks", "gsm8k", "--data-dir", str(data_dir),
-                 "--output-dir", str(tmp_path / "out")]) == 2
-    assert "not a model directory" in capsys.readouterr().err
     assert calls.calls == 0 and not (tmp_path / "out").exists()
 
 

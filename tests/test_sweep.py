@@ -13,7 +13,9 @@ import yaml
 from nested_reft import sweep
 from nested_reft.cli import main
 from nested_reft.config import ConfigError
+from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig
 from nested_reft.sweep import (
+    EvalSettings,
     GridConfig,
     enumerate_instances,
     load_grid,
@@ -55,11 +57,21 @@ def write_grid(tmp_path: Path, **options) -> Path:
         ({"train": {"nesting": {"skip_ratio": 0.1}}}, "train.nesting.skip_ratio"),
         ({"train": {"grpo": {"num_generations": 1}}}, "grpo.num_generations"),
         ({"train": {"sampling": {"max_new_tokens": 4, "min_new_tokens": 8}}}, "min_new_tokens"),
+        ({"eval": {"benchmarks": ["arithmetic"], "top_p": 0}}, "top_p"),
+        ({"eval": {"benchmarks": ["arithmetic"], "max_new_tokens": 0}}, "max_new_tokens"),
+        ({"eval": {"benchmarks": ["arithmetic"], "limit": 0}}, "eval.limit"),
+        ({"eval": {"benchmarks": ["arithmetic", "arithmetic"]}}, "eval.benchmarks"),
     ],
 )
 def test_bad_grid_is_rejected_naming_the_option(tmp_path, options, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_grid(write_grid(tmp_path, **options))
+
+
+def test_eval_settings_fill_in_the_eval_config_defaults():
+    config = EvalSettings(benchmarks=("arithmetic",), max_new_tokens=8).config(seed=3)
+    assert config == EvalConfig(max_new_tokens=8, seed=3)  # temperature 0.6 and top-p 0.95: the paper's
+    assert EvalSettings().benchmarks == DEFAULT_BENCHMARKS
 
 
 def test_missing_required_option_is_named(tmp_path):

@@ -1,0 +1,47 @@
+"""The demo on a tiny model: one shared SFT warm-up, a baseline and a Nested-ReFT run, the table and the plot."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from nested_reft import trainer
+from nested_reft.demo import RUNS, run_demo
+from nested_reft.trainer import CONFIG_FILE, FINAL_MODEL_DIR
+
+ROWS = ("step time (s, median)", "generation tok/s (median)", "reward (mean of run)", "token speed (tok/s)")
+
+
+@pytest.fixture
+def warm_ups(monkeypatch) -> list[str]:
+    """Records every SFT warm-up the trainer runs (by the model it starts from)."""
+    calls, warm_up = [], trainer.sft_warmup
+
+    def recording(model, *args, **kwargs):
+        calls.append(model.name_or_path)
+        return warm_up(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sft_warmup", recording)
+    return calls
+
+
+def test_demo_compares_baseline_and_nested_from_one_warm_up(tmp_path, warm_ups, capsys):
+    table = run_demo(output_dir=tmp_path, model="tiny-llama", steps=2)
+
+    assert (tmp_path / "comparison.md").read_text() == table
+    lines = table.splitlines()
+    assert lines[0] == "| metric | baseline | nested | nested / baseline |"
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == list(ROWS)
+    for line in lines[2:]:
+        assert all(float(cell) >= 0 for cell in line.strip("| ").split(" | ")[1:3]), line
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+    assert table in capsys.readouterr().out
+
+    assert len(warm_ups) == 1  # one SFT warm-up, shared
+    shared = str(tmp_path / "sft" / FINAL_MODEL_DIR)
+    for name, (nesting, importance) in RUNS.items():
+        config = yaml.safe_load((tmp_path / name / CONFIG_FILE).read_text())
+        assert config["model"] == shared and config["sft"]["epochs"] == 0 and config["seed"] == 0
+        assert (config["nesting"]["skip_ratio"], config["nesting"]["border"]) == (nesting.skip_ratio, nesting.border)
+        assert config["importance"]["mitigation"] == importance.mitigation
+        assert config["rft_steps"] == 2
