@@ -2,8 +2,14 @@
 
 A checkpoint is a directory: the model (`save_pretrained`, safetensors) with its tokenizer, the
 optimizer and scheduler states (`torch.save`, read back with `weights_only=True`, so loading never
-runs pickled code), `trainer_state.json`, and `manifest.json` written last with the SHA-256 of every
-file. It is assembled in a temporary sibling directory and renamed into place, so a killed run leaves
+runs pickled code), `trainer_state.json` (the step and the run's totals), every process's torch RNG
+states (`rng_state.safetensors`), and `manifest.json` written last with the SHA-256 of every file.
+
+What makes a resumed run draw what the original drew: every sampling decision of the trainer (the
+data order, the skip set, the tokens) comes from a generator seeded by (seed, step, purpose) alone
+(`trainer._generator`), so the checkpoint's step *is* that randomness's state. The global torch RNG is
+still consumed by whatever the model does in training mode (dropout when it is enabled, OPT's
+layer-drop draw), so its states are saved and restored too. It is assembled in a temporary sibling directory and renamed into place, so a killed run leaves
 either the previous checkpoint or the new one, never half of one; a checkpoint whose manifest is
 missing or whose files do not match it is refused with a clear error.
 """
@@ -15,14 +21,17 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
+RNG_STATE = "rng_state.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -69,13 +78,19 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler,
     state: dict,
+    rng_states: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a complete, resumable checkpoint to `directory` atomically (replacing an older one there)."""
+    """Write a complete, resumable checkpoint to `directory` atomically (replacing an older one there).
+
+    `rng_states`: the RNG states of every process (`rng_states_of_rank`, keyed by rank), saved as safetensors.
+    """
 
     def write(staging: Path) -> None:
         _write_model(staging, model, tokenizer)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_STATE)
         atomic_write_json(staging / TRAINER_STATE, state)
+        if rng_states is not None:
+            save_file(rng_states, staging / RNG_STATE)
 
     return _write_atomically(directory, write)
 
@@ -105,9 +120,7 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, sc
     """Verify `directory`, load its weights and optimizer/scheduler states in place, return its state."""
     directory = Path(directory)
     listed = verify_checkpoint(directory)
-    from safetensors.torch import load_file
-
-    shards = sorted(directory.glob("*.safetensors"))
+    shards = sorted(path for path in directory.glob("*.safetensors") if path.name != RNG_STATE)
     unverified = [name for name in [p.name for p in shards] + [OPTIMIZER_STATE, TRAINER_STATE] if name not in listed]
     if not shards or unverified:  # everything read below must be covered by the manifest's checksums
         missing = unverified or "no *.safetensors"
@@ -126,6 +139,32 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, sc
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     return json.loads((directory / TRAINER_STATE).read_text())
+
+
+def rng_states_of_rank(rank: int) -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (CPU, and every CUDA device), keyed "rank{rank}.cpu", "rank{rank}.cuda{i}"."""
+    states = {f"rank{rank}.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"rank{rank}.cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def restore_rng_states(directory: Path, rank: int) -> None:
+    """Set this process's torch RNG states to those rank `rank` saved in checkpoint `directory`."""
+    directory = Path(directory)
+    if RNG_STATE not in verify_checkpoint(directory):
+        warnings.warn(f"checkpoint {directory} has no {RNG_STATE} (saved by an older version): the global torch "
+                      "RNG (dropout) is not restored, so a resumed run may differ from an uninterrupted one")
+        return
+    states = load_file(directory / RNG_STATE)
+    if f"rank{rank}.cpu" not in states:
+        saved = len([key for key in states if key.endswith(".cpu")])
+        raise CheckpointError(f"checkpoint {directory} was saved by {saved} process(es); rank {rank} has no RNG state")
+    torch.set_rng_state(states[f"rank{rank}.cpu"])
+    devices = sum(key.startswith(f"rank{rank}.cuda") for key in states)
+    cuda = [states[f"rank{rank}.cuda{i}"] for i in range(devices)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def verify_checkpoint(directory: Path) -> dict[str, str]:

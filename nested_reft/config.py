@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from nested_reft.importance import LEVELS, MITIGATIONS
+from nested_reft.optim import SHAPES as SCHEDULE_SHAPES
 from nested_reft.rollout import SamplingConfig
 
 
@@ -61,7 +62,7 @@ class GRPOConfig:
     learning_rate: float = 1e-6  # TRL GRPOConfig
     beta: float = 0.0  # paper: no KL penalty, so no reference model is loaded (TRL default is 0.0 too)
     epsilon: float = 0.2  # TRL: lower clip
-    epsilon_high: float = 0.2  # TRL: upper clip defaults to epsilon
+    epsilon_high: float | None = None  # TRL: upper clip; None means "= epsilon" (see `clip_high`)
     loss_type: str = "dapo"  # TRL 1.16 default: normalise by active tokens of the whole batch
     scale_rewards: str = "group"  # TRL: divide by the group std
     max_grad_norm: float = 1.0  # TrainingArguments
@@ -71,18 +72,30 @@ class GRPOConfig:
     adam_epsilon: float = 1e-8  # TrainingArguments
     lr_scheduler: str = "linear"  # TrainingArguments lr_scheduler_type
     warmup_ratio: float = 0.0  # TrainingArguments
+    # TRL 1.16 defaults disable_dropout to False; ours is True. TRL's loss is unaffected by dropout noise
+    # because its logp_old comes from the same (dropout) forward as logp, but Nested-ReFT also compares
+    # logp_old with behavior log-probs recorded by the dropout-free sampler: with dropout, h != 1 even at
+    # x = 0, b = 0 (classical ReFT), against the paper's own check. The paper's models (Qwen2.5-Math) have
+    # no dropout, so for them True changes nothing; for GPT-2/OPT-style models it removes the noise.
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         _check(self.num_generations >= 2, "grpo.num_generations", self.num_generations, ">= 2 (groups compare)")
         _check(self.learning_rate > 0, "grpo.learning_rate", self.learning_rate, "> 0")
         _check(self.beta >= 0, "grpo.beta", self.beta, ">= 0")
         _check(0 < self.epsilon < 1, "grpo.epsilon", self.epsilon, "in (0, 1)")
-        _check(self.epsilon_high > 0, "grpo.epsilon_high", self.epsilon_high, "> 0")
+        _check(self.epsilon_high is None or self.epsilon_high > 0, "grpo.epsilon_high", self.epsilon_high,
+               "> 0, or None for the same as grpo.epsilon")
         _check(self.loss_type in LOSS_TYPES, "grpo.loss_type", self.loss_type, f"one of {LOSS_TYPES}")
         _check(self.scale_rewards in SCALINGS, "grpo.scale_rewards", self.scale_rewards, f"one of {SCALINGS}")
         _check(self.max_grad_norm > 0, "grpo.max_grad_norm", self.max_grad_norm, "> 0")
         _check(self.lr_scheduler in SCHEDULERS, "grpo.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
         _check(0 <= self.warmup_ratio < 1, "grpo.warmup_ratio", self.warmup_ratio, "in [0, 1)")
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clip epsilon in use: `epsilon_high`, or `epsilon` when unset (as TRL's GRPOTrainer does)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
 @dataclass(frozen=True)
@@ -94,10 +107,16 @@ class SFTConfig:
     batch_size: int = 16  # paper's batch of 16, reached by accumulation
     max_length: int = 1024  # TRL SFTConfig max_length
     max_examples: int | None = None  # cap the SFT set (None = the whole training set)
+    max_grad_norm: float = 1.0  # TRL SFTConfig (TrainingArguments)
+    weight_decay: float = 0.0  # TRL SFTConfig (TrainingArguments)
+    lr_scheduler: str = "linear"  # TRL SFTConfig lr_scheduler_type (TrainingArguments), no warm-up
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "sft.epochs", self.epochs, ">= 0")
         _check(self.learning_rate > 0, "sft.learning_rate", self.learning_rate, "> 0")
+        _check(self.max_grad_norm > 0, "sft.max_grad_norm", self.max_grad_norm, "> 0")
+        _check(self.weight_decay >= 0, "sft.weight_decay", self.weight_decay, ">= 0")
+        _check(self.lr_scheduler in SCHEDULERS, "sft.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
         _check(self.batch_size >= 1, "sft.batch_size", self.batch_size, ">= 1")
         _check(self.max_length >= 8, "sft.max_length", self.max_length, ">= 8")
 
@@ -114,7 +133,10 @@ class TrainConfig:
     rft_steps: int = 99  # S; paper
     batch_size: int = 16  # prompts per gradient step; paper
     micro_batch_size: int = 16  # completions per forward/backward; accumulation reaches the batch
-    dtype: str = "float32"  # float32 | bfloat16 | float16 for the weights
+    # The compute precision, not the weights': trainable weights (and AdamW's state) stay float32, and
+    # bfloat16 | float16 run forward passes and generation under accelerate's autocast (mixed_precision
+    # bf16 | fp16); float32 = no autocast. Low-precision weights would lose AdamW updates at lr 1e-6.
+    dtype: str = "float32"
     save_steps: int = 25  # checkpoint every N steps (and at the end)
     max_nonfinite_steps: int = 5  # abort after this many skipped non-finite updates (0 = never abort)
     report_to: tuple[str, ...] = ()  # accelerate trackers: tensorboard, wandb, ...
@@ -138,8 +160,13 @@ class TrainConfig:
 
 LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
 SCALINGS = ("group", "batch", "none")
-SCHEDULERS = ("linear", "constant", "cosine")
+SCHEDULERS = tuple(SCHEDULE_SHAPES)
 DTYPES = ("float32", "bfloat16", "float16")
+
+# Options a resumed run may change: where things are and how the run is logged, checkpointed and guarded.
+# Everything else (model, data, seed, schedule, batch, micro-batch, nesting, mitigation, sampling, ...)
+# shapes the trajectory, so a changed value would silently continue another run than the one saved.
+RESUMABLE_OPTIONS = ("output_dir", "data_dir", "report_to", "save_steps", "max_nonfinite_steps")
 
 
 def _check(ok: bool, option: str, value: Any, expected: str) -> None:
@@ -202,10 +229,12 @@ def _coerce(value: Any, spec: dataclasses.Field, option: str) -> Any:
             return _as_bool(value)
         if isinstance(value, bool) and not annotation.startswith("bool"):
             raise ValueError(value)  # int(True) would pass silently
+        if annotation.endswith("| None") and value in ("None", "none", "null"):
+            return None
         if annotation.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)  # int(2.5) would truncate silently
-            return None if value in ("None", "none", "null") else int(value)
+            return int(value)
         if annotation.startswith("float"):
             return float(value)
     except (TypeError, ValueError):
@@ -248,6 +277,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             target = target.setdefault(section, {})
         target[key] = value
     return from_dict(TrainConfig, values)
+
+
+def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:
+    """The dotted options (outside RESUMABLE_OPTIONS) whose values differ, as "option: saved -> current"."""
+    before, after = flat_options(to_dict(saved)), flat_options(to_dict(current))
+    return [
+        f"{name}: {before.get(name)!r} -> {after.get(name)!r}"
+        for name in sorted(set(before) | set(after))
+        if name not in RESUMABLE_OPTIONS and before.get(name) != after.get(name)
+    ]
+
+
+def flat_options(values: dict, prefix: str = "") -> dict:
+    """{"grpo": {"beta": 0}} -> {"grpo.beta": 0}: the option names errors and trackers use."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_options(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from nested_reft.config import SFTConfig
 from nested_reft.data import Problem
+from nested_reft.optim import lr_scheduler
 from nested_reft.policy import completion_logprobs
 from nested_reft.prompts import build_prompt
 
@@ -65,6 +66,16 @@ def sft_loss(model, batch: SFTBatch, num_tokens: float) -> torch.Tensor:
     return -(logp * batch.completion_mask).sum() / max(num_tokens, 1.0)
 
 
+@dataclass
+class SFTStep:
+    """One optimizer step of the warm-up, as written to sft_metrics.jsonl."""
+
+    step: int
+    epoch: int
+    loss: float
+    learning_rate: float  # the rate this step's update used
+
+
 def sft_warmup(
     model,
     tokenizer,
@@ -72,31 +83,37 @@ def sft_warmup(
     config: SFTConfig,
     micro_batch_size: int,
     seed: int,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[SFTStep], None] | None = None,
 ) -> list[float]:
-    """Train `model` in place for `config.epochs` epochs; returns the loss of every optimizer step."""
+    """Train `model` in place for `config.epochs` epochs; returns the loss of every optimizer step.
+
+    `on_step` sees each step as it ends (the trainer writes them to sft_metrics.jsonl). Optimizer and
+    schedule are TRL SFTConfig's (AdamW, `config.lr_scheduler` without warm-up, gradient clipping at
+    `config.max_grad_norm`), set in `SFTConfig`.
+    """
     examples = sft_examples(problems)[: config.max_examples]
     if config.epochs == 0 or not examples:
         return []
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = config.epochs * math.ceil(len(examples) / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    scheduler = lr_scheduler(optimizer, config.lr_scheduler, steps)
     order = random.Random(seed)
     model.train()
     losses = []
-    for _ in range(config.epochs):
+    for epoch in range(1, config.epochs + 1):
         shuffled = list(examples)
         order.shuffle(shuffled)
         for start in range(0, len(shuffled), config.batch_size):
             batch = shuffled[start : start + config.batch_size]
+            learning_rate = scheduler.get_last_lr()[0]
             losses.append(_sft_step(model, tokenizer, batch, config, micro_batch_size, device))
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if on_step:
-                on_step(len(losses), losses[-1])
+                on_step(SFTStep(len(losses), epoch, losses[-1], learning_rate))
     model.eval()
     return losses
 

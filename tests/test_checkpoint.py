@@ -13,6 +13,7 @@ import nested_reft.checkpoint as checkpoint_module
 from nested_reft.checkpoint import (
     MANIFEST,
     OPTIMIZER_STATE,
+    RNG_STATE,
     TRAINER_STATE,
     CheckpointError,
     atomic_write_json,
@@ -20,6 +21,8 @@ from nested_reft.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    restore_rng_states,
+    rng_states_of_rank,
     save_checkpoint,
     save_model,
     verify_checkpoint,
@@ -98,6 +101,27 @@ def test_round_trip_restores_weights_optimizer_and_scheduler_exactly(tmp_path, a
         o.step()
         s.step()
     assert_same_state(model.state_dict(), other.state_dict())
+
+
+def test_rng_states_round_trip_per_rank_without_pickle(tmp_path):
+    """Each rank gets its own global RNG state back (what dropout draws from), from a safetensors file."""
+    model, tokenizer, optimizer, scheduler = trained()
+    torch.manual_seed(1)
+    states = rng_states_of_rank(0)
+    expected = torch.rand(4)
+    torch.manual_seed(2)
+    states.update(rng_states_of_rank(1))
+    path = save_checkpoint(tmp_path / "checkpoint-3", model, tokenizer, optimizer, scheduler, STATE, states)
+    assert RNG_STATE in json.loads((path / MANIFEST).read_text())
+    other, _, other_optimizer, other_scheduler = fresh()
+    load_checkpoint(path, other, other_optimizer, other_scheduler)  # the RNG file is not taken for a weight shard
+
+    restore_rng_states(path, rank=0)
+    assert torch.equal(torch.rand(4), expected)
+    restore_rng_states(path, rank=1)
+    assert not torch.equal(torch.rand(4), expected)
+    with pytest.raises(CheckpointError, match="2 process"):
+        restore_rng_states(path, rank=2)
 
 
 def test_latest_checkpoint_picks_the_highest_step(tmp_path):

@@ -14,6 +14,7 @@ from nested_reft.config import (
     NestingConfig,
     SFTConfig,
     TrainConfig,
+    config_differences,
     load_config,
     save_config,
     to_dict,
@@ -76,8 +77,11 @@ def test_defaults_match_trl_grpo_config():
         expected = theirs[trl_name]
         expected = getattr(expected, "value", expected)  # enums such as SchedulerType
         assert ours == expected, f"{section}.{name}={ours!r} but trl.GRPOConfig.{trl_name}={expected!r}"
-    # TRL's epsilon_high=None means "the same as epsilon"
-    assert theirs["epsilon_high"] is None and config.grpo.epsilon_high == config.grpo.epsilon
+    # TRL's epsilon_high=None means "the same as epsilon"; so does ours
+    assert theirs["epsilon_high"] is None and config.grpo.epsilon_high is None
+    assert config.grpo.clip_high == config.grpo.epsilon
+    # a deliberate difference, documented in GRPOConfig: dropout off, so that h = 1 at x = 0
+    assert theirs["disable_dropout"] is False and config.grpo.disable_dropout is True
 
 
 def test_documented_trl_values():
@@ -93,6 +97,25 @@ def test_sft_defaults_match_trl_sft_config():
     theirs = field_defaults(trl.SFTConfig)
     assert SFTConfig().learning_rate == theirs["learning_rate"]
     assert SFTConfig().max_length == theirs["max_length"]
+    assert SFTConfig().max_grad_norm == theirs["max_grad_norm"]
+    assert SFTConfig().weight_decay == theirs["weight_decay"]
+    assert SFTConfig().lr_scheduler == getattr(theirs["lr_scheduler_type"], "value", theirs["lr_scheduler_type"])
+    assert theirs["warmup_steps"] == 0  # our SFT schedule has no warm-up
+
+
+def test_epsilon_high_follows_epsilon_unless_set():
+    assert GRPOConfig(epsilon=0.1).clip_high == 0.1
+    assert GRPOConfig(epsilon=0.1, epsilon_high=0.28).clip_high == 0.28
+    assert load_config(None, {"grpo.epsilon_high": "none"}).grpo.epsilon_high is None
+    assert load_config(None, {"grpo.epsilon_high": "0.28"}).grpo.clip_high == 0.28
+
+
+def test_config_differences_name_the_options_that_shape_a_run():
+    saved = load_config(None, {"seed": 1})
+    current = load_config(None, {"seed": 2, "nesting.skip_ratio": 0.1, "save_steps": 7, "report_to": "tensorboard",
+                                 "max_nonfinite_steps": 0, "output_dir": "elsewhere", "data_dir": "data"})
+    assert config_differences(saved, current) == ["nesting.skip_ratio: 0.0 -> 0.1", "seed: 1 -> 2"]
+    assert config_differences(saved, saved) == []
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -192,6 +215,10 @@ def test_unknown_keys_are_rejected_naming_the_key(tmp_path, source, key):
         ({"sampling.max_new_tokens": 0}, "sampling.max_new_tokens"),
         ({"sampling.min_new_tokens": 300, "sampling.max_new_tokens": 256}, "sampling.min_new_tokens"),
         ({"sampling.temperature": -1.0}, "sampling.temperature"),
+        ({"grpo.epsilon_high": 0}, "grpo.epsilon_high"),
+        ({"sft.lr_scheduler": "step"}, "sft.lr_scheduler"),
+        ({"sft.max_grad_norm": 0}, "sft.max_grad_norm"),
+        ({"sft.weight_decay": -0.1}, "sft.weight_decay"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_option(overrides, option):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import string
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import nested_reft.trainer as trainer
@@ -16,9 +19,18 @@ from nested_reft.config import ConfigError, load_config
 from nested_reft.data import generate_arithmetic
 from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
 from nested_reft.nesting import num_skipped_layers
+from nested_reft.prompts import build_prompt
+from nested_reft.rollout import generate_rollouts, seeded_generator
 from nested_reft.tasks import Task
 from nested_reft.tiny import tiny_model
-from nested_reft.trainer import METRICS_FILE, SUMMARY_FILE, StepMetrics, train
+from nested_reft.trainer import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SFT_MODEL_DIR,
+    SUMMARY_FILE,
+    StepMetrics,
+    train,
+)
 
 B, G, T = 2, 4, 6  # prompts per step, completions per prompt, tokens per completion (min = max)
 PROBLEMS = generate_arithmetic(24, seed=1)
@@ -114,7 +126,7 @@ def test_equal_rewards_give_zero_advantages_and_no_update(tmp_path):
 METRIC_KEYS = {
     "step", "skip_set", "skipped_layers", "reward_mean", "reward_std", "fraction_correct", "completion_length",
     "generation_time_s", "scoring_time_s", "training_time_s", "step_time_s", "tokens_generated", "tokens_processed",
-    "gen_tokens_per_s", "h_mean", "h_min", "h_max", "h_truncated", "h_ess", "kl_behavior_target", "loss",
+    "gen_tokens_per_s", "h_mean", "h_min", "h_max", "h_truncated", "h_ess", "kl_behavior_target", "kl", "loss",
     "grad_norm", "learning_rate", "update_skipped",
 }
 
@@ -135,6 +147,7 @@ def test_metrics_summary_and_files_of_a_run(tmp_path):
         assert row["generation_time_s"] + row["scoring_time_s"] + row["training_time_s"] <= row["step_time_s"] + 1e-6
         assert 0 <= row["h_min"] <= row["h_mean"] <= row["h_max"] <= 1.0  # retrace, lambda = 1
         assert 0 < row["h_ess"] <= 1.0 + 1e-6 and row["kl_behavior_target"] >= -1e-6
+        assert row["kl"] is None  # beta = 0: no reference model, no KL to it
         # the rate the update used: linear decay from lr over the run (TrainingArguments' default)
         assert row["learning_rate"] == pytest.approx(lr * (1 - (step - 1) / steps))
 
@@ -186,10 +199,173 @@ def test_classical_reft_has_unit_importance_weights(tmp_path):
         assert abs(row["kl_behavior_target"]) < 1e-6
 
 
+CLASSICAL = {"nesting.skip_ratio": 0.0, "nesting.border": 0, "importance.mitigation": "base"}
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-opt"])  # dropout 0.1 in their configs
+def test_classical_reft_has_unit_weights_on_models_with_dropout(tmp_path, model):
+    """grpo.disable_dropout (default True): the training forward is dropout-free like the sampler, so h = 1."""
+    _, rows = run(tmp_path / "run", rft_steps=2, model=model, **CLASSICAL)
+    for row in rows:
+        assert abs(row["h_min"] - 1) < 1e-5 and abs(row["h_max"] - 1) < 1e-5, row
+
+
+def test_with_dropout_enabled_h_is_noisy_at_x_0(tmp_path):
+    """The control for the test above: TRL's default (dropout on) makes logp_old a dropout sample."""
+    _, rows = run(tmp_path / "run", rft_steps=1, model="tiny-gpt2", **CLASSICAL, **{"grpo.disable_dropout": False})
+    assert rows[0]["h_max"] - rows[0]["h_min"] > 1e-2
+
+
 def test_nested_behavior_with_base_weights_is_off_policy(tmp_path):
     """The control for the test above: skipping layers moves h away from 1."""
     _, rows = run(tmp_path / "run", rft_steps=1, **{"importance.mitigation": "base"})
     assert rows[0]["h_max"] - rows[0]["h_min"] > 1e-2 and rows[0]["kl_behavior_target"] > 1e-5
+
+
+# --- KL penalty (beta > 0) ------------------------------------------------------------------------------
+
+
+def test_beta_0_loads_no_reference_model(tmp_path, monkeypatch):
+    references, loads = [], []
+    make_reference, load_model = trainer.reference_model, trainer.load_model
+    monkeypatch.setattr(trainer, "reference_model", lambda *a, **k: references.append(make_reference(*a, **k)) or
+                        references[-1])
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
+    _, rows = run(tmp_path / "run", rft_steps=1)
+    assert references == [None] and len(loads) == 1  # the policy only
+    assert rows[0]["kl"] is None and not (tmp_path / "run" / SFT_MODEL_DIR).exists()
+
+
+def test_beta_adds_the_kl_to_a_frozen_copy_of_the_starting_model(tmp_path, monkeypatch):
+    references = []
+    make_reference = trainer.reference_model
+    monkeypatch.setattr(trainer, "reference_model", lambda *a, **k: references.append(make_reference(*a, **k)) or
+                        references[-1])
+    _, plain = run(tmp_path / "plain", rft_steps=3)
+    _, penalised = run(tmp_path / "kl", rft_steps=3, **{"grpo.beta": 0.5})
+    reference = references[-1]
+    assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+    assert changed(initial_weights(), reference.state_dict()) == set()  # the model ReFT started from, unchanged
+    # step 1: policy == reference, so KL = 0 and (k3 having zero gradient there) the same update
+    assert penalised[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert penalised[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-7)
+    # later: the policy has moved, the penalty is positive and changes the loss and the updates
+    assert all(row["kl"] > 1e-6 for row in penalised[1:])
+    assert penalised[2]["loss"] != pytest.approx(plain[2]["loss"], abs=1e-6)
+    assert changed(final_weights(tmp_path / "plain"), final_weights(tmp_path / "kl"))
+
+
+def test_policy_update_adds_beta_times_the_mean_k3_kl(tmp_path):
+    """dapo: loss(beta) - loss(0) = beta x masked mean of k3, and the gradients differ."""
+    model, rollouts, advantages = tiny_rollouts(rows_per_prompt=4)
+    reference = tiny_model("llama", num_layers=TINY_NUM_LAYERS, seed=TINY_SEED + 1)[0].eval().requires_grad_(False)
+    plain, plain_gradients = update_once(model, rollouts, advantages, micro_batch_size=8)
+    penalised, penalised_gradients = update_once(model, rollouts, advantages, micro_batch_size=8, beta=0.5,
+                                                 reference=reference)
+    assert plain.kl is None and penalised.kl > 1e-3
+    assert penalised.loss - plain.loss == pytest.approx(0.5 * penalised.kl, rel=1e-4)
+    assert max((plain_gradients[n] - penalised_gradients[n]).abs().max().item() for n in plain_gradients) > 1e-4
+
+
+# --- precision -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate fixes the mixed precision once per process: give this test, and the ones after it, a fresh one."""
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_bfloat16_computes_under_autocast_on_float32_weights_and_keeps_small_updates(
+    tmp_path, monkeypatch, fresh_accelerate_state
+):
+    autocast = []
+    generate = trainer.generate_rollouts
+
+    def recording(*args, **kwargs):
+        autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "generate_rollouts", recording)
+    snapshots = Snapshots(monkeypatch)
+    _, rows = run(tmp_path / "run", rft_steps=1, dtype="bfloat16", **{"grpo.learning_rate": 1e-6})
+    assert autocast == [(True, torch.bfloat16)]  # generation runs in bf16
+    assert {p.dtype for p in snapshots.after[0].values()} == {torch.float32}  # fp32 master weights
+    assert rows[0]["grad_norm"] > 0 and not rows[0]["update_skipped"]
+    moved = snapshots.changed(1)  # an update of ~1e-6 survives in fp32 (in bf16 weights it would round away)
+    for layer in range(TINY_NUM_LAYERS):
+        assert any(name.startswith(f"model.layers.{layer}.") for name in moved), f"layer {layer} did not change"
+
+
+# --- start-up checks and micro-batches -------------------------------------------------------------------
+
+
+def test_too_many_skipped_layers_for_the_border_is_refused_before_sft(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "sft_warmup", lambda *a, **k: pytest.fail("SFT ran before the check"))
+    with pytest.raises(ConfigError, match=r"nesting\.skip_ratio=0\.5 skips 3 .* nesting\.border=2 leaves only 2"):
+        run(tmp_path / "run", **{"nesting.skip_ratio": 0.5, "nesting.border": 2, "sft.epochs": 1})
+
+
+def test_a_batch_the_processes_cannot_share_is_refused():
+    config = config_for("unused", batch_size=3)
+    with pytest.raises(ConfigError, match=r"batch_size=3 .* processes \(2\)"):
+        trainer.check_fits_model(config, TINY_NUM_LAYERS, world=2)
+    trainer.check_fits_model(config, TINY_NUM_LAYERS, world=1)
+
+
+class GradientRecorder:
+    """Stands in for the optimizer: keeps the gradients at `step()` instead of stepping."""
+
+    def __init__(self, model):
+        self.parameters, self.gradients = dict(model.named_parameters()), {}
+
+    def step(self) -> None:
+        self.gradients = {n: p.grad.detach().clone() for n, p in self.parameters.items() if p.grad is not None}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for parameter in self.parameters.values():
+            parameter.grad = None
+
+
+class NoSchedule:
+    def step(self) -> None:
+        pass
+
+
+def tiny_rollouts(rows_per_prompt: int = 4):
+    """A tiny llama, 2 prompts x `rows_per_prompt` completions of T tokens (min = max) and varied advantages."""
+    model, tokenizer = tiny_model("llama", num_layers=TINY_NUM_LAYERS, seed=TINY_SEED)
+    prompts = [build_prompt(tokenizer, problem.question) for problem in PROBLEMS[:2]]
+    config = config_for("unused")
+    rollouts = generate_rollouts(model, tokenizer, prompts, rows_per_prompt, config.sampling, (),
+                                 seeded_generator("tiny-rollouts"))
+    advantages = torch.linspace(-0.5, 1.5, rollouts.completion_ids.shape[0])  # a non-zero mean: loss != 0
+    return model, rollouts, advantages
+
+
+def update_once(model, rollouts, advantages, micro_batch_size, loss_type="dapo", beta=0.0, reference=None):
+    """`policy_update` on a copy of `model`, recording instead of applying the gradients."""
+    model = copy.deepcopy(model)
+    config = config_for("unused", micro_batch_size=micro_batch_size, **{
+        "grpo.loss_type": loss_type, "grpo.beta": beta, "grpo.max_grad_norm": 1e9, "grpo.num_generations": 4,
+        "importance.mitigation": "practical"})
+    recorder = GradientRecorder(model)
+    update = trainer.policy_update(model, recorder, NoSchedule(), rollouts, advantages, config,
+                                   Accelerator(cpu=True), reference=reference)
+    return update, recorder.gradients
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_uneven_micro_batches_give_the_whole_batch_loss_and_gradients(loss_type):
+    """8 rows in chunks of 3, 3 and 2 (min = max length): the same as one chunk of 8, for every aggregation."""
+    model, rollouts, advantages = tiny_rollouts(rows_per_prompt=4)
+    whole, whole_gradients = update_once(model, rollouts, advantages, micro_batch_size=8, loss_type=loss_type)
+    chunked, chunked_gradients = update_once(model, rollouts, advantages, micro_batch_size=3, loss_type=loss_type)
+    assert whole.loss != 0 and chunked.loss == pytest.approx(whole.loss, abs=1e-6)
+    for name, gradient in whole_gradients.items():
+        assert torch.allclose(chunked_gradients[name], gradient, atol=1e-6), name
 
 
 # --- resumption ----------------------------------------------------------------------------------------
@@ -214,13 +390,19 @@ def killed_after(step: int):
 
 RESUMED_KEYS = ("step", "skip_set", "reward_mean", "reward_std", "loss", "grad_norm", "learning_rate", "h_mean",
                 "h_min", "h_max", "h_truncated", "h_ess", "kl_behavior_target", "tokens_generated",
-                "tokens_processed", "update_skipped")
+                "tokens_processed", "update_skipped", "kl")
 
 
-def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("variant", [
+    {},
+    {"grpo.beta": 0.5},  # the reference is the post-SFT model, reloaded from OUTPUT/sft-model on resume
+    {"model": "tiny-gpt2", "grpo.disable_dropout": False},  # dropout draws from the global RNG: restored
+], ids=["plain", "kl-penalty", "dropout"])
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, variant):
     settings = dict(rft_steps=4, save_steps=2, **{"importance.mitigation": "base", "sft.epochs": 1,
-                                                   "sft.max_examples": 4, "sft.batch_size": 4})
+                                                   "sft.max_examples": 4, "sft.batch_size": 4}, **variant)
     whole_summary, whole = run(tmp_path / "whole", **settings)
+    assert (tmp_path / "whole" / SFT_MODEL_DIR).is_dir() == ("grpo.beta" in variant)  # kept only for a reference
 
     with pytest.raises(KilledAfter):  # dies after step 3: its last checkpoint is step 2
         run(tmp_path / "killed", reward=killed_after(3), **settings)
@@ -251,7 +433,20 @@ def test_resuming_from_a_corrupt_checkpoint_is_refused(tmp_path):
     data[-3] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt"):
-        run(output, resume=True, rft_steps=4, save_steps=1)
+        run(output, resume=True, rft_steps=2, save_steps=1)
+
+
+def test_resuming_with_a_changed_config_is_refused_naming_the_options(tmp_path):
+    output = tmp_path / "run"
+    run(output, rft_steps=2, save_steps=1)
+    saved = (output / CONFIG_FILE).read_text()
+    with pytest.raises(ConfigError, match=r"grpo\.learning_rate: 0\.001 -> 0\.002.*nesting\.skip_ratio") as error:
+        run(output, resume=True, rft_steps=2, save_steps=1, **{"nesting.skip_ratio": 0.2, "grpo.learning_rate": 2e-3})
+    assert "save_steps" not in str(error.value).split("only")[0]  # save_steps is the same; only the two differ
+    assert (output / CONFIG_FILE).read_text() == saved  # the saved config is not overwritten
+    # options that do not shape the trajectory may change
+    run(output, resume=True, rft_steps=2, save_steps=5, max_nonfinite_steps=9)
+    assert load_config(output / CONFIG_FILE).save_steps == 5
 
 
 def test_a_fresh_run_refuses_an_output_dir_that_holds_a_run(tmp_path):
