@@ -36,8 +36,8 @@ class NestingConfig:
     border: int = 1  # b; paper: 1 (first and last layer never skipped); 0 for the x = 0 baseline
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.skip_ratio < 1.0, "nesting.skip_ratio", self.skip_ratio, "in [0, 1)")
-        _check(self.border >= 0, "nesting.border", self.border, ">= 0")
+        check_option(0.0 <= self.skip_ratio < 1.0, "nesting.skip_ratio", self.skip_ratio, "in [0, 1)")
+        check_option(self.border >= 0, "nesting.border", self.border, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,9 @@ class ImportanceConfig:
     level: str = "token"  # token | sequence; TRL importance_sampling_level="token"
 
     def __post_init__(self) -> None:
-        _check(self.mitigation in MITIGATIONS, "importance.mitigation", self.mitigation, f"one of {MITIGATIONS}")
-        _check(0.0 <= self.retrace_lambda <= 1.0, "importance.retrace_lambda", self.retrace_lambda, "in [0, 1]")
-        _check(self.level in LEVELS, "importance.level", self.level, f"one of {LEVELS}")
+        check_option(self.mitigation in MITIGATIONS, "importance.mitigation", self.mitigation, f"one of {MITIGATIONS}")
+        check_option(0.0 <= self.retrace_lambda <= 1.0, "importance.retrace_lambda", self.retrace_lambda, "in [0, 1]")
+        check_option(self.level in LEVELS, "importance.level", self.level, f"one of {LEVELS}")
 
 
 @dataclass(frozen=True)
@@ -80,17 +80,17 @@ class GRPOConfig:
     disable_dropout: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.num_generations >= 2, "grpo.num_generations", self.num_generations, ">= 2 (groups compare)")
-        _check(self.learning_rate > 0, "grpo.learning_rate", self.learning_rate, "> 0")
-        _check(self.beta >= 0, "grpo.beta", self.beta, ">= 0")
-        _check(0 < self.epsilon < 1, "grpo.epsilon", self.epsilon, "in (0, 1)")
-        _check(self.epsilon_high is None or self.epsilon_high > 0, "grpo.epsilon_high", self.epsilon_high,
+        check_option(self.num_generations >= 2, "grpo.num_generations", self.num_generations, ">= 2 (groups compare)")
+        check_option(self.learning_rate > 0, "grpo.learning_rate", self.learning_rate, "> 0")
+        check_option(self.beta >= 0, "grpo.beta", self.beta, ">= 0")
+        check_option(0 < self.epsilon < 1, "grpo.epsilon", self.epsilon, "in (0, 1)")
+        check_option(self.epsilon_high is None or self.epsilon_high > 0, "grpo.epsilon_high", self.epsilon_high,
                "> 0, or None for the same as grpo.epsilon")
-        _check(self.loss_type in LOSS_TYPES, "grpo.loss_type", self.loss_type, f"one of {LOSS_TYPES}")
-        _check(self.scale_rewards in SCALINGS, "grpo.scale_rewards", self.scale_rewards, f"one of {SCALINGS}")
-        _check(self.max_grad_norm > 0, "grpo.max_grad_norm", self.max_grad_norm, "> 0")
-        _check(self.lr_scheduler in SCHEDULERS, "grpo.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
-        _check(0 <= self.warmup_ratio < 1, "grpo.warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        check_option(self.loss_type in LOSS_TYPES, "grpo.loss_type", self.loss_type, f"one of {LOSS_TYPES}")
+        check_option(self.scale_rewards in SCALINGS, "grpo.scale_rewards", self.scale_rewards, f"one of {SCALINGS}")
+        check_option(self.max_grad_norm > 0, "grpo.max_grad_norm", self.max_grad_norm, "> 0")
+        check_option(self.lr_scheduler in SCHEDULERS, "grpo.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
+        check_option(0 <= self.warmup_ratio < 1, "grpo.warmup_ratio", self.warmup_ratio, "in [0, 1)")
 
     @property
     def clip_high(self) -> float:
@@ -112,13 +112,13 @@ class SFTConfig:
     lr_scheduler: str = "linear"  # TRL SFTConfig lr_scheduler_type (TrainingArguments), no warm-up
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 0, "sft.epochs", self.epochs, ">= 0")
-        _check(self.learning_rate > 0, "sft.learning_rate", self.learning_rate, "> 0")
-        _check(self.max_grad_norm > 0, "sft.max_grad_norm", self.max_grad_norm, "> 0")
-        _check(self.weight_decay >= 0, "sft.weight_decay", self.weight_decay, ">= 0")
-        _check(self.lr_scheduler in SCHEDULERS, "sft.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
-        _check(self.batch_size >= 1, "sft.batch_size", self.batch_size, ">= 1")
-        _check(self.max_length >= 8, "sft.max_length", self.max_length, ">= 8")
+        check_option(self.epochs >= 0, "sft.epochs", self.epochs, ">= 0")
+        check_option(self.learning_rate > 0, "sft.learning_rate", self.learning_rate, "> 0")
+        check_option(self.max_grad_norm > 0, "sft.max_grad_norm", self.max_grad_norm, "> 0")
+        check_option(self.weight_decay >= 0, "sft.weight_decay", self.weight_decay, ">= 0")
+        check_option(self.lr_scheduler in SCHEDULERS, "sft.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
+        check_option(self.batch_size >= 1, "sft.batch_size", self.batch_size, ">= 1")
+        check_option(self.max_length >= 8, "sft.max_length", self.max_length, ">= 8")
 
 
 @dataclass(frozen=True)
@@ -149,13 +149,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from nested_reft.data import TRAINING_SETS
 
-        _check(self.dataset in TRAINING_SETS, "dataset", self.dataset, f"one of {TRAINING_SETS}")
-        _check(self.rft_steps >= 0, "rft_steps", self.rft_steps, ">= 0")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        _check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
-        _check(self.save_steps >= 1, "save_steps", self.save_steps, ">= 1")
-        _check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, ">= 0")
+        check_option(self.dataset in TRAINING_SETS, "dataset", self.dataset, f"one of {TRAINING_SETS}")
+        check_option(self.rft_steps >= 0, "rft_steps", self.rft_steps, ">= 0")
+        check_option(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check_option(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
+        check_option(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        check_option(self.save_steps >= 1, "save_steps", self.save_steps, ">= 1")
+        check_option(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, ">= 0")
 
 
 LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
@@ -169,7 +169,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 RESUMABLE_OPTIONS = ("output_dir", "data_dir", "report_to", "save_steps", "max_nonfinite_steps")
 
 
-def _check(ok: bool, option: str, value: Any, expected: str) -> None:
+def check_option(ok: bool, option: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{option} must be {expected}, got {value!r}")
 

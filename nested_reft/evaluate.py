@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from nested_reft.checkpoint import atomic_write_json, atomic_write_text
-from nested_reft.config import _check
+from nested_reft.config import check_option
 from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
 from nested_reft.rewards import extract_answer
 from nested_reft.rollout import SamplingConfig, eos_token_ids, generate_rollouts, seeded_generator
@@ -75,11 +75,11 @@ class EvalConfig:
     seed: int = 0  # seeds each batch's generator with (seed, benchmark, batch index)
 
     def __post_init__(self) -> None:
-        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
-        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
-        _check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        check_option(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
+        check_option(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        check_option(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
+        check_option(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check_option(_is_int(self.seed), "seed", self.seed, "an integer")
 
     def sampling(self) -> SamplingConfig:
         """The sampler's settings: no top-k, and no minimum length so that completions stop at EOS."""

@@ -59,7 +59,9 @@ from typing import Any
 import torch
 
 from nested_reft.checkpoint import CHECKPOINT_PREFIX, atomic_write_json, atomic_write_text
-from nested_reft.config import ConfigError, TrainConfig, _check, from_dict, load_config, read_yaml_mapping, to_dict
+from nested_reft.config import (
+    ConfigError, TrainConfig, check_option, from_dict, load_config, read_yaml_mapping, to_dict,
+)
 from nested_reft.data import TRAINING_SETS, DataError
 from nested_reft.evaluate import (
     DEFAULT_BENCHMARKS,
@@ -112,8 +114,8 @@ class EvalSettings:
             self.config(seed=0)  # EvalConfig's own checks of the sampling options
         except (DataError, ConfigError) as error:
             raise ConfigError(f"eval: {error}") from None
-        _check(len(set(self.benchmarks)) == len(self.benchmarks), "eval.benchmarks", self.benchmarks, "distinct")
-        _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, ">= 1 or null")
+        check_option(len(set(self.benchmarks)) == len(self.benchmarks), "eval.benchmarks", self.benchmarks, "distinct")
+        check_option(self.limit is None or self.limit >= 1, "eval.limit", self.limit, ">= 1 or null")
 
     def config(self, seed: int) -> EvalConfig:
         """The sampling settings of an instance's evaluation."""
@@ -139,24 +141,24 @@ class GridConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.name, str) and bool(re.fullmatch(r"[\w.-]+", self.name)), "name", self.name,
+        check_option(isinstance(self.name, str) and bool(re.fullmatch(r"[\w.-]+", self.name)), "name", self.name,
                "a non-empty name of letters, digits, '.', '_' or '-'")
         for option, kind in (("models", str), ("datasets", str), ("skip_ratios", float), ("mitigations", str),
                              ("seeds", int), ("baseline_seeds", int)):
             _normalise(self, option, kind)
         for option in ("models", "datasets", "skip_ratios", "mitigations", "seeds"):
             values = getattr(self, option)
-            _check(len(values) > 0, option, values, "a non-empty list")
-            _check(len(set(values)) == len(values), option, values, "a list without repeats")
+            check_option(len(values) > 0, option, values, "a non-empty list")
+            check_option(len(set(values)) == len(values), option, values, "a list without repeats")
         for dataset in self.datasets:
-            _check(dataset in TRAINING_SETS, "datasets", dataset, f"one of {TRAINING_SETS}")
+            check_option(dataset in TRAINING_SETS, "datasets", dataset, f"one of {TRAINING_SETS}")
         for mitigation in self.mitigations:
-            _check(mitigation in MITIGATIONS, "mitigations", mitigation, f"one of {MITIGATIONS}")
+            check_option(mitigation in MITIGATIONS, "mitigations", mitigation, f"one of {MITIGATIONS}")
         for ratio in self.skip_ratios:
-            _check(0.0 <= ratio < 1.0, "skip_ratios", ratio, "in [0, 1)")
-        _check(isinstance(self.border, int) and self.border >= 0, "border", self.border, "an integer >= 0")
+            check_option(0.0 <= ratio < 1.0, "skip_ratios", ratio, "in [0, 1)")
+        check_option(isinstance(self.border, int) and self.border >= 0, "border", self.border, "an integer >= 0")
         slugs = [model_slug(model) for model in self.models]
-        _check(len(set(slugs)) == len(slugs), "models", self.models, f"models with distinct slugs (got {slugs})")
+        check_option(len(set(slugs)) == len(slugs), "models", self.models, f"models with distinct slugs (got {slugs})")
         if not isinstance(self.train, dict):
             raise ConfigError(f"train must be a mapping of TrainConfig options, got {type(self.train).__name__}")
         object.__setattr__(self, "train", flatten_options(self.train))
