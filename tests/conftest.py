@@ -1,4 +1,5 @@
-"""Shared fixtures: where the shared datasets are, and one torch thread per test."""
+"""Shared fixtures and stand-ins: where the shared datasets are, one torch thread per test, an optimizer
+that records gradients."""
 
 from __future__ import annotations
 
@@ -26,3 +27,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class GradientRecorder:
+    """Stands in for the optimizer of `policy_update`: keeps the gradients at `step()` instead of stepping."""
+
+    def __init__(self, model):
+        self.parameters, self.gradients = dict(model.named_parameters()), {}
+
+    def step(self) -> None:
+        self.gradients = {n: p.grad.detach().clone() for n, p in self.parameters.items() if p.grad is not None}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for parameter in self.parameters.values():
+            parameter.grad = None
+
+
+class NoSchedule:
+    """Stands in for the scheduler of `policy_update`."""
+
+    def step(self) -> None:
+        pass

@@ -11,6 +11,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from conftest import GradientRecorder, NoSchedule
 from safetensors.torch import load_file
 
 import nested_reft.trainer as trainer
@@ -315,23 +316,6 @@ def test_a_batch_the_processes_cannot_share_is_refused():
     trainer.check_fits_model(config, TINY_NUM_LAYERS, world=1)
 
 
-class GradientRecorder:
-    """Stands in for the optimizer: keeps the gradients at `step()` instead of stepping."""
-
-    def __init__(self, model):
-        self.parameters, self.gradients = dict(model.named_parameters()), {}
-
-    def step(self) -> None:
-        self.gradients = {n: p.grad.detach().clone() for n, p in self.parameters.items() if p.grad is not None}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for parameter in self.parameters.values():
-            parameter.grad = None
-
-
-class NoSchedule:
-    def step(self) -> None:
-        pass
 
 
 def tiny_rollouts(rows_per_prompt: int = 4):

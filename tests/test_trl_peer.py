@@ -31,6 +31,7 @@ from nested_reft.policy import completion_logprobs  # noqa: E402
 from nested_reft.rollout import Rollouts, SamplingConfig, generate_rollouts  # noqa: E402
 from nested_reft.tiny import byte_tokenizer, tiny_model  # noqa: E402
 from nested_reft.trainer import policy_update  # noqa: E402
+from conftest import GradientRecorder, NoSchedule  # noqa: E402
 
 TOLERANCE = 1e-5
 ARCHITECTURE, LAYERS, SEED = "qwen2", 2, 0
@@ -134,24 +135,6 @@ def trl_loss_and_gradients(trainer, model, rollouts: Rollouts, advantages: torch
     return total, gradients
 
 
-class GradientRecorder:
-    """Stands in for the optimizer of `policy_update`: keeps the gradients at `step()` instead of stepping."""
-
-    def __init__(self, model):
-        self.parameters = dict(model.named_parameters())
-        self.gradients: dict[str, torch.Tensor] = {}
-
-    def step(self) -> None:
-        self.gradients = {n: p.grad.detach().clone() for n, p in self.parameters.items() if p.grad is not None}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for parameter in self.parameters.values():
-            parameter.grad = None
-
-
-class NoSchedule:
-    def step(self) -> None:
-        pass
 
 
 def our_loss_and_gradients(model, rollouts: Rollouts, advantages: torch.Tensor, loss_type: str, micro_batches: int):
