@@ -4,28 +4,44 @@ For each model and skip ratio x it times, on the same left-padded batch and in i
 our sampler (`generate_rollouts`) and `model.generate` (both under `nested(model, S)` with the same
 skip set, fixed length min = max), and prints generation tokens/s, the speedup over x = 0, the FLOP
 bound (N c_layer + c_head) / ((N - U) c_layer + c_head) from the model's own shapes, and the peak
-memory of a nested generation relative to x = 0 (measured in a fresh child process per x).
+memory of a nested generation relative to x = 0 (on CPU the peak RSS of a fresh child process per x; on a
+GPU the peak of allocated device memory).
+
+A model is a `load_model` name, or `config:FILE`: a random-initialised model of that config (for instance
+`bench/configs/qwen2.5-math-1.5b.json`, the paper's model) with a byte tokenizer. Speed at fixed length
+does not depend on the weights, so this measures the paper's shapes where the weights cannot be fetched.
 
     python bench/rollout.py                       # SmolLM2-135M-Instruct and tiny-llama, batch 32
     python bench/rollout.py --models tiny-llama --tokens 16 --repeats 1   # a quick look
+    python bench/rollout.py --device cuda --dtype bfloat16 --batch 64 --tokens 256 \
+        --models config:bench/configs/smollm2-135m.json config:bench/configs/qwen2.5-math-1.5b.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from nested_reft.models import load_model
-from nested_reft.nesting import decoder_layers, nested, num_skipped_layers, sample_skip_set
 from nested_reft.data import generate_arithmetic
+from nested_reft.models import load_model
+from nested_reft.nesting import (
+    decoder_layers,
+    nested,
+    num_skipped_layers,
+    sample_skip_set,
+)
 from nested_reft.prompts import build_prompt
 from nested_reft.rollout import SamplingConfig, generate_rollouts
+from nested_reft.tiny import byte_tokenizer
 
 RATIOS = (0.0, 0.05, 0.10, 0.15, 0.25)
 
@@ -62,13 +78,20 @@ def prompts_for(tokenizer, batch: int) -> list[str]:
 
 
 def time_ours(model, tokenizer, prompts, sampling, skip) -> float:
-    rollouts = generate_rollouts(model, tokenizer, prompts, 1, sampling, skip, torch.Generator().manual_seed(0))
+    generator = torch.Generator(device=model.device).manual_seed(0)
+    rollouts = generate_rollouts(model, tokenizer, prompts, 1, sampling, skip, generator)
     return rollouts.completion_tokens / rollouts.generation_time_s
 
 
+def synchronized_clock() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def time_hf(model, tokenizer, prompts, sampling, skip) -> float:
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    start = time.perf_counter()
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    start = synchronized_clock()
     with nested(model, skip), torch.no_grad():
         out = model.generate(
             **batch,
@@ -79,33 +102,72 @@ def time_hf(model, tokenizer, prompts, sampling, skip) -> float:
             max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=sampling.min_new_tokens,
         )
-    elapsed = time.perf_counter() - start
+    elapsed = synchronized_clock() - start
     return (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0] / elapsed
 
 
-def peak_memory_mb(model_name: str, ratio: float, batch: int, tokens: int) -> float:
-    """Peak resident memory (MB) of a fresh child process that loads the model and runs one nested generation."""
+def load(model_name: str, device: str, dtype: str):
+    """(model, tokenizer) for a `load_model` name or a `config:FILE` (random weights, byte tokenizer)."""
+    if not model_name.startswith("config:"):
+        return load_model(model_name, dtype=dtype, device=device)
+    path = Path(model_name.removeprefix("config:"))
+    values = json.loads(path.read_text())
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).to(device).eval()
+    return model, byte_tokenizer()
+
+
+def peak_memory_mb(model_name: str, ratio: float, args) -> float:
+    """Peak memory (MB) of one nested generation at ratio x: device memory on a GPU, else the peak RSS of a
+    fresh child process that loads the model and runs it (a process's RSS peak cannot be reset)."""
+    if args.device.startswith("cuda"):
+        return cuda_peak_memory_mb(model_name, ratio, args)
     command = [sys.executable, __file__, "--probe-memory", str(ratio), "--models", model_name,
-               "--batch", str(batch), "--tokens", str(tokens)]
+               "--batch", str(args.batch), "--tokens", str(args.tokens), "--dtype", args.dtype]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def probe_memory(model_name: str, ratio: float, batch: int, tokens: int) -> None:
+def probe_memory(model_name: str, ratio: float, args) -> None:
     """Child side of `peak_memory_mb`: print the peak RSS after one generation at ratio x."""
-    model, tokenizer = load_model(model_name)
-    sampling = SamplingConfig(max_new_tokens=tokens, min_new_tokens=tokens)
-    generate_rollouts(model, tokenizer, prompts_for(tokenizer, batch), 1, sampling, skip_set_for(model, ratio))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    model, tokenizer = load(model_name, "cpu", args.dtype)
+    sampling = SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+    generate_rollouts(model, tokenizer, prompts_for(tokenizer, args.batch), 1, sampling, skip_set_for(model, ratio))
+    print(peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Linux's VmHWM belongs to the process image, while ru_maxrss survives exec and
+    so would report the (larger) parent's RSS at fork time."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+_models: dict = {}  # the model under measurement, so the CUDA probes reuse it
+
+
+def cuda_peak_memory_mb(model_name: str, ratio: float, args) -> float:
+    model, tokenizer = _models[model_name]
+    sampling = SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    generate_rollouts(model, tokenizer, prompts_for(tokenizer, args.batch), 1, sampling, skip_set_for(model, ratio))
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def run_model(model_name: str, args) -> list[dict]:
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = _models[model_name] = load(model_name, args.device, args.dtype)
     prompts = prompts_for(tokenizer, args.batch)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     prompt_length = tokenizer(prompts, return_tensors="pt", padding=True)["input_ids"].shape[1]
     context = prompt_length + args.tokens / 2
-    time_ours(model, tokenizer, prompts[:2], sampling, ())  # warm-up
+    for warm_up in (time_ours, time_hf):  # the full batch, so allocator and kernel choices are settled first
+        warm_up(model, tokenizer, prompts, sampling, ())
     samples = {(r, engine): [] for r in RATIOS for engine in ("ours", "hf")}
     for _ in range(args.repeats):  # interleave configurations so machine noise hits them alike
         for ratio in RATIOS:
@@ -123,18 +185,21 @@ def run_model(model_name: str, args) -> list[dict]:
                  ours_over_hf=ours / hf, speedup=ours / base, flop_bound=flop_bound(model, skipped, context))
         )
     if args.memory:
-        base_memory = peak_memory_mb(model_name, 0.0, args.batch, args.tokens)
+        base_memory = peak_memory_mb(model_name, 0.0, args)
         for row in rows:
-            row["peak_mem_vs_x0"] = peak_memory_mb(model_name, row["x"], args.batch, args.tokens) / base_memory
+            row["peak_mem_mb"] = peak_memory_mb(model_name, row["x"], args)
+            row["peak_mem_vs_x0"] = row["peak_mem_mb"] / base_memory
+    del _models[model_name]
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    header = "| model | N | x | U | ours tok/s | HF generate tok/s | ours/HF | speedup vs x=0 | FLOP bound | peak mem vs x=0 |"
+    header = ("| model | N | x | U | ours tok/s | HF generate tok/s | ours/HF | speedup vs x=0 | FLOP bound "
+              "| peak mem (MB) | peak mem vs x=0 |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for r in rows:
-        memory = f"{r['peak_mem_vs_x0']:.3f}" if "peak_mem_vs_x0" in r else "-"
+        memory = f"{r['peak_mem_mb']:.0f} | {r['peak_mem_vs_x0']:.3f}" if "peak_mem_mb" in r else "- | -"
         print(
             f"| {r['model']} | {r['layers']} | {r['x']:.0%} | {r['skipped']} | {r['ours_tok_s']:.1f} | "
             f"{r['hf_tok_s']:.1f} | {r['ours_over_hf']:.2f} | {r['speedup']:.3f} | {r['flop_bound']:.3f} | {memory} |"
@@ -149,12 +214,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings per configuration; the median is shown")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", help="weights and compute, e.g. bfloat16 on a GPU")
     parser.add_argument("--probe-memory", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.probe_memory is not None:
-        return probe_memory(args.models[0], args.probe_memory, args.batch, args.tokens)
-    print(f"# torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.tokens} tokens, "
+        return probe_memory(args.models[0], args.probe_memory, args)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"# torch {torch.__version__}, {where}, {args.dtype}, batch {args.batch}, {args.tokens} tokens, "
           f"median of {args.repeats}")
     print_table([row for name in args.models for row in run_model(name, args)])
 

@@ -132,8 +132,8 @@ def sample(
         masks.append(alive)
         logprobs.append(token_logprobs.gather(-1, next_tokens[:, None]).squeeze(-1) * alive)
         finished = finished | torch.isin(next_tokens, eos)
-        if bool(finished.all()) or step + 1 == config.max_new_tokens:
-            break
+        if step + 1 == config.max_new_tokens or (step + 1 >= config.min_new_tokens and bool(finished.all())):
+            break  # no EOS before min_new_tokens, so no need to ask (on a GPU each ask waits for the device)
         attention_mask = torch.cat([attention_mask, alive[:, None].to(attention_mask.dtype)], dim=-1)
         position_ids = position_ids[:, -1:] + 1
         logits = model(
