@@ -520,3 +520,18 @@ def test_nested_reft_learns_a_trivial_reward(tmp_path, mitigation):
     assert all(row["skipped_layers"] == 1 for row in rows)
     assert not any(row["update_skipped"] for row in rows)
     assert last > first + 0.25, f"{mitigation} did not learn: {[round(r, 2) for r in rewards]}"
+
+
+def test_metrics_reach_tensorboard_when_asked(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, report_to="tensorboard")
+    event_files = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert event_files, "no TensorBoard event file under the run directory"
+    scalars = set()
+    for path in event_files:
+        events = EventAccumulator(str(path))
+        events.Reload()
+        scalars |= set(events.Tags()["scalars"])
+    assert {"reward_mean", "gen_tokens_per_s", "loss"} <= scalars
