@@ -190,6 +190,9 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
     if accelerator.is_main_process:
         save_model(output / FINAL_MODEL_DIR, accelerator.unwrap_model(model), tokenizer)
         atomic_write_json(output / SUMMARY_FILE, summary)
+    # Every rank returns once the final model exists, and the ranks destroy the process group together:
+    # a rank that destroys it while another still writes can hang the launch (pytorch/pytorch#75097).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 

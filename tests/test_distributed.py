@@ -6,11 +6,13 @@ prompts it sampled for and how many completion tokens, and the weights it ends w
 check that the ranks split the batch, that only the main process wrote the run's files, and that DDP
 kept the ranks' weights identical (and equal to the saved model). Rank 1 is made to inspect the output
 directory two seconds late, which fails a fresh run if the main process writes to it before every rank
-has decided between a fresh start and a resume.
+has decided between a fresh start and a resume; the main process is made to write the final model two
+seconds late, which the other rank's `train` must wait for.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
@@ -24,6 +26,7 @@ import torch
 
 BATCH, G, T, STEPS, WORLD = 4, 2, 4, 2, 2
 ROOT = Path(__file__).resolve().parents[1]
+WORKER_TIMEOUT_S = 240  # below the launch's own timeout, so a hung worker reports where it hung
 
 
 def overrides(output_dir: str) -> dict:
@@ -49,6 +52,7 @@ def worker(output_dir: str) -> None:
     from nested_reft.tasks import Task
 
     rank = int(os.environ["RANK"])
+    faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True)  # a hang shows every thread's stack, then exits
     records = Path(output_dir).parent / "records"
     records.mkdir(exist_ok=True)
     log = records / f"rank{rank}.jsonl"
@@ -76,10 +80,19 @@ def worker(output_dir: str) -> None:
             time.sleep(2)
         return decide(output, resume)
 
-    trainer.generate_rollouts, trainer.reft = recording_generate, recording_reft
+    save_model = trainer.save_model
+
+    def slow_save_model(directory, *args):  # the main process writes slowly: the other rank must wait for it
+        if Path(directory).name == "model":
+            time.sleep(2)
+        save_model(directory, *args)
+
+    trainer.generate_rollouts, trainer.reft, trainer.save_model = recording_generate, recording_reft, slow_save_model
     trainer._checkpoint_to_resume = late_decision
     task = Task("arithmetic", generate_arithmetic(16, seed=3), reward=lowercase_share)
     trainer.train(load_config(None, overrides(output_dir)), task)
+    finished = {"model_saved": (Path(output_dir) / "model" / "model.safetensors").exists()}
+    (records / f"rank{rank}.returned.json").write_text(json.dumps(finished))
 
 
 def _free_port() -> int:
@@ -121,6 +134,11 @@ def test_ddp_run_completes_with_two_gloo_processes(ddp_run):
         assert record["world"] == WORLD and record["distributed_type"].endswith("MULTI_CPU"), record
     summary = json.loads((ddp_run / "run" / "summary.json").read_text())
     assert summary["steps"] == STEPS
+
+
+def test_train_returns_on_every_rank_only_once_the_final_model_is_saved(ddp_run):
+    for rank in range(WORLD):
+        assert json.loads((ddp_run / "records" / f"rank{rank}.returned.json").read_text())["model_saved"]
 
 
 def test_metrics_are_written_once_by_the_main_process(ddp_run):
