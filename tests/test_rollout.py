@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nested_reft.nesting import nested
-from nested_reft.rollout import SamplingConfig, generate_rollouts
+from nested_reft.rollout import SamplingConfig, _draw, _inverse_cdf_sample, generate_rollouts
 from nested_reft.tiny import tiny_model
 
 PROMPTS = ["what is two plus two?", "hi", "count to three"]
@@ -133,6 +133,55 @@ def test_small_top_p_keeps_only_the_most_likely_token():
         model, tokenizer, PROMPTS, 2, SamplingConfig(temperature=0, max_new_tokens=10, min_new_tokens=10)
     )
     assert torch.equal(nucleus.completion_ids, greedy.completion_ids)
+
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
+CHI2_P001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}  # chi-square critical values, p = 0.001
+
+
+@pytest.mark.parametrize(
+    "settings, banned, allowed",
+    [
+        (dict(), None, [0, 1, 2, 3, 4, 5]),
+        (dict(), [0], [1, 2, 3, 4, 5]),  # min_new_tokens bans EOS: the others keep their odds
+        (dict(top_k=3), None, [0, 1, 2]),
+        (dict(top_k=3), [1], [0, 2, 3]),
+        (dict(top_p=0.8), None, [0, 1, 2]),  # 0.55 + 0.20 < 0.8 <= 0.55 + 0.20 + 0.12
+        (dict(temperature=2.0), None, [0, 1, 2, 3, 4, 5]),
+    ],
+)
+def test_draws_follow_the_filtered_renormalised_distribution(settings, banned, allowed):
+    """Frequencies of 40k draws pass a chi-square test against softmax(logits / T) restricted to `allowed`."""
+    config = SamplingConfig(**settings)
+    draws = 40_000
+    logprobs = torch.log_softmax(LOGITS / config.temperature, -1).expand(draws, -1).contiguous()
+    banned_ids = None if banned is None else torch.tensor(banned)
+    tokens = _draw(logprobs, config, banned_ids, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=len(LOGITS))
+    assert set(torch.nonzero(counts).flatten().tolist()) <= set(allowed)
+    expected = torch.softmax(LOGITS[allowed] / config.temperature, -1) * draws
+    observed = counts[allowed].double()
+    frequent = expected >= 5  # the chi-square approximation needs expected counts of at least 5
+    chi2 = float(((observed[frequent] - expected[frequent]) ** 2 / expected[frequent]).sum())
+    assert chi2 < CHI2_P001[int(frequent.sum()) - 1]
+
+
+def test_draws_never_pick_a_zero_weight_token_even_at_the_top_of_the_unit_interval():
+    weights = torch.tensor([[0.0, 3.0, 1.0, 0.0, 0.0]]).expand(4096, -1)
+    generator = torch.Generator().manual_seed(1)
+    assert set(_inverse_cdf_sample(weights, generator).tolist()) == {1, 2}
+    one_minus_eps = torch.full((1, 1), 1 - 2**-53, dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as patch:  # the largest uniform torch.rand can return
+        patch.setattr(torch, "rand", lambda *args, **kwargs: one_minus_eps.expand(args[0], 1))
+        assert set(_inverse_cdf_sample(weights * 1e-3, None).tolist()) == {2}
+
+
+def test_non_finite_logits_are_an_error_that_says_so():
+    model, tokenizer = tiny_model("llama", num_layers=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[3].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        generate_rollouts(model, tokenizer, PROMPTS, 2, SamplingConfig(max_new_tokens=4, min_new_tokens=4))
 
 
 @pytest.mark.parametrize(
