@@ -3,8 +3,9 @@ do not move, beside the paper's token speed (total tokens / total runtime), whic
 
 For every finished run: the median step time and median generation tokens/s over its steps, the ratio of
 its slowest to its fastest step (near 1 when the machine was steady during the run, 2 when other work
-shared the cores for part of it) and the change of the median step time against the mean over the
-baseline runs of the same model and dataset whose steps were steady.
+shared the cores for part of it), the change of the median step time against the mean over the
+baseline runs of the same model and dataset whose steps were steady, and how many of its steps had a
+batch reward of 0 (no learning signal at all: every group's advantages are 0).
 
     python scripts/sweep_step_times.py runs/sweeps/smollm2-cpu [--steady 1.3]
 """
@@ -34,14 +35,16 @@ def run_rows(sweep_dir: Path) -> list[dict]:
             "median_step_s": statistics.median(times),
             "median_gen_tok_s": statistics.median(step["gen_tokens_per_s"] for step in steps),
             "spread": max(times) / min(times),
+            "zero_reward_steps": sum(step["reward_mean"] == 0 for step in steps),
+            "steps": len(steps),
         })
     return rows
 
 
 def print_table(rows: list[dict], steady: float) -> None:
     print("| model/dataset | run | layers skipped | median step (s) | median gen tok/s | slowest/fastest step "
-          "| Δ median step vs steady baselines (%) |")
-    print("|---|---|---|---|---|---|---|")
+          "| Δ median step vs steady baselines (%) | steps with reward 0 |")
+    print("|---|---|---|---|---|---|---|---|")
     for group in sorted({row["group"] for row in rows}):
         members = [row for row in rows if row["group"] == group]
         references = [row["median_step_s"] for row in members if row["baseline"] and row["spread"] <= steady]
@@ -49,7 +52,10 @@ def print_table(rows: list[dict], steady: float) -> None:
         for row in members:
             delta = "–" if reference is None else f"{100 * (row['median_step_s'] - reference) / reference:+.1f}"
             print(f"| {group} | {row['run']} | {row['skipped']} | {row['median_step_s']:.2f} | "
-                  f"{row['median_gen_tok_s']:.1f} | {row['spread']:.2f} | {delta} |")
+                  f"{row['median_gen_tok_s']:.1f} | {row['spread']:.2f} | {delta} | "
+                  f"{row['zero_reward_steps']}/{row['steps']} |")
+    zero, total = sum(row["zero_reward_steps"] for row in rows), sum(row["steps"] for row in rows)
+    print(f"\nSteps with a batch reward of 0: {zero} of {total}.")
 
 
 def main() -> None:
