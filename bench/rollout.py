@@ -1,9 +1,10 @@
 """Rollout throughput of nested behavior models, side by side with Hugging Face `generate`, in one process.
 
-For each model and skip ratio x it times, on the same left-padded batch and in interleaved order,
-our sampler (`generate_rollouts`) and `model.generate` (both under `nested(model, S)` with the same
-skip set, fixed length min = max), and prints generation tokens/s, the speedup over x = 0, the FLOP
-bound (N c_layer + c_head) / ((N - U) c_layer + c_head) from the model's own shapes, and the peak
+For each model and skip ratio x it times, on the same left-padded batch and in rounds of interleaved
+configurations (see `round_order`), our sampler (`generate_rollouts`) and `model.generate` (both under
+`nested(model, S)` with the same skip set, fixed length min = max), and prints generation tokens/s
+(medians), the speedup over x = 0 (the median over rounds of the ratio within a round, and its range), the
+FLOP bound (N c_layer + c_head) / ((N - U) c_layer + c_head) from the model's own shapes, and the peak
 memory of a nested generation relative to x = 0 (on CPU the peak RSS of a fresh child process per x; on a
 GPU the peak of allocated device memory).
 
@@ -169,20 +170,21 @@ def run_model(model_name: str, args) -> list[dict]:
     for warm_up in (time_ours, time_hf):  # the full batch, so allocator and kernel choices are settled first
         warm_up(model, tokenizer, prompts, sampling, ())
     samples = {(r, engine): [] for r in RATIOS for engine in ("ours", "hf")}
-    for _ in range(args.repeats):  # interleave configurations so machine noise hits them alike
-        for ratio in RATIOS:
-            skip = skip_set_for(model, ratio)
-            samples[(ratio, "ours")].append(time_ours(model, tokenizer, prompts, sampling, skip))
-            samples[(ratio, "hf")].append(time_hf(model, tokenizer, prompts, sampling, skip))
+    for round_ in range(args.repeats):
+        for ratio, engine in round_order(round_):
+            timer = time_ours if engine == "ours" else time_hf
+            samples[(ratio, engine)].append(timer(model, tokenizer, prompts, sampling, skip_set_for(model, ratio)))
     n = len(decoder_layers(model)[2])
-    base = statistics.median(samples[(0.0, "ours")])
     rows = []
     for ratio in RATIOS:
         ours, hf = statistics.median(samples[(ratio, "ours")]), statistics.median(samples[(ratio, "hf")])
+        paired = [x / x0 for x, x0 in zip(samples[(ratio, "ours")], samples[(0.0, "ours")])]
         skipped = num_skipped_layers(n, ratio)
+        bound = flop_bound(model, skipped, context)
         rows.append(
             dict(model=model_name, layers=n, x=ratio, skipped=skipped, ours_tok_s=ours, hf_tok_s=hf,
-                 ours_over_hf=ours / hf, speedup=ours / base, flop_bound=flop_bound(model, skipped, context))
+                 ours_over_hf=ours / hf, speedup=statistics.median(paired), speedup_min=min(paired),
+                 speedup_max=max(paired), flop_bound=bound, speedup_over_bound=statistics.median(paired) / bound)
         )
     if args.memory:
         base_memory = peak_memory_mb(model_name, 0.0, args)
@@ -193,16 +195,27 @@ def run_model(model_name: str, args) -> list[dict]:
     return rows
 
 
+def round_order(round_: int) -> list[tuple[float, str]]:
+    """The (ratio, engine) timings of one round. Each round rotates the order of the ratios and swaps the
+    engines, so that no configuration always runs first or after the same neighbour; the speedup of x is
+    the median over rounds of x's tokens/s over x = 0's in the same round, which cancels the machine's drift
+    (on this shared CPU its speed moves by 10-40% over hours, more than the effects measured)."""
+    shift = round_ % len(RATIOS)
+    engines = ("ours", "hf") if round_ % 2 == 0 else ("hf", "ours")
+    return [(ratio, engine) for ratio in RATIOS[shift:] + RATIOS[:shift] for engine in engines]
+
+
 def print_table(rows: list[dict]) -> None:
-    header = ("| model | N | x | U | ours tok/s | HF generate tok/s | ours/HF | speedup vs x=0 | FLOP bound "
-              "| peak mem (MB) | peak mem vs x=0 |")
+    header = ("| model | N | x | U | ours tok/s | HF generate tok/s | ours/HF | speedup vs x=0 [min, max] "
+              "| FLOP bound | speedup / bound | peak mem (MB) | peak mem vs x=0 |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for r in rows:
         memory = f"{r['peak_mem_mb']:.0f} | {r['peak_mem_vs_x0']:.3f}" if "peak_mem_mb" in r else "- | -"
         print(
             f"| {r['model']} | {r['layers']} | {r['x']:.0%} | {r['skipped']} | {r['ours_tok_s']:.1f} | "
-            f"{r['hf_tok_s']:.1f} | {r['ours_over_hf']:.2f} | {r['speedup']:.3f} | {r['flop_bound']:.3f} | {memory} |"
+            f"{r['hf_tok_s']:.1f} | {r['ours_over_hf']:.2f} | {r['speedup']:.3f} [{r['speedup_min']:.3f}, "
+            f"{r['speedup_max']:.3f}] | {r['flop_bound']:.3f} | {r['speedup_over_bound']:.3f} | {memory} |"
         )
 
 
@@ -211,7 +224,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "tiny-llama"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per completion (min = max)")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per configuration; the median is shown")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of timings; medians are shown")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

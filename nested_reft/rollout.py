@@ -182,18 +182,40 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return probs.masked_fill(drop, 0.0)
 
 
-def _inverse_cdf_sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _inverse_cdf_sample(weights: torch.Tensor, generator: torch.Generator | None, block: int = 256) -> torch.Tensor:
     """One index per row, drawn with probability proportional to `weights` (>= 0, a positive sum per row).
 
     The same distribution as `torch.multinomial(weights, 1)`, which on CPU draws one exponential variate per
-    vocabulary entry (a sixth of a SmolLM2 decoding step at batch 32); this draws one uniform per row and
-    searches the row's cumulative sum, in float64 so that 150k-token vocabularies keep exact tails.
+    vocabulary entry (a sixth of a SmolLM2 decoding step at batch 32). This draws one uniform per row and
+    inverts the cumulative sum in two levels, in float64 so that 150k-token vocabularies keep exact tails:
+    first over the sums of `block` consecutive entries, then within the one block the draw fell in. A single
+    cumulative sum over the vocabulary is sequential and cost 1.7% of a decoding step; these cost 0.2%.
     """
-    cumulative = weights.double().cumsum(dim=-1)
-    uniform = torch.rand(weights.shape[0], 1, dtype=torch.float64, device=weights.device, generator=generator)
-    target = uniform * cumulative[:, -1:]  # < the total: u <= 1 - 2**-53 and the product rounds to nearest
-    index = torch.searchsorted(cumulative, target, right=True).squeeze(-1)  # the first index whose cdf exceeds it
-    return index.clamp_(max=weights.shape[-1] - 1)  # NaN weights search past the end; `sample` reports them
+    rows, vocab = weights.shape
+    weights = weights.contiguous()
+    full_blocks = weights.as_strided((rows, vocab // block, block), (weights.stride(0), block, 1))  # a view
+    short_block = weights[:, full_blocks.shape[1] * block :].sum(-1, keepdim=True)
+    # a float32 sum is exact to ~1e-7 of its own block's mass, so rare blocks keep their odds (a float32
+    # cumulative sum would not: near 1 it cannot resolve a token below 6e-8); the cdf itself is float64
+    block_cdf = torch.cat([full_blocks.sum(-1), short_block], dim=-1).double().cumsum(-1)
+    uniform = torch.rand(rows, 1, dtype=torch.float64, device=weights.device, generator=generator)
+    target = uniform * block_cdf[:, -1:]  # < the total: u <= 1 - 2**-53 and the product rounds to nearest
+    chosen = _first_exceeding(block_cdf, target)  # a block of positive mass: its cdf exceeds the one before
+    mass_before = torch.where(chosen > 0, block_cdf.gather(-1, (chosen - 1).clamp_(min=0)), 0.0)
+    positions = chosen * block + torch.arange(block, device=weights.device)
+    in_vocab = positions < vocab  # the last block may be short
+    entries = weights.gather(-1, positions.clamp(max=vocab - 1)).double() * in_vocab
+    within_cdf = entries.cumsum(-1)
+    index = _first_exceeding(within_cdf, target - mass_before)
+    # rounding can leave the residual at or past the block's own total: take its last positive entry then
+    last_positive = torch.searchsorted(within_cdf, within_cdf[:, -1:].contiguous())
+    return (chosen * block + torch.minimum(index, last_positive)).squeeze(-1).clamp_(max=vocab - 1)
+
+
+def _first_exceeding(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative value exceeds `target` (rows, 1); NaN searches past the end,
+    so it is clamped to the last index and `sample` reports the non-finite logits."""
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
 
 
 def generate_rollouts(

@@ -166,14 +166,35 @@ def test_draws_follow_the_filtered_renormalised_distribution(settings, banned, a
     assert chi2 < CHI2_P001[int(frequent.sum()) - 1]
 
 
-def test_draws_never_pick_a_zero_weight_token_even_at_the_top_of_the_unit_interval():
+def chi_square_critical_p001(df: int) -> float:
+    """The p = 0.001 critical value of chi-square with `df` degrees of freedom (Wilson-Hilferty, ~1% at df >= 10)."""
+    return df * (1 - 2 / (9 * df) + 3.0902 * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def test_two_level_draws_follow_the_weights_across_blocks_with_zero_and_short_blocks():
+    """37 tokens in blocks of 4 (the last block one token long), a whole block and single tokens at weight 0:
+    the frequencies of 60k draws pass a chi-square test against the normalised weights."""
+    weights = torch.rand(37, generator=torch.Generator().manual_seed(3)) + 0.1
+    weights[[8, 9, 10, 11, 17, 36]] = 0.0
+    draws = 60_000
+    tokens = _inverse_cdf_sample(weights.expand(draws, -1), torch.Generator().manual_seed(4), block=4)
+    counts = torch.bincount(tokens, minlength=37).double()
+    positive = weights > 0
+    assert counts[~positive].sum() == 0
+    expected = weights[positive].double() / weights.sum() * draws
+    chi2 = float(((counts[positive] - expected) ** 2 / expected).sum())
+    assert chi2 < chi_square_critical_p001(int(positive.sum()) - 1)
+
+
+@pytest.mark.parametrize("block", [256, 2, 1])
+def test_draws_never_pick_a_zero_weight_token_even_at_the_top_of_the_unit_interval(block):
     weights = torch.tensor([[0.0, 3.0, 1.0, 0.0, 0.0]]).expand(4096, -1)
     generator = torch.Generator().manual_seed(1)
-    assert set(_inverse_cdf_sample(weights, generator).tolist()) == {1, 2}
+    assert set(_inverse_cdf_sample(weights, generator, block).tolist()) == {1, 2}
     one_minus_eps = torch.full((1, 1), 1 - 2**-53, dtype=torch.float64)
     with pytest.MonkeyPatch.context() as patch:  # the largest uniform torch.rand can return
         patch.setattr(torch, "rand", lambda *args, **kwargs: one_minus_eps.expand(args[0], 1))
-        assert set(_inverse_cdf_sample(weights * 1e-3, None).tolist()) == {2}
+        assert set(_inverse_cdf_sample(weights * 1e-3, None, block).tolist()) == {2}
 
 
 def test_non_finite_logits_are_an_error_that_says_so():
