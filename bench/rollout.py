@@ -196,13 +196,15 @@ def run_model(model_name: str, args) -> list[dict]:
 
 
 def round_order(round_: int) -> list[tuple[float, str]]:
-    """The (ratio, engine) timings of one round. Each round rotates the order of the ratios and swaps the
-    engines, so that no configuration always runs first or after the same neighbour; the speedup of x is
-    the median over rounds of x's tokens/s over x = 0's in the same round, which cancels the machine's drift
-    (on this shared CPU its speed moves by 10-40% over hours, more than the effects measured)."""
+    """The (ratio, engine) timings of one round: every ratio with one engine, then every ratio with the
+    other. Each round rotates the order of the ratios and swaps the engines, so that no configuration
+    always runs first or after the same neighbour, and the runs of one engine that a speedup compares sit
+    next to each other in time. The speedup of x is the median over rounds of x's tokens/s over x = 0's in
+    the same round, which cancels the machine's drift (on this shared CPU its speed moves by 10-40% over
+    hours, more than the effects measured)."""
     shift = round_ % len(RATIOS)
     engines = ("ours", "hf") if round_ % 2 == 0 else ("hf", "ours")
-    return [(ratio, engine) for ratio in RATIOS[shift:] + RATIOS[:shift] for engine in engines]
+    return [(ratio, engine) for engine in engines for ratio in RATIOS[shift:] + RATIOS[:shift]]
 
 
 def print_table(rows: list[dict]) -> None:

@@ -124,13 +124,16 @@ def sample(
     tokens, masks, logprobs = [], [], []
     for step in range(config.max_new_tokens):
         scaled = logits.float() if config.temperature in (0, 1) else logits.float() / config.temperature
-        token_logprobs = torch.log_softmax(scaled, dim=-1)
-        next_tokens = _draw(token_logprobs, config, eos if step < config.min_new_tokens else None, generator)
+        probs = torch.softmax(scaled, dim=-1)
+        next_tokens = _draw(probs, config, eos if step < config.min_new_tokens else None, generator)
+        # log of the drawn token's float32 probability: its log-softmax to ~1e-7 (rounding) whenever it is above
+        # 1e-38 (a rarer token is drawn with odds below that), and one pass over the vocabulary cheaper
+        drawn_logprobs = probs.gather(-1, next_tokens[:, None]).squeeze(-1).log()
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         alive = ~finished
         tokens.append(next_tokens)
         masks.append(alive)
-        logprobs.append(token_logprobs.gather(-1, next_tokens[:, None]).squeeze(-1) * alive)
+        logprobs.append(drawn_logprobs * alive)
         finished = finished | torch.isin(next_tokens, eos)
         if step + 1 == config.max_new_tokens or (step + 1 >= config.min_new_tokens and bool(finished.all())):
             break  # no EOS before min_new_tokens, so no need to ask (on a GPU each ask waits for the device)
@@ -150,17 +153,17 @@ def sample(
 
 
 def _draw(
-    token_logprobs: torch.Tensor,
+    probs: torch.Tensor,
     config: SamplingConfig,
     banned: torch.Tensor | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """One token per row from the temperature-scaled log-probs, after min-length, top-k and top-p filtering.
+    """One token per row from the temperature-scaled softmax `probs`, after min-length, top-k and top-p filtering.
 
-    Works on probabilities (one `exp` of the log-probs we keep anyway) rather than on a filtered copy of the
-    logits and a second softmax; filtering zeroes probabilities, and the draw does not need them normalised.
+    Filters probabilities rather than a copy of the logits followed by a second softmax: filtering zeroes
+    probabilities, and the draw does not need them normalised. The `banned` tokens are zeroed in `probs`
+    itself; they are never drawn, so the drawn tokens' probabilities stay exactly as the softmax gave them.
     """
-    probs = token_logprobs.exp()
     if banned is not None:
         probs[:, banned] = 0.0  # min_new_tokens: no EOS before the minimum length
     if config.temperature == 0:

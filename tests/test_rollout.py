@@ -154,9 +154,9 @@ def test_draws_follow_the_filtered_renormalised_distribution(settings, banned, a
     """Frequencies of 40k draws pass a chi-square test against softmax(logits / T) restricted to `allowed`."""
     config = SamplingConfig(**settings)
     draws = 40_000
-    logprobs = torch.log_softmax(LOGITS / config.temperature, -1).expand(draws, -1).contiguous()
+    probs = torch.softmax(LOGITS / config.temperature, -1).expand(draws, -1).contiguous()
     banned_ids = None if banned is None else torch.tensor(banned)
-    tokens = _draw(logprobs, config, banned_ids, torch.Generator().manual_seed(0))
+    tokens = _draw(probs, config, banned_ids, torch.Generator().manual_seed(0))
     counts = torch.bincount(tokens, minlength=len(LOGITS))
     assert set(torch.nonzero(counts).flatten().tolist()) <= set(allowed)
     expected = torch.softmax(LOGITS[allowed] / config.temperature, -1) * draws
