@@ -4,9 +4,11 @@ For each model and skip ratio x it times, on the same left-padded batch and in r
 configurations (see `round_order`), our sampler (`generate_rollouts`) and `model.generate` (both under
 `nested(model, S)` with the same skip set, fixed length min = max), and prints generation tokens/s
 (medians), the speedup over x = 0 (the median over rounds of the ratio within a round, and its range), the
-FLOP bound (N c_layer + c_head) / ((N - U) c_layer + c_head) from the model's own shapes, and the peak
-memory of a nested generation relative to x = 0 (on CPU the peak RSS of a fresh child process per x; on a
-GPU the peak of allocated device memory).
+FLOP bound (N c_layer + c_head) / ((N - U) c_layer + c_head) from the model's own shapes, the block-time
+bound 1 / (1 - s U / N), where s is the share of a full-model generation's wall time spent in the decoder
+blocks (timed by forward hooks), i.e. the speedup if each skipped block saves what a block costs on this
+machine, and the peak memory of a nested generation relative to x = 0 (on CPU the peak RSS of a fresh child
+process per x; on a GPU the peak of allocated device memory).
 
 A model is a `load_model` name, or `config:FILE`: a random-initialised model of that config (for instance
 `bench/configs/qwen2.5-math-1.5b.json`, the paper's model) with a byte tokenizer. Speed at fixed length
@@ -161,6 +163,28 @@ def cuda_peak_memory_mb(model_name: str, ratio: float, args) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+def time_shares(model, tokenizer, prompts, sampling) -> dict[str, float]:
+    """The shares of one full-model generation's wall time spent in the decoder blocks, in the output head
+    and elsewhere (sampling, embedding, masks), timed by forward hooks around each block and the head."""
+    spent = {"blocks": 0.0, "head": 0.0}
+
+    def timed(module: torch.nn.Module, part: str) -> list:
+        start = [0.0]
+        before = module.register_forward_pre_hook(lambda *_: start.__setitem__(0, synchronized_clock()))
+        after = module.register_forward_hook(lambda *_: spent.__setitem__(part, spent[part] + synchronized_clock() - start[0]))
+        return [before, after]
+
+    handles = [h for block in decoder_layers(model)[2] for h in timed(block, "blocks")]
+    handles += timed(model.get_output_embeddings(), "head")
+    try:
+        total = generate_rollouts(model, tokenizer, prompts, 1, sampling).generation_time_s
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"blocks": spent["blocks"] / total, "head": spent["head"] / total,
+            "rest": 1 - (spent["blocks"] + spent["head"]) / total}
+
+
 def run_model(model_name: str, args) -> list[dict]:
     model, tokenizer = _models[model_name] = load(model_name, args.device, args.dtype)
     prompts = prompts_for(tokenizer, args.batch)
@@ -175,6 +199,10 @@ def run_model(model_name: str, args) -> list[dict]:
             timer = time_ours if engine == "ours" else time_hf
             samples[(ratio, engine)].append(timer(model, tokenizer, prompts, sampling, skip_set_for(model, ratio)))
     n = len(decoder_layers(model)[2])
+    shares = [time_shares(model, tokenizer, prompts, sampling) for _ in range(args.repeats)]
+    share = {part: statistics.median(run[part] for run in shares) for part in ("blocks", "head", "rest")}
+    print(f"# {model_name} at x = 0, median of {args.repeats} runs timed by forward hooks: decoder blocks "
+          f"{share['blocks']:.1%}, output head {share['head']:.1%}, the rest {share['rest']:.1%} of the wall time")
     rows = []
     for ratio in RATIOS:
         ours, hf = statistics.median(samples[(ratio, "ours")]), statistics.median(samples[(ratio, "hf")])
@@ -184,7 +212,8 @@ def run_model(model_name: str, args) -> list[dict]:
         rows.append(
             dict(model=model_name, layers=n, x=ratio, skipped=skipped, ours_tok_s=ours, hf_tok_s=hf,
                  ours_over_hf=ours / hf, speedup=statistics.median(paired), speedup_min=min(paired),
-                 speedup_max=max(paired), flop_bound=bound, speedup_over_bound=statistics.median(paired) / bound)
+                 speedup_max=max(paired), flop_bound=bound, speedup_over_bound=statistics.median(paired) / bound,
+                 block_time_bound=1 / (1 - share['blocks'] * skipped / n))
         )
     if args.memory:
         base_memory = peak_memory_mb(model_name, 0.0, args)
@@ -209,7 +238,7 @@ def round_order(round_: int) -> list[tuple[float, str]]:
 
 def print_table(rows: list[dict]) -> None:
     header = ("| model | N | x | U | ours tok/s | HF generate tok/s | ours/HF | speedup vs x=0 [min, max] "
-              "| FLOP bound | speedup / bound | peak mem (MB) | peak mem vs x=0 |")
+              "| FLOP bound | speedup / FLOP bound | block-time bound | peak mem (MB) | peak mem vs x=0 |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for r in rows:
@@ -217,7 +246,8 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"| {r['model']} | {r['layers']} | {r['x']:.0%} | {r['skipped']} | {r['ours_tok_s']:.1f} | "
             f"{r['hf_tok_s']:.1f} | {r['ours_over_hf']:.2f} | {r['speedup']:.3f} [{r['speedup_min']:.3f}, "
-            f"{r['speedup_max']:.3f}] | {r['flop_bound']:.3f} | {r['speedup_over_bound']:.3f} | {memory} |"
+            f"{r['speedup_max']:.3f}] | {r['flop_bound']:.3f} | {r['speedup_over_bound']:.3f} | "
+            f"{r['block_time_bound']:.3f} | {memory} |"
         )
 
 
