@@ -48,9 +48,10 @@ from nested_reft.data import Problem, generate_arithmetic
 from nested_reft.grpo import group_advantages
 from nested_reft.models import load_model
 from nested_reft.nesting import num_decoder_layers, sample_skip_set
+from nested_reft.optim import make_optimizer
 from nested_reft.rollout import SamplingConfig, generate_rollouts
 from nested_reft.tasks import Task
-from nested_reft.trainer import make_optimizer, policy_update
+from nested_reft.update import TrainingState, policy_update
 
 RATIOS = (0.0, 0.15)
 MITIGATION = {0.0: "base", 0.15: "retrace"}  # x = 0 is classical ReFT (h = 1); x > 0 uses the paper's retrace
@@ -90,7 +91,8 @@ class OurStep:
             for ratio in RATIOS
         }
         grpo = self.configs[0.0].grpo
-        self.optimizer, self.scheduler = make_optimizer(model, grpo, total_steps=len(RATIOS) * (args.repeats + 1))
+        optimizer, scheduler = make_optimizer(model, grpo, total_steps=len(RATIOS) * (args.repeats + 1))
+        self.state = TrainingState(model, optimizer, scheduler, self.accelerator)
         self.num_layers = num_decoder_layers(model)
         self.skip_sets: dict[float, list[tuple[int, ...]]] = {ratio: [] for ratio in RATIOS}
 
@@ -108,7 +110,7 @@ class OurStep:
         rewards = torch.tensor(self.task.score(completions, golds), dtype=torch.float32)
         advantages = group_advantages(rewards, G, config.grpo.scale_rewards)
         trained = clock(self.device)
-        policy_update(self.model, self.optimizer, self.scheduler, rollouts, advantages, config, self.accelerator)
+        policy_update(self.state, rollouts, advantages, config)
         finished = clock(self.device)
         self.skip_sets[ratio].append(skip_set)
         return Timing(scored - started, trained - scored, finished - trained, finished - started)

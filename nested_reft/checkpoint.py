@@ -1,4 +1,4 @@
-"""Atomic files and resumable checkpoints.
+"""Resumable checkpoints and atomically written model directories.
 
 A checkpoint is a directory: the model (`save_pretrained`, safetensors) with its tokenizer, the
 optimizer and scheduler states (`torch.save`, read back with `weights_only=True`, so loading never
@@ -7,11 +7,14 @@ states (`rng_state.safetensors`), and `manifest.json` written last with the SHA-
 
 What makes a resumed run draw what the original drew: every sampling decision of the trainer (the
 data order, the skip set, the tokens) comes from a generator seeded by (seed, step, purpose) alone
-(`trainer._generator`), so the checkpoint's step *is* that randomness's state. The global torch RNG is
-still consumed by whatever the model does in training mode (dropout when it is enabled, OPT's
-layer-drop draw), so its states are saved and restored too. It is assembled in a temporary sibling directory and renamed into place, so a killed run leaves
-either the previous checkpoint or the new one, never half of one; a checkpoint whose manifest is
-missing or whose files do not match it is refused with a clear error.
+(`seeding.step_generator`), so the checkpoint's step *is* that randomness's state. The global torch RNG
+is still consumed by whatever the model does in training mode (dropout when it is enabled, OPT's
+layer-drop draw), so its states are saved and restored too.
+
+Every directory is assembled in a `.staging-*` sibling and renamed into place, so a killed run leaves
+either the previous checkpoint or the new one, never half of one (and a staging directory that the next
+start removes); a checkpoint whose manifest is missing or whose files do not match it is refused with a
+clear error.
 """
 
 from __future__ import annotations
@@ -28,42 +31,19 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from nested_reft.files import atomic_write_json, follow_umask, umask
+
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 RNG_STATE = "rng_state.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
+STAGING_PREFIX = ".staging-"  # a directory being written: renamed into place when complete
+RETIRED_PREFIX = ".retired-"  # a directory being replaced: removed once its successor is in place
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, partial or corrupt."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file and a rename: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def save_model(directory: Path, model, tokenizer) -> Path:
@@ -98,15 +78,16 @@ def save_checkpoint(
 def _write_model(staging: Path, model, tokenizer) -> None:
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
+    follow_umask(staging)  # safetensors writes its files 0600: a model other users and jobs load follows the umask
 
 
 def _write_atomically(directory: Path, write) -> Path:
     """Run `write(staging)` in a temporary sibling, seal it with a manifest, then rename it to `directory`."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f"{STAGING_PREFIX}{directory.name}."))
     try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; give it a normal directory's mode
+        staging.chmod(0o777 & ~umask())  # mkdtemp makes it 0700; give it a normal directory's mode
         write(staging)
         atomic_write_json(staging / MANIFEST, _hashes(staging))
         _replace_directory(staging, directory)
@@ -114,6 +95,17 @@ def _write_atomically(directory: Path, write) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Remove the staging and retired directories a killed write left in `directory` (at 7B, tens of GB).
+
+    Only a process that holds the directory's lock may call this: another writer's staging is not stale.
+    """
+    stale = [path for path in Path(directory).glob(".*") if path.is_dir() and path.name.startswith((STAGING_PREFIX, RETIRED_PREFIX))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, scheduler) -> dict:
@@ -210,7 +202,7 @@ def _hashes(directory: Path, exclude: set[str] = frozenset()) -> dict[str, str]:
 def _replace_directory(staging: Path, target: Path) -> None:
     """Rename `staging` to `target`; an existing `target` is moved aside first and removed after."""
     if target.exists():
-        retired = target.with_name(f".{target.name}.old")
+        retired = target.with_name(f"{RETIRED_PREFIX}{target.name}")
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(target, retired)
         os.replace(staging, target)

@@ -19,9 +19,11 @@ from typing import Any
 
 import yaml
 
+from nested_reft.data import TRAINING_SETS
+from nested_reft.files import atomic_write_text
+from nested_reft.grpo import LOSS_AGGREGATIONS, REWARD_SCALINGS
 from nested_reft.importance import LEVELS, MITIGATIONS
 from nested_reft.optim import SHAPES as SCHEDULE_SHAPES
-from nested_reft.rollout import SamplingConfig
 
 
 class ConfigError(ValueError):
@@ -52,6 +54,25 @@ class ImportanceConfig:
         check_option(self.mitigation in MITIGATIONS, "importance.mitigation", self.mitigation, f"one of {MITIGATIONS}")
         check_option(0.0 <= self.retrace_lambda <= 1.0, "importance.retrace_lambda", self.retrace_lambda, "in [0, 1]")
         check_option(self.level in LEVELS, "importance.level", self.level, f"one of {LEVELS}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are drawn. Defaults follow the paper (appendix F) and TRL's GRPOConfig."""
+
+    temperature: float = 1.0  # TRL GRPOConfig.temperature; 0 means greedy
+    top_p: float = 1.0  # TRL GRPOConfig.top_p
+    top_k: int = 0  # TRL GRPOConfig.top_k (0 = disabled)
+    max_new_tokens: int = 256  # paper, appendix F: completions of 256 tokens
+    min_new_tokens: int = 256  # paper: min = max, so every completion has the same length
+
+    def __post_init__(self) -> None:
+        check_option(self.temperature >= 0, "sampling.temperature", self.temperature, ">= 0 (0 = greedy)")
+        check_option(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
+        check_option(self.top_k >= 0, "sampling.top_k", self.top_k, ">= 0 (0 = disabled)")
+        check_option(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, ">= 1")
+        check_option(0 <= self.min_new_tokens <= self.max_new_tokens, "sampling.min_new_tokens", self.min_new_tokens,
+                     f"in [0, sampling.max_new_tokens={self.max_new_tokens}]")
 
 
 @dataclass(frozen=True)
@@ -147,8 +168,6 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
 
     def __post_init__(self) -> None:
-        from nested_reft.data import TRAINING_SETS
-
         check_option(self.dataset in TRAINING_SETS, "dataset", self.dataset, f"one of {TRAINING_SETS}")
         check_option(self.rft_steps >= 0, "rft_steps", self.rft_steps, ">= 0")
         check_option(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
@@ -158,8 +177,8 @@ class TrainConfig:
         check_option(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, ">= 0")
 
 
-LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
-SCALINGS = ("group", "batch", "none")
+LOSS_TYPES = tuple(LOSS_AGGREGATIONS)
+SCALINGS = tuple(REWARD_SCALINGS)
 SCHEDULERS = tuple(SCHEDULE_SHAPES)
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -203,10 +222,6 @@ def from_dict(cls: type, values: dict, where: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as error:
         raise ConfigError(f"{where or 'config'}: {error}") from None
-    except ConfigError:
-        raise
-    except ValueError as error:  # sections validated outside this module (SamplingConfig) name the bare field
-        raise ConfigError(f"{where}{error}") from None
 
 
 def _dataclass_type(cls: type, name: str) -> type | None:
@@ -302,6 +317,4 @@ def flat_options(values: dict, prefix: str = "") -> dict:
 
 def save_config(config: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from nested_reft.checkpoint import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

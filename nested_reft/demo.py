@@ -14,11 +14,11 @@ import json
 import statistics
 from pathlib import Path
 
-from nested_reft.checkpoint import atomic_write_text
-from nested_reft.config import GRPOConfig, ImportanceConfig, NestingConfig, SFTConfig, TrainConfig
+from nested_reft.files import atomic_write_text
+from nested_reft.config import GRPOConfig, ImportanceConfig, NestingConfig, SamplingConfig, SFTConfig, TrainConfig
 from nested_reft.models import DEFAULT_MODEL
-from nested_reft.rollout import SamplingConfig
-from nested_reft.trainer import FINAL_MODEL_DIR, METRICS_FILE, train
+from nested_reft.rundir import FINAL_MODEL_DIR, METRICS_FILE
+from nested_reft.trainer import ensure_trained, train
 
 DEMO_STEPS = 6  # ReFT steps per run; small enough for a laptop CPU (the paper's scale: configs/paper.yaml)
 
@@ -59,7 +59,7 @@ def run_demo(output_dir: str | Path = "runs/demo", model: str | None = None, ste
             base, model=str(warm), output_dir=str(output / name), nesting=nesting, importance=importance,
             sft=dataclasses.replace(base.sft, epochs=0),
         )
-        summaries[name] = train(config, resume=(output / name / METRICS_FILE).exists())
+        summaries[name] = ensure_trained(config)
         metrics[name] = [json.loads(line) for line in (output / name / METRICS_FILE).read_text().splitlines()]
     table = comparison_table(summaries, metrics)
     atomic_write_text(output / "comparison.md", table)

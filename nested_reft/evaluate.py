@@ -41,11 +41,12 @@ from typing import Any
 
 import torch
 
-from nested_reft.checkpoint import atomic_write_json, atomic_write_text
+from nested_reft.files import atomic_write_json, atomic_write_text
 from nested_reft.config import check_option
 from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
 from nested_reft.rewards import extract_answer
-from nested_reft.rollout import SamplingConfig, eos_token_ids, generate_rollouts, seeded_generator
+from nested_reft.rollout import SamplingConfig, eos_token_ids, generate_rollouts
+from nested_reft.seeding import seeded_generator
 from nested_reft.tasks import Task
 
 logger = logging.getLogger(__name__)

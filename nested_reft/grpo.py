@@ -10,34 +10,48 @@ Shapes: N completions (B prompts x G generations, prompt-major), T completion to
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 ADVANTAGE_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 
 
+def _divide_by_group_std(centred: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    return centred / (grouped.std(dim=1, keepdim=True) + ADVANTAGE_EPS)
+
+
+def _divide_by_batch_std(centred: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    return centred / (grouped.std() + ADVANTAGE_EPS)
+
+
+def _centred_only(centred: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    return centred
+
+
+# TRL's scale_rewards: (centred (B, G), rewards (B, G)) -> advantages (B, G). The unbiased std, as TRL.
+REWARD_SCALINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "group": _divide_by_group_std,
+    "batch": _divide_by_batch_std,
+    "none": _centred_only,
+}
+
+
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
     """Group-normalised advantages (N,) from rewards (N,): (r - group mean) / (group std + 1e-4).
 
-    `scale_rewards` as in TRL: "group" divides by each group's std, "batch" by the batch std, "none"
-    only centres. A group whose rewards are all equal gets advantage 0 (and never NaN); the std is the
-    unbiased one, as in TRL.
+    `scale_rewards` as in TRL (`REWARD_SCALINGS`): "group" divides by each group's std, "batch" by the batch
+    std, "none" only centres. A group whose rewards are all equal gets advantage 0 (and never NaN).
     """
     if rewards.numel() % num_generations:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {num_generations}")
+    if scale_rewards not in REWARD_SCALINGS:
+        raise ValueError(f"scale_rewards must be one of {tuple(REWARD_SCALINGS)}, got {scale_rewards!r}")
     grouped = rewards.float().view(-1, num_generations)
     if num_generations == 1:  # a group of one has nothing to compare against
         return torch.zeros_like(rewards, dtype=torch.float32)
-    centred = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
-    if scale_rewards == "none":
-        return centred
-    if scale_rewards == "group":
-        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).flatten()
-    elif scale_rewards == "batch":
-        std = rewards.float().std().expand_as(centred)
-    else:
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
-    return torch.nan_to_num(centred / (std + ADVANTAGE_EPS), nan=0.0)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    return torch.nan_to_num(REWARD_SCALINGS[scale_rewards](centred, grouped), nan=0.0).flatten()
 
 
 def clipped_surrogate(
@@ -60,27 +74,48 @@ def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
-def _dapo(per_token: torch.Tensor, mask: torch.Tensor, num_tokens: float, max_length: int) -> torch.Tensor:
-    """Sum over tokens / active tokens of the whole (accumulated, all-process) batch (TRL default)."""
-    return (per_token * mask).sum() / max(num_tokens, 1.0)
+@dataclass(frozen=True)
+class LossScale:
+    """The whole step's counts that a chunk's loss is normalised by, so that the chunks' losses add up to the
+    step's loss however the step is cut into micro-batches.
+
+    tokens: active completion tokens of the step (under DDP, all ranks' count / world size, since DDP averages
+    the ranks' gradients); rows: completions of the step on this process; max_length: the completion budget.
+    """
+
+    tokens: float
+    rows: int
+    max_length: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "LossScale":
+        """The counts of `mask` (N, T) alone: a step of one chunk."""
+        return cls(tokens=float(mask.sum()), rows=mask.shape[0], max_length=mask.shape[1])
 
 
-def _bnpo(per_token: torch.Tensor, mask: torch.Tensor, num_tokens: float, max_length: int) -> torch.Tensor:
-    """Sum over tokens / active tokens of this micro-batch."""
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+def _dapo(per_token: torch.Tensor, mask: torch.Tensor, scale: LossScale) -> torch.Tensor:
+    """Sum over tokens / active tokens of the whole step (TRL's default)."""
+    return (per_token * mask).sum() / max(scale.tokens, 1.0)
 
 
-def _grpo(per_token: torch.Tensor, mask: torch.Tensor, num_tokens: float, max_length: int) -> torch.Tensor:
-    """Mean over completions of each completion's token mean (the original GRPO; length-biased)."""
-    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+def _bnpo(per_token: torch.Tensor, mask: torch.Tensor, scale: LossScale) -> torch.Tensor:
+    """The token mean of each micro-batch, averaged over the micro-batches weighted by their rows (TRL averages
+    the token means of its equal-sized accumulation steps)."""
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0) * (mask.shape[0] / scale.rows)
 
 
-def _dr_grpo(per_token: torch.Tensor, mask: torch.Tensor, num_tokens: float, max_length: int) -> torch.Tensor:
-    """Sum over tokens / (completions x max completion length) (Dr. GRPO)."""
-    return (per_token * mask).sum() / (per_token.shape[0] * max_length)
+def _grpo(per_token: torch.Tensor, mask: torch.Tensor, scale: LossScale) -> torch.Tensor:
+    """Mean over the step's completions of each completion's token mean (the original GRPO; length-biased)."""
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / scale.rows
 
 
-LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float, int], torch.Tensor]] = {
+def _dr_grpo(per_token: torch.Tensor, mask: torch.Tensor, scale: LossScale) -> torch.Tensor:
+    """Sum over tokens / (the step's completions x max completion length) (Dr. GRPO)."""
+    return (per_token * mask).sum() / (scale.rows * scale.max_length)
+
+
+# TRL's loss_type: (per-token loss (n, T), mask (n, T), the step's counts) -> this chunk's share of the loss.
+LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, LossScale], torch.Tensor]] = {
     "dapo": _dapo,
     "bnpo": _bnpo,
     "grpo": _grpo,
@@ -98,8 +133,7 @@ def grpo_loss(
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
     loss_type: str = "dapo",
-    num_tokens: float | None = None,
-    max_length: int | None = None,
+    scale: LossScale | None = None,
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
 ) -> torch.Tensor:
@@ -107,7 +141,8 @@ def grpo_loss(
 
     logp: (N, T) log-probs of the completions under pi_theta, with gradient; logp_old: (N, T) the
     same detached (one update per batch); advantages: (N,); mask: (N, T); weights: the detached h_m,
-    (N, T) or (N, 1); num_tokens: active tokens of the whole step for "dapo" (defaults to this batch's).
+    (N, T) or (N, 1); scale: the whole step's counts when these N rows are one micro-batch of it (default:
+    this batch is the step).
     """
     if loss_type not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_AGGREGATIONS)}, got {loss_type!r}")
@@ -116,5 +151,4 @@ def grpo_loss(
         if ref_logp is None:
             raise ValueError("beta > 0 needs the reference model's log-probs (ref_logp)")
         per_token = per_token + beta * kl_to_reference(logp, ref_logp)
-    num_tokens = float(mask.sum()) if num_tokens is None else num_tokens
-    return LOSS_AGGREGATIONS[loss_type](per_token, mask, num_tokens, max_length or mask.shape[1])
+    return LOSS_AGGREGATIONS[loss_type](per_token, mask, scale or LossScale.of(mask))

@@ -40,12 +40,20 @@ def retrace_weights(log_ratio: torch.Tensor, lam: float) -> torch.Tensor:
     return lam * torch.exp(log_ratio.clamp(max=0.0))
 
 
-WEIGHT_FUNCTIONS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "base": base_weights,
-    "practical": practical_weights,
-    "retrace": retrace_weights,
+@dataclass(frozen=True)
+class Mitigation:
+    """A weight function h(log r, lambda) and the log-ratio above which it cuts the ratio (None: never)."""
+
+    weights: Callable[[torch.Tensor, float], torch.Tensor]
+    truncates_above: float | None
+
+
+MITIGATION_TABLE: dict[str, Mitigation] = {
+    "base": Mitigation(base_weights, truncates_above=MAX_LOG_WEIGHT),
+    "practical": Mitigation(practical_weights, truncates_above=None),
+    "retrace": Mitigation(retrace_weights, truncates_above=0.0),
 }
-MITIGATIONS = tuple(WEIGHT_FUNCTIONS)
+MITIGATIONS = tuple(MITIGATION_TABLE)
 
 
 def log_importance_ratio(
@@ -69,12 +77,12 @@ def importance_weights(
     level: str = "token",
 ) -> torch.Tensor:
     """The detached weights h_m: (B, T) at token level (0 at masked positions), (B, 1) at sequence level."""
-    if method not in WEIGHT_FUNCTIONS:
+    if method not in MITIGATION_TABLE:
         raise ValueError(f"mitigation must be one of {MITIGATIONS}, got {method!r}")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"retrace lambda must be in [0, 1], got {lam}")
     log_ratio = log_importance_ratio(logp_old.detach(), logp_behavior.detach(), mask, level)
-    weights = WEIGHT_FUNCTIONS[method](log_ratio, lam)
+    weights = MITIGATION_TABLE[method].weights(log_ratio, lam)
     return weights * mask if level == "token" else weights
 
 
@@ -127,7 +135,5 @@ def importance_statistics(
 
 def _truncated_fraction(log_ratio: torch.Tensor, method: str) -> float:
     """The share of positions whose ratio the weight function changed."""
-    thresholds = {"retrace": 0.0, "base": MAX_LOG_WEIGHT}
-    if method not in thresholds:
-        return 0.0
-    return (log_ratio > thresholds[method]).float().mean().item()
+    threshold = MITIGATION_TABLE[method].truncates_above
+    return 0.0 if threshold is None else (log_ratio > threshold).float().mean().item()

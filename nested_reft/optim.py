@@ -1,14 +1,22 @@
-"""The learning-rate schedules of `transformers.TrainingArguments` that SFT and ReFT share.
+"""The optimizer and learning-rate schedules (those of `transformers.TrainingArguments`) that SFT and ReFT share.
 
 One home so that `sft.lr_scheduler` and `grpo.lr_scheduler` mean the same thing: linear warm-up over
-`warmup_steps`, then linear decay to 0, cosine decay to 0, or a constant rate.
+`warmup_steps`, then linear decay to 0, cosine decay to 0, or a constant rate. The factors are those of
+transformers' `get_linear_schedule_with_warmup`, `get_cosine_schedule_with_warmup` and
+`get_constant_schedule_with_warmup` (warm-up step/w, so the first update of a warm-up runs at rate 0, as
+there); they are written out here so that the configuration can name the schedules without importing
+transformers.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # config names the schedules of this module, so it cannot be imported here at run time
+    from nested_reft.config import GRPOConfig
 
 SHAPES = {
     "constant": lambda progress: 1.0,
@@ -26,7 +34,17 @@ def lr_scheduler(
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
+            return step / warmup_steps
         return shape(min((step - warmup_steps) / decay, 1.0))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model: torch.nn.Module, config: GRPOConfig, total_steps: int):
+    """AdamW with TrainingArguments' defaults (set in GRPOConfig) and `config.lr_scheduler` over the ReFT steps."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon, weight_decay=config.weight_decay,
+    )
+    warmup = int(config.warmup_ratio * total_steps)
+    return optimizer, lr_scheduler(optimizer, config.lr_scheduler, total_steps, warmup)

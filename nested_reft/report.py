@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nested_reft.files import atomic_write_text
+
 # The columns of results.csv (the contract between `sweep`, which writes it, and this module). The sweep
 # adds one `accuracy_<benchmark>` column per benchmark before `accuracy` (the average over benchmarks).
 RESULT_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border", "mitigation", "seed", "status",
@@ -361,8 +363,6 @@ def deltas_csv(deltas: Sequence[dict]) -> str:
 
 def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) -> Path:
     """Read SWEEP_DIR/results.csv only; write deltas.csv, the Figure 1 PNGs and report.md; return report.md."""
-    from nested_reft.checkpoint import atomic_write_text
-
     sweep_dir = Path(sweep_dir)
     output = Path(output_dir) if output_dir is not None else sweep_dir / REPORT_DIR
     rows = read_results(sweep_dir / "results.csv")

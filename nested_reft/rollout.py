@@ -9,7 +9,6 @@ as fast as `generate` and lets us read the log-probs on the way.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,39 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from nested_reft.config import SamplingConfig
 from nested_reft.nesting import nested
-
-
-def seeded_generator(key: str, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator on `device` (where the draws happen) seeded from a hash of `key` alone, so a resumed run
-    draws exactly what an uninterrupted one did, whatever ran before it."""
-    digest = hashlib.sha256(key.encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How completions are drawn. Defaults follow the paper (appendix F) and TRL's GRPOConfig."""
-
-    temperature: float = 1.0  # TRL GRPOConfig.temperature; 0 means greedy
-    top_p: float = 1.0  # TRL GRPOConfig.top_p
-    top_k: int = 0  # TRL GRPOConfig.top_k (0 = disabled)
-    max_new_tokens: int = 256  # paper, appendix F: completions of 256 tokens
-    min_new_tokens: int = 256  # paper: min = max, so every completion has the same length
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
-            )
 
 
 @dataclass

@@ -7,12 +7,14 @@ accumulating micro-batches, and the loss is normalised by the completion tokens 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 
 from nested_reft.config import SFTConfig
 from nested_reft.data import Problem
@@ -83,10 +85,13 @@ def sft_warmup(
     config: SFTConfig,
     micro_batch_size: int,
     seed: int,
+    accelerator: Accelerator,
     on_step: Callable[[SFTStep], None] | None = None,
 ) -> list[float]:
-    """Train `model` in place for `config.epochs` epochs; returns the loss of every optimizer step.
+    """Train `model` (prepared by `accelerator`) in place for `config.epochs` epochs; returns each step's loss.
 
+    Every process takes its share of each batch (examples rank, rank + world, ...) and DDP averages the
+    gradients, so a batch costs 1/world of its time per process and the update equals the one-process update.
     `on_step` sees each step as it ends (the trainer writes them to sft_metrics.jsonl). Optimizer and
     schedule are TRL SFTConfig's (AdamW, `config.lr_scheduler` without warm-up, gradient clipping at
     `config.max_grad_norm`), set in `SFTConfig`.
@@ -94,10 +99,11 @@ def sft_warmup(
     examples = sft_examples(problems)[: config.max_examples]
     if config.epochs == 0 or not examples:
         return []
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    policy = accelerator.unwrap_model(model)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = config.epochs * math.ceil(len(examples) / config.batch_size)
     scheduler = lr_scheduler(optimizer, config.lr_scheduler, steps)
+    optimizer = accelerator.prepare_optimizer(optimizer)
     order = random.Random(seed)
     model.train()
     losses = []
@@ -107,8 +113,8 @@ def sft_warmup(
         for start in range(0, len(shuffled), config.batch_size):
             batch = shuffled[start : start + config.batch_size]
             learning_rate = scheduler.get_last_lr()[0]
-            losses.append(_sft_step(model, tokenizer, batch, config, micro_batch_size, device))
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            losses.append(_sft_step(model, tokenizer, batch, config, micro_batch_size, accelerator))
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -118,16 +124,29 @@ def sft_warmup(
     return losses
 
 
-def _sft_step(model, tokenizer, batch: Sequence[Problem], config: SFTConfig, micro_batch_size: int, device) -> float:
-    """Accumulate the gradients of one batch over micro-batches; return its loss."""
+def _sft_step(model, tokenizer, batch: Sequence[Problem], config: SFTConfig, micro_batch_size: int, accelerator) -> float:
+    """Accumulate this process's share of one batch's gradients over micro-batches; return the batch's loss.
+
+    Each process divides its summed log-likelihood by the batch's token count over all processes / world, so
+    DDP's average of the processes' gradients is the gradient of the whole batch's token mean. A process left
+    without an example (a last batch smaller than the world) runs one with weight 0: DDP needs every process
+    to take part in each synchronisation.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    share, weight = (batch[rank::world], 1.0) if batch[rank::world] else (batch[:1], 0.0)
+    device = accelerator.device
     micro_batches = [
-        tokenize_examples(tokenizer, batch[i : i + micro_batch_size], config.max_length, device)
-        for i in range(0, len(batch), micro_batch_size)
+        tokenize_examples(tokenizer, share[i : i + micro_batch_size], config.max_length, device)
+        for i in range(0, len(share), micro_batch_size)
     ]
-    num_tokens = float(sum(int(m.completion_mask.sum()) for m in micro_batches))
+    tokens = weight * float(sum(int(m.completion_mask.sum()) for m in micro_batches))
+    num_tokens = accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum").item() / world
     total = 0.0
-    for micro_batch in micro_batches:
-        loss = sft_loss(model, micro_batch, num_tokens)
-        loss.backward()
+    for index, micro_batch in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                loss = weight * sft_loss(model, micro_batch, num_tokens)
+            accelerator.backward(loss)
         total += loss.item()
-    return total
+    return accelerator.reduce(torch.tensor(total, device=device), reduction="mean").item()

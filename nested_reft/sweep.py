@@ -58,7 +58,8 @@ from typing import Any
 
 import torch
 
-from nested_reft.checkpoint import CHECKPOINT_PREFIX, atomic_write_json, atomic_write_text
+from nested_reft.checkpoint import CHECKPOINT_PREFIX
+from nested_reft.files import atomic_write_json, atomic_write_text
 from nested_reft.config import (
     ConfigError, TrainConfig, check_option, from_dict, load_config, read_yaml_mapping, to_dict,
 )
@@ -74,7 +75,8 @@ from nested_reft.evaluate import (
 )
 from nested_reft.importance import MITIGATIONS
 from nested_reft.report import RESULT_COLUMNS, accuracy_column
-from nested_reft.trainer import FINAL_MODEL_DIR, SUMMARY_FILE, train
+from nested_reft.rundir import FINAL_MODEL_DIR, SUMMARY_FILE
+from nested_reft.trainer import ensure_trained
 
 PAPER_SKIP_RATIOS = (0.0, 0.05, 0.10, 0.15)  # section 3: x in {5, 10, 15}% plus x = 0 at b = 1 (4 x 3 = 12)
 BASELINE = dict(skip_ratio=0.0, border=0, mitigation="base")  # section 3: classical ReFT
@@ -438,8 +440,7 @@ def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str
                 failed_warm_ups[instance.sft_id] = _describe(error)
                 raise
         config = instance_config(grid, instance)
-        if not (directory / SUMMARY_FILE).is_file() or not (directory / FINAL_MODEL_DIR).is_dir():
-            train(config, resume=True)  # resumes from the last checkpoint; starts afresh where there is none
+        ensure_trained(config)  # resumes from the last checkpoint; starts afresh where there is none
         if not grid.keep_checkpoints:  # trained: model/ is the result, the checkpoint only served resuming
             for checkpoint in directory.glob(f"{CHECKPOINT_PREFIX}*"):
                 shutil.rmtree(checkpoint, ignore_errors=True)
@@ -466,7 +467,7 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
             return directory / FINAL_MODEL_DIR
         write_status(directory, "running", instance=instance.sft_id)
         try:
-            train(sft_config(grid, instance), resume=True)  # rft_steps = 0: no checkpoint, resume just reuses the dir
+            ensure_trained(sft_config(grid, instance))
         except Exception as error:
             write_status(directory, "failed", error=_describe(error), traceback=traceback.format_exc())
             raise

@@ -16,8 +16,6 @@ from nested_reft.checkpoint import (
     RNG_STATE,
     TRAINER_STATE,
     CheckpointError,
-    atomic_write_json,
-    atomic_write_text,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
@@ -29,7 +27,7 @@ from nested_reft.checkpoint import (
 )
 from nested_reft.config import GRPOConfig
 from nested_reft.tiny import tiny_model
-from nested_reft.trainer import make_optimizer
+from nested_reft.optim import make_optimizer
 
 STATE = {"step": 3, "totals": {"runtime_s": 1.5, "tokens_processed": 42}}
 
@@ -246,52 +244,6 @@ def test_saving_over_an_existing_checkpoint_replaces_it_whole(tmp_path):
     assert load_checkpoint(path, other, other_optimizer, other_scheduler) == {"step": 9}
     assert torch.equal(other.lm_head.weight, model.lm_head.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
-
-
-@pytest.mark.parametrize("failing", ["write", "fsync", "replace"])
-def test_atomic_write_text_never_leaves_a_partial_file(tmp_path, monkeypatch, failing):
-    target = tmp_path / "summary.json"
-    atomic_write_text(target, "old contents\n")
-
-    class Boom(Exception):
-        pass
-
-    def boom(*args, **kwargs):
-        raise Boom()
-
-    if failing == "write":
-        real_fdopen = os.fdopen
-
-        class HalfWriter:
-            def __init__(self, stream):
-                self.stream = stream
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.stream.close()
-
-            def write(self, text):
-                self.stream.write(text[: len(text) // 2])
-                self.stream.flush()
-                raise Boom()
-
-        monkeypatch.setattr(checkpoint_module.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
-    else:
-        monkeypatch.setattr(checkpoint_module.os, failing, boom)
-    with pytest.raises(Boom):
-        atomic_write_text(target, "new contents that are much longer than the old ones\n" * 100)
-    monkeypatch.undo()
-
-    assert target.read_text() == "old contents\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
-
-
-def test_atomic_write_creates_parents_and_writes_whole(tmp_path):
-    atomic_write_json(tmp_path / "a" / "b.json", {"x": [1, 2]})
-    assert json.loads((tmp_path / "a" / "b.json").read_text()) == {"x": [1, 2]}
-    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
 
 
 # --- from_pretrained -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import yaml
 
 from nested_reft import trainer
 from nested_reft.demo import RUNS, run_demo
-from nested_reft.trainer import CONFIG_FILE, FINAL_MODEL_DIR
+from nested_reft.rundir import CONFIG_FILE, FINAL_MODEL_DIR
 
 ROWS = ("step time (s, median)", "generation tok/s (median)", "reward (mean of run)", "token speed (tok/s)")
 

@@ -65,15 +65,16 @@ def worker(output_dir: str) -> None:
                                      "tokens": rollouts.completion_tokens}) + "\n")
         return rollouts
 
-    def recording_reft(config, task, model, tokenizer, optimizer, scheduler, accelerator, *args):
-        reft(config, task, model, tokenizer, optimizer, scheduler, accelerator, *args)
+    def recording_reft(config, task, state, *args):
+        reft(config, task, state, *args)
+        accelerator, model = state.accelerator, state.model
         record = {"world": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
                   "backend": str(getattr(accelerator.state, "backend", None))}
         (records / f"rank{rank}.json").write_text(json.dumps(record))
         weights = {k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
         torch.save(weights, records / f"rank{rank}.pt")
 
-    decide = trainer._checkpoint_to_resume
+    decide = trainer.checkpoint_to_resume
 
     def late_decision(output, resume):  # rank 1 looks at the output dir late: rank 0 must not have written yet
         if rank == 1:
@@ -88,7 +89,7 @@ def worker(output_dir: str) -> None:
         save_model(directory, *args)
 
     trainer.generate_rollouts, trainer.reft, trainer.save_model = recording_generate, recording_reft, slow_save_model
-    trainer._checkpoint_to_resume = late_decision
+    trainer.checkpoint_to_resume = late_decision
     task = Task("arithmetic", generate_arithmetic(16, seed=3), reward=lowercase_share)
     trainer.train(load_config(None, overrides(output_dir)), task)
     finished = {"model_saved": (Path(output_dir) / "model" / "model.safetensors").exists()}

@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from nested_reft.grpo import group_advantages, grpo_loss
+from nested_reft.grpo import LossScale, group_advantages, grpo_loss
 
 
 def test_group_advantages_match_a_loop_reference():
@@ -105,7 +105,8 @@ def test_kl_term_and_dapo_normaliser():
     assert loss.item() == pytest.approx(0.1 * kl)
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), torch.ones(1, 2), beta=0.1)
-    scaled = grpo_loss(logp, logp.detach(), torch.ones(1), torch.ones(1, 2), torch.ones(1, 2), num_tokens=8.0)
+    scaled = grpo_loss(logp, logp.detach(), torch.ones(1), torch.ones(1, 2), torch.ones(1, 2),
+                       scale=LossScale(tokens=8.0, rows=1, max_length=2))
     assert scaled.item() == pytest.approx(-2 / 8)
     with pytest.raises(ValueError, match="loss_type"):
         grpo_loss(logp, logp.detach(), torch.ones(1), torch.ones(1, 2), torch.ones(1, 2), loss_type="sum")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 import nested_reft.sft as sft
 from nested_reft.config import SFTConfig, load_config
@@ -13,7 +14,8 @@ from nested_reft.data import generate_arithmetic
 from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
 from nested_reft.tasks import Task
 from nested_reft.tiny import tiny_model
-from nested_reft.trainer import SFT_METRICS_FILE, train
+from nested_reft.rundir import SFT_METRICS_FILE
+from nested_reft.trainer import train
 
 PROBLEMS = generate_arithmetic(8, seed=1)
 
@@ -22,7 +24,8 @@ def warm_up(config: SFTConfig):
     """Run `sft_warmup` on a tiny llama; return (losses, the SFTStep records)."""
     model, tokenizer = tiny_model("llama", num_layers=TINY_NUM_LAYERS, seed=TINY_SEED)
     steps = []
-    losses = sft.sft_warmup(model, tokenizer, PROBLEMS, config, micro_batch_size=4, seed=0, on_step=steps.append)
+    losses = sft.sft_warmup(model, tokenizer, PROBLEMS, config, micro_batch_size=4, seed=0,
+                            accelerator=Accelerator(cpu=True), on_step=steps.append)
     return losses, steps
 
 
@@ -37,7 +40,7 @@ def test_each_step_is_reported_with_its_epoch_and_rate():
 def test_scheduler_clip_and_weight_decay_come_from_the_config(monkeypatch):
     clips, decays = [], []
     clip, adamw = torch.nn.utils.clip_grad_norm_, torch.optim.AdamW
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: clips.append(norm) or clip(params, norm))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm, **kw: clips.append(norm) or clip(params, norm, **kw))
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: decays.append(k["weight_decay"]) or adamw(*a, **k))
     _, steps = warm_up(SFTConfig(epochs=1, batch_size=4, learning_rate=1e-3, max_length=128, lr_scheduler="constant",
                                  max_grad_norm=0.5, weight_decay=0.01))

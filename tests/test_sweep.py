@@ -141,15 +141,18 @@ class FakeRuns:
     """Instant stand-ins for training and evaluation that record their calls and can be told to fail."""
 
     def __init__(self, monkeypatch):
-        self.trained: list[tuple[str, bool]] = []
+        self.trained: list[str] = []
         self.evaluated: list[str] = []
         self.fail_train: set[str] = set()
-        monkeypatch.setattr(sweep, "train", self.train)
+        monkeypatch.setattr(sweep, "ensure_trained", self.train)
         monkeypatch.setattr(sweep, "evaluate_instance", self.evaluate)
 
-    def train(self, config, resume=False):
+    def train(self, config):
+        """As `ensure_trained`: a finished run is returned as it is, without training."""
         output = Path(config.output_dir)
-        self.trained.append((output.name, resume))
+        if (output / "summary.json").is_file() and (output / "model").is_dir():
+            return json.loads((output / "summary.json").read_text())
+        self.trained.append(output.name)
         if output.name in self.fail_train:
             raise RuntimeError(f"boom in {output.name}")
         if config.rft_steps > 0:
@@ -180,9 +183,7 @@ def test_skip_done_retry_failed_and_one_failure_does_not_stop_the_others(tmp_pat
 
     assert sweep_main(str(grid_path), log=lambda line: None) == 1
     assert "x0.1-b1-retrace-s0: RuntimeError: boom" in capsys.readouterr().err
-    trained = [name for name, _ in fake.trained]
-    assert trained.count("sft-s0") == 1 and trained.count("sft-s1") == 1  # one warm-up per seed, shared
-    assert all(resume for _, resume in fake.trained)
+    assert fake.trained.count("sft-s0") == 1 and fake.trained.count("sft-s1") == 1  # one warm-up per seed, shared
     table = results(grid)
     assert len(table) == 6
     assert table["x0.1-b1-retrace-s0"]["status"] == "failed" and "boom" in table["x0.1-b1-retrace-s0"]["error"]
@@ -198,7 +199,7 @@ def test_skip_done_retry_failed_and_one_failure_does_not_stop_the_others(tmp_pat
     fake.trained.clear(), fake.evaluated.clear()
     fake.fail_train = set()
     assert sweep_main(str(grid_path), log=lambda line: None) == 0
-    assert fake.trained == [("x0.1-b1-retrace-s0", True)]  # only the failed one; its warm-up is done
+    assert fake.trained == ["x0.1-b1-retrace-s0"]  # only the failed one; its warm-up is done
     assert fake.evaluated == ["x0.1-b1-retrace-s0"]
     assert {row["status"] for row in results(grid).values()} == {"done"}
     status = read_status(failed)
@@ -231,7 +232,7 @@ def test_failed_warm_up_fails_its_instances_once(tmp_path, monkeypatch):
     grid = load_grid(write_grid(tmp_path, mitigations=["base", "retrace"]))
     outcome = run_sweep(grid, log=lambda line: None)
     assert len(outcome.failed) == 3 and all("SFT" in e or "boom" in e for e in outcome.failed.values())
-    assert [name for name, _ in fake.trained] == ["sft-s0"]  # not retried for every instance
+    assert fake.trained == ["sft-s0"]  # not retried for every instance
     assert read_status(grid.root / "tiny-llama" / "arithmetic" / "sft-s0")["status"] == "failed"
 
 
@@ -240,7 +241,7 @@ def test_only_runs_one_instance_and_its_warm_up(tmp_path, monkeypatch):
     grid_path = write_grid(tmp_path, mitigations=["base", "retrace"])
     target = "tiny-llama/arithmetic/x0.2-b1-base-s0"
     assert main(["sweep", str(grid_path), "--only", target]) == 0
-    assert [name for name, _ in fake.trained] == ["sft-s0", "x0.2-b1-base-s0"]
+    assert fake.trained == ["sft-s0", "x0.2-b1-base-s0"]
     table = results(load_grid(grid_path))
     assert table["x0.2-b1-base-s0"]["status"] == "done" and table["baseline-s0"]["status"] == "pending"
     assert main(["sweep", str(grid_path), "--only", "tiny-llama/arithmetic/nope"]) == 2
@@ -248,12 +249,12 @@ def test_only_runs_one_instance_and_its_warm_up(tmp_path, monkeypatch):
 
 def test_no_warm_up_when_sft_epochs_is_zero(tmp_path, monkeypatch):
     fake = FakeRuns(monkeypatch)
-    monkeypatch.setattr(FakeRuns, "train", lambda self, config, resume=False: (
+    monkeypatch.setattr(FakeRuns, "train", lambda self, config: (
         self.trained.append((config.model, config.sft.epochs)),
         (Path(config.output_dir) / "model").mkdir(parents=True),
         (Path(config.output_dir) / "summary.json").write_text("{}"),
     ))
-    monkeypatch.setattr(sweep, "train", fake.train)
+    monkeypatch.setattr(sweep, "ensure_trained", fake.train)
     grid = load_grid(write_grid(tmp_path, train={"sft": {"epochs": 0}}))
     assert not run_sweep(grid, log=lambda line: None).failed
     assert fake.trained == [("tiny-llama", 0), ("tiny-llama", 0)]

@@ -15,23 +15,21 @@ from conftest import GradientRecorder, NoSchedule
 from safetensors.torch import load_file
 
 import nested_reft.trainer as trainer
+import nested_reft.update as update_module
 from nested_reft.checkpoint import CheckpointError, latest_checkpoint
 from nested_reft.config import ConfigError, load_config
 from nested_reft.data import generate_arithmetic
 from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
 from nested_reft.nesting import num_skipped_layers
 from nested_reft.prompts import build_prompt
-from nested_reft.rollout import generate_rollouts, seeded_generator
+from nested_reft.rollout import generate_rollouts
+from nested_reft.seeding import seeded_generator
 from nested_reft.tasks import Task
 from nested_reft.tiny import tiny_model
-from nested_reft.trainer import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    SFT_MODEL_DIR,
-    SUMMARY_FILE,
-    StepMetrics,
-    train,
-)
+from nested_reft.metrics import StepMetrics
+from nested_reft.rundir import CONFIG_FILE, METRICS_FILE, SFT_MODEL_DIR, SUMMARY_FILE
+from nested_reft.trainer import train
+from nested_reft.update import TrainingState
 
 B, G, T = 2, 4, 6  # prompts per step, completions per prompt, tokens per completion (min = max)
 PROBLEMS = generate_arithmetic(24, seed=1)
@@ -84,10 +82,10 @@ class Snapshots:
         self.before, self.after, self.results = [], [], []
         update = trainer.policy_update
 
-        def recording(model, *args, **kwargs):
-            params = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}  # noqa: E731
+        def recording(state, *args, **kwargs):
+            params = lambda: {n: p.detach().clone() for n, p in state.model.named_parameters()}  # noqa: E731
             self.before.append(params())
-            result = update(model, *args, **kwargs)
+            result = update(state, *args, **kwargs)
             self.after.append(params())
             self.results.append(result)
             return result
@@ -336,8 +334,8 @@ def update_once(model, rollouts, advantages, micro_batch_size, loss_type="dapo",
         "grpo.loss_type": loss_type, "grpo.beta": beta, "grpo.max_grad_norm": 1e9, "grpo.num_generations": 4,
         "importance.mitigation": "practical"})
     recorder = GradientRecorder(model)
-    update = trainer.policy_update(model, recorder, NoSchedule(), rollouts, advantages, config,
-                                   Accelerator(cpu=True), reference=reference)
+    state = TrainingState(model, recorder, NoSchedule(), Accelerator(cpu=True), reference)
+    update = trainer.policy_update(state, rollouts, advantages, config)
     return update, recorder.gradients
 
 
@@ -458,7 +456,7 @@ def test_a_launch_that_accelerate_does_not_see_is_refused(tmp_path, monkeypatch)
 
 def poison_loss(monkeypatch, steps: set[int] | None = None):
     """Make the GRPO loss NaN on the given ReFT steps (all steps if None)."""
-    loss, calls = trainer.grpo_loss, []
+    loss, calls = update_module.grpo_loss, []
 
     def poisoned(*args, **kwargs):
         value = loss(*args, **kwargs)
@@ -473,7 +471,7 @@ def poison_loss(monkeypatch, steps: set[int] | None = None):
         trainer_step[0] += 1
         return score(self, completions, golds)
 
-    monkeypatch.setattr(trainer, "grpo_loss", poisoned)
+    monkeypatch.setattr(update_module, "grpo_loss", poisoned)
     monkeypatch.setattr(Task, "score", counting_score)
 
 

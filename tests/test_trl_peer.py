@@ -30,7 +30,7 @@ from nested_reft.grpo import group_advantages  # noqa: E402
 from nested_reft.policy import completion_logprobs  # noqa: E402
 from nested_reft.rollout import Rollouts, SamplingConfig, generate_rollouts  # noqa: E402
 from nested_reft.tiny import byte_tokenizer, tiny_model  # noqa: E402
-from nested_reft.trainer import policy_update  # noqa: E402
+from nested_reft.update import TrainingState, policy_update  # noqa: E402
 from conftest import GradientRecorder, NoSchedule  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -148,7 +148,8 @@ def our_loss_and_gradients(model, rollouts: Rollouts, advantages: torch.Tensor, 
         grpo=GRPOConfig(num_generations=G, loss_type=loss_type, epsilon=0.2, epsilon_high=0.2, max_grad_norm=1e9),
     )
     recorder = GradientRecorder(model)
-    update = policy_update(model, recorder, NoSchedule(), rollouts, advantages, config, Accelerator(cpu=True))
+    state = TrainingState(model, recorder, NoSchedule(), Accelerator(cpu=True))
+    update = policy_update(state, rollouts, advantages, config)
     assert update.finite
     return update, recorder.gradients
 

@@ -1,0 +1,105 @@
+"""Small file helpers every module that writes shares: atomic writes, JSON reads and one-writer locks.
+
+Atomic writes go through a temporary sibling and a rename, so a reader (or a run killed mid-write) sees the
+old file or the new one, never half of one; they get the mode the umask gives a new file, as the files a
+plain `open` writes do. Locks are `flock` locks on a file beside what they guard: the kernel releases them
+when the holding process dies (a `kill -9` leaves no stale lock), and the holder writes who it is into the
+lock file so that a refused second writer can name it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+class LockHeldError(RuntimeError):
+    """Another process holds the lock; the message names it (pid, host, command, since when)."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` via a temporary file and a rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(temporary, 0o666 & ~umask())  # mkstemp makes it 0600; give it a normal file's mode
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """The mapping a JSON file holds, or {} when it is missing or unreadable (results not written yet)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give every file under `path` (or `path` itself) the mode a new file gets, for writers that make 0600 files."""
+    path = Path(path)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        file.chmod(0o666 & ~umask())
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the body; `what` names the guarded thing in the refusal.
+
+    With `wait=False` a lock held by another process raises LockHeldError naming that process; with
+    `wait=True` the call blocks until the holder is done (jobs that take turns, such as a shared warm-up).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process (it has not written its name yet)"
+            raise LockHeldError(f"{what} is in use by {holder}; wait for it to finish or stop it "
+                                f"(lock file {path})") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(_holder_description())
+            handle.flush()
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _holder_description() -> str:
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    command = " ".join(sys.argv)[:300]
+    return f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command})"

@@ -1,0 +1,170 @@
+"""What a run measures: one `StepMetrics` per ReFT step (a line of metrics.jsonl), the run's cumulative
+`RunTotals` (kept in checkpoints) and the summary written to summary.json.
+
+Over several processes: counts (tokens) are summed over ranks; rewards, completion lengths, h statistics and
+KLs are computed on the gathered batch; times are the slowest rank's, since the step waits for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nested_reft.config import TrainConfig
+from nested_reft.importance import importance_statistics
+from nested_reft.rollout import Rollouts
+from nested_reft.update import UpdateResult
+
+
+@dataclass
+class StepMetrics:
+    """One line of metrics.jsonl, over all processes.
+
+    gen_tokens_per_s = all ranks' generated tokens / the longest generation time of any rank.
+    `kl` is the masked mean of TRL's k3 estimate of KL(pi_theta || pi_ref), None when beta = 0 (no reference).
+    """
+
+    step: int
+    skip_set: list[int]
+    skipped_layers: int
+    reward_mean: float
+    reward_std: float
+    fraction_correct: float
+    completion_length: float
+    generation_time_s: float
+    scoring_time_s: float
+    training_time_s: float
+    step_time_s: float
+    tokens_generated: int
+    tokens_processed: int
+    gen_tokens_per_s: float
+    h_mean: float
+    h_min: float
+    h_max: float
+    h_truncated: float
+    h_ess: float
+    kl_behavior_target: float
+    kl: float | None
+    loss: float
+    grad_norm: float
+    learning_rate: float
+    update_skipped: bool
+
+
+@dataclass
+class RunTotals:
+    """Cumulative counters of the ReFT phase, kept in checkpoints so a resumed run's summary is whole.
+
+    runtime_s sums the ReFT steps' step_time_s: SFT (sft_runtime_s, apart), model loading and checkpoint
+    writing are not in it, as the paper's runtime is the ReFT stage's.
+    """
+
+    runtime_s: float = 0.0
+    generation_time_s: float = 0.0
+    tokens_processed: int = 0
+    tokens_generated: int = 0
+    nonfinite_updates: int = 0
+    sft_runtime_s: float = 0.0
+
+    def add(self, metrics: StepMetrics) -> None:
+        self.runtime_s += metrics.step_time_s
+        self.generation_time_s += metrics.generation_time_s
+        self.tokens_processed += metrics.tokens_processed
+        self.tokens_generated += metrics.tokens_generated
+        self.nonfinite_updates += int(metrics.update_skipped)
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """perf_counter() readings at a step's phase boundaries on this rank."""
+
+    started: float
+    generated: float
+    scored: float
+    updated: float
+
+
+def step_metrics(
+    step: int, rollouts: Rollouts, all_rewards: torch.Tensor, update: UpdateResult, config: TrainConfig,
+    accelerator, learning_rate: float, times: StepTimes,
+) -> StepMetrics:
+    """The step's metrics over all ranks (see `StepMetrics`); `all_rewards` are already gathered."""
+    device = accelerator.device
+    generated = int(accelerator.reduce(torch.tensor(rollouts.completion_tokens, device=device), "sum"))
+    prompts = int(accelerator.reduce(torch.tensor(rollouts.prompt_tokens, device=device), "sum"))
+    generation_s, scoring_s, training_s, step_s = _slowest_rank(
+        accelerator, [rollouts.generation_time_s, times.scored - times.generated, times.updated - times.scored,
+                      times.updated - times.started],
+    )
+    mask = _gather_rows(accelerator, rollouts.completion_mask.float())
+    stats = importance_statistics(
+        _gather_rows(accelerator, update.logp_old), _gather_rows(accelerator, rollouts.behavior_logprobs), mask,
+        config.importance.mitigation, config.importance.retrace_lambda, config.importance.level,
+    )
+    return StepMetrics(
+        step=step,
+        skip_set=list(rollouts.skip_set),
+        skipped_layers=len(rollouts.skip_set),
+        reward_mean=all_rewards.mean().item(),
+        reward_std=all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
+        fraction_correct=(all_rewards >= 1.0).float().mean().item(),
+        completion_length=mask.sum(-1).mean().item(),
+        generation_time_s=generation_s,
+        scoring_time_s=scoring_s,
+        training_time_s=training_s,
+        step_time_s=step_s,
+        tokens_generated=generated,
+        tokens_processed=generated + prompts,
+        gen_tokens_per_s=generated / max(generation_s, 1e-9),
+        h_mean=stats.mean,
+        h_min=stats.min,
+        h_max=stats.max,
+        h_truncated=stats.truncated,
+        h_ess=stats.ess,
+        kl_behavior_target=stats.kl_behavior_target,
+        kl=update.kl,
+        loss=update.loss,
+        grad_norm=update.grad_norm,
+        learning_rate=learning_rate,
+        update_skipped=not update.finite,
+    )
+
+
+def _slowest_rank(accelerator, seconds: list[float]) -> list[float]:
+    """Each duration's maximum over the ranks (the step waits for the slowest one)."""
+    gathered = accelerator.gather(torch.tensor([seconds], dtype=torch.float64, device=accelerator.device))
+    return gathered.max(dim=0).values.tolist()
+
+
+def _gather_rows(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' (rows, T) tensors stacked on the CPU, zero-padded to the longest T (masked out there)."""
+    padded = accelerator.pad_across_processes(tensor.to(accelerator.device), dim=1, pad_index=0)
+    return accelerator.gather(padded).cpu()
+
+
+def summarize(rows: list[dict], totals: RunTotals, config: TrainConfig) -> dict:
+    """The run's headline numbers from its metrics records and totals, as written to summary.json.
+
+    total_runtime_s: the ReFT stage's runtime, the sum of the steps' step_time_s (the paper's runtime);
+    SFT is apart (sft_runtime_s), model loading and checkpoint writing are in neither.
+    token_speed: tokens processed (prompt + completion, all ranks) / total_runtime_s (the paper's metric).
+    final_reward: the mean of reward_mean over the last 10% of the steps (at least one step), which
+    smooths the step-to-step noise of a single batch.
+    """
+    tail = rows[-max(1, len(rows) // 10) :] if rows else []
+    return {
+        "steps": len(rows),
+        "total_runtime_s": totals.runtime_s,
+        "token_speed": totals.tokens_processed / max(totals.runtime_s, 1e-9),
+        "generation_share": totals.generation_time_s / max(totals.runtime_s, 1e-9),
+        "tokens_processed": totals.tokens_processed,
+        "tokens_generated": totals.tokens_generated,
+        "final_reward": sum(r["reward_mean"] for r in tail) / len(tail) if tail else None,
+        "nonfinite_updates": totals.nonfinite_updates,
+        "sft_runtime_s": totals.sft_runtime_s,
+        "skip_ratio": config.nesting.skip_ratio,
+        "border": config.nesting.border,
+        "mitigation": config.importance.mitigation,
+        "seed": config.seed,
+    }
