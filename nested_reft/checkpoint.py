@@ -78,7 +78,6 @@ def save_checkpoint(
 def _write_model(staging: Path, model, tokenizer) -> None:
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    follow_umask(staging)  # safetensors writes its files 0600: a model other users and jobs load follows the umask
 
 
 def _write_atomically(directory: Path, write) -> Path:
@@ -89,6 +88,7 @@ def _write_atomically(directory: Path, write) -> Path:
     try:
         staging.chmod(0o777 & ~umask())  # mkdtemp makes it 0700; give it a normal directory's mode
         write(staging)
+        follow_umask(staging)  # safetensors writes 0600 files: a model other users and jobs load follows the umask
         atomic_write_json(staging / MANIFEST, _hashes(staging))
         _replace_directory(staging, directory)
     except BaseException:

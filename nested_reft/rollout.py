@@ -211,13 +211,16 @@ def generate_rollouts(
     prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0)
     was_training = model.training
     model.eval()
-    start = _synchronized_clock(device)
-    with nested(model, skip_set):
-        samples = sample(
-            model, prompt_ids, prompt_mask, sampling, eos_token_ids(model, tokenizer), tokenizer.pad_token_id, generator
-        )
-    elapsed = _synchronized_clock(device) - start
-    model.train(was_training)
+    try:
+        start = _synchronized_clock(device)
+        with nested(model, skip_set):
+            samples = sample(
+                model, prompt_ids, prompt_mask, sampling, eos_token_ids(model, tokenizer), tokenizer.pad_token_id,
+                generator,
+            )
+        elapsed = _synchronized_clock(device) - start
+    finally:
+        model.train(was_training)
     return Rollouts(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

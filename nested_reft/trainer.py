@@ -52,7 +52,7 @@ from nested_reft.checkpoint import (
     verify_checkpoint,
 )
 from nested_reft.config import ConfigError, TrainConfig, flat_options, save_config, to_dict
-from nested_reft.data import Problem
+from nested_reft.data import DataError, Problem
 from nested_reft.files import atomic_write_json, atomic_write_text, read_json
 from nested_reft.grpo import group_advantages
 from nested_reft.metrics import RunTotals, StepMetrics, StepTimes, step_metrics, summarize
@@ -102,6 +102,8 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
         model, tokenizer = load_model(config.model, dtype=torch.float32, device=accelerator.device)  # fp32 master weights
         check_fits_model(config, num_decoder_layers(model), accelerator.num_processes)
         task = task or Task.load(config.dataset, "train", config.data_dir)
+        if not task.problems:
+            raise DataError(f"training set {task.name!r} has 0 problems: nothing to train on")
         accelerator.wait_for_everyone()  # every rank has decided and checked before the main process writes
         if accelerator.is_main_process:
             save_config(config, output / CONFIG_FILE)

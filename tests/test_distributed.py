@@ -34,8 +34,16 @@ def overrides(output_dir: str) -> dict:
         "model": "tiny-llama", "dataset": "arithmetic", "output_dir": output_dir, "rft_steps": STEPS,
         "batch_size": BATCH, "micro_batch_size": 2, "grpo.num_generations": G, "grpo.learning_rate": 1e-3,
         "sampling.max_new_tokens": T, "sampling.min_new_tokens": T, "nesting.skip_ratio": 0.3,
-        "sft.epochs": 0, "save_steps": 1, "importance.mitigation": "retrace",
+        "save_steps": 1, "importance.mitigation": "retrace",
+        # a warm-up of two steps, the second of one example: one rank gets it, the other takes part with none
+        "sft.epochs": 1, "sft.batch_size": 4, "sft.max_examples": 5, "sft.learning_rate": 1e-3, "sft.max_length": 128,
     }
+
+
+def PROBLEMS():  # noqa: N802 - the one problem set of every run here
+    from nested_reft.data import generate_arithmetic
+
+    return generate_arithmetic(16, seed=3)
 
 
 def lowercase_share(completion: str, gold: str) -> float:
@@ -46,9 +54,9 @@ def lowercase_share(completion: str, gold: str) -> float:
 def worker(output_dir: str) -> None:
     """One rank: train, recording this rank's prompts, generated tokens and final weights under records/."""
     torch.set_num_threads(1)
+    import nested_reft.sft as sft
     import nested_reft.trainer as trainer
     from nested_reft.config import load_config
-    from nested_reft.data import generate_arithmetic
     from nested_reft.tasks import Task
 
     rank = int(os.environ["RANK"])
@@ -88,9 +96,17 @@ def worker(output_dir: str) -> None:
             time.sleep(2)
         save_model(directory, *args)
 
+    tokenize = sft.tokenize_examples
+
+    def recording_tokenize(tokenizer, problems, *args):  # the SFT examples this rank trains on
+        with open(records / f"rank{rank}.sft.jsonl", "a") as stream:
+            stream.write(json.dumps([problem.question for problem in problems]) + "\n")
+        return tokenize(tokenizer, problems, *args)
+
+    sft.tokenize_examples = recording_tokenize
     trainer.generate_rollouts, trainer.reft, trainer.save_model = recording_generate, recording_reft, slow_save_model
     trainer.checkpoint_to_resume = late_decision
-    task = Task("arithmetic", generate_arithmetic(16, seed=3), reward=lowercase_share)
+    task = Task("arithmetic", PROBLEMS(), reward=lowercase_share)
     trainer.train(load_config(None, overrides(output_dir)), task)
     finished = {"model_saved": (Path(output_dir) / "model" / "model.safetensors").exists()}
     (records / f"rank{rank}.returned.json").write_text(json.dumps(finished))
@@ -152,7 +168,6 @@ def test_metrics_are_written_once_by_the_main_process(ddp_run):
 
 def test_each_rank_samples_its_own_share_of_the_batch(ddp_run):
     from nested_reft.config import load_config
-    from nested_reft.data import generate_arithmetic
     from nested_reft.prompts import build_prompt
     from nested_reft.tiny import byte_tokenizer
     from nested_reft.trainer import batch_for_step
@@ -160,7 +175,7 @@ def test_each_rank_samples_its_own_share_of_the_batch(ddp_run):
     class OneProcess:
         num_processes, process_index = 1, 0
 
-    problems, tokenizer = generate_arithmetic(16, seed=3), byte_tokenizer()
+    problems, tokenizer = PROBLEMS(), byte_tokenizer()
     config = load_config(None, overrides("unused"))
     calls = [[json.loads(line) for line in (ddp_run / "records" / f"rank{r}.jsonl").read_text().splitlines()]
              for r in range(WORLD)]
@@ -171,6 +186,26 @@ def test_each_rank_samples_its_own_share_of_the_batch(ddp_run):
             assert share["rows"] == BATCH // WORLD * G and share["tokens"] == BATCH // WORLD * G * T
         whole = [build_prompt(tokenizer, p.question) for p in batch_for_step(problems, config, step, OneProcess())]
         assert shares[0]["prompts"] + shares[1]["prompts"] == whole  # the ranks split the step's batch
+
+
+def test_the_sft_warm_up_under_ddp_equals_the_one_process_warm_up(ddp_run, tmp_path):
+    """Each rank trains on its share of every SFT batch; DDP's averaged gradient is the whole batch's."""
+    from nested_reft.config import load_config
+    from nested_reft.tasks import Task
+    from nested_reft.trainer import train
+
+    one_process = load_config(None, {**overrides(str(tmp_path / "one")), "rft_steps": 0})
+    train(one_process, Task("arithmetic", PROBLEMS(), reward=lowercase_share))
+    read = lambda run: [json.loads(line) for line in (run / "sft_metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    ddp, one = read(ddp_run / "run"), read(tmp_path / "one")
+    seen = [[json.loads(line) for line in (ddp_run / "records" / f"rank{r}.sft.jsonl").read_text().splitlines()]
+            for r in range(WORLD)]
+    assert [len(questions) for questions in seen[0]] == [2, 1] and [len(q) for q in seen[1]] == [2, 1]
+    assert not set(seen[0][0]) & set(seen[1][0])  # step 1: the ranks split the batch of 4
+    assert seen[1][1] == seen[0][1]  # step 2 has one example: rank 1 runs it with weight 0, to take part
+    assert [row["step"] for row in ddp] == [row["step"] for row in one] == [1, 2]
+    for a, b in zip(ddp, one):  # step 2's loss is taken after step 1's update: equal losses, equal updates
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["learning_rate"] == b["learning_rate"]
 
 
 def test_ranks_end_with_identical_weights_equal_to_the_saved_model(ddp_run):
