@@ -27,6 +27,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--seed": ("seed", int),
     "--skip-ratio": ("nesting.skip_ratio", float),
     "--border": ("nesting.border", int),
+    "--skip-policy": ("nesting.skip_policy", str),
     "--mitigation": ("importance.mitigation", str),
     "--retrace-lambda": ("importance.retrace_lambda", float),
     "--is-level": ("importance.level", str),

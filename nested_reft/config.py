@@ -24,6 +24,7 @@ from nested_reft.files import atomic_write_text
 from nested_reft.grpo import LOSS_AGGREGATIONS, REWARD_SCALINGS
 from nested_reft.importance import LEVELS, MITIGATIONS
 from nested_reft.optim import SHAPES as SCHEDULE_SHAPES
+from nested_reft.skip_policy import LAYER_CHOICES, SKIP_POLICIES
 
 
 class ConfigError(ValueError):
@@ -36,10 +37,24 @@ class NestingConfig:
 
     skip_ratio: float = 0.0  # x; paper grid: 0, 0.05, 0.10, 0.15 (0 = classical ReFT)
     border: int = 1  # b; paper: 1 (first and last layer never skipped); 0 for the x = 0 baseline
+    # Past the paper (nested_reft.skip_policy): uniform (the paper's f_{x,b}) | influence | kl_target.
+    skip_policy: str = "uniform"
+    # tau of exp(-BI / tau); ours: SmolLM2's Block Influences span about 0.01-0.3 (docs/study-smollm2), so 0.05
+    # makes the least influential layers several times likelier than the most; very large = uniform
+    influence_temperature: float = 0.05
+    smoothing: float = 0.7  # ours: EMA weight of the past for the measured influence and KL (a few steps' memory)
+    kl_target: float = 0.05  # ours: per-token KL(behavior || target) that kl_target keeps under (see the study)
+    kl_target_layers: str = "uniform"  # how kl_target draws its U layers: uniform | influence
 
     def __post_init__(self) -> None:
         check_option(0.0 <= self.skip_ratio < 1.0, "nesting.skip_ratio", self.skip_ratio, "in [0, 1)")
         check_option(self.border >= 0, "nesting.border", self.border, ">= 0")
+        check_option(self.skip_policy in SKIP_POLICIES, "nesting.skip_policy", self.skip_policy, f"one of {SKIP_POLICIES}")
+        check_option(self.influence_temperature > 0, "nesting.influence_temperature", self.influence_temperature, "> 0")
+        check_option(0 <= self.smoothing < 1, "nesting.smoothing", self.smoothing, "in [0, 1)")
+        check_option(self.kl_target > 0, "nesting.kl_target", self.kl_target, "> 0")
+        check_option(self.kl_target_layers in LAYER_CHOICES, "nesting.kl_target_layers", self.kl_target_layers,
+                     f"one of {LAYER_CHOICES}")
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class StepMetrics:
     grad_norm: float
     learning_rate: float
     update_skipped: bool
+    layer_influence: list[float] | None  # each block's Block Influence this step, when the skip policy measures it
 
 
 @dataclass
@@ -87,7 +88,7 @@ class StepTimes:
 
 def step_metrics(
     step: int, rollouts: Rollouts, all_rewards: torch.Tensor, update: UpdateResult, config: TrainConfig,
-    accelerator, learning_rate: float, times: StepTimes,
+    accelerator, learning_rate: float, times: StepTimes, layer_influence: list[float] | None = None,
 ) -> StepMetrics:
     """The step's metrics over all ranks (see `StepMetrics`); `all_rewards` are already gathered."""
     device = accelerator.device
@@ -128,6 +129,7 @@ def step_metrics(
         grad_norm=update.grad_norm,
         learning_rate=learning_rate,
         update_skipped=not update.finite,
+        layer_influence=layer_influence,
     )
 
 

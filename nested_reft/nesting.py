@@ -17,6 +17,7 @@ exit, also when the body raises.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -62,15 +63,68 @@ def sample_skip_set(
 
     Definition 3 of the paper. Pass a seeded `torch.Generator` for a reproducible draw.
     """
-    count = num_skipped_layers(num_layers, ratio)
+    return draw_uniform(num_layers, num_skipped_layers(num_layers, ratio), border, generator)
+
+
+def draw_uniform(num_layers: int, count: int, border: int, generator: torch.Generator | None = None) -> tuple[int, ...]:
+    """`count` distinct valid layers (border `border`), uniform without replacement, sorted."""
+    candidates = _candidates(num_layers, count, border)
+    order = torch.randperm(len(candidates), generator=generator)[:count]
+    return tuple(sorted(candidates[i] for i in order.tolist()))
+
+
+def influence_probabilities(influence: Sequence[float], border: int, temperature: float) -> torch.Tensor:
+    """Per-layer draw probabilities (N,) proportional to exp(-BI_l / temperature) over the valid layers, 0 on
+    the border: layers that change the residual stream least (low Block Influence) are skipped most often.
+
+    Computed as a softmax of -BI / temperature (log space, float64); a very large temperature gives uniform.
+    """
+    if temperature <= 0:
+        raise ValueError(f"influence temperature must be > 0, got {temperature}")
+    num_layers = len(influence)
+    logits = torch.full((num_layers,), -math.inf, dtype=torch.float64)
+    valid = valid_layers(num_layers, border)
+    logits[valid] = -torch.tensor([influence[i] for i in valid], dtype=torch.float64) / temperature
+    return torch.softmax(logits, dim=0)
+
+
+def draw_weighted(probabilities: torch.Tensor, count: int, generator: torch.Generator | None = None) -> tuple[int, ...]:
+    """`count` distinct layers drawn one after another, each with probability proportional to `probabilities`
+    among the layers not yet drawn (successive sampling without replacement), sorted."""
+    positive = int((probabilities > 0).sum())
+    if count > positive:
+        raise ValueError(f"cannot draw {count} distinct layers from {positive} with a positive probability")
+    if count == 0:
+        return ()
+    drawn = torch.multinomial(probabilities.double(), count, replacement=False, generator=generator)
+    return tuple(sorted(drawn.tolist()))
+
+
+def kl_controlled_count(current: int, kl_by_count: dict[int, float], target: float, max_count: int) -> int:
+    """The next number of layers to skip, stepping towards the largest U whose smoothed KL stays under `target`.
+
+    `kl_by_count` holds the smoothed KL(behavior || target) measured at each U used so far. Over the target at
+    `current`: one layer fewer. Under it: one layer more, unless U + 1 was measured over the target (then stay).
+    The step of one layer keeps the behavior model from jumping far from what was measured.
+    """
+    measured = kl_by_count.get(current)
+    if measured is None:
+        return current
+    if measured > target:
+        return max(current - 1, 0)
+    above = kl_by_count.get(current + 1)
+    if current < max_count and (above is None or above <= target):
+        return current + 1
+    return current
+
+
+def _candidates(num_layers: int, count: int, border: int) -> list[int]:
     candidates = valid_layers(num_layers, border)
     if count > len(candidates):
         raise ValueError(
-            f"cannot skip {count} layers (ratio {ratio}) of {num_layers} with border {border}: "
-            f"only {len(candidates)} valid layers"
+            f"cannot skip {count} of {num_layers} layers with border {border}: only {len(candidates)} valid layers"
         )
-    order = torch.randperm(len(candidates), generator=generator)[:count]
-    return tuple(sorted(candidates[i] for i in order.tolist()))
+    return candidates
 
 
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:

@@ -6,7 +6,9 @@ How Nested-ReFT differs from plain GRPO (TRL's GRPOTrainer), each marked where i
        the same weights with those layers skipped, and their log-probs are recorded while sampling;
   [N3] the off-policy gap is corrected by a detached importance weight h_m(pi_theta, eta'_s) (`update`);
   [N4] each token's clipped GRPO term is multiplied by h_m (`update`).
-With x = 0, b = 0 and m = base the loop is classical ReFT (h = 1 up to rounding).
+With x = 0, b = 0 and m = base the loop is classical ReFT (h = 1 up to rounding). Past the paper, the skip
+set may come from an adaptive policy (`skip_policy`: layer influence, a KL target) that each step's
+measurements feed; the default, `uniform`, is f_{x,b}.
 
 This module is the loop (`reft`) and the setting up around it (`train`). The engines live elsewhere:
 nesting, rollout, importance, grpo, update (the gradient step), sft, metrics, rundir (the files a run
@@ -57,7 +59,8 @@ from nested_reft.files import atomic_write_json, atomic_write_text, read_json
 from nested_reft.grpo import group_advantages
 from nested_reft.metrics import RunTotals, StepMetrics, StepTimes, step_metrics, summarize
 from nested_reft.models import load_model
-from nested_reft.nesting import num_decoder_layers, num_skipped_layers, sample_skip_set, valid_layers
+from nested_reft.influence import InfluenceMeter
+from nested_reft.nesting import num_decoder_layers, num_skipped_layers, valid_layers
 from nested_reft.optim import make_optimizer
 from nested_reft.rollout import generate_rollouts
 from nested_reft.rundir import (
@@ -79,6 +82,7 @@ from nested_reft.rundir import (
 )
 from nested_reft.seeding import step_generator
 from nested_reft.sft import sft_warmup
+from nested_reft.skip_policy import SkipPolicy
 from nested_reft.tasks import Task
 from nested_reft.update import TrainingState, policy_update
 
@@ -136,12 +140,16 @@ def _train_model(config: TrainConfig, task: Task, model, tokenizer, accelerator,
     if config.grpo.disable_dropout:
         disable_dropout(policy)
     optimizer, scheduler = make_optimizer(policy, config.grpo, config.rft_steps)
+    skip_policy = SkipPolicy.from_config(config.nesting, num_decoder_layers(policy))
     state = TrainingState(model, optimizer, scheduler, accelerator,
-                          reference_model(config, policy, accelerator, resumed=checkpoint is not None))
+                          reference_model(config, policy, accelerator, resumed=checkpoint is not None),
+                          InfluenceMeter(policy) if skip_policy.measures_influence else None)
     start_step = 0
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, policy, optimizer, scheduler)
         start_step, totals = saved["step"], RunTotals(**saved["totals"])
+        if "skip_policy" in saved:  # checkpoints before adaptive policies hold none (their policy was uniform)
+            skip_policy.load_state_dict(saved["skip_policy"])
     if accelerator.is_main_process:
         keep_metrics_up_to(output / METRICS_FILE, start_step)
     state.optimizer = accelerator.prepare_optimizer(optimizer)
@@ -149,7 +157,7 @@ def _train_model(config: TrainConfig, task: Task, model, tokenizer, accelerator,
         accelerator.init_trackers("nested-reft", config=_tracker_hyperparameters(config))
     if checkpoint is not None:  # last, so that nothing above (loading, copying) moves the restored states
         restore_rng_states(checkpoint, accelerator.process_index)
-    reft(config, task, state, tokenizer, start_step, totals)
+    reft(config, task, state, tokenizer, skip_policy, start_step, totals)
     summary = summarize(read_metrics(output / METRICS_FILE), totals, config)
     if accelerator.is_main_process:
         save_model(output / FINAL_MODEL_DIR, policy, tokenizer)
@@ -160,17 +168,17 @@ def _train_model(config: TrainConfig, task: Task, model, tokenizer, accelerator,
     return summary
 
 
-def reft(config: TrainConfig, task: Task, state: TrainingState, tokenizer, start_step: int, totals: RunTotals) -> None:
+def reft(
+    config: TrainConfig, task: Task, state: TrainingState, tokenizer, skip_policy: SkipPolicy, start_step: int,
+    totals: RunTotals,
+) -> None:
     """Algorithm 1, step 2: for s = 1..S, sample a nested model, roll out, score, update."""
-    accelerator, policy = state.accelerator, state.policy
-    num_layers, G = num_decoder_layers(policy), config.grpo.num_generations
+    accelerator, policy, G = state.accelerator, state.policy, config.grpo.num_generations
     with _progress(accelerator, config.rft_steps, start_step) as advance:
         for step in range(start_step + 1, config.rft_steps + 1):
             started_at = time.perf_counter()
             problems = batch_for_step(task.problems, config, step, accelerator)  # line 7
-            skip_set = sample_skip_set(  # [N1] line 9: f_{x,b}(eta_s), the same draw on every rank
-                num_layers, config.nesting.skip_ratio, config.nesting.border, step_generator(config.seed, step, "skip")
-            )
+            skip_set = skip_policy.draw(step_generator(config.seed, step, "skip"))  # [N1] line 9: f_{x,b}(eta_s)
             with accelerator.autocast():
                 rollouts = generate_rollouts(  # [N2] lines 8, 10, 11: eta'_s = pi_{theta_{s-1}} without S_s
                     policy, tokenizer, task.prompts(tokenizer, problems), G, config.sampling, skip_set,
@@ -185,7 +193,10 @@ def reft(config: TrainConfig, task: Task, state: TrainingState, tokenizer, start
             learning_rate = state.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged as such)
             update = policy_update(state, rollouts, advantages, config)  # lines 13-14, [N3] and [N4]
             times = StepTimes(started_at, generated_at, scored_at, time.perf_counter())
-            metrics = step_metrics(step, rollouts, all_rewards, update, config, accelerator, learning_rate, times)
+            influence = state.influence.take(accelerator) if state.influence else None
+            metrics = step_metrics(step, rollouts, all_rewards, update, config, accelerator, learning_rate, times,
+                                   influence)
+            skip_policy.observe(skip_set, influence, metrics.kl_behavior_target)  # past the paper: adaptive policies
             totals.add(metrics)
             _log(metrics, config, accelerator)
             advance(metrics)
@@ -195,7 +206,8 @@ def reft(config: TrainConfig, task: Task, state: TrainingState, tokenizer, start
                     f"(max_nonfinite_steps={config.max_nonfinite_steps}); last at step {step}"
                 )
             if step % config.save_steps == 0 or step == config.rft_steps:
-                _checkpoint(config, state, tokenizer, step, totals)
+                _checkpoint(config, state, tokenizer, step, {"step": step, "totals": asdict(totals),
+                                                             "skip_policy": skip_policy.state_dict()})
 
 
 def _accelerator(config: TrainConfig) -> Accelerator:
@@ -323,8 +335,9 @@ def _log(metrics: StepMetrics, config: TrainConfig, accelerator) -> None:
         accelerator.log(scalars, step=metrics.step)
 
 
-def _checkpoint(config: TrainConfig, state: TrainingState, tokenizer, step: int, totals: RunTotals) -> None:
-    """Save the newest checkpoint (main process), with every rank's global RNG states."""
+def _checkpoint(config: TrainConfig, state: TrainingState, tokenizer, step: int, saved: dict) -> None:
+    """Save the newest checkpoint (main process): `saved` (the step, totals and skip policy's measurements) and
+    every rank's global RNG states."""
     accelerator = state.accelerator
     rng_states = {}
     for states in gather_object([rng_states_of_rank(accelerator.process_index)]):
@@ -333,7 +346,6 @@ def _checkpoint(config: TrainConfig, state: TrainingState, tokenizer, step: int,
     if accelerator.is_main_process:
         output = Path(config.output_dir)
         previous = latest_checkpoint(output)
-        saved = {"step": step, "totals": asdict(totals)}
         save_checkpoint(checkpoint_path(output, step), state.policy, tokenizer, state.optimizer, state.scheduler,
                         saved, rng_states)
         if previous is not None and previous != checkpoint_path(output, step):

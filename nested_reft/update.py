@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from nested_reft.config import TrainConfig
 from nested_reft.grpo import LossScale, grpo_loss, kl_to_reference
 from nested_reft.importance import importance_weights
+from nested_reft.influence import InfluenceMeter
 from nested_reft.policy import completion_logprobs
 from nested_reft.rollout import Rollouts
 
@@ -26,13 +27,15 @@ from nested_reft.rollout import Rollouts
 @dataclass
 class TrainingState:
     """What an update needs: the (accelerate-prepared) model, its optimizer and schedule, the accelerator,
-    and the frozen reference model of the KL penalty (None when grpo.beta = 0)."""
+    the frozen reference model of the KL penalty (None when grpo.beta = 0), and the meter that reads each
+    layer's influence off the training forward (None when the skip policy does not use it)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     accelerator: Accelerator
     reference: torch.nn.Module | None = None
+    influence: InfluenceMeter | None = None
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -68,8 +71,9 @@ def policy_update(state: TrainingState, rollouts: Rollouts, advantages: torch.Te
         inputs = [t[rows].to(device) for t in (rollouts.prompt_ids, rollouts.prompt_mask,
                                                rollouts.completion_ids, rollouts.completion_mask)]
         sync = contextlib.nullcontext() if index == len(chunks) - 1 else accelerator.no_sync(state.model)
+        measure = state.influence.measuring(inputs[3]) if state.influence else contextlib.nullcontext()
         with sync:
-            with accelerator.autocast():
+            with accelerator.autocast(), measure:
                 logp = completion_logprobs(state.model, *inputs, config.sampling.temperature)
                 ref_logp = _reference_logprobs(state.reference, inputs, config)
             logp_old = logp.detach()

@@ -48,3 +48,8 @@ class NoSchedule:
 
     def step(self) -> None:
         pass
+
+
+def chi_square_critical_p001(df: int) -> float:
+    """The p = 0.001 critical value of chi-square with `df` degrees of freedom (Wilson-Hilferty, ~1% at df >= 10)."""
+    return df * (1 - 2 / (9 * df) + 3.0902 * (2 / (9 * df)) ** 0.5) ** 3

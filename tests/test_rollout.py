@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import chi_square_critical_p001
 
 from nested_reft.nesting import nested
 from nested_reft.rollout import SamplingConfig, _draw, _inverse_cdf_sample, generate_rollouts
@@ -164,11 +165,6 @@ def test_draws_follow_the_filtered_renormalised_distribution(settings, banned, a
     frequent = expected >= 5  # the chi-square approximation needs expected counts of at least 5
     chi2 = float(((observed[frequent] - expected[frequent]) ** 2 / expected[frequent]).sum())
     assert chi2 < CHI2_P001[int(frequent.sum()) - 1]
-
-
-def chi_square_critical_p001(df: int) -> float:
-    """The p = 0.001 critical value of chi-square with `df` degrees of freedom (Wilson-Hilferty, ~1% at df >= 10)."""
-    return df * (1 - 2 / (9 * df) + 3.0902 * (2 / (9 * df)) ** 0.5) ** 3
 
 
 def test_two_level_draws_follow_the_weights_across_blocks_with_zero_and_short_blocks():

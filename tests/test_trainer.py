@@ -147,6 +147,7 @@ def test_metrics_summary_and_files_of_a_run(tmp_path):
         assert 0 <= row["h_min"] <= row["h_mean"] <= row["h_max"] <= 1.0  # retrace, lambda = 1
         assert 0 < row["h_ess"] <= 1.0 + 1e-6 and row["kl_behavior_target"] >= -1e-6
         assert row["kl"] is None  # beta = 0: no reference model, no KL to it
+        assert row["layer_influence"] is None  # the uniform policy measures nothing
         # the rate the update used: linear decay from lr over the run (TrainingArguments' default)
         assert row["learning_rate"] == pytest.approx(lr * (1 - (step - 1) / steps))
 
@@ -169,6 +170,18 @@ def test_metrics_summary_and_files_of_a_run(tmp_path):
 
 
 # --- nesting -------------------------------------------------------------------------------------------
+
+
+def test_an_influence_run_logs_each_layers_influence_and_skips_the_least_influential(tmp_path):
+    _, rows = run(tmp_path / "run", rft_steps=3, **{"nesting.skip_policy": "influence",
+                                                     "nesting.influence_temperature": 1e-4, "nesting.smoothing": 0.0})
+    for row in rows:
+        assert len(row["layer_influence"]) == TINY_NUM_LAYERS and all(0 < v < 2 for v in row["layer_influence"])
+        assert all(0 < layer < TINY_NUM_LAYERS - 1 for layer in row["skip_set"])  # border 1
+    for before, after in zip(rows, rows[1:]):  # tau ~ 0: the valid layers of least measured influence
+        valid = before["layer_influence"][1:-1]
+        least = sorted(range(1, TINY_NUM_LAYERS - 1), key=lambda i: valid[i - 1])[: after["skipped_layers"]]
+        assert after["skip_set"] == sorted(least)
 
 
 @pytest.mark.parametrize(
@@ -370,7 +383,7 @@ def killed_after(step: int):
     return reward
 
 
-RESUMED_KEYS = ("step", "skip_set", "reward_mean", "reward_std", "loss", "grad_norm", "learning_rate", "h_mean",
+RESUMED_KEYS = ("step", "skip_set", "skipped_layers", "reward_mean", "reward_std", "loss", "grad_norm", "learning_rate", "h_mean",
                 "h_min", "h_max", "h_truncated", "h_ess", "kl_behavior_target", "tokens_generated",
                 "tokens_processed", "update_skipped", "kl")
 
@@ -379,7 +392,10 @@ RESUMED_KEYS = ("step", "skip_set", "reward_mean", "reward_std", "loss", "grad_n
     {},
     {"grpo.beta": 0.5},  # the reference is the post-SFT model, reloaded from OUTPUT/sft-model on resume
     {"model": "tiny-gpt2", "grpo.disable_dropout": False},  # dropout draws from the global RNG: restored
-], ids=["plain", "kl-penalty", "dropout"])
+    # adaptive skip policies: their smoothed influence and KL are restored from the checkpoint
+    {"nesting.skip_policy": "influence", "nesting.influence_temperature": 0.01},
+    {"nesting.skip_policy": "kl_target", "nesting.kl_target": 0.005, "nesting.kl_target_layers": "influence"},
+], ids=["plain", "kl-penalty", "dropout", "influence-policy", "kl-target-policy"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, variant):
     settings = dict(rft_steps=4, save_steps=2, **{"importance.mitigation": "base", "sft.epochs": 1,
                                                    "sft.max_examples": 4, "sft.batch_size": 4}, **variant)
@@ -405,6 +421,9 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, variant):
     for key in ("steps", "tokens_processed", "tokens_generated", "final_reward", "nonfinite_updates"):
         assert resumed_summary[key] == whole_summary[key], key
     assert any(row["grad_norm"] > 0 for row in whole[2:])  # steps 3-4 did update: the comparison means something
+    if "nesting.skip_policy" in variant:  # the policy's draws after the resume depend on the restored state
+        assert all(row["layer_influence"] == pytest.approx(other["layer_influence"], abs=1e-6)
+                   for row, other in zip(whole, resumed))
 
 
 def test_resuming_from_a_corrupt_checkpoint_is_refused(tmp_path):
