@@ -37,11 +37,13 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--batch-size": ("batch_size", int),
     "--micro-batch-size": ("micro_batch_size", int),
     "--num-generations": ("grpo.num_generations", int),
+    "--num-iterations": ("grpo.num_iterations", int),
     "--learning-rate": ("grpo.learning_rate", float),
     "--beta": ("grpo.beta", float),
     "--temperature": ("sampling.temperature", float),
     "--min-completion-length": ("sampling.min_new_tokens", int),
     "--dtype": ("dtype", str),
+    "--gradient-checkpointing": ("gradient_checkpointing", bool),
     "--save-steps": ("save_steps", int),
     "--report-to": ("report_to", str),
 }
@@ -80,13 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=summary)
         command.add_argument("--config", default=None, help="a YAML config file (see configs/)")
         for flag, (option, kind) in TRAIN_FLAGS.items():
-            command.add_argument(flag, type=kind, default=None, help=f"config option {option}")
+            if kind is bool:  # a switch: present means True, absent leaves the config's value
+                command.add_argument(flag, action="store_const", const=True, default=None, help=f"config option {option}")
+            else:
+                command.add_argument(flag, type=kind, default=None, help=f"config option {option}")
         command.add_argument(
             "--max-completion-length", type=int, default=None,
             help="sampling.max_new_tokens; also the minimum unless --min-completion-length is given (paper: min = max)",
         )
         command.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                             help="any other config option, e.g. --set grpo.epsilon=0.3")
+                             help="any other config option, e.g. --set grpo.beta=0.04")
         command.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
         command.set_defaults(run=run)
 

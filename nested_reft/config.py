@@ -97,7 +97,8 @@ class GRPOConfig:
     num_generations: int = 8  # G; paper and TRL: 8
     learning_rate: float = 1e-6  # TRL GRPOConfig
     beta: float = 0.0  # paper: no KL penalty, so no reference model is loaded (TRL default is 0.0 too)
-    epsilon: float = 0.2  # TRL: lower clip
+    num_iterations: int = 1  # mu, TRL: updates per batch; pi_old is the sampling model, so mu = 1 never clips
+    epsilon: float = 0.2  # TRL: lower clip (acts only when num_iterations > 1)
     epsilon_high: float | None = None  # TRL: upper clip; None means "= epsilon" (see `clip_high`)
     loss_type: str = "dapo"  # TRL 1.16 default: normalise by active tokens of the whole batch
     scale_rewards: str = "group"  # TRL: divide by the group std
@@ -119,6 +120,7 @@ class GRPOConfig:
         check_option(self.num_generations >= 2, "grpo.num_generations", self.num_generations, ">= 2 (groups compare)")
         check_option(self.learning_rate > 0, "grpo.learning_rate", self.learning_rate, "> 0")
         check_option(self.beta >= 0, "grpo.beta", self.beta, ">= 0")
+        check_option(self.num_iterations >= 1, "grpo.num_iterations", self.num_iterations, ">= 1")
         check_option(0 < self.epsilon < 1, "grpo.epsilon", self.epsilon, "in (0, 1)")
         check_option(self.epsilon_high is None or self.epsilon_high > 0, "grpo.epsilon_high", self.epsilon_high,
                "> 0, or None for the same as grpo.epsilon")
@@ -127,6 +129,13 @@ class GRPOConfig:
         check_option(self.max_grad_norm > 0, "grpo.max_grad_norm", self.max_grad_norm, "> 0")
         check_option(self.lr_scheduler in SCHEDULERS, "grpo.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
         check_option(0 <= self.warmup_ratio < 1, "grpo.warmup_ratio", self.warmup_ratio, "in [0, 1)")
+
+        if self.num_iterations == 1:  # the clip in effect must be the default's: anything else would not act
+            default = _default(GRPOConfig, "epsilon")
+            for name, value in (("epsilon", self.epsilon), ("epsilon_high", self.clip_high)):
+                check_option(value == default, f"grpo.{name}", getattr(self, name),
+                             "left at its default while grpo.num_iterations = 1: with one update per batch the "
+                             "ratio pi_theta / pi_old is 1 and the clip never acts; set grpo.num_iterations > 1")
 
     @property
     def clip_high(self) -> float:
@@ -173,6 +182,10 @@ class TrainConfig:
     # bfloat16 | float16 run forward passes and generation under accelerate's autocast (mixed_precision
     # bf16 | fp16); float32 = no autocast. Low-precision weights would lose AdamW updates at lr 1e-6.
     dtype: str = "float32"
+    # Recompute activations in the backward pass instead of keeping them (transformers' gradient checkpointing,
+    # non-reentrant). TRL 1.16 defaults to True; ours is False: it trades a second forward for memory, which
+    # small models on one device do not need; turn it on for 7B.
+    gradient_checkpointing: bool = False
     save_steps: int = 25  # checkpoint every N steps (and at the end)
     max_nonfinite_steps: int = 5  # abort after this many skipped non-finite updates (0 = never abort)
     report_to: tuple[str, ...] = ()  # accelerate trackers: tensorboard, wandb, ...
@@ -201,6 +214,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Everything else (model, data, seed, schedule, batch, micro-batch, nesting, mitigation, sampling, ...)
 # shapes the trajectory, so a changed value would silently continue another run than the one saved.
 RESUMABLE_OPTIONS = ("output_dir", "data_dir", "report_to", "save_steps", "max_nonfinite_steps")
+
+
+def _default(cls: type, name: str) -> Any:
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
 
 def check_option(ok: bool, option: str, value: Any, expected: str) -> None:

@@ -68,6 +68,18 @@ def clipped_surrogate(
     return -torch.min(ratio * advantages, clipped * advantages)
 
 
+def clipped_tokens(
+    logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    epsilon_low: float, epsilon_high: float,
+) -> torch.Tensor:
+    """How many valid tokens the clip cut (a scalar): ratio below 1 - eps_low with a negative advantage, or above
+    1 + eps_high with a positive one (TRL's clip ratio). Always 0 when logp_old is logp (one update per batch)."""
+    ratio = torch.exp(logp - logp_old)
+    advantages = advantages[:, None]
+    cut = ((ratio < 1 - epsilon_low) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
+    return (cut.float() * mask).sum()
+
+
 def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi_theta || pi_ref), as TRL: exp(ref - logp) - (ref - logp) - 1."""
     delta = ref_logp - logp

@@ -48,6 +48,7 @@ class StepMetrics:
     kl: float | None
     loss: float
     grad_norm: float
+    clip_fraction: float
     learning_rate: float
     update_skipped: bool
     layer_influence: list[float] | None  # each block's Block Influence this step, when the skip policy measures it
@@ -127,6 +128,7 @@ def step_metrics(
         kl=update.kl,
         loss=update.loss,
         grad_norm=update.grad_norm,
+        clip_fraction=update.clip_fraction,
         learning_rate=learning_rate,
         update_skipped=not update.finite,
         layer_influence=layer_influence,

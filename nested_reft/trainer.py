@@ -139,7 +139,9 @@ def _train_model(config: TrainConfig, task: Task, model, tokenizer, accelerator,
     policy = accelerator.unwrap_model(model)
     if config.grpo.disable_dropout:
         disable_dropout(policy)
-    optimizer, scheduler = make_optimizer(policy, config.grpo, config.rft_steps)
+    if config.gradient_checkpointing:
+        policy.activation_checkpointing_enable({"use_reentrant": False})  # TRL's setting for transformers >= 5
+    optimizer, scheduler = make_optimizer(policy, config.grpo, config.rft_steps * config.grpo.num_iterations)
     skip_policy = SkipPolicy.from_config(config.nesting, num_decoder_layers(policy))
     state = TrainingState(model, optimizer, scheduler, accelerator,
                           reference_model(config, policy, accelerator, resumed=checkpoint is not None),

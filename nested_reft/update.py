@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 
 from nested_reft.config import TrainConfig
-from nested_reft.grpo import LossScale, grpo_loss, kl_to_reference
+from nested_reft.grpo import LossScale, clipped_tokens, grpo_loss, kl_to_reference
 from nested_reft.importance import importance_weights
 from nested_reft.influence import InfluenceMeter
 from nested_reft.policy import completion_logprobs
@@ -45,60 +46,126 @@ class TrainingState:
 
 @dataclass
 class UpdateResult:
+    """The step's update, over its mu passes: mean loss, gradient norm, KL to the reference and clipped fraction,
+    whether every pass was finite, and log pi_old of the batch's tokens (N, T)."""
+
     loss: float
     grad_norm: float
     finite: bool
     logp_old: torch.Tensor = field(repr=False)
     kl: float | None = None  # mean k3 KL to the reference over all ranks' tokens; None without a reference
+    clip_fraction: float = 0.0  # share of tokens whose ratio pi_theta / pi_old the clip cut (0 when mu = 1)
 
 
 def policy_update(state: TrainingState, rollouts: Rollouts, advantages: torch.Tensor, config: TrainConfig) -> UpdateResult:
-    """Accumulate the Nested-ReFT loss's gradients over the micro-batches, then clip and step (if finite).
+    """Update on the batch `grpo.num_iterations` (mu) times, each pass accumulating the Nested-ReFT loss's
+    gradients over the micro-batches, then clipping and stepping (if finite).
 
-    With a reference model (beta > 0) each token's loss gets beta x TRL's k3 estimate of KL(pi_theta || pi_ref).
+    pi_old is the model that sampled the batch. With mu = 1 it is the model being updated, so its log-probs
+    are the detached ones of the training forward itself (as TRL does: no extra pass, and the clipped ratio is
+    1). With mu > 1 they come from one no-grad forward before the first pass, the clipped ratio is
+    pi_theta / pi_old, and h_m = h(pi_old, eta'_s) stays the same in every pass. With a reference model
+    (beta > 0) each token's loss gets beta x TRL's k3 estimate of KL(pi_theta || pi_ref).
     """
-    accelerator, device = state.accelerator, state.accelerator.device
     state.model.train()
-    mask = rollouts.completion_mask.to(device).float()
-    scale = LossScale(
-        tokens=accelerator.reduce(mask.sum(), reduction="sum").item() / accelerator.num_processes,
-        rows=mask.shape[0],
-        max_length=config.sampling.max_new_tokens,
+    batch = _Batch.of(rollouts, advantages, config, state.accelerator)
+    logp_old = None if config.grpo.num_iterations == 1 else _old_logprobs(state, batch, config)
+    passes = [_one_pass(state, batch, config, logp_old) for _ in range(config.grpo.num_iterations)]
+    kls = [one.kl for one in passes if one.kl is not None]
+    return UpdateResult(
+        loss=statistics.fmean(one.loss for one in passes),
+        grad_norm=statistics.fmean(one.grad_norm for one in passes),
+        finite=all(one.finite for one in passes),
+        logp_old=passes[0].logp_old,
+        kl=statistics.fmean(kls) if kls else None,
+        clip_fraction=statistics.fmean(one.clip_fraction for one in passes),
     )
-    chunks = [slice(start, start + config.micro_batch_size) for start in range(0, scale.rows, config.micro_batch_size)]
-    total_loss, kl_sum, logp_old_parts = 0.0, 0.0, []
-    for index, rows in enumerate(chunks):
-        inputs = [t[rows].to(device) for t in (rollouts.prompt_ids, rollouts.prompt_mask,
-                                               rollouts.completion_ids, rollouts.completion_mask)]
-        sync = contextlib.nullcontext() if index == len(chunks) - 1 else accelerator.no_sync(state.model)
+
+
+@dataclass
+class _Batch:
+    """The step's rollouts on the device, cut into micro-batches, with the counts that normalise the loss."""
+
+    inputs: list[torch.Tensor]  # prompt ids, prompt mask, completion ids, completion mask
+    behavior_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor  # completion mask, float
+    scale: LossScale
+    chunks: list[slice]
+
+    @classmethod
+    def of(cls, rollouts: Rollouts, advantages: torch.Tensor, config: TrainConfig, accelerator) -> _Batch:
+        device = accelerator.device
+        mask = rollouts.completion_mask.to(device).float()
+        scale = LossScale(
+            tokens=accelerator.reduce(mask.sum(), reduction="sum").item() / accelerator.num_processes,
+            rows=mask.shape[0],
+            max_length=config.sampling.max_new_tokens,
+        )
+        size = config.micro_batch_size
+        return cls(
+            inputs=[t.to(device) for t in (rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids,
+                                           rollouts.completion_mask)],
+            behavior_logprobs=rollouts.behavior_logprobs.to(device), advantages=advantages.to(device), mask=mask,
+            scale=scale, chunks=[slice(start, start + size) for start in range(0, scale.rows, size)],
+        )
+
+
+def _old_logprobs(state: TrainingState, batch: _Batch, config: TrainConfig) -> torch.Tensor:
+    """log pi_old of the batch (N, T): the model before this step's first pass, no gradient."""
+    with torch.no_grad(), state.accelerator.autocast():
+        return torch.cat([completion_logprobs(state.model, *[t[rows] for t in batch.inputs],
+                                              config.sampling.temperature) for rows in batch.chunks])
+
+
+@dataclass
+class _Pass:
+    loss: float
+    grad_norm: float
+    finite: bool
+    logp_old: torch.Tensor
+    kl: float | None
+    clip_fraction: float
+
+
+def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old: torch.Tensor | None) -> _Pass:
+    """One forward/backward over the micro-batches, then one optimizer step (if finite)."""
+    accelerator, device = state.accelerator, state.accelerator.device
+    total_loss, kl_sum, clipped, old_parts = 0.0, 0.0, 0.0, []
+    for index, rows in enumerate(batch.chunks):
+        inputs = [t[rows] for t in batch.inputs]
+        sync = contextlib.nullcontext() if index == len(batch.chunks) - 1 else accelerator.no_sync(state.model)
         measure = state.influence.measuring(inputs[3]) if state.influence else contextlib.nullcontext()
         with sync:
             with accelerator.autocast(), measure:
                 logp = completion_logprobs(state.model, *inputs, config.sampling.temperature)
                 ref_logp = _reference_logprobs(state.reference, inputs, config)
-            logp_old = logp.detach()
-            weights = importance_weights(  # [N3] h_m(pi_theta, eta'_s), detached
-                logp_old, rollouts.behavior_logprobs[rows].to(device), mask[rows],
+            old = logp.detach() if logp_old is None else logp_old[rows]
+            weights = importance_weights(  # [N3] h_m(pi_old, eta'_s), detached
+                old, batch.behavior_logprobs[rows], batch.mask[rows],
                 config.importance.mitigation, config.importance.retrace_lambda, config.importance.level,
             )
             loss = grpo_loss(  # [N4] h_m x clipped surrogate (+ beta KL), this micro-batch's share of the step's
-                logp, logp_old, advantages[rows].to(device), mask[rows], weights,
+                logp, old, batch.advantages[rows], batch.mask[rows], weights,
                 epsilon_low=config.grpo.epsilon, epsilon_high=config.grpo.clip_high, loss_type=config.grpo.loss_type,
-                scale=scale, ref_logp=ref_logp, beta=config.grpo.beta,
+                scale=batch.scale, ref_logp=ref_logp, beta=config.grpo.beta,
             )
             accelerator.backward(loss)
         total_loss += loss.item()
+        clipped += float(clipped_tokens(logp.detach(), old, batch.advantages[rows], batch.mask[rows],
+                                        config.grpo.epsilon, config.grpo.clip_high))
         if ref_logp is not None:
-            kl_sum += float((kl_to_reference(logp_old, ref_logp) * mask[rows]).sum())
-        logp_old_parts.append(logp_old)
+            kl_sum += float((kl_to_reference(logp.detach(), ref_logp) * batch.mask[rows]).sum())
+        old_parts.append(old)
     # the whole step's loss (the mean over ranks), so every rank takes the same step-or-skip decision
     total_loss = accelerator.reduce(torch.tensor(total_loss, device=device), reduction="mean").item()
     grad_norm, finite = _step_if_finite(state, total_loss, config.grpo.max_grad_norm)
+    all_tokens = max(batch.scale.tokens * accelerator.num_processes, 1.0)
+    clip_fraction = accelerator.reduce(torch.tensor(clipped, device=device), reduction="sum").item() / all_tokens
     kl = None
     if state.reference is not None:
-        kl = accelerator.reduce(torch.tensor(kl_sum, device=device), reduction="sum").item()
-        kl /= max(scale.tokens * accelerator.num_processes, 1.0)
-    return UpdateResult(total_loss, grad_norm, finite, torch.cat(logp_old_parts).cpu(), kl)
+        kl = accelerator.reduce(torch.tensor(kl_sum, device=device), reduction="sum").item() / all_tokens
+    return _Pass(total_loss, grad_norm, finite, torch.cat(old_parts).cpu(), kl, clip_fraction)
 
 
 def _step_if_finite(state: TrainingState, loss: float, max_grad_norm: float) -> tuple[float, bool]:

@@ -30,13 +30,19 @@ def one_thread():
 
 
 class GradientRecorder:
-    """Stands in for the optimizer of `policy_update`: keeps the gradients at `step()` instead of stepping."""
+    """Stands in for the optimizer of `policy_update`: keeps the gradients at `step()` (the last in `gradients`,
+    every step's in `history`) and applies plain SGD at `learning_rate` (0: the weights stay)."""
 
-    def __init__(self, model):
-        self.parameters, self.gradients = dict(model.named_parameters()), {}
+    def __init__(self, model, learning_rate: float = 0.0):
+        self.parameters, self.gradients, self.history = dict(model.named_parameters()), {}, []
+        self.learning_rate = learning_rate
 
     def step(self) -> None:
         self.gradients = {n: p.grad.detach().clone() for n, p in self.parameters.items() if p.grad is not None}
+        self.history.append(self.gradients)
+        with torch.no_grad():
+            for name, gradient in self.gradients.items():
+                self.parameters[name].sub_(self.learning_rate * gradient)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for parameter in self.parameters.values():

@@ -50,6 +50,7 @@ def test_paper_defaults():
 TRL_GRPO_FIELDS = {
     ("grpo", "learning_rate"): "learning_rate",
     ("grpo", "epsilon"): "epsilon",
+    ("grpo", "num_iterations"): "num_iterations",
     ("grpo", "loss_type"): "loss_type",
     ("grpo", "scale_rewards"): "scale_rewards",
     ("grpo", "num_generations"): "num_generations",
@@ -104,10 +105,18 @@ def test_sft_defaults_match_trl_sft_config():
 
 
 def test_epsilon_high_follows_epsilon_unless_set():
-    assert GRPOConfig(epsilon=0.1).clip_high == 0.1
-    assert GRPOConfig(epsilon=0.1, epsilon_high=0.28).clip_high == 0.28
+    assert GRPOConfig(num_iterations=2, epsilon=0.1).clip_high == 0.1
+    assert GRPOConfig(num_iterations=2, epsilon=0.1, epsilon_high=0.28).clip_high == 0.28
     assert load_config(None, {"grpo.epsilon_high": "none"}).grpo.epsilon_high is None
-    assert load_config(None, {"grpo.epsilon_high": "0.28"}).grpo.clip_high == 0.28
+    assert load_config(None, {"grpo.epsilon_high": "0.28", "grpo.num_iterations": 2}).grpo.clip_high == 0.28
+
+
+@pytest.mark.parametrize("option", ["grpo.epsilon", "grpo.epsilon_high"])
+def test_a_clip_setting_that_cannot_act_is_refused_naming_both_options(option):
+    """With one update per batch the ratio pi_theta / pi_old is 1: a changed clip would silently do nothing."""
+    with pytest.raises(ConfigError, match=rf"{option} must be left at its default while grpo.num_iterations = 1"):
+        load_config(None, {option: 0.3})
+    assert getattr(load_config(None, {option: 0.3, "grpo.num_iterations": 2}).grpo, option[5:]) == 0.3
 
 
 def test_config_differences_name_the_options_that_shape_a_run():
@@ -253,7 +262,7 @@ def test_saved_config_round_trips(tmp_path):
         "report_to": "tensorboard,wandb", "nesting.skip_ratio": 0.15, "nesting.border": 0,
         "importance.mitigation": "base", "importance.retrace_lambda": 0.5, "importance.level": "sequence",
         "sampling.temperature": 0.7, "sampling.top_k": 40, "sampling.max_new_tokens": 64,
-        "sampling.min_new_tokens": 16, "grpo.learning_rate": 3e-6, "grpo.epsilon_high": 0.28,
+        "sampling.min_new_tokens": 16, "grpo.learning_rate": 3e-6, "grpo.num_iterations": 2, "grpo.epsilon_high": 0.28,
         "grpo.lr_scheduler": "cosine", "sft.epochs": 1, "sft.max_examples": 32,
     })
     assert config != TrainConfig()

@@ -552,3 +552,35 @@ def test_metrics_reach_tensorboard_when_asked(tmp_path):
         events.Reload()
         scalars |= set(events.Tags()["scalars"])
     assert {"reward_mean", "gen_tokens_per_s", "loss"} <= scalars
+
+
+# --- several updates per batch, gradient checkpointing ------------------------------------------------
+
+
+def test_num_iterations_updates_each_batch_mu_times_on_one_schedule(tmp_path, monkeypatch):
+    snapshots = Snapshots(monkeypatch)
+    steps, lr = 2, 1e-3
+    _, rows = run(tmp_path / "run", rft_steps=steps, **{"grpo.num_iterations": 2, "grpo.epsilon": 0.1})
+    # the schedule spans rft_steps x mu optimizer steps: step 2 starts at update 3 of 4
+    assert [row["learning_rate"] for row in rows] == pytest.approx([lr, lr * (1 - 2 / 4)])
+    assert all(0 <= row["clip_fraction"] <= 1 for row in rows)
+    assert snapshots.changed(1) and snapshots.changed(2)
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path, monkeypatch):
+    checkpointed = []
+    update = trainer.policy_update
+
+    def recording(state, *args, **kwargs):
+        checkpointed.append(state.policy.is_activation_checkpointing)
+        return update(state, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "policy_update", recording)
+    _, plain = run(tmp_path / "plain", rft_steps=2)
+    _, recomputed = run(tmp_path / "recomputed", rft_steps=2, gradient_checkpointing=True)
+    assert checkpointed == [False, False, True, True]
+    for a, b in zip(plain, recomputed):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["skip_set"] == a["skip_set"]
+    plain_weights = final_weights(tmp_path / "plain")
+    for name, weights in final_weights(tmp_path / "recomputed").items():
+        assert torch.allclose(weights, plain_weights[name], atol=1e-6), name

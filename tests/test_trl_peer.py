@@ -75,7 +75,7 @@ def batch() -> tuple[Rollouts, torch.Tensor]:
     return rollouts, group_advantages(REWARDS, G)
 
 
-def trl_trainer(model, tokenizer, tmp_path, loss_type: str, micro_batches: int):
+def trl_trainer(model, tokenizer, tmp_path, loss_type: str, micro_batches: int, num_iterations: int = 1):
     """A real GRPOTrainer, built offline, that accumulates `micro_batches` micro-batches per generation batch."""
     rows = len(PROMPTS) * G
     args = trl.GRPOConfig(
@@ -92,6 +92,7 @@ def trl_trainer(model, tokenizer, tmp_path, loss_type: str, micro_batches: int):
         loss_type=loss_type,
         beta=0.0,
         epsilon=0.2,
+        num_iterations=num_iterations,
         save_strategy="no",
     )
     dataset = datasets.Dataset.from_dict({"prompt": list(PROMPTS)})
@@ -108,8 +109,10 @@ def trl_trainer(model, tokenizer, tmp_path, loss_type: str, micro_batches: int):
     return trainer
 
 
-def trl_loss_and_gradients(trainer, model, rollouts: Rollouts, advantages: torch.Tensor, micro_batches: int):
-    """TRL's loss summed over the micro-batches and the accumulated gradients, as its training step builds them."""
+def trl_loss_and_gradients(trainer, model, rollouts: Rollouts, advantages: torch.Tensor, micro_batches: int,
+                           old_logps: torch.Tensor | None = None):
+    """TRL's loss summed over the micro-batches and the accumulated gradients, as its training step builds them.
+    `old_logps`: log pi_old of the batch, which TRL computes before the first of several iterations."""
     model.train()
     model.zero_grad(set_to_none=True)
     rows = rollouts.completion_ids.shape[0]
@@ -125,7 +128,8 @@ def trl_loss_and_gradients(trainer, model, rollouts: Rollouts, advantages: torch
             "completion_mask": rollouts.completion_mask[part],
             "advantages": advantages[part],
             "num_items_in_batch": num_items_in_batch,
-            "old_per_token_logps": None,  # one update per batch: TRL uses the detached log-probs of this forward
+            # one update per batch: None, and TRL uses the detached log-probs of this forward
+            "old_per_token_logps": None if old_logps is None else old_logps[part],
         }
         loss = trainer.compute_loss(model, inputs)
         loss.backward()
@@ -152,6 +156,14 @@ def our_loss_and_gradients(model, rollouts: Rollouts, advantages: torch.Tensor, 
     update = policy_update(state, rollouts, advantages, config)
     assert update.finite
     return update, recorder.gradients
+
+
+def trl_old_logps(trainer, model, rollouts: Rollouts) -> torch.Tensor:
+    """log pi_old as TRL computes it before the first iteration (no gradient)."""
+    input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
+    attention_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
+    with torch.no_grad():
+        return trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, T)[0]
 
 
 def max_gradient_difference(ours: dict, theirs: dict) -> tuple[float, str]:
@@ -198,3 +210,63 @@ def test_same_temperature_scaling_as_trl(batch, tmp_path):
     assert (ours - theirs)[mask].abs().max().item() <= TOLERANCE
     assert (rollouts.behavior_logprobs - theirs)[mask].abs().max().item() <= TOLERANCE
     assert (unscaled - theirs)[mask].abs().max().item() > 1e-3  # a temperature mismatch would be caught
+
+
+LEARNING_RATE = 3.0  # plain SGD on the tiny model: large enough that the second iteration's ratios leave the clip
+
+
+def mu_config(loss_type: str, epsilon: float = 0.2) -> TrainConfig:
+    return TrainConfig(
+        micro_batch_size=len(PROMPTS) * G,
+        nesting=NestingConfig(skip_ratio=0.0, border=0),
+        importance=ImportanceConfig(mitigation="base"),
+        sampling=SamplingConfig(temperature=TEMPERATURE, max_new_tokens=T, min_new_tokens=T),
+        grpo=GRPOConfig(num_generations=G, loss_type=loss_type, num_iterations=2, epsilon=epsilon, max_grad_norm=1e9),
+    )
+
+
+def our_two_iterations(rollouts, advantages, config: TrainConfig):
+    """Our `policy_update` with mu = 2 and SGD: the update result and each iteration's gradients."""
+    model, _ = fresh_model()
+    recorder = GradientRecorder(model, learning_rate=LEARNING_RATE)
+    update = policy_update(TrainingState(model, recorder, NoSchedule(), Accelerator(cpu=True)), rollouts, advantages,
+                           config)
+    assert update.finite and len(recorder.history) == 2
+    return update, recorder.history
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_two_iterations_per_batch_match_trl(batch, tmp_path, loss_type):
+    """mu = 2 (TRL's num_iterations): pi_old is the sampling model, the second iteration's ratio moves and clips."""
+    rollouts, advantages = batch
+    update, ours = our_two_iterations(rollouts, advantages, mu_config(loss_type))
+
+    model, tokenizer = fresh_model()
+    trainer = trl_trainer(model, tokenizer, tmp_path, loss_type, 1, num_iterations=2)
+    old = trl_old_logps(trainer, model, rollouts)
+    losses, theirs = [], []
+    for _ in range(2):
+        loss, gradients = trl_loss_and_gradients(trainer, model, rollouts, advantages, 1, old_logps=old)
+        losses.append(loss)
+        theirs.append(gradients)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter.sub_(LEARNING_RATE * gradients[name])
+
+    assert update.loss == pytest.approx(sum(losses) / 2, abs=TOLERANCE)
+    for iteration in range(2):
+        difference, where = max_gradient_difference(ours[iteration], theirs[iteration])
+        assert difference <= TOLERANCE, f"iteration {iteration + 1}: gradient difference {difference:.3g} at {where}"
+    assert max((a - b).abs().max().item() for a, b in zip(ours[0].values(), ours[1].values())) > 100 * TOLERANCE
+    assert update.clip_fraction > 0  # the second iteration's ratio left [1 - eps, 1 + eps] on some tokens
+
+
+def test_epsilon_changes_the_second_iteration_and_only_it(batch):
+    """A test that fails if clipping is inert: with mu = 2 a tighter clip changes the second iteration's gradients,
+    not the first's (the ratio is 1 there)."""
+    rollouts, advantages = batch
+    loose, loose_steps = our_two_iterations(rollouts, advantages, mu_config("dapo", epsilon=0.2))
+    tight, tight_steps = our_two_iterations(rollouts, advantages, mu_config("dapo", epsilon=0.01))
+    assert max_gradient_difference(loose_steps[0], tight_steps[0])[0] <= 1e-7
+    assert max_gradient_difference(loose_steps[1], tight_steps[1])[0] > 100 * TOLERANCE
+    assert tight.clip_fraction > loose.clip_fraction > 0
