@@ -228,9 +228,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from nested_reft.data import DataError
     from nested_reft.evaluate import EvalError
     from nested_reft.models import ModelLoadError
-    from nested_reft.report import ReportError
+    from nested_reft.results import ResultsError
 
-    return (ConfigError, DataError, ModelLoadError, CheckpointError, EvalError, ReportError, FloatingPointError)
+    return (ConfigError, DataError, ModelLoadError, CheckpointError, EvalError, ResultsError, FloatingPointError)
 
 
 def _quiet_libraries() -> None:

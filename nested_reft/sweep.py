@@ -36,12 +36,10 @@ that runs their SFT warm-up.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import fcntl
 import gc
 import hashlib
-import io
 import json
 import os
 import re
@@ -59,7 +57,7 @@ from typing import Any
 import torch
 
 from nested_reft.checkpoint import CHECKPOINT_PREFIX
-from nested_reft.files import atomic_write_json, atomic_write_text
+from nested_reft.files import atomic_write_json, atomic_write_text, read_json
 from nested_reft.config import (
     ConfigError, TrainConfig, check_option, from_dict, load_config, read_yaml_mapping, to_dict,
 )
@@ -74,7 +72,7 @@ from nested_reft.evaluate import (
     print_progress,
 )
 from nested_reft.importance import MITIGATIONS
-from nested_reft.report import RESULT_COLUMNS, accuracy_column
+from nested_reft.results import RESULTS_FILE, accuracy_column, model_slug, write_results
 from nested_reft.rundir import FINAL_MODEL_DIR, SUMMARY_FILE
 from nested_reft.trainer import ensure_trained
 
@@ -82,7 +80,6 @@ PAPER_SKIP_RATIOS = (0.0, 0.05, 0.10, 0.15)  # section 3: x in {5, 10, 15}% plus
 BASELINE = dict(skip_ratio=0.0, border=0, mitigation="base")  # section 3: classical ReFT
 
 STATUS_FILE = "status.json"
-RESULTS_FILE = "results.csv"
 EVAL_DIR = "eval"
 STATUSES = ("pending", "running", "done", "failed")
 
@@ -216,13 +213,6 @@ def flatten_options(options: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def model_slug(model: str) -> str:
-    """A directory name for a model: `Qwen/Qwen2.5-Math-1.5B-Instruct` -> `qwen2.5-math-1.5b-instruct`."""
-    name = Path(str(model).rstrip("/")).name
-    name = name[: -len(".gguf")] if name.endswith(".gguf") else name
-    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"
-
-
 def _normalise(config: Any, option: str, kind: type) -> None:
     """Make a list option a tuple of `kind` (YAML gives 0 for 0.0), naming the option on a bad element."""
     values = getattr(config, option)
@@ -330,14 +320,8 @@ def fingerprint(grid: GridConfig, instance: Instance) -> str:
 
 
 def read_status(directory: Path) -> dict:
-    """The status record of a run directory; {"status": "pending"} where there is none."""
-    path = Path(directory) / STATUS_FILE
-    if not path.is_file():
-        return {"status": "pending"}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:  # cannot happen with atomic writes; treat a hand-edited file as not done
-        return {"status": "pending"}
+    """The status record of a run directory; {"status": "pending"} where there is none (or it is unreadable)."""
+    return read_json(Path(directory) / STATUS_FILE) or {"status": "pending"}
 
 
 def write_status(directory: Path, status: str, **fields: Any) -> dict:
@@ -421,7 +405,7 @@ def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], No
             outcome.failed[instance.id] = error
             log(f"FAILED {instance.id}: {error}")
         _free_memory()
-    write_results(grid)
+    collect_results(grid)
     return outcome
 
 
@@ -525,42 +509,21 @@ def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:
         "seed": instance.seed, "status": status.get("status", "pending"),
         "error": (status.get("error") or "").splitlines()[0][:300] if status.get("error") else "",
     }
-    evaluation = _read_json(directory / EVAL_DIR / EVAL_FILE)
+    evaluation = read_json(directory / EVAL_DIR / EVAL_FILE)
     benchmarks = evaluation.get("benchmarks", {})
     for name in grid.eval.benchmarks:
         row[accuracy_column(name)] = benchmarks.get(name, {}).get("accuracy")
     row["accuracy"] = evaluation.get("average")
-    summary = _read_json(directory / SUMMARY_FILE)
+    summary = read_json(directory / SUMMARY_FILE)
     row["token_speed"] = summary.get("token_speed")
     row["total_runtime_s"] = summary.get("total_runtime_s")
     return row
 
 
-def results_columns(grid: GridConfig) -> list[str]:
-    """RESULT_COLUMNS with one accuracy column per benchmark before the average."""
-    at = RESULT_COLUMNS.index("accuracy")
-    return RESULT_COLUMNS[:at] + [accuracy_column(name) for name in grid.eval.benchmarks] + RESULT_COLUMNS[at:]
-
-
-def write_results(grid: GridConfig) -> Path:
-    """(Re)write <output_dir>/results.csv from the run directories, atomically; empty cells where not done."""
-    columns = results_columns(grid)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for instance in enumerate_instances(grid):
-        row = result_row(grid, instance)
-        writer.writerow({key: "" if row.get(key) is None else row[key] for key in columns})
-    path = grid.root / RESULTS_FILE
-    atomic_write_text(path, buffer.getvalue())
-    return path
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+def collect_results(grid: GridConfig) -> Path:
+    """(Re)write <output_dir>/results.csv from the run directories; empty cells where an instance is not done."""
+    rows = [result_row(grid, instance) for instance in enumerate_instances(grid)]
+    return write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, rows)
 
 
 def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None, collect: bool = False,
@@ -572,7 +535,7 @@ def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None,
         log(f"wrote {len(lines)} commands to {emit}")
         return 0
     if collect:
-        log(f"wrote {write_results(grid)}")
+        log(f"wrote {collect_results(grid)}")
         return 0
     outcome = run_sweep(grid, only=only, log=log)
     log(f"{len(outcome.ran)} run, {len(outcome.skipped)} already done, {len(outcome.failed)} failed; "
