@@ -175,7 +175,7 @@ def test_report_files_from_results_csv(tmp_path):
 
 @pytest.mark.parametrize("model", ["Qwen/Qwen2.5-Math-1.5B-Instruct", "/models/smollm2-135m.gguf", "runs/sft-s0/model/"])
 def test_figures_are_named_like_the_sweep_directories(model):
-    from nested_reft.sweep import Instance
+    from nested_reft.grid import Instance
 
     group = Instance(model, "gsm8k", 0, 0.0, 0, "base", "baseline").group  # <model-slug>/<dataset>
     assert report.figure_name(model, "gsm8k") == f"figure1-{group.replace('/', '-')}.png"

@@ -14,16 +14,10 @@ from nested_reft import sweep
 from nested_reft.cli import main
 from nested_reft.config import ConfigError
 from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig
-from nested_reft.sweep import (
-    EvalSettings,
-    GridConfig,
-    enumerate_instances,
-    load_grid,
-    read_status,
-    run_directory,
-    run_sweep,
-    sweep_main,
+from nested_reft.grid import (
+    EvalSettings, GridConfig, enumerate_instances, instance_config, load_grid, run_directory, sft_config,
 )
+from nested_reft.sweep import read_status, run_sweep, sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,11 +100,11 @@ def test_extra_baseline_seeds_and_seeds_multiply():
 def test_shipped_grids_load():
     paper = load_grid(REPO / "configs" / "grids" / "paper.yaml")
     assert len(enumerate_instances(paper)) == 78
-    config = sweep.instance_config(paper, enumerate_instances(paper)[5])
+    config = instance_config(paper, enumerate_instances(paper)[5])
     assert (config.rft_steps, config.batch_size, config.grpo.num_generations, config.dtype) == (99, 16, 8, "bfloat16")
     assert config.sampling.min_new_tokens == config.sampling.max_new_tokens == 256
     assert config.sft.epochs == 0 and config.model.endswith("sft-s0/model")
-    assert sweep.sft_config(paper, enumerate_instances(paper)[5]).sft.epochs == 2
+    assert sft_config(paper, enumerate_instances(paper)[5]).sft.epochs == 2
     assert (paper.eval.temperature, paper.eval.top_p) == (0.6, 0.95)
     assert paper.eval.benchmarks == ("aime24", "amc", "math500", "minerva", "olympiadbench")
     cpu = load_grid(REPO / "configs" / "grids" / "smollm2-cpu.yaml")
