@@ -221,16 +221,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by what the user asked for, or that a user can act on: one line, not a traceback.
 
     ConfigError covers the trainer's refusals too (an output directory that holds a run, a bad launch);
-    FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
+    LockHeldError is a run directory, sweep or sweep instance that another process is writing (it names
+    that process); FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
     """
     from nested_reft.checkpoint import CheckpointError
     from nested_reft.config import ConfigError
     from nested_reft.data import DataError
     from nested_reft.evaluate import EvalError
+    from nested_reft.files import LockHeldError
     from nested_reft.models import ModelLoadError
     from nested_reft.results import ResultsError
 
-    return (ConfigError, DataError, ModelLoadError, CheckpointError, EvalError, ResultsError, FloatingPointError)
+    return (ConfigError, DataError, ModelLoadError, CheckpointError, EvalError, ResultsError, LockHeldError,
+            FloatingPointError)
 
 
 def _quiet_libraries() -> None:

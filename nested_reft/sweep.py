@@ -10,6 +10,7 @@ Layout, under the grid's `output_dir`:
         eval/eval.json, eval/<benchmark>.jsonl   (nested_reft.evaluate)
     results.csv                                  one row per instance (nested_reft.results; the only input
                                                  of `report`)
+    .sweep.lock, <model-slug>/<dataset>/<instance or sft-s<seed>>.lock     one writer each (see `run_sweep`)
 
 Rerunning a sweep skips instances whose status is done, retries failed or interrupted ones (a run left
 "running" by a killed process counts as interrupted; the trainer resumes from its last checkpoint, and a
@@ -22,15 +23,14 @@ that runs their SFT warm-up.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import gc
 import os
 import shlex
 import shutil
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,7 +41,7 @@ import torch
 from nested_reft.checkpoint import CHECKPOINT_PREFIX
 from nested_reft.config import TrainConfig
 from nested_reft.evaluate import EVAL_FILE, evaluate_model, print_progress
-from nested_reft.files import atomic_write_json, atomic_write_text, read_json
+from nested_reft.files import LockHeldError, atomic_write_json, atomic_write_text, exclusive_lock, read_json
 from nested_reft.grid import (
     EvalSettings, GridConfig, Instance, enumerate_instances, fingerprint, instance_config, load_grid, run_directory,
     select_instances, sft_config, sft_directory,
@@ -51,6 +51,7 @@ from nested_reft.rundir import FINAL_MODEL_DIR, SUMMARY_FILE
 from nested_reft.trainer import ensure_trained
 
 STATUS_FILE = "status.json"
+SWEEP_LOCK_FILE = ".sweep.lock"  # in output_dir, held by a sweep of the whole grid
 EVAL_DIR = "eval"
 STATUSES = ("pending", "running", "done", "failed")
 
@@ -96,6 +97,7 @@ class SweepOutcome:
     ran: list[str] = field(default_factory=list)  # ids run to done in this call
     skipped: list[str] = field(default_factory=list)  # ids already done
     failed: dict[str, str] = field(default_factory=dict)  # id -> error
+    in_use: dict[str, str] = field(default_factory=dict)  # id -> the refusal naming the process running it
 
 
 def evaluate_instance(model_dir: Path, output_dir: Path, settings: EvalSettings, train_config: TrainConfig,
@@ -110,36 +112,80 @@ def evaluate_instance(model_dir: Path, output_dir: Path, settings: EvalSettings,
 
 
 def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], None] = print) -> SweepOutcome:
-    """Run every instance that is not done (or just `only`), then rewrite results.csv; never stops early."""
+    """Run every instance that is not done (or just `only`), then rewrite results.csv; never stops early.
+
+    One writer per thing, so that no instance is ever trained twice at once: a sweep of the whole grid
+    holds the grid's lock (a second one is refused with LockHeldError naming the first), and every
+    instance is run under a lock of its own, so that the jobs of a job array (`--only`, one instance
+    each) run side by side. An instance that another process is running is refused too: with `--only`
+    the refusal is raised, in a whole-grid sweep it is reported in `in_use` and the sweep goes on.
+    """
     instances = select_instances(grid, only)
-    outcome = SweepOutcome()
-    for instance in instances:  # a status file for every selected run (an existing one is left as it is)
-        if not (run_directory(grid, instance) / STATUS_FILE).is_file():
-            write_status(run_directory(grid, instance), "pending", instance=instance.id)
-    failed_warm_ups: dict[str, str] = {}
-    for number, instance in enumerate(instances, start=1):
-        directory = run_directory(grid, instance)
-        status = read_status(directory)
-        if status.get("status") == "done":
-            outcome.skipped.append(instance.id)
-            if status.get("fingerprint") not in (None, fingerprint(grid, instance)):
-                log(f"warning: {instance.id} is done with other settings than the grid's now; "
-                    f"delete {directory} to rerun it")
-            continue
-        log(f"[{number}/{len(instances)}] {instance.id}")
-        error = run_instance(grid, instance, failed_warm_ups)
-        if error is None:
-            outcome.ran.append(instance.id)
-        else:
-            outcome.failed[instance.id] = error
-            log(f"FAILED {instance.id}: {error}")
-        _free_memory()
-    collect_results(grid)
+    with contextlib.ExitStack() as stack:
+        if only is None:
+            stack.enter_context(exclusive_lock(grid.root / SWEEP_LOCK_FILE, f"the sweep of grid {grid.name!r} "
+                                                                           f"(output_dir {grid.root})"))
+        _mark_pending(grid, instances)
+        outcome = SweepOutcome()
+        failed_warm_ups: dict[str, str] = {}
+        for number, instance in enumerate(instances, start=1):
+            try:
+                with instance_lock(grid, instance):
+                    _run_unless_done(grid, instance, f"[{number}/{len(instances)}]", outcome, failed_warm_ups, log)
+            except LockHeldError as refusal:
+                if only is not None:
+                    raise
+                outcome.in_use[instance.id] = str(refusal)
+                log(f"skipped {instance.id}: {refusal}")
+            _free_memory()
+        collect_results(grid)
     return outcome
 
 
+def instance_lock(grid: GridConfig, instance: Instance) -> contextlib.AbstractContextManager:
+    """The instance's own lock, refused (LockHeldError) while another process holds it."""
+    return exclusive_lock(_lock_file(run_directory(grid, instance)), f"instance {instance.id} of grid {grid.name!r}")
+
+
+def _lock_file(directory: Path) -> Path:
+    """`<directory>.lock`, beside the run directory and not in it: the trainer locks its run directory with a
+    file inside (rundir.LOCK_FILE), and two flock locks on one file exclude each other even in one process."""
+    return directory.with_name(directory.name + ".lock")
+
+
+def _mark_pending(grid: GridConfig, instances: list[Instance]) -> None:
+    """A status file for every selected run that has none; an instance another process holds is its to write."""
+    for instance in instances:
+        with contextlib.suppress(LockHeldError), instance_lock(grid, instance):
+            if not (run_directory(grid, instance) / STATUS_FILE).is_file():
+                write_status(run_directory(grid, instance), "pending", instance=instance.id)
+
+
+def _run_unless_done(grid: GridConfig, instance: Instance, label: str, outcome: SweepOutcome,
+                     failed_warm_ups: dict[str, str], log: Callable[[str], None]) -> None:
+    """Run one instance (its lock held) unless its status says done; record what happened in `outcome`."""
+    directory = run_directory(grid, instance)
+    status = read_status(directory)
+    if status.get("status") == "done":
+        outcome.skipped.append(instance.id)
+        if status.get("fingerprint") not in (None, fingerprint(grid, instance)):
+            log(f"warning: {instance.id} is done with other settings than the grid's now; "
+                f"delete {directory} to rerun it")
+        return
+    log(f"{label} {instance.id}")
+    error = run_instance(grid, instance, failed_warm_ups)
+    if error is None:
+        outcome.ran.append(instance.id)
+    else:
+        outcome.failed[instance.id] = error
+        log(f"FAILED {instance.id}: {error}")
+
+
 def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str, str] | None = None) -> str | None:
-    """SFT warm-up if missing, train (resuming), evaluate; record the status. Returns the error or None."""
+    """SFT warm-up if missing, train (resuming), evaluate; record the status. Returns the error or None.
+
+    The caller holds the instance's lock (`instance_lock`), as `run_sweep` does.
+    """
     failed_warm_ups = {} if failed_warm_ups is None else failed_warm_ups
     directory = run_directory(grid, instance)
     write_status(directory, "running", instance=instance.id, fingerprint=fingerprint(grid, instance))
@@ -175,7 +221,7 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
     wait and then find it done.
     """
     directory = sft_directory(grid, instance)
-    with _locked(directory.with_name(directory.name + ".lock")):
+    with exclusive_lock(_lock_file(directory), f"SFT warm-up {instance.sft_id}", wait=True):
         if read_status(directory).get("status") == "done" and (directory / FINAL_MODEL_DIR).is_dir():
             return directory / FINAL_MODEL_DIR
         write_status(directory, "running", instance=instance.sft_id)
@@ -186,17 +232,6 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
             raise
         write_status(directory, "done")
     return directory / FINAL_MODEL_DIR
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _free_memory() -> None:
@@ -257,7 +292,8 @@ def collect_results(grid: GridConfig) -> Path:
 
 def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None, collect: bool = False,
                log: Callable[[str], None] = print) -> int:
-    """The `nested-reft sweep` command: 0 when every selected instance is done, 1 when any failed."""
+    """The `nested-reft sweep` command: 0 when every selected instance is done, 1 when any failed or another
+    process is running it; a sweep or `--only` instance another process holds is refused (LockHeldError)."""
     grid = load_grid(grid_path)
     if emit is not None:
         lines = emit_commands(grid, grid_path, emit)
@@ -267,11 +303,14 @@ def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None,
         log(f"wrote {collect_results(grid)}")
         return 0
     outcome = run_sweep(grid, only=only, log=log)
-    log(f"{len(outcome.ran)} run, {len(outcome.skipped)} already done, {len(outcome.failed)} failed; "
+    in_use = f", {len(outcome.in_use)} in use by other processes" if outcome.in_use else ""
+    log(f"{len(outcome.ran)} run, {len(outcome.skipped)} already done, {len(outcome.failed)} failed{in_use}; "
         f"results: {grid.root / RESULTS_FILE}")
-    if outcome.failed:
-        print("failed instances (see their status.json; rerun the sweep to retry them):", file=sys.stderr)
-        for instance_id, error in outcome.failed.items():
-            print(f"  {instance_id}: {error}", file=sys.stderr)
-        return 1
-    return 0
+    unfinished = (("failed instances (see their status.json; rerun the sweep to retry them):", outcome.failed),
+                  ("instances other processes are running (rerun the sweep once they are done):", outcome.in_use))
+    for heading, reasons in unfinished:
+        if reasons:
+            print(heading, file=sys.stderr)
+            for instance_id, reason in reasons.items():
+                print(f"  {instance_id}: {reason}", file=sys.stderr)
+    return 1 if outcome.failed or outcome.in_use else 0

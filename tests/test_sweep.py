@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
+import os
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,6 +255,77 @@ def test_no_warm_up_when_sft_epochs_is_zero(tmp_path, monkeypatch):
     grid = load_grid(write_grid(tmp_path, train={"sft": {"epochs": 0}}))
     assert not run_sweep(grid, log=lambda line: None).failed
     assert fake.trained == [("tiny-llama", 0), ("tiny-llama", 0)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One writer per grid and per instance, tested with a second process
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_second_sweep_or_a_second_job_of_a_running_instance_is_refused_naming_the_first(
+        tmp_path, monkeypatch, capsys):
+    """A sweep in a forked process holds its grid and, inside the baseline's training, the baseline. Another
+    sweep of the grid and a job of the baseline are refused (exit 2, the holder's pid named); a job of
+    another instance runs beside it; in the end every run was trained exactly once."""
+    fake = FakeRuns(monkeypatch)
+    grid_path = write_grid(tmp_path, mitigations=["base", "retrace"])
+    trainings = tmp_path / "trainings.log"
+    fork = multiprocessing.get_context("fork")
+    inside_baseline, release = fork.Event(), fork.Event()
+    test_process = os.getpid()
+
+    def train(config):
+        with trainings.open("a") as log:
+            log.write(Path(config.output_dir).name + "\n")
+        if Path(config.output_dir).name == "baseline-s0" and os.getpid() != test_process:
+            inside_baseline.set()
+            assert release.wait(120)
+        return fake.train(config)
+
+    monkeypatch.setattr(sweep, "ensure_trained", train)
+    first = fork.Process(target=lambda: sys.exit(sweep_main(str(grid_path), log=lambda line: None)))
+    first.start()
+    try:
+        assert inside_baseline.wait(120)
+        capsys.readouterr()
+        assert main(["sweep", str(grid_path)]) == 2
+        assert main(["sweep", str(grid_path), "--only", "tiny-llama/arithmetic/baseline-s0"]) == 2
+        refusals = capsys.readouterr().err.splitlines()
+        assert len(refusals) == 2 and all(f"pid {first.pid} " in line for line in refusals), refusals
+        assert "the sweep of grid 'test'" in refusals[0] and "instance tiny-llama/arithmetic/baseline-s0" in refusals[1]
+        assert main(["sweep", str(grid_path), "--only", "tiny-llama/arithmetic/x0.2-b1-base-s0"]) == 0
+    finally:
+        release.set()
+        first.join(120)
+    assert first.exitcode == 0
+    assert sorted(trainings.read_text().split()) == ["baseline-s0", "sft-s0", "x0.2-b1-base-s0", "x0.2-b1-retrace-s0"]
+    assert {row["status"] for row in results(load_grid(grid_path)).values()} == {"done"}
+
+
+def test_a_whole_grid_sweep_goes_on_past_an_instance_another_process_runs(tmp_path, monkeypatch, capsys):
+    fake = FakeRuns(monkeypatch)
+    grid = load_grid(write_grid(tmp_path, mitigations=["base", "retrace"]))
+    busy = next(instance for instance in enumerate_instances(grid) if instance.name == "x0.2-b1-base-s0")
+    fork = multiprocessing.get_context("fork")
+    holding, release = fork.Event(), fork.Event()
+
+    def hold_the_instance():
+        with sweep.instance_lock(grid, busy):
+            holding.set()
+            release.wait(120)
+
+    holder = fork.Process(target=hold_the_instance)
+    holder.start()
+    try:
+        assert holding.wait(120)
+        assert sweep_main(str(grid.root.parent / "grid.yaml"), log=lambda line: None) == 1
+    finally:
+        release.set()
+        holder.join(120)
+    assert fake.trained == ["sft-s0", "baseline-s0", "x0.2-b1-retrace-s0"]
+    assert not (run_directory(grid, busy) / "status.json").exists()  # its holder's to write, not this sweep's
+    assert f"x0.2-b1-base-s0: instance tiny-llama/arithmetic/x0.2-b1-base-s0 of grid 'test' is in use by pid " \
+           f"{holder.pid} " in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------
