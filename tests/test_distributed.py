@@ -48,7 +48,7 @@ def worker(output_dir: str) -> None:
     torch.set_num_threads(1)
     import nested_reft.trainer as trainer
     from nested_reft.config import load_config
-    from nested_reft.data import generate_arithmetic
+    from nested_reft.arithmetic import generate_arithmetic
     from nested_reft.tasks import Task
 
     rank = int(os.environ["RANK"])
@@ -152,7 +152,7 @@ def test_metrics_are_written_once_by_the_main_process(ddp_run):
 
 def test_each_rank_samples_its_own_share_of_the_batch(ddp_run):
     from nested_reft.config import load_config
-    from nested_reft.data import generate_arithmetic
+    from nested_reft.arithmetic import generate_arithmetic
     from nested_reft.prompts import build_prompt
     from nested_reft.tiny import byte_tokenizer
     from nested_reft.trainer import batch_for_step
