@@ -34,7 +34,7 @@ import json
 import operator
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -127,16 +127,23 @@ def _require(path: Path, root: Path) -> Path:
     return path
 
 
+def _not_empty(rows: Sequence[Any], source: object) -> Sequence[Any]:
+    """The rows of a local file of problems, unless there are none: then a DataError naming the file here,
+    where it is known, rather than a division by zero once a run has started on nothing."""
+    if len(rows) == 0:
+        raise DataError(f"{source} holds 0 problems (it is empty)")
+    return rows
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg})") from err
+    with path.open(encoding="utf-8") as stream:
+        lines = [(number, line) for number, line in enumerate(stream, start=1) if line.strip()]
+    for number, line in _not_empty(lines, path):
+        where = f"{path}, line {number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON ({err.msg})") from err
 
 
 def _read_json(path: Path) -> Any:
@@ -153,7 +160,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
         rows = pyarrow.parquet.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises several types for a bad file; name the file instead
         raise DataError(f"{path}: not a readable parquet file ({err})") from err
-    return ((f"{path}, row {i}", row) for i, row in enumerate(rows))
+    return ((f"{path}, row {i}", row) for i, row in enumerate(_not_empty(rows, path)))
 
 
 def _read_saved_dataset(path: Path) -> Iterator[tuple[str, dict]]:
@@ -163,7 +170,7 @@ def _read_saved_dataset(path: Path) -> Iterator[tuple[str, dict]]:
         dataset = datasets.load_from_disk(str(path))
     except Exception as err:  # datasets raises FileNotFoundError or its own errors for a bad directory
         raise DataError(f"{path}: not a dataset saved with save_to_disk ({err})") from err
-    return ((f"{path}, row {i}", row) for i, row in enumerate(dataset))
+    return ((f"{path}, row {i}", row) for i, row in enumerate(_not_empty(dataset, path)))
 
 
 def _hub_rows(path: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
@@ -266,7 +273,7 @@ def _svamp_local(root: Path, split: str) -> list[Problem]:
     rows = _read_json(path)
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected one JSON array of problems")
-    located = [(f"{path}, index {i}", row) for i, row in enumerate(rows)]
+    located = [(f"{path}, index {i}", row) for i, row in enumerate(_not_empty(rows, path))]
     ids = {str(_field(row, "ID", where)) for where, row in located}
     keep = svamp_split(ids)[split]
     return [svamp_problem(row, where) for where, row in located if str(row["ID"]) in keep]
@@ -435,7 +442,8 @@ def load_problems(
     """The problems of data set `name` (see TRAINING_SETS, BENCHMARKS; benchmarks use split "test").
 
     Reads `data_dir`, else `$NESTED_REFT_DATA`, else the Hugging Face hub (table in the module docstring).
-    `limit` keeps the first `limit` problems in the set's fixed order.
+    `limit` keeps the first `limit` problems in the set's fixed order. A local file that holds no problem
+    is a DataError naming it, whatever the limit: a run on an empty set would fail much later.
     """
     loader = REGISTRY.get((name, split))
     if loader is None:

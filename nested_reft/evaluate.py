@@ -171,8 +171,6 @@ def load_tasks(benchmarks: Sequence[str], data_dir: str | Path | None = None, li
         raise DataError(f"limit must be an integer >= 1, got {limit!r}")
     tasks = [Task.load(name, split="test", data_dir=data_dir, limit=limit) for name in names]
     for task in tasks:
-        if not task.problems:
-            raise DataError(f"benchmark {task.name!r} has no problems")
         duplicates = len(task.problems) - len({problem.id for problem in task.problems})
         if duplicates:
             raise DataError(f"benchmark {task.name!r} has {duplicates} duplicate problem id(s)")

@@ -148,6 +148,13 @@ def test_data_show_arithmetic(capsys):
         assert f"--- {problem.id}\nquestion: {problem.question}\nanswer:   {problem.answer}" in out
 
 
+def test_data_show_of_an_empty_file_is_an_error_naming_it(tmp_path, capsys):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text("")
+    assert main(["data", "show", "gsm8k", "--data-dir", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'gsm8k' / 'train.jsonl'} holds 0 problems" in error_line(capsys)
+
+
 @pytest.mark.integration
 def test_data_show_gsm8k_from_the_shared_data(shared_data, capsys):
     assert main(["data", "show", "gsm8k", "--limit", "2", "--data-dir", str(shared_data)]) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -161,6 +162,28 @@ def test_gsm8k_missing_field_names_file_line_and_field(tmp_path):
     with pytest.raises(DataError) as error:
         load_problems("gsm8k", "train", data_dir=tmp_path)
     assert str(path) in str(error.value) and "line 2" in str(error.value) and "'answer'" in str(error.value)
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_an_empty_training_file_is_an_error_naming_it(tmp_path, text):
+    path = tmp_path / "gsm8k" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_text(text)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))} holds 0 problems"):
+        load_problems("gsm8k", "train", data_dir=tmp_path)
+    with pytest.raises(DataError, match="0 problems"):
+        load_problems("gsm8k", "train", data_dir=tmp_path, limit=0)  # the set is empty, not just the selection
+
+
+def test_limit_zero_selects_no_problem_of_a_set_that_has_some(tmp_path):
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", GSM8K_ROWS)
+    assert load_problems("gsm8k", "train", data_dir=tmp_path, limit=0) == []
+
+
+def test_an_empty_svamp_file_is_an_error_naming_it(tmp_path):
+    svamp = write_json(tmp_path / "svamp" / "SVAMP.json", [])
+    with pytest.raises(DataError, match=f"^{re.escape(str(svamp))} holds 0 problems"):
+        load_problems("svamp", "train", data_dir=tmp_path)
 
 
 def test_gsm8k_answer_without_final_line(tmp_path):
