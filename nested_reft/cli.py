@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--model", required=True, help="a model alias, local directory or hub id")
     evaluation.add_argument("--benchmarks", nargs="+", default=None, metavar="NAME",
-                            help="default: aime24 amc math500 minerva olympiadbench (the paper's five)")
+                            help="names separated by spaces or commas; default: aime24 amc math500 minerva "
+                                 "olympiadbench (the paper's five)")
     evaluation.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of each benchmark")
     evaluation.add_argument("--max-new-tokens", type=int, default=None, help="default 1024 (paper: 32k)")
     evaluation.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)

@@ -191,12 +191,20 @@ def load_tasks(benchmarks: Sequence[str], data_dir: str | Path | None = None, li
     return tasks
 
 
+def listed_benchmarks(benchmarks: Sequence[str] | str) -> list[str]:
+    """The names as listed, each item split at commas: shells give `gsm8k math500` as words, lm-eval's users
+    type `gsm8k,math500`, and both (or a mix, `gsm8k, math500`) name the same two benchmarks."""
+    items = [benchmarks] if isinstance(benchmarks, str) else benchmarks
+    return [name.strip() for item in items for name in str(item).split(",") if name.strip()]
+
+
 def benchmark_names(benchmarks: Sequence[str] | str) -> list[str]:
-    """The distinct names of `benchmarks`, in order; a DataError naming those `evaluate` does not know.
+    """The distinct names of `benchmarks` (see `listed_benchmarks`), in order; a DataError naming those
+    `evaluate` does not know.
 
     Cheap, so callers check names before any data, model or (in a sweep) training is loaded.
     """
-    names = list(dict.fromkeys([benchmarks] if isinstance(benchmarks, str) else benchmarks))
+    names = list(dict.fromkeys(listed_benchmarks(benchmarks)))
     if not names:
         raise DataError(f"no benchmark given; expected some of {', '.join(EVALUATION_SETS)}")
     unknown = [name for name in names if name not in EVALUATION_SETS]

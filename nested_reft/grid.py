@@ -32,7 +32,7 @@ from nested_reft.config import (
     ConfigError, TrainConfig, check_option, flat_options, from_dict, load_config, read_yaml_mapping, to_dict,
 )
 from nested_reft.data import TRAINING_SETS, DataError
-from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig, benchmark_names, eval_config
+from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig, benchmark_names, eval_config, listed_benchmarks
 from nested_reft.importance import MITIGATIONS
 from nested_reft.results import model_slug
 from nested_reft.rundir import FINAL_MODEL_DIR
@@ -65,6 +65,7 @@ class EvalSettings:
     def __post_init__(self) -> None:
         """Every check runs here, at grid load, not when the first instance has trained for hours."""
         _normalise(self, "benchmarks", str)
+        object.__setattr__(self, "benchmarks", tuple(listed_benchmarks(self.benchmarks)))  # "a,b" is two
         try:
             benchmark_names(self.benchmarks)
             self.config(seed=0)  # EvalConfig's own checks of the sampling options

@@ -71,6 +71,14 @@ def test_eval_settings_fill_in_the_eval_config_defaults():
     assert EvalSettings().benchmarks == DEFAULT_BENCHMARKS
 
 
+@pytest.mark.parametrize("benchmarks", ["arithmetic,gsm8k", ["arithmetic, gsm8k"], ["arithmetic", "gsm8k"]])
+def test_eval_benchmarks_are_listed_with_commas_or_as_a_list(tmp_path, benchmarks):
+    grid = load_grid(write_grid(tmp_path, eval={"benchmarks": benchmarks}))
+    assert grid.eval.benchmarks == ("arithmetic", "gsm8k")
+    with pytest.raises(ConfigError, match=r"eval\.benchmarks"):
+        load_grid(write_grid(tmp_path, eval={"benchmarks": "arithmetic,gsm8k,arithmetic"}))
+
+
 def test_missing_required_option_is_named(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"name": "x", "datasets": ["gsm8k"]}))
