@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from nested_reft.data import generate_arithmetic
+from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.models import load_model
 from nested_reft.nesting import (
     decoder_layers,

@@ -43,8 +43,9 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
+from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.config import GRPOConfig, ImportanceConfig, NestingConfig, TrainConfig
-from nested_reft.data import Problem, generate_arithmetic
+from nested_reft.data import Problem
 from nested_reft.grpo import group_advantages
 from nested_reft.models import load_model
 from nested_reft.nesting import num_decoder_layers, sample_skip_set

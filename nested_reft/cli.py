@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--model", required=True, help="a model alias, local directory or hub id")
     evaluation.add_argument("--benchmarks", nargs="+", default=None, metavar="NAME",
-                            help="default: aime24 amc math500 minerva olympiadbench (the paper's five)")
+                            help="names separated by spaces or commas; default: aime24 amc math500 minerva "
+                                 "olympiadbench (the paper's five)")
     evaluation.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of each benchmark")
     evaluation.add_argument("--max-new-tokens", type=int, default=None, help="default 1024 (paper: 32k)")
     evaluation.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
@@ -227,16 +228,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by what the user asked for, or that a user can act on: one line, not a traceback.
 
     ConfigError covers the trainer's refusals too (an output directory that holds a run, a bad launch);
-    FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
+    LockHeldError is a run directory, sweep or sweep instance that another process is writing (it names
+    that process); FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
     """
     from nested_reft.checkpoint import CheckpointError
     from nested_reft.config import ConfigError
     from nested_reft.data import DataError
     from nested_reft.evaluate import EvalError
+    from nested_reft.files import LockHeldError
     from nested_reft.models import ModelLoadError
-    from nested_reft.report import ReportError
+    from nested_reft.results import ResultsError
 
-    return (ConfigError, DataError, ModelLoadError, CheckpointError, EvalError, ReportError, FloatingPointError)
+    return (ConfigError, DataError, ModelLoadError, CheckpointError, EvalError, ResultsError, LockHeldError,
+            FloatingPointError)
 
 
 def _quiet_libraries() -> None:

@@ -302,9 +302,15 @@ def _as_bool(value: Any) -> bool:
 def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
     """The mapping a YAML file holds (empty for an empty file); a ConfigError naming `what` and `path` if not."""
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory; give the path of a YAML file") from None
+    except OSError as error:
+        raise ConfigError(f"{what} {path} cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
     if values is None:
@@ -320,8 +326,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     for dotted, value in (overrides or {}).items():
         target = values
         *sections, key = dotted.split(".")
-        for section in sections:
+        for depth, section in enumerate(sections, start=1):
             target = target.setdefault(section, {})
+            if not isinstance(target, dict):  # `grpo: 5` in the file, and a flag sets grpo.num_generations
+                name = ".".join(sections[:depth])
+                raise ConfigError(f"{name} must be a mapping of options, got {target!r}"
+                                  + (f" in config file {path}" if path is not None else ""))
         target[key] = value
     return from_dict(TrainConfig, values)
 

@@ -17,7 +17,7 @@
 | `amc`           | test        | `AI-MO/aimo-validation-amc` (train)                         | 83          |
 | `minerva`       | test        | `math-ai/minervamath` (test)                                | 272         |
 | `olympiadbench` | test        | `Hothan/OlympiadBench` ("OE_TO_maths_en_COMP", train)       | 675         |
-| `arithmetic`    | train, test | none: generated here (`generate_arithmetic`)                | 5000 / 500  |
+| `arithmetic`    | train, test | none: generated (`nested_reft.arithmetic`)                  | 5000 / 500  |
 
 Locally the benchmarks come from the evaluation suite of Liu et al. 2025 (`eval_suite/r1zero_suite`), the set
 the Nested-ReFT paper evaluates on; `math12k` "test" is the same 500 MATH500 problems with their MATH solutions.
@@ -33,15 +33,17 @@ import hashlib
 import json
 import operator
 import os
-import random
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from nested_reft.arithmetic import arithmetic_split
+from nested_reft.problems import Problem
 
 TRAINING_SETS = ("svamp", "gsm8k", "math12k", "arithmetic")
 BENCHMARKS = ("aime24", "amc", "math500", "minerva", "olympiadbench", "gsm8k", "svamp")
@@ -56,8 +58,6 @@ LAYOUT = """\
   eval_suite/r1zero_suite/{aime,amc,math,minerva,olympiad_bench}/   datasets.save_to_disk, fields problem, answer"""
 
 SVAMP_TEST_FRACTION = 0.3  # 300 of 1000: the sizes of the hub's ChilleD/SVAMP test split
-ARITHMETIC_SIZES = {"train": 5000, "test": 500}
-ARITHMETIC_SEEDS = {"train": 0, "test": 1}
 HENDRYCKS_MATH = "EleutherAI/hendrycks_math"  # the hub copy of MATH with solutions, one config per subject
 MATH_SUBJECTS = (
     "algebra",
@@ -72,17 +72,6 @@ MATH_SUBJECTS = (
 
 class DataError(ValueError):
     """A data set is missing, malformed or unknown; the message names the file, row and field."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One math problem. `answer` is the final value as a string; `solution`, where the set has one, is a
-    chain of thought whose last `\\boxed{}` holds the answer (the SFT warm-up target)."""
-
-    id: str
-    question: str
-    answer: str
-    solution: str | None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,16 +127,23 @@ def _require(path: Path, root: Path) -> Path:
     return path
 
 
+def _not_empty(rows: Sequence[Any], source: object) -> Sequence[Any]:
+    """The rows of a local file of problems, unless there are none: then a DataError naming the file here,
+    where it is known, rather than a division by zero once a run has started on nothing."""
+    if len(rows) == 0:
+        raise DataError(f"{source} holds 0 problems (it is empty)")
+    return rows
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg})") from err
+    with path.open(encoding="utf-8") as stream:
+        lines = [(number, line) for number, line in enumerate(stream, start=1) if line.strip()]
+    for number, line in _not_empty(lines, path):
+        where = f"{path}, line {number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON ({err.msg})") from err
 
 
 def _read_json(path: Path) -> Any:
@@ -164,7 +160,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
         rows = pyarrow.parquet.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises several types for a bad file; name the file instead
         raise DataError(f"{path}: not a readable parquet file ({err})") from err
-    return ((f"{path}, row {i}", row) for i, row in enumerate(rows))
+    return ((f"{path}, row {i}", row) for i, row in enumerate(_not_empty(rows, path)))
 
 
 def _read_saved_dataset(path: Path) -> Iterator[tuple[str, dict]]:
@@ -174,7 +170,7 @@ def _read_saved_dataset(path: Path) -> Iterator[tuple[str, dict]]:
         dataset = datasets.load_from_disk(str(path))
     except Exception as err:  # datasets raises FileNotFoundError or its own errors for a bad directory
         raise DataError(f"{path}: not a dataset saved with save_to_disk ({err})") from err
-    return ((f"{path}, row {i}", row) for i, row in enumerate(dataset))
+    return ((f"{path}, row {i}", row) for i, row in enumerate(_not_empty(dataset, path)))
 
 
 def _hub_rows(path: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
@@ -277,7 +273,7 @@ def _svamp_local(root: Path, split: str) -> list[Problem]:
     rows = _read_json(path)
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected one JSON array of problems")
-    located = [(f"{path}, index {i}", row) for i, row in enumerate(rows)]
+    located = [(f"{path}, index {i}", row) for i, row in enumerate(_not_empty(rows, path))]
     ids = {str(_field(row, "ID", where)) for where, row in located}
     keep = svamp_split(ids)[split]
     return [svamp_problem(row, where) for where, row in located if str(row["ID"]) in keep]
@@ -385,111 +381,6 @@ def _benchmark_hub(name: str) -> list[Problem]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Arithmetic word problems, generated
-# ----------------------------------------------------------------------------------------------------------
-
-_PEOPLE = (("Tom", "he", "him"), ("Anna", "she", "her"), ("Ben", "he", "him"), ("Mia", "she", "her"),
-           ("Sam", "he", "him"), ("Lily", "she", "her"), ("Max", "he", "him"), ("Emma", "she", "her"),
-           ("Leo", "he", "him"), ("Zoe", "she", "her"), ("Jack", "he", "him"), ("Ella", "she", "her"))  # fmt: skip
-# Singular nouns whose plural adds an "s".
-_ITEMS = ("apple", "book", "marble", "sticker", "pencil", "cookie", "shell", "card", "balloon", "stamp", "coin",
-          "toy car")  # fmt: skip
-
-# operation -> (sentences of the story, one is drawn; the step of the chain of thought).
-# {S}/{O}: he/him; {k_items}: the noun agreeing with k ("apple" or "apples"); {items}: "apples".
-_STORY = {
-    "add": (
-        ("{S} buys {k} more {k_items}.", "{S} finds {k} more {k_items}.", "A friend gives {O} {k} more {k_items}."),
-        "{S} gets {k} more: {a} + {k} = {r}.",
-    ),
-    "sub": (
-        ("{S} gives {k} {k_items} to a friend.", "{S} loses {k} {k_items}."),
-        "{S} has {k} fewer: {a} - {k} = {r}.",
-    ),
-    "mul": (("{S} now has {k} times as many {items} as before.",), "{k} times as many: {a} * {k} = {r}."),
-    "div": (
-        ("{S} splits the {items} into {k} equal piles and keeps one pile.",),
-        "One of {k} equal piles: {a} / {k} = {r}.",
-    ),
-}
-
-
-def _noun(count: int, item: str) -> str:
-    return item if count == 1 else item + "s"
-
-
-def _arithmetic_step(rng: random.Random, total: int, difficulty: int) -> tuple[str, int, int]:
-    """Draw one operation and operand that keep the count a positive whole number."""
-    largest = 10 * difficulty - 1  # difficulty 1: one-digit numbers
-    choices = [("add", rng.randint(1, largest))]
-    if total >= 2:
-        choices.append(("sub", rng.randint(1, min(total - 1, largest))))
-    if difficulty >= 2:
-        choices.append(("mul", rng.randint(2, difficulty + 1)))
-        divisors = [k for k in range(2, 10) if total % k == 0 and total > k]
-        if divisors:
-            choices.append(("div", rng.choice(divisors)))
-    kind, k = rng.choice(choices)
-    result = {"add": total + k, "sub": total - k, "mul": total * k, "div": total // k}[kind]
-    return kind, k, result
-
-
-def generate_arithmetic(n: int, seed: int = 0, difficulty: int = 1) -> list[Problem]:
-    """`n` distinct arithmetic word problems with step-by-step solutions ending in `\\boxed{}`.
-
-    `difficulty` d sets both knobs: d operations on a running count; start values and added or subtracted
-    amounts up to 10*d - 1, multipliers up to d + 1, divisors up to 9. Difficulty 1 is
-    one addition or subtraction of one-digit numbers ("Tom has 3 apples. He buys 4 more apples. How many apples
-    does Tom have now?"); from 2 on, multiplication and exact division join in. All results are positive whole
-    numbers. The same (n, seed, difficulty) always gives the same list (a string seed, hashed by sha512 inside
-    `random`, does not depend on PYTHONHASHSEED).
-    """
-    if n < 0 or difficulty < 1:
-        raise ValueError(f"need n >= 0 and difficulty >= 1, got n={n}, difficulty={difficulty}")
-    rng = random.Random(f"arithmetic:{seed}:{difficulty}")
-    problems: list[Problem] = []
-    seen: set[str] = set()
-    for _ in range(100 * n + 100):
-        if len(problems) == n:
-            return problems
-        name, subject, obj = rng.choice(_PEOPLE)
-        item = rng.choice(_ITEMS)
-        total = rng.randint(1, 10 * difficulty - 1)
-        story = [f"{name} has {total} {_noun(total, item)}."]
-        steps = [f"{name} starts with {total} {_noun(total, item)}."]
-        for _ in range(difficulty):
-            kind, k, result = _arithmetic_step(rng, total, difficulty)
-            sentences, step = _STORY[kind]
-            words = dict(S=subject.capitalize(), O=obj, items=f"{item}s", k_items=_noun(k, item))
-            words.update(k=k, a=total, r=result)
-            story.append(rng.choice(sentences).format(**words))
-            steps.append(step.format(**words))
-            total = result
-        question = " ".join(story) + f" How many {item}s does {name} have now?"
-        if question in seen:
-            continue
-        seen.add(question)
-        steps.append(f"The final answer is \\boxed{{{total}}}")
-        problem_id = f"arithmetic/seed{seed}-d{difficulty}/{len(problems)}"
-        problems.append(Problem(problem_id, question, str(total), "\n".join(steps)))
-    if len(problems) < n:
-        raise ValueError(f"could not draw {n} distinct problems at difficulty {difficulty} (got {len(problems)})")
-    return problems
-
-
-def _arithmetic(split: str) -> list[Problem]:
-    """Train and test come from different seeds; train drops any question that the test set has."""
-    test = generate_arithmetic(ARITHMETIC_SIZES["test"], seed=ARITHMETIC_SEEDS["test"])
-    if split == "test":
-        return test
-    held_out = {p.question for p in test}
-    candidates = generate_arithmetic(ARITHMETIC_SIZES["train"] + len(test), seed=ARITHMETIC_SEEDS["train"])
-    train = [p for p in candidates if p.question not in held_out][: ARITHMETIC_SIZES["train"]]
-    assert len(train) == ARITHMETIC_SIZES["train"] and not held_out & {p.question for p in train}
-    return train
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The registry and the entry point
 # ----------------------------------------------------------------------------------------------------------
 
@@ -529,7 +420,7 @@ def _benchmark(name: str) -> _Loader:
 
 
 def _generated(split: str) -> _Loader:
-    return _Loader(local=lambda root: _arithmetic(split), hub=lambda: _arithmetic(split))
+    return _Loader(local=lambda root: arithmetic_split(split), hub=lambda: arithmetic_split(split))
 
 
 REGISTRY: dict[tuple[str, str], _Loader] = {
@@ -551,7 +442,8 @@ def load_problems(
     """The problems of data set `name` (see TRAINING_SETS, BENCHMARKS; benchmarks use split "test").
 
     Reads `data_dir`, else `$NESTED_REFT_DATA`, else the Hugging Face hub (table in the module docstring).
-    `limit` keeps the first `limit` problems in the set's fixed order.
+    `limit` keeps the first `limit` problems in the set's fixed order. A local file that holds no problem
+    is a DataError naming it, whatever the limit: a run on an empty set would fail much later.
     """
     loader = REGISTRY.get((name, split))
     if loader is None:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from nested_reft.files import atomic_write_json, atomic_write_text
-from nested_reft.config import check_option
+from nested_reft.config import ConfigError, check_option
 from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
 from nested_reft.rewards import extract_answer
 from nested_reft.rollout import SamplingConfig, eos_token_ids, generate_rollouts
@@ -131,13 +131,27 @@ def evaluate_model(
     """
     from nested_reft.models import MODEL_ALIASES, load_model
 
+    device = usable_device(device)
     tasks = load_tasks(benchmarks, data_dir, limit)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
     local = Path(name_or_path).expanduser()
     model_name = str(local.resolve()) if name_or_path not in MODEL_ALIASES and local.exists() else str(name_or_path)
     output_dir = default_output_dir(name_or_path) if output_dir is None else output_dir
     return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
+
+
+def usable_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or cuda where there is one, else cpu; a ConfigError naming --device where `device` is no
+    device name, or names one this machine does not have (cuda without a GPU), before anything is loaded."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)  # the one check that covers every device type and index
+    except (RuntimeError, AssertionError) as error:  # torch's two ways of saying no (AssertionError: no CUDA)
+        reason = str(error).splitlines()[0][:200]
+        raise ConfigError(f"--device {device}: not usable on this machine ({reason}); leave --device unset "
+                          "for cuda where there is one, else cpu") from None
+    return torch.device(device)
 
 
 def evaluate(
@@ -171,20 +185,26 @@ def load_tasks(benchmarks: Sequence[str], data_dir: str | Path | None = None, li
         raise DataError(f"limit must be an integer >= 1, got {limit!r}")
     tasks = [Task.load(name, split="test", data_dir=data_dir, limit=limit) for name in names]
     for task in tasks:
-        if not task.problems:
-            raise DataError(f"benchmark {task.name!r} has no problems")
         duplicates = len(task.problems) - len({problem.id for problem in task.problems})
         if duplicates:
             raise DataError(f"benchmark {task.name!r} has {duplicates} duplicate problem id(s)")
     return tasks
 
 
+def listed_benchmarks(benchmarks: Sequence[str] | str) -> list[str]:
+    """The names as listed, each item split at commas: shells give `gsm8k math500` as words, lm-eval's users
+    type `gsm8k,math500`, and both (or a mix, `gsm8k, math500`) name the same two benchmarks."""
+    items = [benchmarks] if isinstance(benchmarks, str) else benchmarks
+    return [name.strip() for item in items for name in str(item).split(",") if name.strip()]
+
+
 def benchmark_names(benchmarks: Sequence[str] | str) -> list[str]:
-    """The distinct names of `benchmarks`, in order; a DataError naming those `evaluate` does not know.
+    """The distinct names of `benchmarks` (see `listed_benchmarks`), in order; a DataError naming those
+    `evaluate` does not know.
 
     Cheap, so callers check names before any data, model or (in a sweep) training is loaded.
     """
-    names = list(dict.fromkeys([benchmarks] if isinstance(benchmarks, str) else benchmarks))
+    names = list(dict.fromkeys(listed_benchmarks(benchmarks)))
     if not names:
         raise DataError(f"no benchmark given; expected some of {', '.join(EVALUATION_SETS)}")
     unknown = [name for name in names if name not in EVALUATION_SETS]

@@ -15,11 +15,13 @@ import functools
 import importlib.metadata
 import os
 import shutil
+import struct
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from nested_reft.tiny import CHATML_TEMPLATE, TINY_ARCHITECTURES, tiny_model
@@ -120,6 +122,10 @@ def _load_local_directory(path: Path, dtype: torch.dtype) -> ModelAndTokenizer:
         return _load_pretrained(path, dtype)
     except OSError as error:
         raise ModelLoadError(f"could not load the model in {path}: {error}") from error
+    except SafetensorError as error:  # a truncated or empty weights file (an interrupted copy or save)
+        files = ", ".join(sorted(file.name for file in path.glob("*.safetensors")))
+        raise ModelLoadError(f"the weights in {path} ({files}) cannot be read, a file is truncated or damaged "
+                             f"({error}); copy or save the model again") from error
 
 
 def _load_from_hub(name: str, dtype: torch.dtype) -> ModelAndTokenizer:
@@ -156,14 +162,26 @@ def _dequantise_gguf(path: Path) -> ModelAndTokenizer:
     transformers dequantises GGUF weights on load but leaves the model marked as GGUF-quantised, which makes
     `save_pretrained` refuse it; rebuilding from the config without the quantisation entry drops that mark.
     """
-    quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=_CACHE_DTYPE)
+    quantised, tokenizer = _read_gguf(path)
     config = copy.deepcopy(quantised.config)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=_CACHE_DTYPE)
     model.load_state_dict(quantised.state_dict())
     model.generation_config = copy.deepcopy(quantised.generation_config)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tokenizer
+
+
+def _read_gguf(path: Path) -> ModelAndTokenizer:
+    """Model (dequantised, still marked quantised) and tokenizer of a GGUF file; a damaged file is a ModelLoadError.
+
+    The GGUF reader fails on a file that is not GGUF, or is cut short, with whatever its parsing hits first: a
+    ValueError (no magic bytes, an array of the wrong size) or a struct.error (a header cut short).
+    """
+    try:
+        quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=_CACHE_DTYPE)
+        return quantised, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, struct.error) as error:
+        raise ModelLoadError(f"{path} is not a complete GGUF file ({error}); download or copy it again") from error
 
 
 def _smollm2_gguf_path() -> Path:

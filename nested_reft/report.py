@@ -20,8 +20,6 @@ functions over rows (dicts), so they test without files.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 from collections import defaultdict
@@ -31,74 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from nested_reft.files import atomic_write_text
+from nested_reft.results import METRIC_COLUMNS, RESULTS_FILE, ResultsError, csv_text, model_slug, read_results
 
-# The columns of results.csv (the contract between `sweep`, which writes it, and this module). The sweep
-# adds one `accuracy_<benchmark>` column per benchmark before `accuracy` (the average over benchmarks).
-RESULT_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border", "mitigation", "seed", "status",
-                  "accuracy", "token_speed", "total_runtime_s", "error"]
-REQUIRED_COLUMNS = [column for column in RESULT_COLUMNS if column != "error"]
-NUMERIC = {"skip_ratio": float, "border": int, "seed": int}
 # metric column -> label in figures and tables. Accuracy and tok/s are to maximise, runtime to minimise.
-METRICS = {"accuracy": "accuracy", "token_speed": "tok/s", "total_runtime_s": "runtime"}
+METRICS = dict(zip(METRIC_COLUMNS, ("accuracy", "tok/s", "runtime")))
 REPORT_DIR = "report"
 TIE = 1e-12  # Delta_abs accuracies closer than this count as the same value (a tie for best or worst)
-
-
-class ReportError(ValueError):
-    """results.csv is missing, lacks columns or holds values that are not numbers where numbers belong."""
-
-
-def accuracy_column(benchmark: str) -> str:
-    return f"accuracy_{benchmark}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading results.csv
-# ----------------------------------------------------------------------------------------------------------
-
-
-def read_results(path: str | Path) -> list[dict]:
-    """The rows of results.csv, numbers parsed; finished rows must have every metric."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReportError(f"{path} does not exist; run `nested-reft sweep GRID.yaml` (or `--collect`) first")
-    return parse_results(path.read_text(), str(path))
-
-
-def parse_results(text: str, source: str = "results.csv") -> list[dict]:
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
-    if missing:
-        raise ReportError(
-            f"{source} lacks column(s) {', '.join(missing)}; expected the columns written by `nested-reft sweep`: "
-            f"{', '.join(REQUIRED_COLUMNS)}"
-        )
-    return [_parse_row(row, f"{source}, line {number}") for number, row in enumerate(reader, start=2)]
-
-
-def _parse_row(row: dict, where: str) -> dict:
-    parsed: dict[str, Any] = dict(row)
-    for column, kind in NUMERIC.items():
-        parsed[column] = _number(row[column], column, where, kind)
-    done = row["status"] == "done"
-    for column in [*METRICS, *(c for c in row if c.startswith("accuracy_"))]:
-        value = row.get(column)
-        if value in (None, ""):
-            if done and column in METRICS:
-                raise ReportError(f"{where}: instance {row['instance']} is done but has no {column}")
-            parsed[column] = None
-        else:
-            parsed[column] = _number(value, column, where, float)
-    if row["role"] not in ("baseline", "nested"):
-        raise ReportError(f"{where}: role must be baseline or nested, got {row['role']!r}")
-    return parsed
-
-
-def _number(value: str, column: str, where: str, kind: type) -> float | int:
-    try:
-        return kind(float(value)) if kind is int else kind(value)
-    except (TypeError, ValueError):
-        raise ReportError(f"{where}: column {column} must be a number, got {value!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,9 +226,6 @@ def efficiency_fits(points: Sequence[dict]) -> list[dict]:
 
 def figure_name(model: str, dataset: str) -> str:
     """`figure1-<model-slug>-<dataset>.png`, the model named as the sweep names its directories."""
-    # Imported here, not at the top: sweep imports this module (RESULT_COLUMNS), and it loads torch.
-    from nested_reft.sweep import model_slug
-
     return f"figure1-{model_slug(model)}-{dataset}.png"
 
 
@@ -353,21 +286,16 @@ DELTA_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border",
 
 
 def deltas_csv(deltas: Sequence[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=DELTA_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in deltas:
-        writer.writerow({key: "" if row.get(key) is None else row[key] for key in DELTA_COLUMNS})
-    return buffer.getvalue()
+    return csv_text(DELTA_COLUMNS, deltas)
 
 
 def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) -> Path:
     """Read SWEEP_DIR/results.csv only; write deltas.csv, the Figure 1 PNGs and report.md; return report.md."""
     sweep_dir = Path(sweep_dir)
     output = Path(output_dir) if output_dir is not None else sweep_dir / REPORT_DIR
-    rows = read_results(sweep_dir / "results.csv")
+    rows = read_results(sweep_dir / RESULTS_FILE)
     if not any(row["status"] == "done" for row in rows):
-        raise ReportError(f"{sweep_dir / 'results.csv'} has no finished instance yet")
+        raise ResultsError(f"{sweep_dir / RESULTS_FILE} has no finished instance yet")
     baselines = baseline_summary(rows)
     deltas = compute_deltas(rows)
     points = instance_means(deltas)

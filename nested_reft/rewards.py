@@ -12,21 +12,12 @@ Design points, each of which exists because model output is adversarial by accid
 * **Equivalence has a cheap fast path** (normalised string equality, exact/rounded number comparison)
   that settles the common GSM8K/MATH cases without sympy, then falls back to ``math_verify``
   (``parse`` + ``verify``) for LaTeX and expressions.
-* **Every symbolic check runs under a deadline** (:data:`REWARD_TIMEOUT_S`). ``math_verify``'s own
-  timeout uses ``signal.alarm`` and raises when called off the main thread, so we disable it and apply
-  our own (see :func:`_run_with_deadline`):
-
-  - main thread (POSIX, no SIGALRM timer already armed by someone else): ``setitimer`` fires at the
-    deadline, and every 50 ms after it until the check returns, with a handler that raises
-    :class:`_CheckTimeout` (repeated because library code may swallow one). CPython checks signals
-    inside long integer ``pow``, so this also interrupts huge powers computed in C.
-  - any other thread: the check runs in a daemon helper thread; the caller waits ``timeout_s`` and, if
-    the helper is still busy, injects :class:`_CheckTimeout` into it (``PyThreadState_SetAsyncExc``,
-    repeated on later calls while it lives) and returns 0.0 at once. An async exception is only
-    delivered between bytecodes, so a single long C call cannot be stopped this way (and it holds the
-    GIL meanwhile); that is why
-  - before any symbolic evaluation, :func:`_too_big` bounds the number of digits that evaluating the
-    parsed expressions could produce (exponent towers, ``10^9!``, ...) and rejects them outright.
+* **Every symbolic check runs under a deadline** (:data:`REWARD_TIMEOUT_S`), from any thread:
+  ``math_verify``'s own timeout uses ``signal.alarm`` and raises when called off the main thread, so it is
+  off and :func:`nested_reft.deadlines.run_with_deadline` bounds the check instead. A single long C call
+  cannot be interrupted from another thread, so before any symbolic evaluation :func:`_too_big` bounds
+  the number of digits that evaluating the parsed expressions could produce (exponent towers,
+  ``10^9!``, ...) and rejects them outright.
 
 * **Nothing raises out of** :func:`math_reward`: bad types, lone surrogates, parser crashes, recursion
   errors and timeouts all become 0.0 (logged at debug level).
@@ -34,23 +25,21 @@ Design points, each of which exists because model output is adversarial by accid
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
 import math
 import re
-import signal
-import threading
 from collections.abc import Callable
 from fractions import Fraction
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 import sympy
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from sympy.matrices import MatrixBase
 
-logger = logging.getLogger(__name__)
+from nested_reft.deadlines import DeadlineExceeded, run_with_deadline
 
-T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 REWARD_TIMEOUT_S: float = 3.0
 """Wall-clock budget for one symbolic check (math_verify parse of both sides + verify).
@@ -71,19 +60,7 @@ MAX_RESULT_DIGITS = 100_000
 """Expressions whose evaluation could produce more decimal digits than this are rejected before sympy
 evaluates them: such numbers are computed in C while holding the GIL, beyond any in-thread timeout."""
 
-_MAX_ABANDONED_THREADS = 4
-"""Circuit breaker: if this many timed-out helper threads are still alive, skip symbolic checks (each
-returns 0.0) rather than pile up more threads burning CPU."""
-
 _LOG10_2 = math.log10(2)
-
-
-class _CheckTimeout(BaseException):
-    """Raised when a symbolic check runs past its deadline.
-
-    A ``BaseException`` on purpose: sympy and math_verify wrap much of their work in ``except Exception``,
-    which would otherwise swallow the timeout and let the next (unguarded) comparison run on.
-    """
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,142 +377,8 @@ def _verify_answers(pred: str, gold: str) -> bool:
     if not gold_parsed or not pred_parsed or _too_big(gold_parsed + pred_parsed):
         return False
     # math_verify's own timeouts are off (None): they use signal.alarm, which raises off the main thread
-    # and would cancel our timer; _run_with_deadline bounds the whole call instead.
+    # and would cancel our timer; deadlines.run_with_deadline bounds the whole call instead.
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-
-
-# --------------------------------------------------------------------------------------------------
-# Deadlines that work in the main thread and in worker threads
-# --------------------------------------------------------------------------------------------------
-
-_ALARM_REPEAT_S = 0.05
-"""After the deadline the alarm keeps firing at this interval until the check returns: a timeout
-exception can be swallowed (``except BaseException`` somewhere, or an "Exception ignored in" weakref
-callback / ``__del__`` that happened to be running), and a one-shot alarm would then never fire again."""
-
-
-class _AlarmState:
-    """Whether a SIGALRM deadline of ours is live; ticks arriving after it is cleared do nothing."""
-
-    active = False
-
-
-def _on_alarm(signum: int, frame: object) -> None:
-    """SIGALRM handler: abort the running check (but only while one is running)."""
-    if _AlarmState.active:
-        raise _CheckTimeout()
-
-
-def _alarm_available() -> bool:
-    """Whether a SIGALRM timer may be used: main thread, POSIX, and nobody else's timer is armed."""
-    return (
-        hasattr(signal, "setitimer")
-        and threading.current_thread() is threading.main_thread()
-        and not _AlarmState.active  # not re-entrant
-        and signal.getsignal(signal.SIGALRM) is not None  # a C-level handler we could not restore
-        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # e.g. pytest-timeout's own alarm
-    )
-
-
-def _run_with_alarm(fn: Callable[[], T], timeout_s: float) -> T:
-    """Run ``fn`` in this (main) thread; from the deadline on, SIGALRM raises :class:`_CheckTimeout`.
-
-    Clearing ``_AlarmState.active`` is the first statement of the ``finally``: a single attribute store
-    with no point where a signal handler can run before it, so no tick can escape this function.
-    """
-    previous = signal.signal(signal.SIGALRM, _on_alarm)
-    try:
-        _AlarmState.active = True
-        signal.setitimer(signal.ITIMER_REAL, timeout_s, _ALARM_REPEAT_S)
-        return fn()
-    finally:
-        _AlarmState.active = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _interrupt_thread(thread: threading.Thread) -> None:
-    """Ask ``thread`` to raise :class:`_CheckTimeout` at its next bytecode (best effort)."""
-    try:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_CheckTimeout))
-    except Exception:  # no ctypes.pythonapi (non-CPython): the daemon thread just runs to completion
-        logger.debug("could not interrupt timed-out reward thread", exc_info=True)
-
-
-class _HelperThreadCheck:
-    """One check running in a daemon helper thread, interruptible only while the check itself runs.
-
-    The ``finished`` flag, set and read under a lock, keeps a late interrupt from landing in unrelated
-    code after the check has ended.
-    """
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self._fn = fn
-        self._lock = threading.Lock()
-        self._finished = False
-        self.value: object = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._target, name="math-reward-check", daemon=True)
-
-    def _target(self) -> None:
-        try:
-            try:
-                self.value = self._fn()
-            except BaseException as error:  # noqa: BLE001 - handed back to the waiting caller
-                self.error = error
-            finally:
-                with self._lock:
-                    self._finished = True
-        except _CheckTimeout:
-            pass  # the interrupt landed just as the check ended: nothing is left to stop
-
-    def interrupt(self) -> bool:
-        """Stop the check if it is still running; returns whether it was."""
-        with self._lock:
-            if not self._finished:
-                _interrupt_thread(self.thread)
-            return not self._finished
-
-
-_abandoned_checks: list[_HelperThreadCheck] = []
-_abandoned_lock = threading.Lock()
-
-
-def _too_many_abandoned() -> bool:
-    """Re-interrupt timed-out checks still running (an interrupt can be swallowed), drop finished ones,
-    and say whether too many are still alive to start another."""
-    with _abandoned_lock:
-        _abandoned_checks[:] = [check for check in _abandoned_checks if check.thread.is_alive()]
-        for check in _abandoned_checks:
-            check.interrupt()
-        return len(_abandoned_checks) >= _MAX_ABANDONED_THREADS
-
-
-def _run_in_helper_thread(fn: Callable[[], T], timeout_s: float) -> T:
-    """Run ``fn`` in a daemon thread, wait ``timeout_s``, and give up (interrupting it) past that."""
-    if _too_many_abandoned():
-        raise _CheckTimeout()
-    check = _HelperThreadCheck(fn)
-    check.thread.start()
-    check.thread.join(timeout_s)
-    if check.thread.is_alive() and check.interrupt():
-        with _abandoned_lock:
-            _abandoned_checks.append(check)
-        raise _CheckTimeout()
-    if check.error is not None:
-        raise check.error
-    return check.value  # type: ignore[return-value]
-
-
-def _run_with_deadline(fn: Callable[[], T], timeout_s: float) -> T:
-    """Run ``fn`` with a wall-clock limit; raises :class:`_CheckTimeout` when it is exceeded.
-
-    ``timeout_s`` is clamped to at least 1 ms: ``setitimer(0)`` would mean "no limit at all".
-    """
-    timeout_s = max(float(timeout_s), 1e-3)
-    if _alarm_available():
-        return _run_with_alarm(fn, timeout_s)
-    return _run_in_helper_thread(fn, timeout_s)
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -545,8 +388,12 @@ class _DropTimeoutDisabledWarning(logging.Filter):
         return not str(record.msg).startswith("Timeout is disabled")
 
 
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).addFilter(_DropTimeoutDisabledWarning())
+@functools.cache
+def _quiet_math_verify_timeout_warning() -> None:
+    """Drop math_verify's warning that its timeout is off, once, on the first symbolic check: importing
+    this module leaves the logging of other libraries as it found it."""
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(_DropTimeoutDisabledWarning())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,8 +423,9 @@ def is_equivalent(predicted: str, gold: str, timeout_s: float | None = None) -> 
         fast = _fast_equivalence(pred_text, gold_text)
         if fast is not None:
             return fast
-        return _run_with_deadline(lambda: _verify_answers(pred_text, gold_text), timeout_s)
-    except _CheckTimeout:
+        _quiet_math_verify_timeout_warning()
+        return run_with_deadline(lambda: _verify_answers(pred_text, gold_text), timeout_s)
+    except DeadlineExceeded:
         logger.debug("equivalence check timed out after %.1fs", timeout_s)
     except Exception:  # parser/sympy internals can fail in many ways on junk; junk is simply not equal
         logger.debug("equivalence check failed", exc_info=True)

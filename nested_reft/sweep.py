@@ -1,10 +1,4 @@
-"""Sweeps: the paper's grid of runs (section 3), one directory per run, resumable, ending in results.csv.
-
-A grid file (`GridConfig`, YAML) names models, datasets, skip ratios x, mitigations m, the border b and
-seeds. For every (model, dataset, seed) it yields one baseline (x = 0, b = 0, m = base: classical ReFT)
-and |skip_ratios| x |mitigations| Nested-ReFT instances (b = border); with the paper's defaults that
-is 1 + 4 x 3 = 13 runs, and 2 models x 3 datasets x 13 = 78 (section 3.1). `baseline_seeds` adds
-baselines at more seeds, whose spread measures the run-to-run noise the deltas should be read against.
+"""Running a grid (`nested_reft.grid`): one directory per instance, resumable, ending in results.csv.
 
 Layout, under the grid's `output_dir`:
 
@@ -14,16 +8,9 @@ Layout, under the grid's `output_dir`:
         config.yaml metrics.jsonl summary.json model/     (nested_reft.trainer; its checkpoint-N/ is
                                                  removed once trained, unless keep_checkpoints)
         eval/eval.json, eval/<benchmark>.jsonl   (nested_reft.evaluate)
-    results.csv                                  one row per instance (the only input of `report`)
-
-where <instance> is `baseline-s<seed>` or `x<x>-b<b>-<m>-s<seed>` and an instance's id is its path
-relative to `output_dir` (`qwen2.5-math-1.5b-instruct/gsm8k/x0.05-b1-retrace-s0`).
-
-The SFT warm-up runs once per (model, dataset, seed) and every instance of that triple starts from its
-model with `sft.epochs = 0`. Two reasons: every instance, baseline included, then starts from the very
-same weights, so the deltas measure the ReFT stage alone and not the noise of 13 separate warm-ups;
-and the warm-up (E_sft = 2 epochs over the whole training set: 15k examples on GSM8k, 24k on Math12k)
-is paid once instead of 13 times.
+    results.csv                                  one row per instance (nested_reft.results; the only input
+                                                 of `report`)
+    .sweep.lock, <model-slug>/<dataset>/<instance or sft-s<seed>>.lock     one writer each (see `run_sweep`)
 
 Rerunning a sweep skips instances whose status is done, retries failed or interrupted ones (a run left
 "running" by a killed process counts as interrupted; the trainer resumes from its last checkpoint, and a
@@ -36,21 +23,14 @@ that runs their SFT warm-up.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import fcntl
+import contextlib
 import gc
-import hashlib
-import io
-import json
 import os
-import re
 import shlex
 import shutil
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,269 +39,21 @@ from typing import Any
 import torch
 
 from nested_reft.checkpoint import CHECKPOINT_PREFIX
-from nested_reft.files import atomic_write_json, atomic_write_text
-from nested_reft.config import (
-    ConfigError, TrainConfig, check_option, from_dict, load_config, read_yaml_mapping, to_dict,
+from nested_reft.config import TrainConfig
+from nested_reft.evaluate import EVAL_FILE, evaluate_model, print_progress
+from nested_reft.files import LockHeldError, atomic_write_json, atomic_write_text, exclusive_lock, read_json
+from nested_reft.grid import (
+    EvalSettings, GridConfig, Instance, enumerate_instances, fingerprint, instance_config, load_grid, run_directory,
+    select_instances, sft_config, sft_directory,
 )
-from nested_reft.data import TRAINING_SETS, DataError
-from nested_reft.evaluate import (
-    DEFAULT_BENCHMARKS,
-    EVAL_FILE,
-    EvalConfig,
-    benchmark_names,
-    eval_config,
-    evaluate_model,
-    print_progress,
-)
-from nested_reft.importance import MITIGATIONS
-from nested_reft.report import RESULT_COLUMNS, accuracy_column
+from nested_reft.results import RESULTS_FILE, accuracy_column, write_results
 from nested_reft.rundir import FINAL_MODEL_DIR, SUMMARY_FILE
 from nested_reft.trainer import ensure_trained
 
-PAPER_SKIP_RATIOS = (0.0, 0.05, 0.10, 0.15)  # section 3: x in {5, 10, 15}% plus x = 0 at b = 1 (4 x 3 = 12)
-BASELINE = dict(skip_ratio=0.0, border=0, mitigation="base")  # section 3: classical ReFT
-
 STATUS_FILE = "status.json"
-RESULTS_FILE = "results.csv"
+SWEEP_LOCK_FILE = ".sweep.lock"  # in output_dir, held by a sweep of the whole grid
 EVAL_DIR = "eval"
 STATUSES = ("pending", "running", "done", "failed")
-
-# Options a grid sets per instance; `train:` may not set them.
-PER_INSTANCE_OPTIONS = ("model", "dataset", "seed", "output_dir", "nesting.skip_ratio", "nesting.border",
-                        "importance.mitigation")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The grid file
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How every instance is evaluated; None leaves an option at `nested_reft.evaluate.EvalConfig`'s default."""
-
-    benchmarks: tuple[str, ...] = DEFAULT_BENCHMARKS
-    limit: int | None = None  # first N problems of each benchmark (None = all)
-    max_new_tokens: int | None = None
-    batch_size: int | None = None
-    temperature: float | None = None  # EvalConfig default is the paper's 0.6
-    top_p: float | None = None  # EvalConfig default is the paper's 0.95
-    data_dir: str | None = None  # None = the train data_dir, then $NESTED_REFT_DATA, then the hub
-
-    def __post_init__(self) -> None:
-        """Every check runs here, at grid load, not when the first instance has trained for hours."""
-        _normalise(self, "benchmarks", str)
-        try:
-            benchmark_names(self.benchmarks)
-            self.config(seed=0)  # EvalConfig's own checks of the sampling options
-        except (DataError, ConfigError) as error:
-            raise ConfigError(f"eval: {error}") from None
-        check_option(len(set(self.benchmarks)) == len(self.benchmarks), "eval.benchmarks", self.benchmarks, "distinct")
-        check_option(self.limit is None or self.limit >= 1, "eval.limit", self.limit, ">= 1 or null")
-
-    def config(self, seed: int) -> EvalConfig:
-        """The sampling settings of an instance's evaluation."""
-        options = {key: getattr(self, key) for key in ("temperature", "top_p", "max_new_tokens", "batch_size")}
-        return eval_config(seed=seed, **options)
-
-
-@dataclass(frozen=True)
-class GridConfig:
-    """A sweep: models x datasets x seeds x (1 baseline + skip_ratios x mitigations) runs."""
-
-    name: str
-    models: tuple[str, ...]
-    datasets: tuple[str, ...]
-    output_dir: str | None = None  # None = runs/sweeps/<name>
-    skip_ratios: tuple[float, ...] = PAPER_SKIP_RATIOS
-    mitigations: tuple[str, ...] = MITIGATIONS  # paper: base, practical, retrace
-    border: int = 1  # paper: b = 1 (first and last layers never skipped)
-    seeds: tuple[int, ...] = (0,)
-    baseline_seeds: tuple[int, ...] | None = None  # baselines run at seeds + these; None = seeds only
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig options, nested or dotted
-    keep_checkpoints: bool = False  # a finished run needs only model/; a 7B checkpoint with Adam states is ~40 GB
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-    def __post_init__(self) -> None:
-        check_option(isinstance(self.name, str) and bool(re.fullmatch(r"[\w.-]+", self.name)), "name", self.name,
-               "a non-empty name of letters, digits, '.', '_' or '-'")
-        for option, kind in (("models", str), ("datasets", str), ("skip_ratios", float), ("mitigations", str),
-                             ("seeds", int), ("baseline_seeds", int)):
-            _normalise(self, option, kind)
-        for option in ("models", "datasets", "skip_ratios", "mitigations", "seeds"):
-            values = getattr(self, option)
-            check_option(len(values) > 0, option, values, "a non-empty list")
-            check_option(len(set(values)) == len(values), option, values, "a list without repeats")
-        for dataset in self.datasets:
-            check_option(dataset in TRAINING_SETS, "datasets", dataset, f"one of {TRAINING_SETS}")
-        for mitigation in self.mitigations:
-            check_option(mitigation in MITIGATIONS, "mitigations", mitigation, f"one of {MITIGATIONS}")
-        for ratio in self.skip_ratios:
-            check_option(0.0 <= ratio < 1.0, "skip_ratios", ratio, "in [0, 1)")
-        check_option(isinstance(self.border, int) and self.border >= 0, "border", self.border, "an integer >= 0")
-        slugs = [model_slug(model) for model in self.models]
-        check_option(len(set(slugs)) == len(slugs), "models", self.models, f"models with distinct slugs (got {slugs})")
-        if not isinstance(self.train, dict):
-            raise ConfigError(f"train must be a mapping of TrainConfig options, got {type(self.train).__name__}")
-        object.__setattr__(self, "train", flatten_options(self.train))
-        set_by_grid = sorted(set(self.train) & set(PER_INSTANCE_OPTIONS))
-        if set_by_grid:
-            raise ConfigError(
-                f"train.{set_by_grid[0]} is set per instance by the grid (models, datasets, seeds, skip_ratios, "
-                "border, mitigations, output_dir); remove it from train"
-            )
-        self.base_config(self.models[0], self.datasets[0], self.seeds[0])  # validates every train option now
-
-    @property
-    def root(self) -> Path:
-        return Path(self.output_dir or f"runs/sweeps/{self.name}")
-
-    @property
-    def all_baseline_seeds(self) -> tuple[int, ...]:
-        extra = [seed for seed in self.baseline_seeds or () if seed not in self.seeds]
-        return tuple(self.seeds) + tuple(extra)
-
-    def base_config(self, model: str, dataset: str, seed: int, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        """The TrainConfig of `train:` for one (model, dataset, seed), plus dotted `overrides`."""
-        options = {**self.train, "model": model, "dataset": dataset, "seed": seed, **(overrides or {})}
-        try:
-            return load_config(None, options)
-        except ValueError as error:  # a ConfigError, or a plain ValueError from an engine's config (SamplingConfig)
-            raise ConfigError(f"train: {error}") from None
-
-    @property
-    def warm_up(self) -> bool:
-        """Whether instances start from a shared SFT warm-up (train.sft.epochs > 0, the paper's E_sft = 2)."""
-        return self.base_config(self.models[0], self.datasets[0], self.seeds[0]).sft.epochs > 0
-
-
-def load_grid(path: str | os.PathLike) -> GridConfig:
-    """Read and validate a grid file; every error is a ConfigError naming the option, before any work."""
-    values = read_yaml_mapping(path, "grid file")
-    try:
-        return from_dict(GridConfig, values)
-    except ConfigError as error:
-        raise ConfigError(f"grid file {path}: {error}") from None
-
-
-def flatten_options(options: dict, prefix: str = "") -> dict[str, Any]:
-    """{"grpo": {"beta": 0}, "sft.epochs": 2} -> {"grpo.beta": 0, "sft.epochs": 2}."""
-    flat: dict[str, Any] = {}
-    for key, value in options.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_options(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def model_slug(model: str) -> str:
-    """A directory name for a model: `Qwen/Qwen2.5-Math-1.5B-Instruct` -> `qwen2.5-math-1.5b-instruct`."""
-    name = Path(str(model).rstrip("/")).name
-    name = name[: -len(".gguf")] if name.endswith(".gguf") else name
-    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"
-
-
-def _normalise(config: Any, option: str, kind: type) -> None:
-    """Make a list option a tuple of `kind` (YAML gives 0 for 0.0), naming the option on a bad element."""
-    values = getattr(config, option)
-    if values is None:
-        return
-    if isinstance(values, (str, int, float)):
-        values = (values,)
-    try:
-        converted = tuple(kind(value) for value in values)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{option} must be a list of {kind.__name__}, got {values!r}") from None
-    if kind is int and any(isinstance(v, float) and v != int(v) for v in values):
-        raise ConfigError(f"{option} must be a list of int, got {values!r}")
-    object.__setattr__(config, option, converted)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Instances
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Instance:
-    """One run of the grid."""
-
-    model: str
-    dataset: str
-    seed: int
-    skip_ratio: float
-    border: int
-    mitigation: str
-    role: str  # "baseline" | "nested"
-
-    @property
-    def group(self) -> str:
-        """<model-slug>/<dataset>: the instances a baseline is compared with."""
-        return f"{model_slug(self.model)}/{self.dataset}"
-
-    @property
-    def name(self) -> str:
-        if self.role == "baseline":
-            return f"baseline-s{self.seed}"
-        return f"x{self.skip_ratio:g}-b{self.border}-{self.mitigation}-s{self.seed}"
-
-    @property
-    def id(self) -> str:
-        """Stable and unique in a grid; also the run directory relative to output_dir."""
-        return f"{self.group}/{self.name}"
-
-    @property
-    def sft_id(self) -> str:
-        return f"{self.group}/sft-s{self.seed}"
-
-
-def enumerate_instances(grid: GridConfig) -> list[Instance]:
-    """Per (model, dataset): baselines at every baseline seed, then per seed the skip_ratios x mitigations."""
-    instances = []
-    for model in grid.models:
-        for dataset in grid.datasets:
-            for seed in grid.all_baseline_seeds:
-                instances.append(Instance(model, dataset, seed, role="baseline", **BASELINE))
-            for seed in grid.seeds:
-                for ratio in grid.skip_ratios:
-                    for mitigation in grid.mitigations:
-                        instances.append(Instance(model, dataset, seed, ratio, grid.border, mitigation, "nested"))
-    return instances
-
-
-def run_directory(grid: GridConfig, instance: Instance) -> Path:
-    return grid.root / instance.id
-
-
-def sft_directory(grid: GridConfig, instance: Instance) -> Path:
-    return grid.root / instance.sft_id
-
-
-def sft_config(grid: GridConfig, instance: Instance) -> TrainConfig:
-    """The warm-up shared by `instance`'s (model, dataset, seed): the train options with no ReFT step."""
-    overrides = {"output_dir": str(sft_directory(grid, instance)), "rft_steps": 0}
-    return grid.base_config(instance.model, instance.dataset, instance.seed, overrides)
-
-
-def instance_config(grid: GridConfig, instance: Instance) -> TrainConfig:
-    """The instance's ReFT run, from the shared SFT model (sft.epochs = 0) when the grid warms up."""
-    overrides: dict[str, Any] = {
-        "output_dir": str(run_directory(grid, instance)),
-        "nesting.skip_ratio": instance.skip_ratio,
-        "nesting.border": instance.border,
-        "importance.mitigation": instance.mitigation,
-    }
-    if grid.warm_up:
-        overrides.update({"model": str(sft_directory(grid, instance) / FINAL_MODEL_DIR), "sft.epochs": 0})
-    return grid.base_config(instance.model, instance.dataset, instance.seed, overrides)
-
-
-def fingerprint(grid: GridConfig, instance: Instance) -> str:
-    """A hash of what determines an instance's result (train and eval settings), kept in its status."""
-    values = {"train": to_dict(instance_config(grid, instance)), "eval": dataclasses.asdict(grid.eval)}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,14 +62,8 @@ def fingerprint(grid: GridConfig, instance: Instance) -> str:
 
 
 def read_status(directory: Path) -> dict:
-    """The status record of a run directory; {"status": "pending"} where there is none."""
-    path = Path(directory) / STATUS_FILE
-    if not path.is_file():
-        return {"status": "pending"}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:  # cannot happen with atomic writes; treat a hand-edited file as not done
-        return {"status": "pending"}
+    """The status record of a run directory; {"status": "pending"} where there is none (or it is unreadable)."""
+    return read_json(Path(directory) / STATUS_FILE) or {"status": "pending"}
 
 
 def write_status(directory: Path, status: str, **fields: Any) -> dict:
@@ -371,6 +97,7 @@ class SweepOutcome:
     ran: list[str] = field(default_factory=list)  # ids run to done in this call
     skipped: list[str] = field(default_factory=list)  # ids already done
     failed: dict[str, str] = field(default_factory=dict)  # id -> error
+    in_use: dict[str, str] = field(default_factory=dict)  # id -> the refusal naming the process running it
 
 
 def evaluate_instance(model_dir: Path, output_dir: Path, settings: EvalSettings, train_config: TrainConfig,
@@ -384,49 +111,81 @@ def evaluate_instance(model_dir: Path, output_dir: Path, settings: EvalSettings,
     )
 
 
-def select(grid: GridConfig, only: str | None) -> list[Instance]:
-    """Every instance, or the one whose id is `only`."""
-    instances = enumerate_instances(grid)
-    if only is None:
-        return instances
-    chosen = [instance for instance in instances if instance.id == only.strip("/")]
-    if not chosen:
-        sample = ", ".join(instance.id for instance in instances[:3])
-        raise ConfigError(f"--only {only!r} is not an instance of grid {grid.name!r} (ids look like: {sample}, ...)")
-    return chosen
-
-
 def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], None] = print) -> SweepOutcome:
-    """Run every instance that is not done (or just `only`), then rewrite results.csv; never stops early."""
-    instances = select(grid, only)
-    outcome = SweepOutcome()
-    for instance in instances:  # a status file for every selected run (an existing one is left as it is)
-        if not (run_directory(grid, instance) / STATUS_FILE).is_file():
-            write_status(run_directory(grid, instance), "pending", instance=instance.id)
-    failed_warm_ups: dict[str, str] = {}
-    for number, instance in enumerate(instances, start=1):
-        directory = run_directory(grid, instance)
-        status = read_status(directory)
-        if status.get("status") == "done":
-            outcome.skipped.append(instance.id)
-            if status.get("fingerprint") not in (None, fingerprint(grid, instance)):
-                log(f"warning: {instance.id} is done with other settings than the grid's now; "
-                    f"delete {directory} to rerun it")
-            continue
-        log(f"[{number}/{len(instances)}] {instance.id}")
-        error = run_instance(grid, instance, failed_warm_ups)
-        if error is None:
-            outcome.ran.append(instance.id)
-        else:
-            outcome.failed[instance.id] = error
-            log(f"FAILED {instance.id}: {error}")
-        _free_memory()
-    write_results(grid)
+    """Run every instance that is not done (or just `only`), then rewrite results.csv; never stops early.
+
+    One writer per thing, so that no instance is ever trained twice at once: a sweep of the whole grid
+    holds the grid's lock (a second one is refused with LockHeldError naming the first), and every
+    instance is run under a lock of its own, so that the jobs of a job array (`--only`, one instance
+    each) run side by side. An instance that another process is running is refused too: with `--only`
+    the refusal is raised, in a whole-grid sweep it is reported in `in_use` and the sweep goes on.
+    """
+    instances = select_instances(grid, only)
+    with contextlib.ExitStack() as stack:
+        if only is None:
+            stack.enter_context(exclusive_lock(grid.root / SWEEP_LOCK_FILE, f"the sweep of grid {grid.name!r} "
+                                                                           f"(output_dir {grid.root})"))
+        _mark_pending(grid, instances)
+        outcome = SweepOutcome()
+        failed_warm_ups: dict[str, str] = {}
+        for number, instance in enumerate(instances, start=1):
+            try:
+                with instance_lock(grid, instance):
+                    _run_unless_done(grid, instance, f"[{number}/{len(instances)}]", outcome, failed_warm_ups, log)
+            except LockHeldError as refusal:
+                if only is not None:
+                    raise
+                outcome.in_use[instance.id] = str(refusal)
+                log(f"skipped {instance.id}: {refusal}")
+            _free_memory()
+        collect_results(grid)
     return outcome
 
 
+def instance_lock(grid: GridConfig, instance: Instance) -> contextlib.AbstractContextManager:
+    """The instance's own lock, refused (LockHeldError) while another process holds it."""
+    return exclusive_lock(_lock_file(run_directory(grid, instance)), f"instance {instance.id} of grid {grid.name!r}")
+
+
+def _lock_file(directory: Path) -> Path:
+    """`<directory>.lock`, beside the run directory and not in it: the trainer locks its run directory with a
+    file inside (rundir.LOCK_FILE), and two flock locks on one file exclude each other even in one process."""
+    return directory.with_name(directory.name + ".lock")
+
+
+def _mark_pending(grid: GridConfig, instances: list[Instance]) -> None:
+    """A status file for every selected run that has none; an instance another process holds is its to write."""
+    for instance in instances:
+        with contextlib.suppress(LockHeldError), instance_lock(grid, instance):
+            if not (run_directory(grid, instance) / STATUS_FILE).is_file():
+                write_status(run_directory(grid, instance), "pending", instance=instance.id)
+
+
+def _run_unless_done(grid: GridConfig, instance: Instance, label: str, outcome: SweepOutcome,
+                     failed_warm_ups: dict[str, str], log: Callable[[str], None]) -> None:
+    """Run one instance (its lock held) unless its status says done; record what happened in `outcome`."""
+    directory = run_directory(grid, instance)
+    status = read_status(directory)
+    if status.get("status") == "done":
+        outcome.skipped.append(instance.id)
+        if status.get("fingerprint") not in (None, fingerprint(grid, instance)):
+            log(f"warning: {instance.id} is done with other settings than the grid's now; "
+                f"delete {directory} to rerun it")
+        return
+    log(f"{label} {instance.id}")
+    error = run_instance(grid, instance, failed_warm_ups)
+    if error is None:
+        outcome.ran.append(instance.id)
+    else:
+        outcome.failed[instance.id] = error
+        log(f"FAILED {instance.id}: {error}")
+
+
 def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str, str] | None = None) -> str | None:
-    """SFT warm-up if missing, train (resuming), evaluate; record the status. Returns the error or None."""
+    """SFT warm-up if missing, train (resuming), evaluate; record the status. Returns the error or None.
+
+    The caller holds the instance's lock (`instance_lock`), as `run_sweep` does.
+    """
     failed_warm_ups = {} if failed_warm_ups is None else failed_warm_ups
     directory = run_directory(grid, instance)
     write_status(directory, "running", instance=instance.id, fingerprint=fingerprint(grid, instance))
@@ -462,7 +221,7 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
     wait and then find it done.
     """
     directory = sft_directory(grid, instance)
-    with _locked(directory.with_name(directory.name + ".lock")):
+    with exclusive_lock(_lock_file(directory), f"SFT warm-up {instance.sft_id}", wait=True):
         if read_status(directory).get("status") == "done" and (directory / FINAL_MODEL_DIR).is_dir():
             return directory / FINAL_MODEL_DIR
         write_status(directory, "running", instance=instance.sft_id)
@@ -473,17 +232,6 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
             raise
         write_status(directory, "done")
     return directory / FINAL_MODEL_DIR
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _free_memory() -> None:
@@ -525,61 +273,44 @@ def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:
         "seed": instance.seed, "status": status.get("status", "pending"),
         "error": (status.get("error") or "").splitlines()[0][:300] if status.get("error") else "",
     }
-    evaluation = _read_json(directory / EVAL_DIR / EVAL_FILE)
+    evaluation = read_json(directory / EVAL_DIR / EVAL_FILE)
     benchmarks = evaluation.get("benchmarks", {})
     for name in grid.eval.benchmarks:
         row[accuracy_column(name)] = benchmarks.get(name, {}).get("accuracy")
     row["accuracy"] = evaluation.get("average")
-    summary = _read_json(directory / SUMMARY_FILE)
+    summary = read_json(directory / SUMMARY_FILE)
     row["token_speed"] = summary.get("token_speed")
     row["total_runtime_s"] = summary.get("total_runtime_s")
     return row
 
 
-def results_columns(grid: GridConfig) -> list[str]:
-    """RESULT_COLUMNS with one accuracy column per benchmark before the average."""
-    at = RESULT_COLUMNS.index("accuracy")
-    return RESULT_COLUMNS[:at] + [accuracy_column(name) for name in grid.eval.benchmarks] + RESULT_COLUMNS[at:]
-
-
-def write_results(grid: GridConfig) -> Path:
-    """(Re)write <output_dir>/results.csv from the run directories, atomically; empty cells where not done."""
-    columns = results_columns(grid)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for instance in enumerate_instances(grid):
-        row = result_row(grid, instance)
-        writer.writerow({key: "" if row.get(key) is None else row[key] for key in columns})
-    path = grid.root / RESULTS_FILE
-    atomic_write_text(path, buffer.getvalue())
-    return path
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+def collect_results(grid: GridConfig) -> Path:
+    """(Re)write <output_dir>/results.csv from the run directories; empty cells where an instance is not done."""
+    rows = [result_row(grid, instance) for instance in enumerate_instances(grid)]
+    return write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, rows)
 
 
 def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None, collect: bool = False,
                log: Callable[[str], None] = print) -> int:
-    """The `nested-reft sweep` command: 0 when every selected instance is done, 1 when any failed."""
+    """The `nested-reft sweep` command: 0 when every selected instance is done, 1 when any failed or another
+    process is running it; a sweep or `--only` instance another process holds is refused (LockHeldError)."""
     grid = load_grid(grid_path)
     if emit is not None:
         lines = emit_commands(grid, grid_path, emit)
         log(f"wrote {len(lines)} commands to {emit}")
         return 0
     if collect:
-        log(f"wrote {write_results(grid)}")
+        log(f"wrote {collect_results(grid)}")
         return 0
     outcome = run_sweep(grid, only=only, log=log)
-    log(f"{len(outcome.ran)} run, {len(outcome.skipped)} already done, {len(outcome.failed)} failed; "
+    in_use = f", {len(outcome.in_use)} in use by other processes" if outcome.in_use else ""
+    log(f"{len(outcome.ran)} run, {len(outcome.skipped)} already done, {len(outcome.failed)} failed{in_use}; "
         f"results: {grid.root / RESULTS_FILE}")
-    if outcome.failed:
-        print("failed instances (see their status.json; rerun the sweep to retry them):", file=sys.stderr)
-        for instance_id, error in outcome.failed.items():
-            print(f"  {instance_id}: {error}", file=sys.stderr)
-        return 1
-    return 0
+    unfinished = (("failed instances (see their status.json; rerun the sweep to retry them):", outcome.failed),
+                  ("instances other processes are running (rerun the sweep once they are done):", outcome.in_use))
+    for heading, reasons in unfinished:
+        if reasons:
+            print(heading, file=sys.stderr)
+            for instance_id, reason in reasons.items():
+                print(f"  {instance_id}: {reason}", file=sys.stderr)
+    return 1 if outcome.failed or outcome.in_use else 0

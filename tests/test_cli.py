@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from nested_reft import trainer
@@ -14,6 +15,7 @@ from nested_reft.checkpoint import latest_checkpoint
 from nested_reft.cli import main
 from nested_reft.data import DATA_ENV, load_problems
 from nested_reft.tasks import Task
+from nested_reft.tiny import tiny_model
 from nested_reft.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SUMMARY_FILE
 
 # The fixed flags of `nested-reft train` (issue 4) and the config option each one must land in.
@@ -148,6 +150,13 @@ def test_data_show_arithmetic(capsys):
         assert f"--- {problem.id}\nquestion: {problem.question}\nanswer:   {problem.answer}" in out
 
 
+def test_data_show_of_an_empty_file_is_an_error_naming_it(tmp_path, capsys):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text("")
+    assert main(["data", "show", "gsm8k", "--data-dir", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'gsm8k' / 'train.jsonl'} holds 0 problems" in error_line(capsys)
+
+
 @pytest.mark.integration
 def test_data_show_gsm8k_from_the_shared_data(shared_data, capsys):
     assert main(["data", "show", "gsm8k", "--limit", "2", "--data-dir", str(shared_data)]) == 0
@@ -188,6 +197,57 @@ def test_bad_input_exits_2_naming_the_option(tmp_path, capsys, argv, named):
     assert main(argv) == 2
     assert named.format(tmp=tmp_path) in error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> Path:
+    """Damaged inputs: model weights cut short or empty, GGUF files that are junk or cut short, a config whose
+    `grpo:` section is a number, a config in Latin-1."""
+    bad = tmp_path_factory.mktemp("bad")
+    model, tokenizer = tiny_model("llama", num_layers=2)
+    for name in ("truncated", "empty"):
+        model.save_pretrained(bad / name)
+        tokenizer.save_pretrained(bad / name)
+    weights = bad / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (bad / "empty" / "model.safetensors").write_bytes(b"")
+    (bad / "junk.gguf").write_bytes(b"not a model " * 100)
+    (bad / "truncated.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x01")  # magic and version, then the header ends
+    (bad / "scalar.yaml").write_text("grpo: 5\n")
+    (bad / "latin1.yaml").write_bytes("model: café\n".encode("latin-1"))
+    return bad
+
+
+EVAL_ONE = ["--benchmarks", "arithmetic", "--limit", "1"]
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["eval", "--model", "{bad}/truncated", *EVAL_ONE], "weights in {bad}/truncated (model.safetensors) cannot"),
+        (["eval", "--model", "{bad}/empty", *EVAL_ONE], "weights in {bad}/empty (model.safetensors) cannot"),
+        (["eval", "--model", "{bad}/junk.gguf", *EVAL_ONE], "{bad}/junk.gguf is not a complete GGUF file"),
+        (["eval", "--model", "{bad}/truncated.gguf", *EVAL_ONE], "{bad}/truncated.gguf is not a complete GGUF file"),
+        (["train", "--config", "{bad}/scalar.yaml", "--num-generations", "2"],
+         "grpo must be a mapping of options, got 5 in config file {bad}/scalar.yaml"),
+        (["train", "--config", "{bad}/latin1.yaml"], "config file {bad}/latin1.yaml is not UTF-8"),
+        (["train", "--config", "{bad}"], "config file {bad} is a directory"),
+        (["eval", "--model", "tiny-llama", "--device", "gpu", *EVAL_ONE], "--device gpu: not usable"),
+    ],
+    ids=["truncated-weights", "empty-weights", "junk-gguf", "truncated-gguf", "scalar-section", "latin1-config",
+         "config-directory", "device-name"],
+)
+def test_damaged_input_exits_2_naming_the_culprit(bad_files, tmp_path, capsys, argv, named):
+    argv = [word.format(bad=bad_files) for word in argv] + ["--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert named.format(bad=bad_files) in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_eval_on_cuda_without_cuda_names_the_device_flag(tmp_path, capsys):
+    assert main(["eval", "--model", "tiny-llama", "--device", "cuda", *EVAL_ONE, "--output-dir", str(tmp_path)]) == 2
+    assert "--device cuda: not usable on this machine" in error_line(capsys)
 
 
 def test_eval_refuses_results_it_cannot_resume(tmp_path, capsys):

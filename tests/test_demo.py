@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import json
+import math
+import statistics
+from pathlib import Path
+
 import pytest
 import yaml
 
 from nested_reft import trainer
 from nested_reft.demo import RUNS, run_demo
-from nested_reft.rundir import CONFIG_FILE, FINAL_MODEL_DIR
+from nested_reft.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE
 
 ROWS = ("step time (s, median)", "generation tok/s (median)", "reward (mean of run)", "token speed (tok/s)")
+
+
+def row_from_files(run: Path) -> dict[str, float]:
+    """A run's column of the comparison, recomputed from its metrics.jsonl alone (one record per step)."""
+    steps = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    runtime = sum(step["step_time_s"] for step in steps)
+    return {
+        "step time (s, median)": statistics.median(step["step_time_s"] for step in steps),
+        "generation tok/s (median)": statistics.median(step["gen_tokens_per_s"] for step in steps),
+        "reward (mean of run)": statistics.fmean(step["reward_mean"] for step in steps),
+        "token speed (tok/s)": sum(step["tokens_processed"] for step in steps) / runtime,
+    }
 
 
 @pytest.fixture
@@ -31,9 +48,14 @@ def test_demo_compares_baseline_and_nested_from_one_warm_up(tmp_path, warm_ups, 
     assert (tmp_path / "comparison.md").read_text() == table
     lines = table.splitlines()
     assert lines[0] == "| metric | baseline | nested | nested / baseline |"
-    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == list(ROWS)
-    for line in lines[2:]:
-        assert all(float(cell) >= 0 for cell in line.strip("| ").split(" | ")[1:3]), line
+    expected = {name: row_from_files(tmp_path / name) for name in RUNS}
+    for line, metric in zip(lines[2:], ROWS, strict=True):
+        label, baseline_cell, nested_cell, ratio_cell = (cell.strip() for cell in line.strip("|").split("|"))
+        baseline, nested = expected["baseline"][metric], expected["nested"][metric]
+        assert label == metric
+        assert (float(baseline_cell), float(nested_cell)) == pytest.approx((baseline, nested), abs=6e-4), line
+        ratio = nested / baseline if baseline else math.nan
+        assert float(ratio_cell) == pytest.approx(ratio, abs=6e-4, nan_ok=True), line
     assert (tmp_path / "demo.png").stat().st_size > 1000
     assert table in capsys.readouterr().out
 

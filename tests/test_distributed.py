@@ -41,7 +41,7 @@ def overrides(output_dir: str) -> dict:
 
 
 def PROBLEMS():  # noqa: N802 - the one problem set of every run here
-    from nested_reft.data import generate_arithmetic
+    from nested_reft.arithmetic import generate_arithmetic
 
     return generate_arithmetic(16, seed=3)
 

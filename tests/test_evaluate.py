@@ -148,6 +148,10 @@ def test_eval_config_leaves_unset_options_at_their_defaults():
 def test_benchmark_names_are_distinct_and_known():
     assert benchmark_names(["gsm8k", "amc", "gsm8k"]) == ["gsm8k", "amc"]
     assert benchmark_names("svamp") == ["svamp"]
+    assert benchmark_names("gsm8k,math500") == ["gsm8k", "math500"]  # as lm-eval's users type them
+    assert benchmark_names(["gsm8k,", "math500", "amc, svamp"]) == ["gsm8k", "math500", "amc", "svamp"]
+    with pytest.raises(DataError, match="unknown benchmark.s. 'aime25'"):
+        benchmark_names("gsm8k,aime25")
     with pytest.raises(DataError, match="no benchmark given"):
         benchmark_names([])
 
@@ -330,6 +334,16 @@ def test_cli_eval_prints_a_table_and_writes_the_files(data_dir, tmp_path, capsys
     sizes = {name: summary["n"] for name, summary in result["benchmarks"].items()}
     assert sizes == {"gsm8k": 2, "svamp": 2, "math500": 2}
     assert len(read_lines(out / "math500.jsonl")) == 2
+
+
+@pytest.mark.parametrize("listed", [["gsm8k,svamp"], ["gsm8k,", "svamp"], ["gsm8k", "svamp"]],
+                         ids=["commas", "comma-and-space", "spaces"])
+def test_cli_eval_takes_benchmarks_separated_by_commas_or_spaces(data_dir, tmp_path, listed):
+    out = tmp_path / "out"
+    argv = ["eval", "--model", "tiny-llama", "--benchmarks", *listed, "--limit", "1", "--max-new-tokens", "4",
+            "--data-dir", str(data_dir), "--output-dir", str(out)]
+    assert main(argv) == 0
+    assert list(json.loads((out / "eval.json").read_text())["benchmarks"]) == ["gsm8k", "svamp"]
 
 
 @pytest.mark.integration

@@ -5,24 +5,26 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from nested_reft import report
 from nested_reft.cli import main
 from nested_reft.report import (
-    RESULT_COLUMNS,
-    ReportError,
     compute_deltas,
     efficiency_fits,
     format_table2,
     instance_means,
     linear_fit,
     mitigation_counts,
-    parse_results,
     table2,
     write_report,
 )
+from nested_reft.results import RESULT_COLUMNS, ResultsError, parse_results, read_results
 
 
 def row(model="M", dataset="d", x=0.05, b=1, m="retrace", seed=0, acc=0.5, speed=100.0, runtime=50.0,
@@ -173,15 +175,28 @@ def test_report_files_from_results_csv(tmp_path):
 
 @pytest.mark.parametrize("model", ["Qwen/Qwen2.5-Math-1.5B-Instruct", "/models/smollm2-135m.gguf", "runs/sft-s0/model/"])
 def test_figures_are_named_like_the_sweep_directories(model):
-    from nested_reft.sweep import Instance
+    from nested_reft.grid import Instance
 
     group = Instance(model, "gsm8k", 0, 0.0, 0, "base", "baseline").group  # <model-slug>/<dataset>
     assert report.figure_name(model, "gsm8k") == f"figure1-{group.replace('/', '-')}.png"
 
 
+def test_the_report_imports_nothing_that_trains(tmp_path):
+    """`report` reads numbers: writing a whole report (figures included) loads no torch, transformers or accelerate."""
+    (tmp_path / "results.csv").write_text(to_csv(paper_table2_rows()))
+    code = ("import sys; from nested_reft.report import write_report; write_report(sys.argv[1]); "
+            "print(sorted({'torch', 'transformers', 'accelerate'} & set(sys.modules)))")
+    repo = str(Path(__file__).resolve().parents[1])
+    environment = {**os.environ, "PYTHONPATH": repo}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=repo,
+                            env=environment, check=True)
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert (tmp_path / "report" / "report.md").is_file()
+
+
 def test_missing_column_is_a_clear_error(tmp_path, capsys):
     text = to_csv([baseline(), row()], drop="token_speed")
-    with pytest.raises(ReportError, match="lacks column.*token_speed"):
+    with pytest.raises(ResultsError, match="lacks column.*token_speed"):
         parse_results(text)
     (tmp_path / "results.csv").write_text(text)
     assert main(["report", str(tmp_path)]) == 2
@@ -189,12 +204,12 @@ def test_missing_column_is_a_clear_error(tmp_path, capsys):
 
 
 def test_done_row_without_a_metric_or_with_a_non_number_is_an_error():
-    with pytest.raises(ReportError, match="line 3.*no accuracy"):
+    with pytest.raises(ResultsError, match="line 3.*no accuracy"):
         parse_results(to_csv([baseline(), row(acc="")]))
-    with pytest.raises(ReportError, match="line 2: column token_speed must be a number"):
+    with pytest.raises(ResultsError, match="line 2: column token_speed must be a number"):
         parse_results(to_csv([baseline(speed="fast")]))
 
 
 def test_missing_results_file(tmp_path):
-    with pytest.raises(ReportError, match="does not exist"):
-        report.read_results(tmp_path / "results.csv")
+    with pytest.raises(ResultsError, match="does not exist"):
+        read_results(tmp_path / "results.csv")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from nested_reft import rewards
+from nested_reft import deadlines, rewards
 from nested_reft.rewards import REWARD_TIMEOUT_S, extract_answer, is_equivalent, math_reward
 
 MEGABYTE_OF_TEXT = "Let me think about this step by step. " * 27_000  # ~1 MB, no digits
@@ -242,9 +246,9 @@ def test_deadline_mechanism_interrupts_pure_python_work(monkeypatch):
         result, elapsed = pool.submit(_timed, is_equivalent, "x+1", "y", 0.3).result()
     assert result is False and elapsed < 1.5
     deadline = time.monotonic() + 5
-    while any(c.thread.is_alive() for c in rewards._abandoned_checks) and time.monotonic() < deadline:
+    while any(c.thread.is_alive() for c in deadlines._abandoned_checks) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not any(c.thread.is_alive() for c in rewards._abandoned_checks)  # the helper thread was stopped
+    assert not any(c.thread.is_alive() for c in deadlines._abandoned_checks)  # the helper thread was stopped
 
 
 def _swallow_first_timeout(pred, gold):
@@ -265,7 +269,29 @@ def test_a_swallowed_timeout_does_not_leave_the_check_unbounded(monkeypatch):
         result, elapsed = pool.submit(_timed, is_equivalent, "x+1", "y", 0.3).result()
     assert result is False and elapsed < 1.5
     deadline = time.monotonic() + 5
-    while any(c.thread.is_alive() for c in rewards._abandoned_checks) and time.monotonic() < deadline:
-        rewards._too_many_abandoned()  # what the next threaded check does: interrupt leftovers again
+    while any(c.thread.is_alive() for c in deadlines._abandoned_checks) and time.monotonic() < deadline:
+        deadlines._too_many_abandoned()  # what the next threaded check does: interrupt leftovers again
         time.sleep(0.05)
-    assert not any(c.thread.is_alive() for c in rewards._abandoned_checks)
+    assert not any(c.thread.is_alive() for c in deadlines._abandoned_checks)
+
+
+def test_importing_changes_no_logging_and_the_first_symbolic_check_quiets_math_verify_once():
+    """math_verify warns that its timeout is off (ours bounds the check); the filter that drops the warning
+    is added by the first symbolic check, not by importing `rewards` or `deadlines`."""
+    code = """if True:
+        import logging, sys
+        import nested_reft.deadlines, nested_reft.rewards as rewards
+        def filters():
+            return [type(f).__name__ for name in ("math_verify.parser", "math_verify.grader")
+                    for f in logging.getLogger(name).filters]
+        print(filters())
+        assert rewards.is_equivalent("x + 1", "1 + x")  # not settled by the fast path: math_verify decides
+        print(filters())
+        assert not rewards.is_equivalent("x + 2", "1 + x")
+        print(filters())
+    """
+    repo = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo,
+                            env={**os.environ, "PYTHONPATH": repo}, check=True)
+    once = str(["_DropTimeoutDisabledWarning"] * 2)
+    assert result.stdout.splitlines() == ["[]", once, once]

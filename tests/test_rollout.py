@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import chi_square_critical_p001
@@ -100,16 +102,20 @@ def test_rollouts_are_reproducible_from_a_seed_and_grouped_by_prompt():
     def draw(seed):
         return generate_rollouts(model, tokenizer, PROMPTS, 4, sampling, (1,), torch.Generator().manual_seed(seed))
 
-    first, second, other = draw(0), draw(0), draw(1)
+    start = time.perf_counter()
+    first = draw(0)
+    wall_time = time.perf_counter() - start
+    second, other = draw(0), draw(1)
     assert torch.equal(first.completion_ids, second.completion_ids)
     assert not torch.equal(first.completion_ids, other.completion_ids)
     assert first.completion_ids.shape == (12, 10)
     for prompt in range(3):  # completion i belongs to prompt i // G
         group = first.prompt_ids[prompt * 4 : (prompt + 1) * 4]
         assert (group == group[0]).all()
-    assert first.prompt_tokens == int(first.prompt_mask.sum())
+    own_lengths = [len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in PROMPTS]
+    assert first.prompt_tokens == 4 * sum(own_lengths)  # each prompt's own tokens, G times, padding not counted
     assert first.completion_tokens == 120 and first.skip_set == (1,)
-    assert first.generation_time_s > 0
+    assert 0 < first.generation_time_s <= wall_time  # seconds, and within the call that sampled
 
 
 def test_top_k_one_is_greedy():

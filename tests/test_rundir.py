@@ -12,7 +12,7 @@ import pytest
 
 from nested_reft.checkpoint import latest_checkpoint
 from nested_reft.config import ConfigError, load_config
-from nested_reft.data import generate_arithmetic
+from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.files import LockHeldError
 from nested_reft.rundir import (
     CONFIG_FILE,

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 import nested_reft.sft as sft
 from nested_reft.config import SFTConfig, load_config
-from nested_reft.data import generate_arithmetic
+from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
 from nested_reft.tasks import Task
 from nested_reft.tiny import tiny_model

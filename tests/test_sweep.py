@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
+import os
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +17,10 @@ from nested_reft import sweep
 from nested_reft.cli import main
 from nested_reft.config import ConfigError
 from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig
-from nested_reft.sweep import (
-    EvalSettings,
-    GridConfig,
-    enumerate_instances,
-    load_grid,
-    read_status,
-    run_directory,
-    run_sweep,
-    sweep_main,
+from nested_reft.grid import (
+    EvalSettings, GridConfig, enumerate_instances, instance_config, load_grid, run_directory, sft_config,
 )
+from nested_reft.sweep import read_status, run_sweep, sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +71,14 @@ def test_eval_settings_fill_in_the_eval_config_defaults():
     assert EvalSettings().benchmarks == DEFAULT_BENCHMARKS
 
 
+@pytest.mark.parametrize("benchmarks", ["arithmetic,gsm8k", ["arithmetic, gsm8k"], ["arithmetic", "gsm8k"]])
+def test_eval_benchmarks_are_listed_with_commas_or_as_a_list(tmp_path, benchmarks):
+    grid = load_grid(write_grid(tmp_path, eval={"benchmarks": benchmarks}))
+    assert grid.eval.benchmarks == ("arithmetic", "gsm8k")
+    with pytest.raises(ConfigError, match=r"eval\.benchmarks"):
+        load_grid(write_grid(tmp_path, eval={"benchmarks": "arithmetic,gsm8k,arithmetic"}))
+
+
 def test_missing_required_option_is_named(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({"name": "x", "datasets": ["gsm8k"]}))
@@ -106,11 +111,11 @@ def test_extra_baseline_seeds_and_seeds_multiply():
 def test_shipped_grids_load():
     paper = load_grid(REPO / "configs" / "grids" / "paper.yaml")
     assert len(enumerate_instances(paper)) == 78
-    config = sweep.instance_config(paper, enumerate_instances(paper)[5])
+    config = instance_config(paper, enumerate_instances(paper)[5])
     assert (config.rft_steps, config.batch_size, config.grpo.num_generations, config.dtype) == (99, 16, 8, "bfloat16")
     assert config.sampling.min_new_tokens == config.sampling.max_new_tokens == 256
     assert config.sft.epochs == 0 and config.model.endswith("sft-s0/model")
-    assert sweep.sft_config(paper, enumerate_instances(paper)[5]).sft.epochs == 2
+    assert sft_config(paper, enumerate_instances(paper)[5]).sft.epochs == 2
     assert (paper.eval.temperature, paper.eval.top_p) == (0.6, 0.95)
     assert paper.eval.benchmarks == ("aime24", "amc", "math500", "minerva", "olympiadbench")
     cpu = load_grid(REPO / "configs" / "grids" / "smollm2-cpu.yaml")
@@ -261,6 +266,77 @@ def test_no_warm_up_when_sft_epochs_is_zero(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# One writer per grid and per instance, tested with a second process
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_second_sweep_or_a_second_job_of_a_running_instance_is_refused_naming_the_first(
+        tmp_path, monkeypatch, capsys):
+    """A sweep in a forked process holds its grid and, inside the baseline's training, the baseline. Another
+    sweep of the grid and a job of the baseline are refused (exit 2, the holder's pid named); a job of
+    another instance runs beside it; in the end every run was trained exactly once."""
+    fake = FakeRuns(monkeypatch)
+    grid_path = write_grid(tmp_path, mitigations=["base", "retrace"])
+    trainings = tmp_path / "trainings.log"
+    fork = multiprocessing.get_context("fork")
+    inside_baseline, release = fork.Event(), fork.Event()
+    test_process = os.getpid()
+
+    def train(config):
+        with trainings.open("a") as log:
+            log.write(Path(config.output_dir).name + "\n")
+        if Path(config.output_dir).name == "baseline-s0" and os.getpid() != test_process:
+            inside_baseline.set()
+            assert release.wait(120)
+        return fake.train(config)
+
+    monkeypatch.setattr(sweep, "ensure_trained", train)
+    first = fork.Process(target=lambda: sys.exit(sweep_main(str(grid_path), log=lambda line: None)))
+    first.start()
+    try:
+        assert inside_baseline.wait(120)
+        capsys.readouterr()
+        assert main(["sweep", str(grid_path)]) == 2
+        assert main(["sweep", str(grid_path), "--only", "tiny-llama/arithmetic/baseline-s0"]) == 2
+        refusals = capsys.readouterr().err.splitlines()
+        assert len(refusals) == 2 and all(f"pid {first.pid} " in line for line in refusals), refusals
+        assert "the sweep of grid 'test'" in refusals[0] and "instance tiny-llama/arithmetic/baseline-s0" in refusals[1]
+        assert main(["sweep", str(grid_path), "--only", "tiny-llama/arithmetic/x0.2-b1-base-s0"]) == 0
+    finally:
+        release.set()
+        first.join(120)
+    assert first.exitcode == 0
+    assert sorted(trainings.read_text().split()) == ["baseline-s0", "sft-s0", "x0.2-b1-base-s0", "x0.2-b1-retrace-s0"]
+    assert {row["status"] for row in results(load_grid(grid_path)).values()} == {"done"}
+
+
+def test_a_whole_grid_sweep_goes_on_past_an_instance_another_process_runs(tmp_path, monkeypatch, capsys):
+    fake = FakeRuns(monkeypatch)
+    grid = load_grid(write_grid(tmp_path, mitigations=["base", "retrace"]))
+    busy = next(instance for instance in enumerate_instances(grid) if instance.name == "x0.2-b1-base-s0")
+    fork = multiprocessing.get_context("fork")
+    holding, release = fork.Event(), fork.Event()
+
+    def hold_the_instance():
+        with sweep.instance_lock(grid, busy):
+            holding.set()
+            release.wait(120)
+
+    holder = fork.Process(target=hold_the_instance)
+    holder.start()
+    try:
+        assert holding.wait(120)
+        assert sweep_main(str(grid.root.parent / "grid.yaml"), log=lambda line: None) == 1
+    finally:
+        release.set()
+        holder.join(120)
+    assert fake.trained == ["sft-s0", "baseline-s0", "x0.2-b1-retrace-s0"]
+    assert not (run_directory(grid, busy) / "status.json").exists()  # its holder's to write, not this sweep's
+    assert f"x0.2-b1-base-s0: instance tiny-llama/arithmetic/x0.2-b1-base-s0 of grid 'test' is in use by pid " \
+           f"{holder.pid} " in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
 # One real sweep: SFT, two trainings, evaluation, results.csv and the report
 # ----------------------------------------------------------------------------------------------------------
 
@@ -284,8 +360,15 @@ def test_end_to_end_tiny_sweep(tmp_path, capsys):
         assert json.loads((directory / "eval" / "eval.json").read_text())["benchmarks"]["arithmetic"]["n"] == 2
     table = results(grid)
     assert set(table) == {"baseline-s0", "x0.2-b1-retrace-s0"}
-    assert float(table["x0.2-b1-retrace-s0"]["token_speed"]) > 0
-    assert float(table["baseline-s0"]["accuracy_arithmetic"]) >= 0
+    for name, row in table.items():  # each number as the run's own files give it
+        run = grid.root / "tiny-llama" / "arithmetic" / name
+        answers = [json.loads(line) for line in (run / "eval" / "arithmetic.jsonl").read_text().splitlines()]
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        correct_fraction = sum(answer["correct"] for answer in answers) / len(answers)
+        assert float(row["accuracy_arithmetic"]) == float(row["accuracy"]) == correct_fraction
+        assert float(row["total_runtime_s"]) == pytest.approx(sum(step["step_time_s"] for step in steps))
+        tokens = sum(step["tokens_processed"] for step in steps)
+        assert float(row["token_speed"]) == pytest.approx(tokens / float(row["total_runtime_s"]))
     capsys.readouterr()
     assert main(["sweep", str(grid_path)]) == 0  # everything done: nothing runs again
     assert "0 run, 2 already done" in capsys.readouterr().out

@@ -18,7 +18,7 @@ import nested_reft.trainer as trainer
 import nested_reft.update as update_module
 from nested_reft.checkpoint import CheckpointError, latest_checkpoint
 from nested_reft.config import ConfigError, load_config
-from nested_reft.data import generate_arithmetic
+from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
 from nested_reft.nesting import num_skipped_layers
 from nested_reft.prompts import build_prompt

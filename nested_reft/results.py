@@ -1,0 +1,120 @@
+"""The results table, results.csv: the contract between `sweep`, which writes it, and `report`, which reads it.
+
+One row per instance of a grid: what the instance is (model, dataset, x, b, m, seed), how far it got
+(status, error) and what it measured (the pass@1 accuracy on each benchmark, `accuracy_<benchmark>`, and
+their average `accuracy`; token speed; total runtime). Its own module so that the report, which only reads
+numbers, imports nothing that trains (no torch, no transformers): this file needs the standard library alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nested_reft.files import atomic_write_text
+
+RESULTS_FILE = "results.csv"
+# The columns every results.csv has; `results_columns` adds one `accuracy_<benchmark>` column per benchmark
+# before `accuracy` (the average over the benchmarks).
+RESULT_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border", "mitigation", "seed", "status",
+                  "accuracy", "token_speed", "total_runtime_s", "error"]
+REQUIRED_COLUMNS = [column for column in RESULT_COLUMNS if column != "error"]
+METRIC_COLUMNS = ("accuracy", "token_speed", "total_runtime_s")  # every finished instance has them
+NUMERIC = {"skip_ratio": float, "border": int, "seed": int}
+ROLES = ("baseline", "nested")
+
+
+class ResultsError(ValueError):
+    """results.csv is missing, lacks columns or holds values that are not numbers where numbers belong."""
+
+
+def accuracy_column(benchmark: str) -> str:
+    return f"accuracy_{benchmark}"
+
+
+def model_slug(model: str) -> str:
+    """How the sweep names a model in directories and the report in figures:
+    `Qwen/Qwen2.5-Math-1.5B-Instruct` -> `qwen2.5-math-1.5b-instruct`."""
+    name = Path(str(model).rstrip("/")).name
+    name = name[: -len(".gguf")] if name.endswith(".gguf") else name
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def results_columns(benchmarks: Sequence[str]) -> list[str]:
+    """RESULT_COLUMNS with one accuracy column per benchmark before the average."""
+    at = RESULT_COLUMNS.index("accuracy")
+    return RESULT_COLUMNS[:at] + [accuracy_column(name) for name in benchmarks] + RESULT_COLUMNS[at:]
+
+
+def write_results(path: str | Path, benchmarks: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
+    """(Re)write results.csv at `path` atomically."""
+    atomic_write_text(path, csv_text(results_columns(benchmarks), rows))
+    return Path(path)
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
+    """`rows` as CSV text with a header; None (not measured yet, undefined) becomes an empty cell."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if row.get(key) is None else row[key] for key in columns})
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """The rows of results.csv, numbers parsed; finished rows must have every metric."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"{path} does not exist; run `nested-reft sweep GRID.yaml` (or `--collect`) first")
+    return parse_results(path.read_text(), str(path))
+
+
+def parse_results(text: str, source: str = RESULTS_FILE) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
+    if missing:
+        raise ResultsError(
+            f"{source} lacks column(s) {', '.join(missing)}; expected the columns written by `nested-reft sweep`: "
+            f"{', '.join(REQUIRED_COLUMNS)}"
+        )
+    return [_parse_row(row, f"{source}, line {number}") for number, row in enumerate(reader, start=2)]
+
+
+def _parse_row(row: dict, where: str) -> dict:
+    parsed: dict[str, Any] = dict(row)
+    for column, kind in NUMERIC.items():
+        parsed[column] = _number(row[column], column, where, kind)
+    done = row["status"] == "done"
+    for column in [*METRIC_COLUMNS, *(c for c in row if c.startswith(accuracy_column("")))]:
+        value = row.get(column)
+        if value in (None, ""):
+            if done and column in METRIC_COLUMNS:
+                raise ResultsError(f"{where}: instance {row['instance']} is done but has no {column}")
+            parsed[column] = None
+        else:
+            parsed[column] = _number(value, column, where, float)
+    if row["role"] not in ROLES:
+        raise ResultsError(f"{where}: role must be baseline or nested, got {row['role']!r}")
+    return parsed
+
+
+def _number(value: str, column: str, where: str, kind: type) -> float | int:
+    try:
+        return kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        raise ResultsError(f"{where}: column {column} must be a number, got {value!r}") from None
