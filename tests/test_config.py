@@ -276,3 +276,9 @@ def test_saved_config_round_trips(tmp_path):
 def test_default_config_round_trips(tmp_path):
     save_config(TrainConfig(), tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == TrainConfig()
+
+
+@pytest.mark.parametrize("overrides", [{"model.x": 1}, {"grpo.beta.y": "2"}])
+def test_a_dotted_option_under_a_plain_option_is_refused(overrides):
+    with pytest.raises(ConfigError, match=r"(model|grpo\.beta) is a single value, not a section"):
+        load_config(None, overrides)
