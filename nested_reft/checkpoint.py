@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nested_reft.files import atomic_write_json, follow_umask, umask
+from nested_reft.lora import has_adapters, load_adapter_weights
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -120,7 +121,10 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, sc
     weights = {}
     for shard in shards:
         weights.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if has_adapters(model):  # a LoRA run's checkpoint holds the adapters only; the base comes from config.model
+        missing, unexpected = [], load_adapter_weights(model, weights)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {name for name in missing if _is_tied(model, name)}
     if set(missing) - tied or unexpected:
         raise CheckpointError(

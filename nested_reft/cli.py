@@ -40,6 +40,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--num-iterations": ("grpo.num_iterations", int),
     "--learning-rate": ("grpo.learning_rate", float),
     "--beta": ("grpo.beta", float),
+    "--lora-r": ("lora.r", int),
     "--temperature": ("sampling.temperature", float),
     "--min-completion-length": ("sampling.min_new_tokens", int),
     "--dtype": ("dtype", str),

@@ -167,6 +167,23 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters instead of full fine-tuning (nested_reft.lora); r = 0 trains every weight."""
+
+    r: int = 0  # ours: off. TRL ModelConfig lora_r = 16 when use_peft
+    alpha: int = 32  # TRL ModelConfig lora_alpha
+    # TRL ModelConfig lora_dropout = 0.05; ours 0: dropout makes h != 1 at x = 0 (see grpo.disable_dropout)
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("all-linear",)  # PEFT: every linear layer of the blocks, not the head
+
+    def __post_init__(self) -> None:
+        check_option(self.r >= 0, "lora.r", self.r, ">= 0 (0 = no adapters)")
+        check_option(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
+        check_option(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
+        check_option(len(self.target_modules) > 0, "lora.target_modules", self.target_modules, "a non-empty list")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One Nested-ReFT run: SFT warm-up (sft.epochs > 0) then S ReFT steps."""
 
@@ -194,6 +211,7 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         check_option(self.dataset in TRAINING_SETS, "dataset", self.dataset, f"one of {TRAINING_SETS}")
@@ -203,6 +221,9 @@ class TrainConfig:
         check_option(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
         check_option(self.save_steps >= 1, "save_steps", self.save_steps, ">= 1")
         check_option(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, ">= 0")
+        check_option(not (self.lora.r and self.grpo.beta), "grpo.beta", self.grpo.beta,
+                     "0 with LoRA (lora.r > 0): the KL reference is the post-SFT model, which adapters on a frozen "
+                     "base cannot give by disabling them")
 
 
 LOSS_TYPES = tuple(LOSS_AGGREGATIONS)

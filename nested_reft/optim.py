@@ -40,10 +40,15 @@ def lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
 def make_optimizer(model: torch.nn.Module, config: GRPOConfig, total_steps: int):
-    """AdamW with TrainingArguments' defaults (set in GRPOConfig) and `config.lr_scheduler` over the ReFT steps."""
+    """AdamW with TrainingArguments' defaults (set in GRPOConfig) and `config.lr_scheduler` over the ReFT steps,
+    on the parameters that train (all of them, or the LoRA adapters)."""
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        trainable_parameters(model), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon, weight_decay=config.weight_decay,
     )
     warmup = int(config.warmup_ratio * total_steps)

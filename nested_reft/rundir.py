@@ -4,6 +4,7 @@
     OUTPUT/sft_metrics.jsonl    one line per SFT step          OUTPUT/summary.json       written at the end
     OUTPUT/checkpoint-N/        the newest resumable state     OUTPUT/model/             the final model
     OUTPUT/sft-model/           the reference (beta > 0 only)  OUTPUT/.nested-reft.lock  held while a run writes
+    OUTPUT/adapter/             LoRA runs: the adapters
 
 The rules that keep a week of training safe from a typo: a fresh run needs a directory without a run in
 it; `--resume` needs a checkpoint and says why there is none; a finished run is never retrained unasked;
@@ -29,6 +30,7 @@ CONFIG_FILE = "config.yaml"
 FINAL_MODEL_DIR = "model"
 SFT_MODEL_DIR = "sft-model"  # the post-SFT model, kept only when beta > 0: the reference of a resumed run
 SFT_METRICS_FILE = "sft_metrics.jsonl"
+ADAPTER_DIR = "adapter"  # LoRA runs: the trained adapters in PEFT's format (model/ holds them merged)
 LOCK_FILE = ".nested-reft.lock"
 _STARTED_FILES = (CONFIG_FILE, METRICS_FILE, SFT_METRICS_FILE)
 
@@ -59,7 +61,7 @@ def clear_started_run(output: str | Path) -> None:
         raise ConfigError(f"{output} holds a {run_state(output).value} run, not one to clear")
     for name in [*_STARTED_FILES, SUMMARY_FILE]:
         (output / name).unlink(missing_ok=True)
-    for name in (FINAL_MODEL_DIR, SFT_MODEL_DIR):
+    for name in (FINAL_MODEL_DIR, SFT_MODEL_DIR, ADAPTER_DIR):
         shutil.rmtree(output / name, ignore_errors=True)
 
 

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 
 from nested_reft.config import SFTConfig
 from nested_reft.data import Problem
-from nested_reft.optim import lr_scheduler
+from nested_reft.optim import lr_scheduler, trainable_parameters
 from nested_reft.policy import completion_logprobs
 from nested_reft.prompts import build_prompt
 
@@ -100,7 +100,7 @@ def sft_warmup(
     if config.epochs == 0 or not examples:
         return []
     policy = accelerator.unwrap_model(model)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = config.epochs * math.ceil(len(examples) / config.batch_size)
     scheduler = lr_scheduler(optimizer, config.lr_scheduler, steps)
     optimizer = accelerator.prepare_optimizer(optimizer)

@@ -57,6 +57,7 @@ from nested_reft.config import ConfigError, TrainConfig, flat_options, save_conf
 from nested_reft.data import DataError, Problem
 from nested_reft.files import atomic_write_json, atomic_write_text, read_json
 from nested_reft.grpo import group_advantages
+from nested_reft.lora import add_adapters, has_adapters, merge
 from nested_reft.metrics import RunTotals, StepMetrics, StepTimes, step_metrics, summarize
 from nested_reft.models import load_model
 from nested_reft.influence import InfluenceMeter
@@ -64,6 +65,7 @@ from nested_reft.nesting import num_decoder_layers, num_skipped_layers, valid_la
 from nested_reft.optim import make_optimizer
 from nested_reft.rollout import generate_rollouts
 from nested_reft.rundir import (
+    ADAPTER_DIR,
     CONFIG_FILE,
     FINAL_MODEL_DIR,
     METRICS_FILE,
@@ -104,6 +106,8 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
         if resume:
             check_resumed_config(config, output)
         model, tokenizer = load_model(config.model, dtype=torch.float32, device=accelerator.device)  # fp32 master weights
+        if config.lora.r:
+            model = add_adapters(model, config.lora)
         check_fits_model(config, num_decoder_layers(model), accelerator.num_processes)
         task = task or Task.load(config.dataset, "train", config.data_dir)
         if not task.problems:
@@ -162,6 +166,9 @@ def _train_model(config: TrainConfig, task: Task, model, tokenizer, accelerator,
     reft(config, task, state, tokenizer, skip_policy, start_step, totals)
     summary = summarize(read_metrics(output / METRICS_FILE), totals, config)
     if accelerator.is_main_process:
+        if has_adapters(policy):  # the adapters as PEFT saves them, then merged into the base: model/ loads plainly
+            save_model(output / ADAPTER_DIR, policy, tokenizer)
+            policy = merge(policy)
         save_model(output / FINAL_MODEL_DIR, policy, tokenizer)
         atomic_write_json(output / SUMMARY_FILE, summary)
     # Every rank returns once the final model exists, and the ranks destroy the process group together:

@@ -3,10 +3,14 @@ that records gradients."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
+
+from nested_reft.nesting import decoder_layers
 
 # CI clones the repo next to a copy of shared/, as the developers' checkout sits next to it.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -59,3 +63,26 @@ class NoSchedule:
 def chi_square_critical_p001(df: int) -> float:
     """The p = 0.001 critical value of chi-square with `df` degrees of freedom (Wilson-Hilferty, ~1% at df >= 10)."""
     return df * (1 - 2 / (9 * df) + 3.0902 * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def truncated_copy(model: transformers.PreTrainedModel, skip_set) -> transformers.PreTrainedModel:
+    """The reference: a physically smaller model, built from a config of N - |S| layers and the kept weights."""
+    _, _, layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    kept = [i for i in range(len(layers)) if i not in skip_set]
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in kept]
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefix + "."):
+            index, rest = key[len(prefix) + 1 :].split(".", 1)
+            if int(index) in skip_set:
+                continue
+            key = f"{prefix}.{kept.index(int(index))}.{rest}"
+        state[key] = value
+    smaller = transformers.AutoModelForCausalLM.from_config(config)
+    smaller.load_state_dict(state, strict=True)
+    smaller.generation_config = copy.deepcopy(model.generation_config)
+    return smaller.eval()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 import pytest
 import torch
 import transformers
+from conftest import truncated_copy
 
 from nested_reft.nesting import (
     decoder_layers,
@@ -85,29 +85,6 @@ def test_skip_set_is_reproducible_from_a_seed():
     assert first == second
     different = {sample_skip_set(28, 0.1, 1, torch.Generator().manual_seed(s)) for s in range(20)}
     assert len(different) > 1
-
-
-def truncated_copy(model: transformers.PreTrainedModel, skip_set) -> transformers.PreTrainedModel:
-    """The reference: a physically smaller model, built from a config of N - |S| layers and the kept weights."""
-    _, _, layers = decoder_layers(model)
-    prefix = next(name for name, module in model.named_modules() if module is layers)
-    kept = [i for i in range(len(layers)) if i not in skip_set]
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in kept]
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith(prefix + "."):
-            index, rest = key[len(prefix) + 1 :].split(".", 1)
-            if int(index) in skip_set:
-                continue
-            key = f"{prefix}.{kept.index(int(index))}.{rest}"
-        state[key] = value
-    smaller = transformers.AutoModelForCausalLM.from_config(config)
-    smaller.load_state_dict(state, strict=True)
-    smaller.generation_config = copy.deepcopy(model.generation_config)
-    return smaller.eval()
 
 
 # Every valid S class that matters: layer 0 and the last layer (b = 0), several at once, and for Gemma2

@@ -395,7 +395,8 @@ RESUMED_KEYS = ("step", "skip_set", "skipped_layers", "reward_mean", "reward_std
     # adaptive skip policies: their smoothed influence and KL are restored from the checkpoint
     {"nesting.skip_policy": "influence", "nesting.influence_temperature": 0.01},
     {"nesting.skip_policy": "kl_target", "nesting.kl_target": 0.005, "nesting.kl_target_layers": "influence"},
-], ids=["plain", "kl-penalty", "dropout", "influence-policy", "kl-target-policy"])
+    {"lora.r": 4, "grpo.learning_rate": 1e-2},  # the checkpoint holds the adapters; the base is config.model
+], ids=["plain", "kl-penalty", "dropout", "influence-policy", "kl-target-policy", "lora"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, variant):
     settings = dict(rft_steps=4, save_steps=2, **{"importance.mitigation": "base", "sft.epochs": 1,
                                                    "sft.max_examples": 4, "sft.batch_size": 4}, **variant)
