@@ -288,7 +288,8 @@ def _dataclass_type(cls: type, name: str) -> type | None:
 def _coerce(value: Any, spec: dataclasses.Field, option: str) -> Any:
     """Turn YAML/CLI values into the field's type (ints from strings, lists into tuples)."""
     annotation = str(spec.type)
-    if isinstance(value, dict):  # `--set model.x=1`, or a section under a plain option in a file
+    # `--set model.x=1`, or a section of options under a plain option in a file
+    if isinstance(value, dict) and not annotation.startswith("dict"):
         raise ConfigError(f"{option} is a single value, not a section of options; got {value!r}")
     try:
         if value is None or annotation.startswith("str"):

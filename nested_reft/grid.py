@@ -81,8 +81,32 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """An instance past the paper's product, run at every seed: a skip ratio and mitigation with other nesting
+    options (an adaptive skip policy, its temperature or KL target), named by `label`."""
+
+    label: str
+    skip_ratio: float
+    mitigation: str = "retrace"
+    nesting: dict[str, Any] = field(default_factory=dict)  # NestingConfig options, e.g. {skip_policy: influence}
+
+    def __post_init__(self) -> None:
+        check_option(bool(re.fullmatch(r"[\w.-]+", str(self.label))), "variants.label", self.label,
+                     "a name of letters, digits, '.', '_' or '-'")
+        check_option(0.0 <= self.skip_ratio < 1.0, "variants.skip_ratio", self.skip_ratio, "in [0, 1)")
+        check_option(self.mitigation in MITIGATIONS, "variants.mitigation", self.mitigation, f"one of {MITIGATIONS}")
+        check_option(isinstance(self.nesting, dict), "variants.nesting", self.nesting, "a mapping of nesting options")
+        fixed = sorted({"skip_ratio", "border"} & set(self.nesting))
+        check_option(not fixed, f"variants.nesting.{fixed[0] if fixed else ''}", self.nesting,
+                     "free of skip_ratio and border (the variant's skip_ratio and the grid's border set them)")
+
+    def overrides(self) -> dict[str, Any]:
+        return {f"nesting.{key}": value for key, value in self.nesting.items()}
+
+
+@dataclass(frozen=True)
 class GridConfig:
-    """A sweep: models x datasets x seeds x (1 baseline + skip_ratios x mitigations) runs."""
+    """A sweep: models x datasets x seeds x (1 baseline + skip_ratios x mitigations + variants) runs."""
 
     name: str
     models: tuple[str, ...]
@@ -96,6 +120,9 @@ class GridConfig:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig options, nested or dotted
     keep_checkpoints: bool = False  # a finished run needs only model/; a 7B checkpoint with Adam states is ~40 GB
     eval: EvalSettings = field(default_factory=EvalSettings)
+    variants: tuple[Variant, ...] = ()  # instances past the paper's product (adaptive skip policies, ...)
+    evaluate_warm_up: bool = False  # also evaluate each SFT warm-up: the accuracy before ReFT, per seed
+    conditions: str = ""  # how the runs were timed (machine, lanes side by side): printed beside wall-clock times
 
     def __post_init__(self) -> None:
         check_option(isinstance(self.name, str) and bool(re.fullmatch(r"[\w.-]+", self.name)), "name", self.name,
@@ -125,7 +152,13 @@ class GridConfig:
                 f"train.{set_by_grid[0]} is set per instance by the grid (models, datasets, seeds, skip_ratios, "
                 "border, mitigations, output_dir); remove it from train"
             )
+        object.__setattr__(self, "variants", tuple(_variant(value) for value in self.variants or ()))
+        labels = [variant.label for variant in self.variants]
+        check_option(len(set(labels)) == len(labels), "variants", labels, "variants with distinct labels")
         self.base_config(self.models[0], self.datasets[0], self.seeds[0])  # validates every train option now
+        for variant in self.variants:  # and every variant's nesting options
+            self.base_config(self.models[0], self.datasets[0], self.seeds[0],
+                             {"nesting.skip_ratio": variant.skip_ratio, **variant.overrides()})
 
     @property
     def root(self) -> Path:
@@ -148,6 +181,14 @@ class GridConfig:
     def warm_up(self) -> bool:
         """Whether instances start from a shared SFT warm-up (train.sft.epochs > 0, the paper's E_sft = 2)."""
         return self.base_config(self.models[0], self.datasets[0], self.seeds[0]).sft.epochs > 0
+
+
+def _variant(value: Any) -> Variant:
+    if isinstance(value, Variant):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"variants must be a list of mappings (label, skip_ratio, mitigation, nesting), got {value!r}")
+    return from_dict(Variant, value, "variants.")
 
 
 def load_grid(path: str | os.PathLike) -> GridConfig:
@@ -191,6 +232,7 @@ class Instance:
     border: int
     mitigation: str
     role: str  # "baseline" | "nested"
+    variant: Variant | None = None  # past the paper: its label names the run, its nesting options apply
 
     @property
     def group(self) -> str:
@@ -201,7 +243,8 @@ class Instance:
     def name(self) -> str:
         if self.role == "baseline":
             return f"baseline-s{self.seed}"
-        return f"x{self.skip_ratio:g}-b{self.border}-{self.mitigation}-s{self.seed}"
+        label = f"-{self.variant.label}" if self.variant else ""
+        return f"x{self.skip_ratio:g}-b{self.border}-{self.mitigation}{label}-s{self.seed}"
 
     @property
     def id(self) -> str:
@@ -214,7 +257,8 @@ class Instance:
 
 
 def enumerate_instances(grid: GridConfig) -> list[Instance]:
-    """Per (model, dataset): baselines at every baseline seed, then per seed the skip_ratios x mitigations."""
+    """Per (model, dataset): baselines at every baseline seed, then per seed the skip_ratios x mitigations and
+    the variants."""
     instances = []
     for model in grid.models:
         for dataset in grid.datasets:
@@ -224,6 +268,9 @@ def enumerate_instances(grid: GridConfig) -> list[Instance]:
                 for ratio in grid.skip_ratios:
                     for mitigation in grid.mitigations:
                         instances.append(Instance(model, dataset, seed, ratio, grid.border, mitigation, "nested"))
+                for variant in grid.variants:
+                    instances.append(Instance(model, dataset, seed, variant.skip_ratio, grid.border,
+                                              variant.mitigation, "nested", variant))
     return instances
 
 
@@ -248,6 +295,7 @@ def instance_config(grid: GridConfig, instance: Instance) -> TrainConfig:
         "nesting.skip_ratio": instance.skip_ratio,
         "nesting.border": instance.border,
         "importance.mitigation": instance.mitigation,
+        **(instance.variant.overrides() if instance.variant else {}),
     }
     if grid.warm_up:
         overrides.update({"model": str(sft_directory(grid, instance) / FINAL_MODEL_DIR), "sft.epochs": 0})

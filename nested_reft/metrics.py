@@ -7,12 +7,14 @@ KLs are computed on the gathered batch; times are the slowest rank's, since the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from nested_reft.config import TrainConfig
 from nested_reft.importance import importance_statistics
+from nested_reft.nesting import decoder_layers
 from nested_reft.rollout import Rollouts
 from nested_reft.update import UpdateResult
 
@@ -38,6 +40,7 @@ class StepMetrics:
     step_time_s: float
     tokens_generated: int
     tokens_processed: int
+    rollout_flops: float  # the rollout's forward FLOPs over all ranks, from the model's shapes (see `rollout_flops`)
     gen_tokens_per_s: float
     h_mean: float
     h_min: float
@@ -78,6 +81,41 @@ class RunTotals:
 
 
 @dataclass(frozen=True)
+class ModelShapes:
+    """What a forward pass costs per token: each block's parameters, the output head's, the hidden size."""
+
+    block_parameters: tuple[int, ...]
+    head_parameters: int
+    hidden_size: int
+
+    @classmethod
+    def of(cls, model) -> ModelShapes:
+        _, _, layers = decoder_layers(model)
+        head = model.get_output_embeddings()
+        return cls(
+            block_parameters=tuple(sum(p.numel() for p in layer.parameters()) for layer in layers),
+            head_parameters=head.weight.numel(),
+            hidden_size=model.config.get_text_config().hidden_size,
+        )
+
+
+def rollout_flops(shapes: ModelShapes, skip_set: Sequence[int], prompt_lengths: torch.Tensor,
+                  completion_lengths: torch.Tensor) -> float:
+    """Forward FLOPs of sampling completions of `completion_lengths` after prompts of `prompt_lengths` (per row)
+    with the blocks of `skip_set` skipped: 2 x (kept blocks' + head parameters) per token processed (the 2N
+    rule; the head only at the positions that produce a token), plus attention's 4 x hidden x context per
+    token and kept block (QK^T and AV against a KV cache). Machine-independent, unlike wall time, so curves
+    against it compare runs made under any load. The embedding lookup and norms are not counted."""
+    kept = [count for index, count in enumerate(shapes.block_parameters) if index not in set(skip_set)]
+    prompts, completions = prompt_lengths.double(), completion_lengths.double()
+    tokens = float((prompts + completions).sum())
+    linear = 2.0 * sum(kept) * tokens + 2.0 * shapes.head_parameters * float(completions.sum())
+    # context summed over positions: the prompt's causal prefill, then each new token sees all before it
+    contexts = float((prompts * (prompts + 1) / 2 + completions * prompts + completions * (completions + 1) / 2).sum())
+    return linear + 4.0 * shapes.hidden_size * len(kept) * contexts
+
+
+@dataclass(frozen=True)
 class StepTimes:
     """perf_counter() readings at a step's phase boundaries on this rank."""
 
@@ -89,12 +127,15 @@ class StepTimes:
 
 def step_metrics(
     step: int, rollouts: Rollouts, all_rewards: torch.Tensor, update: UpdateResult, config: TrainConfig,
-    accelerator, learning_rate: float, times: StepTimes, layer_influence: list[float] | None = None,
+    accelerator, learning_rate: float, times: StepTimes, shapes: ModelShapes,
+    layer_influence: list[float] | None = None,
 ) -> StepMetrics:
     """The step's metrics over all ranks (see `StepMetrics`); `all_rewards` are already gathered."""
     device = accelerator.device
     generated = int(accelerator.reduce(torch.tensor(rollouts.completion_tokens, device=device), "sum"))
     prompts = int(accelerator.reduce(torch.tensor(rollouts.prompt_tokens, device=device), "sum"))
+    flops = rollout_flops(shapes, rollouts.skip_set, rollouts.prompt_mask.sum(-1), rollouts.completion_mask.sum(-1))
+    flops = float(accelerator.reduce(torch.tensor(flops, dtype=torch.float64, device=device), "sum"))
     generation_s, scoring_s, training_s, step_s = _slowest_rank(
         accelerator, [rollouts.generation_time_s, times.scored - times.generated, times.updated - times.scored,
                       times.updated - times.started],
@@ -118,6 +159,7 @@ def step_metrics(
         step_time_s=step_s,
         tokens_generated=generated,
         tokens_processed=generated + prompts,
+        rollout_flops=flops,
         gen_tokens_per_s=generated / max(generation_s, 1e-9),
         h_mean=stats.mean,
         h_min=stats.min,

@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from nested_reft.files import atomic_write_text
-from nested_reft.results import METRIC_COLUMNS, RESULTS_FILE, ResultsError, csv_text, model_slug, read_results
+from nested_reft import study
+from nested_reft.plots import pyplot, save_figure
+from nested_reft.results import (
+    CONDITIONS_FILE, METRIC_COLUMNS, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE,
+    ResultsError, csv_text, model_slug, read_results, read_table,
+)
 
 # metric column -> label in figures and tables. Accuracy and tok/s are to maximise, runtime to minimise.
 METRICS = dict(zip(METRIC_COLUMNS, ("accuracy", "tok/s", "runtime")))
@@ -78,6 +83,7 @@ def compute_deltas(rows: Sequence[dict]) -> list[dict]:
             continue
         entry = {key: row[key] for key in ("model", "dataset", "instance", "role", "skip_ratio", "border",
                                            "mitigation", "seed")}
+        entry["variant"] = row.get("variant", "")  # optional: results.csv files from before variants have none
         entry["baseline_n"] = base["n"]
         for metric in METRICS:
             entry[metric] = row[metric]
@@ -89,12 +95,18 @@ def compute_deltas(rows: Sequence[dict]) -> list[dict]:
     return deltas
 
 
+def series(row: dict) -> str:
+    """A mitigation, or a mitigation and a variant (`retrace+influence`): the lines of Figure 1 and the counts."""
+    return f"{row['mitigation']}+{row['variant']}" if row.get("variant") else row["mitigation"]
+
+
 def instance_means(deltas: Iterable[dict]) -> list[dict]:
-    """Nested instances averaged over seeds: one point per (model, dataset, x, b, m), in first-seen order."""
+    """Nested instances averaged over seeds: one point per (model, dataset, x, b, m and variant), in first-seen
+    order; a variant's mitigation is reported as `series` names it."""
     groups: dict[tuple, list[dict]] = {}
     for row in deltas:
         if row["role"] == "nested":
-            key = (row["model"], row["dataset"], row["skip_ratio"], row["border"], row["mitigation"])
+            key = (row["model"], row["dataset"], row["skip_ratio"], row["border"], series(row))
             groups.setdefault(key, []).append(row)
     points = []
     for (model, dataset, ratio, border, mitigation), members in groups.items():
@@ -231,11 +243,7 @@ def figure_name(model: str, dataset: str) -> str:
 
 def plot_figure1(points: Sequence[dict], baselines: dict[tuple[str, str], dict], output_dir: Path) -> list[Path]:
     """One PNG per (model, dataset): Delta accuracy %, Delta tok/s %, Delta runtime % against x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths = []
     for (model, dataset), members in _configurations(points).items():
         figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -245,11 +253,7 @@ def plot_figure1(points: Sequence[dict], baselines: dict[tuple[str, str], dict],
         axes[0].legend(title="mitigation", fontsize=8)
         figure.suptitle(f"{model} fine-tuned on {dataset}: deltas to the baseline (x = 0, b = 0, base)")
         figure.tight_layout()
-        path = Path(output_dir) / figure_name(model, dataset)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(save_figure(figure, Path(output_dir) / figure_name(model, dataset)))
     return paths
 
 
@@ -278,7 +282,8 @@ def _panel(axis, members: Sequence[dict], metric: str, base: dict) -> None:
 # Files: deltas.csv and report.md
 # ----------------------------------------------------------------------------------------------------------
 
-DELTA_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border", "mitigation", "seed", "baseline_n"] + [
+DELTA_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border", "mitigation", "variant", "seed",
+                 "baseline_n"] + [
     f"{prefix}{metric}{suffix}"
     for metric in METRICS
     for prefix, suffix in (("", ""), ("", "_baseline"), ("", "_baseline_std"), ("delta_", ""), ("delta_abs_", ""))
@@ -302,8 +307,21 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) ->
     figures = plot_figure1(points, baselines, output)
     atomic_write_text(output / "deltas.csv", deltas_csv(deltas))
     text = render_markdown(rows, baselines, deltas, points, [path.name for path in figures])
-    atomic_write_text(output / "report.md", text)
+    atomic_write_text(output / "report.md", text + study_section(sweep_dir, rows, output))
     return output / "report.md"
+
+
+def study_section(sweep_dir: Path, rows: Sequence[dict], output: Path) -> str:
+    """The study's part of the report (`nested_reft.study`), where the sweep wrote steps.csv and problems.csv."""
+    steps = read_table(sweep_dir / STEPS_FILE, STEP_COLUMNS)
+    problems = read_table(sweep_dir / PROBLEMS_FILE, PROBLEM_COLUMNS)
+    if not steps and not problems:
+        return ""
+    table = study.study_rows(rows, problems)
+    figures = study.plot_learning_curves(study.learning_curves(steps, rows), output)
+    figures += study.plot_diagnostics(table, output)
+    conditions = (sweep_dir / CONDITIONS_FILE).read_text().strip() if (sweep_dir / CONDITIONS_FILE).is_file() else ""
+    return "\n" + study.render_study(table, [path.name for path in figures], conditions)
 
 
 def render_markdown(rows, baselines, deltas, points, figure_files: Sequence[str]) -> str:

@@ -1,9 +1,15 @@
-"""The results table, results.csv: the contract between `sweep`, which writes it, and `report`, which reads it.
+"""The results tables: the contract between `sweep`, which writes them, and `report`, which reads them.
 
-One row per instance of a grid: what the instance is (model, dataset, x, b, m, seed), how far it got
-(status, error) and what it measured (the pass@1 accuracy on each benchmark, `accuracy_<benchmark>`, and
-their average `accuracy`; token speed; total runtime). Its own module so that the report, which only reads
-numbers, imports nothing that trains (no torch, no transformers): this file needs the standard library alone.
+results.csv: one row per instance of a grid: what the instance is (model, dataset, x, b, m, variant, seed), how
+far it got (status, error) and what it measured (the pass@1 accuracy on each benchmark, `accuracy_<benchmark>`,
+and their average `accuracy`; token speed; total runtime), plus the study's columns where measured (accuracy
+before ReFT, i.e. of the SFT warm-up; the run's mean skipped layers, KL(behavior || target), ESS, truncated
+fraction; median generation tokens/s; total rollout FLOPs). steps.csv: one row per ReFT step of each instance
+(the learning curves and off-policy diagnostics). problems.csv: one row per evaluated problem of each
+instance and warm-up (correct or not: what the bootstrap resamples).
+
+Its own module so that the report, which only reads numbers, imports nothing that trains (no torch, no
+transformers): this file needs the standard library alone.
 """
 
 from __future__ import annotations
@@ -18,11 +24,20 @@ from typing import Any
 from nested_reft.files import atomic_write_text
 
 RESULTS_FILE = "results.csv"
+STEPS_FILE = "steps.csv"
+PROBLEMS_FILE = "problems.csv"
+CONDITIONS_FILE = "conditions.txt"  # the grid's `conditions`: how the runs were timed, beside wall-clock figures
 # The columns every results.csv has; `results_columns` adds one `accuracy_<benchmark>` column per benchmark
 # before `accuracy` (the average over the benchmarks).
 RESULT_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border", "mitigation", "seed", "status",
                   "accuracy", "token_speed", "total_runtime_s", "error"]
+# The study's columns: optional (a results.csv written before them still reads), empty where not measured.
+STUDY_COLUMNS = ["variant", "accuracy_before", "skipped_layers", "kl_behavior_target", "h_ess", "h_truncated",
+                 "gen_tokens_per_s", "rollout_flops"]
 REQUIRED_COLUMNS = [column for column in RESULT_COLUMNS if column != "error"]
+STEP_COLUMNS = ["instance", "step", "reward_mean", "skipped_layers", "rollout_flops", "kl_behavior_target", "h_ess",
+                "h_truncated", "gen_tokens_per_s", "step_time_s"]
+PROBLEM_COLUMNS = ["instance", "benchmark", "problem", "correct"]
 METRIC_COLUMNS = ("accuracy", "token_speed", "total_runtime_s")  # every finished instance has them
 NUMERIC = {"skip_ratio": float, "border": int, "seed": int}
 ROLES = ("baseline", "nested")
@@ -52,12 +67,18 @@ def model_slug(model: str) -> str:
 def results_columns(benchmarks: Sequence[str]) -> list[str]:
     """RESULT_COLUMNS with one accuracy column per benchmark before the average."""
     at = RESULT_COLUMNS.index("accuracy")
-    return RESULT_COLUMNS[:at] + [accuracy_column(name) for name in benchmarks] + RESULT_COLUMNS[at:]
+    return RESULT_COLUMNS[:at] + [accuracy_column(name) for name in benchmarks] + RESULT_COLUMNS[at:] + STUDY_COLUMNS
 
 
 def write_results(path: str | Path, benchmarks: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
     """(Re)write results.csv at `path` atomically."""
     atomic_write_text(path, csv_text(results_columns(benchmarks), rows))
+    return Path(path)
+
+
+def write_table(path: str | Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
+    """(Re)write a CSV table (steps.csv, problems.csv) at `path` atomically."""
+    atomic_write_text(path, csv_text(columns, rows))
     return Path(path)
 
 
@@ -95,10 +116,35 @@ def parse_results(text: str, source: str = RESULTS_FILE) -> list[dict]:
     return [_parse_row(row, f"{source}, line {number}") for number, row in enumerate(reader, start=2)]
 
 
+def read_table(path: str | Path, columns: Sequence[str]) -> list[dict]:
+    """The rows of steps.csv or problems.csv, every column but `instance` and `benchmark` a number (None where
+    empty); [] where the file does not exist (a sweep written before the study's tables)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    reader = csv.DictReader(io.StringIO(path.read_text()))
+    missing = [column for column in columns if column not in (reader.fieldnames or [])]
+    if missing:
+        raise ResultsError(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(columns)}")
+    text_columns = ("instance", "benchmark", "problem")
+    return [
+        {column: row[column] if column in text_columns else _optional_number(row[column], column, f"{path}, line {n}")
+         for column in columns}
+        for n, row in enumerate(reader, start=2)
+    ]
+
+
+def _optional_number(value: str, column: str, where: str) -> float | None:
+    return None if value in (None, "") else _number(value, column, where, float)
+
+
 def _parse_row(row: dict, where: str) -> dict:
     parsed: dict[str, Any] = dict(row)
     for column, kind in NUMERIC.items():
         parsed[column] = _number(row[column], column, where, kind)
+    parsed["variant"] = row.get("variant") or ""
+    for column in STUDY_COLUMNS[1:]:
+        parsed[column] = _optional_number(row.get(column), column, where)
     done = row["status"] == "done"
     for column in [*METRIC_COLUMNS, *(c for c in row if c.startswith(accuracy_column("")))]:
         value = row.get(column)

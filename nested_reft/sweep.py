@@ -40,53 +40,19 @@ import torch
 
 from nested_reft.checkpoint import CHECKPOINT_PREFIX
 from nested_reft.config import TrainConfig
+from nested_reft.collect import EVAL_DIR, collect_results
 from nested_reft.evaluate import EVAL_FILE, evaluate_model, print_progress
 from nested_reft.files import LockHeldError, atomic_write_json, atomic_write_text, exclusive_lock, read_json
 from nested_reft.grid import (
     EvalSettings, GridConfig, Instance, enumerate_instances, fingerprint, instance_config, load_grid, run_directory,
     select_instances, sft_config, sft_directory,
 )
-from nested_reft.results import RESULTS_FILE, accuracy_column, write_results
+from nested_reft.results import RESULTS_FILE
 from nested_reft.rundir import FINAL_MODEL_DIR, SUMMARY_FILE
+from nested_reft.status import STATUS_FILE, read_status, write_status
 from nested_reft.trainer import ensure_trained
 
-STATUS_FILE = "status.json"
 SWEEP_LOCK_FILE = ".sweep.lock"  # in output_dir, held by a sweep of the whole grid
-EVAL_DIR = "eval"
-STATUSES = ("pending", "running", "done", "failed")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Status files
-# ----------------------------------------------------------------------------------------------------------
-
-
-def read_status(directory: Path) -> dict:
-    """The status record of a run directory; {"status": "pending"} where there is none (or it is unreadable)."""
-    return read_json(Path(directory) / STATUS_FILE) or {"status": "pending"}
-
-
-def write_status(directory: Path, status: str, **fields: Any) -> dict:
-    """Update the status record atomically, keeping earlier fields (started_at, attempts) not given."""
-    assert status in STATUSES, status
-    record = read_status(directory)
-    now = _now()
-    record.update(fields, status=status, updated_at=now)
-    if status == "running":
-        record["attempts"] = record.get("attempts", 0) + 1
-        record["started_at"] = now
-        record.pop("finished_at", None)
-        record.update(error=None, traceback=None)
-    if status in ("done", "failed"):
-        record["finished_at"] = now
-    atomic_write_json(Path(directory) / STATUS_FILE, record)
-    return record
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------------------
@@ -218,19 +184,22 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
     """The shared SFT model of `instance`'s (model, dataset, seed), trained first if it is not there yet.
 
     A lock file serialises concurrent jobs of the same triple (a job array): the first trains, the others
-    wait and then find it done.
+    wait and then find it done. With `evaluate_warm_up` the warm-up model is also evaluated (once), for the
+    accuracy before ReFT.
     """
     directory = sft_directory(grid, instance)
     with exclusive_lock(_lock_file(directory), f"SFT warm-up {instance.sft_id}", wait=True):
-        if read_status(directory).get("status") == "done" and (directory / FINAL_MODEL_DIR).is_dir():
-            return directory / FINAL_MODEL_DIR
-        write_status(directory, "running", instance=instance.sft_id)
-        try:
-            ensure_trained(sft_config(grid, instance))
-        except Exception as error:
-            write_status(directory, "failed", error=_describe(error), traceback=traceback.format_exc())
-            raise
-        write_status(directory, "done")
+        if read_status(directory).get("status") != "done" or not (directory / FINAL_MODEL_DIR).is_dir():
+            write_status(directory, "running", instance=instance.sft_id)
+            try:
+                ensure_trained(sft_config(grid, instance))
+            except Exception as error:
+                write_status(directory, "failed", error=_describe(error), traceback=traceback.format_exc())
+                raise
+            write_status(directory, "done")
+        if grid.evaluate_warm_up and not (directory / EVAL_DIR / EVAL_FILE).is_file():  # the accuracy before ReFT
+            evaluate_instance(directory / FINAL_MODEL_DIR, directory / EVAL_DIR, grid.eval, sft_config(grid, instance),
+                              instance.seed)
     return directory / FINAL_MODEL_DIR
 
 
@@ -246,7 +215,7 @@ def _describe(error: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Commands for a scheduler, and the results table
+# Commands for a scheduler
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -261,33 +230,6 @@ def emit_commands(grid: GridConfig, grid_path: str | os.PathLike, path: str | os
     lines = [f"{prefix} {grid_file} --only {shlex.quote(instance.id)}" for instance in enumerate_instances(grid)]
     atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
     return lines
-
-
-def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:
-    """One row of results.csv from the run directory's status.json, summary.json and eval/eval.json."""
-    directory = run_directory(grid, instance)
-    status = read_status(directory)
-    row: dict[str, Any] = {
-        "model": instance.model, "dataset": instance.dataset, "instance": instance.id, "role": instance.role,
-        "skip_ratio": instance.skip_ratio, "border": instance.border, "mitigation": instance.mitigation,
-        "seed": instance.seed, "status": status.get("status", "pending"),
-        "error": (status.get("error") or "").splitlines()[0][:300] if status.get("error") else "",
-    }
-    evaluation = read_json(directory / EVAL_DIR / EVAL_FILE)
-    benchmarks = evaluation.get("benchmarks", {})
-    for name in grid.eval.benchmarks:
-        row[accuracy_column(name)] = benchmarks.get(name, {}).get("accuracy")
-    row["accuracy"] = evaluation.get("average")
-    summary = read_json(directory / SUMMARY_FILE)
-    row["token_speed"] = summary.get("token_speed")
-    row["total_runtime_s"] = summary.get("total_runtime_s")
-    return row
-
-
-def collect_results(grid: GridConfig) -> Path:
-    """(Re)write <output_dir>/results.csv from the run directories; empty cells where an instance is not done."""
-    rows = [result_row(grid, instance) for instance in enumerate_instances(grid)]
-    return write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, rows)
 
 
 def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None, collect: bool = False,

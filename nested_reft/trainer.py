@@ -58,7 +58,7 @@ from nested_reft.data import DataError, Problem
 from nested_reft.files import atomic_write_json, atomic_write_text, read_json
 from nested_reft.grpo import group_advantages
 from nested_reft.lora import add_adapters, has_adapters, merge
-from nested_reft.metrics import RunTotals, StepMetrics, StepTimes, step_metrics, summarize
+from nested_reft.metrics import ModelShapes, RunTotals, StepMetrics, StepTimes, step_metrics, summarize
 from nested_reft.models import load_model
 from nested_reft.influence import InfluenceMeter
 from nested_reft.nesting import num_decoder_layers, num_skipped_layers, valid_layers
@@ -183,6 +183,7 @@ def reft(
 ) -> None:
     """Algorithm 1, step 2: for s = 1..S, sample a nested model, roll out, score, update."""
     accelerator, policy, G = state.accelerator, state.policy, config.grpo.num_generations
+    shapes = ModelShapes.of(policy)
     with _progress(accelerator, config.rft_steps, start_step) as advance:
         for step in range(start_step + 1, config.rft_steps + 1):
             started_at = time.perf_counter()
@@ -204,7 +205,7 @@ def reft(
             times = StepTimes(started_at, generated_at, scored_at, time.perf_counter())
             influence = state.influence.take(accelerator) if state.influence else None
             metrics = step_metrics(step, rollouts, all_rewards, update, config, accelerator, learning_rate, times,
-                                   influence)
+                                   shapes, influence)
             skip_policy.observe(skip_set, influence, metrics.kl_behavior_target)  # past the paper: adaptive policies
             totals.add(metrics)
             _log(metrics, config, accelerator)

@@ -1,0 +1,82 @@
+"""Gathering a grid's runs into the results tables (`results`): what each run directory holds, as rows.
+
+Reads each instance's status.json (`status`), summary.json and metrics.jsonl (`rundir`), eval/eval.json and the
+per-problem JSONL files (`evaluate`), and its warm-up's evaluation for the accuracy before ReFT.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from nested_reft.evaluate import EVAL_FILE, read_records
+from nested_reft.files import atomic_write_text, read_json
+from nested_reft.grid import GridConfig, Instance, enumerate_instances, run_directory, sft_directory
+from nested_reft.results import (
+    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE, accuracy_column, write_results,
+    write_table,
+)
+from nested_reft.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
+from nested_reft.status import read_status
+
+EVAL_DIR = "eval"
+RUN_MEANS = ("skipped_layers", "kl_behavior_target", "h_ess", "h_truncated")  # averaged over a run's steps
+
+
+def collect_results(grid: GridConfig) -> Path:
+    """(Re)write results.csv, steps.csv and problems.csv under the grid's output_dir; returns results.csv."""
+    instances = enumerate_instances(grid)
+    write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, [result_row(grid, i) for i in instances])
+    write_table(grid.root / STEPS_FILE, STEP_COLUMNS,
+                [row for instance in instances for row in step_rows(grid, instance)])
+    evaluated = {instance.id: run_directory(grid, instance) for instance in instances}
+    if grid.evaluate_warm_up:
+        evaluated.update({instance.sft_id: sft_directory(grid, instance) for instance in instances})
+    write_table(grid.root / PROBLEMS_FILE, PROBLEM_COLUMNS,
+                [row for run_id, directory in evaluated.items() for row in problem_rows(grid, run_id, directory)])
+    if grid.conditions:
+        atomic_write_text(grid.root / CONDITIONS_FILE, grid.conditions.strip() + "\n")
+    return grid.root / RESULTS_FILE
+
+
+def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:
+    """One row of results.csv from the run directory's status, summary, metrics and evaluation."""
+    directory = run_directory(grid, instance)
+    status = read_status(directory)
+    row: dict[str, Any] = {
+        "model": instance.model, "dataset": instance.dataset, "instance": instance.id, "role": instance.role,
+        "skip_ratio": instance.skip_ratio, "border": instance.border, "mitigation": instance.mitigation,
+        "variant": instance.variant.label if instance.variant else "", "seed": instance.seed,
+        "status": status.get("status", "pending"),
+        "error": (status.get("error") or "").splitlines()[0][:300] if status.get("error") else "",
+    }
+    evaluation = read_json(directory / EVAL_DIR / EVAL_FILE)
+    for name in grid.eval.benchmarks:
+        row[accuracy_column(name)] = evaluation.get("benchmarks", {}).get(name, {}).get("accuracy")
+    row["accuracy"] = evaluation.get("average")
+    row["accuracy_before"] = read_json(sft_directory(grid, instance) / EVAL_DIR / EVAL_FILE).get("average")
+    summary = read_json(directory / SUMMARY_FILE)
+    row["token_speed"] = summary.get("token_speed")
+    row["total_runtime_s"] = summary.get("total_runtime_s")
+    steps = read_metrics(directory / METRICS_FILE)
+    if steps:
+        row.update({name: statistics.fmean(step[name] for step in steps) for name in RUN_MEANS})
+        row["gen_tokens_per_s"] = statistics.median(step["gen_tokens_per_s"] for step in steps)
+        row["rollout_flops"] = sum(step.get("rollout_flops") or 0.0 for step in steps) or None
+    return row
+
+
+def step_rows(grid: GridConfig, instance: Instance) -> list[dict[str, Any]]:
+    """The rows of steps.csv for one instance: its metrics.jsonl, the learning curve's columns."""
+    steps = read_metrics(run_directory(grid, instance) / METRICS_FILE)
+    return [{"instance": instance.id, **{column: step.get(column) for column in STEP_COLUMNS[1:]}} for step in steps]
+
+
+def problem_rows(grid: GridConfig, run_id: str, directory: Path) -> list[dict[str, Any]]:
+    """The rows of problems.csv for one evaluated run: each problem of each benchmark, correct 1 or 0."""
+    return [
+        {"instance": run_id, "benchmark": benchmark, "problem": record["id"], "correct": int(bool(record["correct"]))}
+        for benchmark in grid.eval.benchmarks
+        for record in read_records(directory / EVAL_DIR / f"{benchmark}.jsonl").values()
+    ]

@@ -1,0 +1,241 @@
+"""The study's statistics and figures: accuracy deltas with bootstrap confidence intervals, learning curves
+against steps and against rollout FLOPs, and the off-policy diagnostics against the skip ratio.
+
+Read from the results tables only (results.csv, steps.csv, problems.csv; `results`). A configuration is
+(model, dataset, x, b, m, variant); its seeds replicate it.
+
+The interval of a configuration's Delta accuracy (its mean pass@1 minus the baseline's, over seeds and the
+held-out problems) is a percentile bootstrap over seeds and problems: each replicate draws the seeds of
+each arm with replacement and one set of problems with replacement, the same problems for both arms (the
+arms answer the same problems, so the comparison is paired), and takes the difference of the means. It
+measures both sources of noise this setting has: which seed (warm-up, data order, sampling) and which
+problems happen to be in the held-out set.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nested_reft.plots import pyplot, save_figure
+from nested_reft.results import model_slug
+
+BOOTSTRAP_SAMPLES = 4000
+CONFIDENCE = 0.95
+DIAGNOSTICS = {"kl_behavior_target": "KL(behavior || target) per token", "h_ess": "effective sample size (fraction)",
+               "h_truncated": "fraction of tokens truncated", "skipped_layers": "layers skipped (U)"}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its two-sided confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+def bootstrap_delta(nested: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]],
+                    samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> Interval:
+    """Mean accuracy of `nested` minus `baseline`, each a list of seeds' per-problem scores (seed x problem, the
+    problems in the same order in every list), with a percentile bootstrap interval over seeds and problems."""
+    deltas = bootstrap_replicates(nested, baseline, samples, seed)
+    tail = (1 - CONFIDENCE) / 2
+    point = float(np.mean(nested) - np.mean(baseline))
+    return Interval(point, float(np.quantile(deltas, tail)), float(np.quantile(deltas, 1 - tail)))
+
+
+def bootstrap_replicates(nested: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]],
+                         samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> np.ndarray:
+    """The `samples` bootstrap replicates of the Delta of means (see the module docstring for the scheme)."""
+    arms = [np.asarray(arm, dtype=np.float64) for arm in (nested, baseline)]
+    problems = {arm.shape[1] for arm in arms if arm.ndim == 2}
+    if any(arm.ndim != 2 or arm.shape[0] == 0 for arm in arms) or len(problems) != 1:
+        raise ValueError("both arms need at least one seed, each scored on the same problems")
+    (count,) = problems
+    generator = np.random.default_rng(seed)
+    picked = generator.integers(0, count, size=(samples, count))  # one problem resample per replicate, both arms
+    means = []
+    for arm in arms:
+        seeds = generator.integers(0, arm.shape[0], size=(samples, arm.shape[0]))
+        per_seed = arm[:, picked].mean(axis=2)  # (seeds, replicates)
+        means.append(np.take_along_axis(per_seed.T, seeds, axis=1).mean(axis=1))
+    return means[0] - means[1]
+
+
+def configuration_key(row: dict) -> tuple:
+    return (row["model"], row["dataset"], row["skip_ratio"], row["border"], row["mitigation"], row.get("variant", ""))
+
+
+def configuration_label(row: dict) -> str:
+    """How a configuration is named in tables and legends: baseline, or x, mitigation and variant."""
+    if row["role"] == "baseline":
+        return "baseline (x = 0, b = 0)"
+    variant = f" {row['variant']}" if row.get("variant") else ""
+    return f"x = {100 * row['skip_ratio']:g}%, {row['mitigation']}{variant}"
+
+
+def study_rows(rows: Sequence[dict], problems: Sequence[dict]) -> list[dict]:
+    """One row per finished configuration of each (model, dataset): seeds, accuracy before and after ReFT, the
+    Delta accuracy to the baseline with its bootstrap interval, and the runs' mean diagnostics."""
+    scores = _scores_by_run(problems)
+    done = [row for row in rows if row["status"] == "done"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in done:
+        groups.setdefault(configuration_key(row) + (row["role"],), []).append(row)
+    baselines = {key[:2]: members for key, members in groups.items() if key[-1] == "baseline"}
+    table = []
+    for key, members in groups.items():
+        entry: dict[str, Any] = {"model": key[0], "dataset": key[1], "label": configuration_label(members[0]),
+                                 "role": key[-1], "skip_ratio": key[2], "mitigation": key[4], "variant": key[5],
+                                 "seeds": len(members)}
+        for column in ("accuracy", "accuracy_before", "gen_tokens_per_s", "rollout_flops", *DIAGNOSTICS):
+            values = [row[column] for row in members if row.get(column) is not None]
+            entry[column] = statistics.fmean(values) if values else None
+        entry["delta"] = _delta(members, baselines.get(key[:2], []), scores)
+        table.append(entry)
+    return table
+
+
+def _scores_by_run(problems: Iterable[dict]) -> dict[str, dict[tuple[str, str], float]]:
+    runs: dict[str, dict[tuple[str, str], float]] = {}
+    for row in problems:
+        runs.setdefault(row["instance"], {})[(row["benchmark"], row["problem"])] = row["correct"]
+    return runs
+
+
+def _delta(members: list[dict], baselines: list[dict], scores: dict) -> Interval | None:
+    """The bootstrap Delta of `members` against the baselines, over the problems every run of both answered."""
+    runs = [scores.get(row["instance"]) for row in members + baselines]
+    if not baselines or any(run is None for run in runs):
+        return None
+    shared = sorted(set.intersection(*(set(run) for run in runs)))
+    if not shared:
+        return None
+    arm = lambda group: [[scores[row["instance"]][problem] for problem in shared] for row in group]  # noqa: E731
+    return bootstrap_delta(arm(members), arm(baselines))
+
+
+def learning_curves(steps: Sequence[dict], rows: Sequence[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+    """Per (model, dataset) and configuration label: the mean over seeds, step by step, of the batch reward
+    and of the cumulative rollout FLOPs (lists aligned on the steps every seed reached)."""
+    by_run: dict[str, list[dict]] = {}
+    for step in steps:
+        by_run.setdefault(step["instance"], []).append(step)
+    curves: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in rows:
+        run = sorted(by_run.get(row["instance"], []), key=lambda step: step["step"])
+        if row["status"] != "done" or not run:
+            continue
+        seeds = curves.setdefault((row["model"], row["dataset"]), {}).setdefault(configuration_label(row), [])
+        seeds.append((
+            [step["reward_mean"] for step in run],
+            list(np.cumsum([step["rollout_flops"] or 0.0 for step in run])),
+        ))
+    averaged: dict[tuple[str, str], dict[str, dict]] = {}
+    for group, labels in curves.items():
+        for label, seeds in labels.items():
+            length = min(len(reward) for reward, _ in seeds)
+            averaged.setdefault(group, {})[label] = {
+                "step": list(range(1, length + 1)),
+                "reward": [statistics.fmean(reward[i] for reward, _ in seeds) for i in range(length)],
+                "flops": [statistics.fmean(flops[i] for _, flops in seeds) for i in range(length)],
+            }
+    return averaged
+
+
+def plot_learning_curves(curves: dict, output_dir: Path) -> list[Path]:
+    """One PNG per (model, dataset): reward against step, and against cumulative rollout FLOPs."""
+    plt = pyplot()
+    paths = []
+    for (model, dataset), labels in curves.items():
+        figure, (by_step, by_flops) = plt.subplots(1, 2, figsize=(12, 4.2))
+        for label, curve in labels.items():
+            by_step.plot(curve["step"], _smooth(curve["reward"]), label=label)
+            by_flops.plot(curve["flops"], _smooth(curve["reward"]), label=label)
+        by_step.set(xlabel="ReFT step", ylabel="batch reward (mean of seeds, 5-step moving average)",
+                    title="Reward against step")
+        by_flops.set(xlabel="cumulative rollout FLOPs", ylabel="batch reward", title="Reward against rollout compute")
+        by_step.legend(fontsize=7)
+        figure.suptitle(f"{model} on {dataset}")
+        figure.tight_layout()
+        paths.append(save_figure(figure, Path(output_dir) / f"curves-{model_slug(model)}-{dataset}.png"))
+    return paths
+
+
+def plot_diagnostics(table: Sequence[dict], output_dir: Path) -> list[Path]:
+    """One PNG per (model, dataset): each off-policy diagnostic against x, one line per mitigation and variant."""
+    plt = pyplot()
+    paths = []
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for entry in table:
+        groups.setdefault((entry["model"], entry["dataset"]), []).append(entry)
+    for (model, dataset), entries in groups.items():
+        figure, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(4 * len(DIAGNOSTICS), 3.6))
+        series: dict[str, list[dict]] = {}
+        for entry in entries:
+            name = "baseline" if entry["role"] == "baseline" else f"{entry['mitigation']} {entry['variant']}".strip()
+            series.setdefault(name, []).append(entry)
+        for axis, (column, title) in zip(axes, DIAGNOSTICS.items()):
+            for name, members in series.items():
+                points = sorted((100 * e["skip_ratio"], e[column]) for e in members if e[column] is not None)
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=name)
+            axis.set(xlabel="skip ratio x (%)", title=title)
+            axis.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        figure.suptitle(f"Off-policy diagnostics, {model} on {dataset} (means over steps and seeds)")
+        figure.tight_layout()
+        paths.append(save_figure(figure, Path(output_dir) / f"diagnostics-{model_slug(model)}-{dataset}.png"))
+    return paths
+
+
+def render_study(table: Sequence[dict], figures: Sequence[str], conditions: str) -> str:
+    """The study's Markdown section: the table of configurations, the figures, the timing conditions."""
+    lines = [
+        "## The study: accuracy with confidence intervals, diagnostics, learning curves\n",
+        f"Δ acc is pass@1 minus the baseline's, in points, with a {CONFIDENCE:.0%} percentile bootstrap interval "
+        f"over seeds and problems ({BOOTSTRAP_SAMPLES} replicates, problems paired across the arms); an interval "
+        "that contains 0 is no resolvable difference. Before: pass@1 of the SFT warm-ups the runs start from. "
+        "U, KL, ESS and truncated are means over the runs' steps.\n",
+        "| model | dataset | configuration | seeds | before | after | Δ acc [95% CI] | U | KL | ESS | truncated "
+        "| gen tok/s | rollout PFLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in table:
+        delta = e["delta"]
+        cell = "–" if delta is None else f"{100 * delta.mean:+.1f} [{100 * delta.low:+.1f}, {100 * delta.high:+.1f}]"
+        lines.append(
+            f"| {e['model']} | {e['dataset']} | {e['label']} | {e['seeds']} | {_percent(e['accuracy_before'])} "
+            f"| {_percent(e['accuracy'])} | {cell} | {_number(e['skipped_layers'], '.2f')} "
+            f"| {_number(e['kl_behavior_target'], '.3f')} | {_number(e['h_ess'], '.3f')} "
+            f"| {_number(e['h_truncated'], '.3f')} | {_number(e['gen_tokens_per_s'], '.1f')} "
+            f"| {_number(None if e['rollout_flops'] is None else e['rollout_flops'] / 1e15, '.2f')} |"
+        )
+    lines.append("")
+    lines.append(f"Wall-clock figures (gen tok/s) were measured under: {conditions or 'conditions not stated'}. "
+                 "Rollout FLOPs come from the model's shapes and the skipped layers and do not depend on the load.\n")
+    lines += [f"![{name}]({name})\n" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _smooth(values: Sequence[float], window: int = 5) -> list[float]:
+    """A trailing moving average: a batch reward of a few prompts is noisy step to step."""
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
