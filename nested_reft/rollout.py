@@ -74,7 +74,12 @@ def sample(
     pad_token_id: int,
     generator: torch.Generator | None = None,
 ) -> Samples:
-    """Decode up to `config.max_new_tokens` tokens for left-padded `input_ids` (N, P) with a KV cache."""
+    """Decode up to `config.max_new_tokens` tokens for left-padded `input_ids` (N, P) with a KV cache.
+
+    Rows that have ended (EOS, past `min_new_tokens`) leave the batch once a quarter of it has ended: their
+    KV cache rows are dropped, so a batch is not decoded at full width for a few long completions (evaluation
+    stops at EOS; ReFT with min = max never drops a row). `rows` maps the working batch to the output rows.
+    """
     batch = input_ids.shape[0]
     device = input_ids.device
     eos = torch.tensor(list(eos_token_ids), device=device)
@@ -89,7 +94,10 @@ def sample(
         logits_to_keep=1,
     ).logits[:, -1]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, masks, logprobs = [], [], []
+    rows = torch.arange(batch, device=device)
+    tokens = torch.full((batch, config.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    masks = torch.zeros((batch, config.max_new_tokens), dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, config.max_new_tokens), dtype=torch.float32, device=device)
     for step in range(config.max_new_tokens):
         scaled = logits.float() if config.temperature in (0, 1) else logits.float() / config.temperature
         probs = torch.softmax(scaled, dim=-1)
@@ -99,12 +107,20 @@ def sample(
         drawn_logprobs = probs.gather(-1, next_tokens[:, None]).squeeze(-1).log()
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         alive = ~finished
-        tokens.append(next_tokens)
-        masks.append(alive)
-        logprobs.append(drawn_logprobs * alive)
+        tokens[rows, step], masks[rows, step], logprobs[rows, step] = next_tokens, alive.long(), drawn_logprobs * alive
         finished = finished | torch.isin(next_tokens, eos)
-        if step + 1 == config.max_new_tokens or (step + 1 >= config.min_new_tokens and bool(finished.all())):
-            break  # no EOS before min_new_tokens, so no need to ask (on a GPU each ask waits for the device)
+        length = step + 1
+        if length == config.max_new_tokens:
+            break
+        if length >= config.min_new_tokens:  # no EOS before min_new_tokens, so no need to ask (a GPU would wait)
+            ended = int(finished.sum())
+            if ended == len(finished):
+                break
+            if 4 * ended >= len(finished):
+                keep = torch.nonzero(~finished).squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, next_tokens, finished, alive = rows[keep], next_tokens[keep], finished[keep], alive[keep]
+                attention_mask, position_ids = attention_mask[keep], position_ids[keep]
         attention_mask = torch.cat([attention_mask, alive[:, None].to(attention_mask.dtype)], dim=-1)
         position_ids = position_ids[:, -1:] + 1
         logits = model(
@@ -114,10 +130,10 @@ def sample(
             cache=cache,
             use_cache=True,
         ).logits[:, -1]
-    logprobs = torch.stack(logprobs, 1)
+    logprobs = logprobs[:, :length]
     if not bool(torch.isfinite(logprobs).all()):  # one check per batch, not a device sync per token
         raise FloatingPointError("the model's logits became NaN or infinite while sampling: its weights diverged")
-    return Samples(torch.stack(tokens, 1), torch.stack(masks, 1).long(), logprobs)
+    return Samples(tokens[:, :length], masks[:, :length], logprobs)
 
 
 def _draw(

@@ -7,7 +7,9 @@ import time
 import pytest
 import torch
 from conftest import chi_square_critical_p001
+from transformers import DynamicCache
 
+import nested_reft.rollout as rollout_module
 from nested_reft.nesting import nested
 from nested_reft.rollout import SamplingConfig, _draw, _inverse_cdf_sample, generate_rollouts
 from nested_reft.tiny import tiny_model
@@ -42,6 +44,31 @@ def test_behavior_logprobs_equal_a_recomputed_forward_of_the_nested_model(archit
     assert rollouts.behavior_logprobs.dtype == torch.float32
     if skip_set:  # and they are not the full model's log-probs
         assert not torch.allclose(recomputed_logprobs(model, rollouts, 0.7), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_rows_that_end_leave_the_batch_without_changing_the_others(architecture, monkeypatch):
+    """With half the vocabulary ending a completion, rows end at different steps and the batch shrinks (their KV
+    cache rows dropped); every row's tokens and log-probs still match a forward over the full batch, and each
+    row ends at its first end token."""
+    model, tokenizer = tiny_model(architecture, num_layers=4)
+    compactions = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda cache, keep: compactions.append(len(keep)) or select(cache, keep))
+    ending = list(range(0, tokenizer.vocab_size, 2))
+    monkeypatch.setattr(rollout_module, "eos_token_ids", lambda model, tokenizer: ending)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=16, min_new_tokens=2)
+    rollouts = generate_rollouts(model, tokenizer, PROMPTS, 4, sampling, (), torch.Generator().manual_seed(1))
+    assert compactions and compactions == sorted(compactions, reverse=True)  # the batch shrank, step by step
+    lengths = rollouts.completion_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 2 and lengths.min() >= 2  # rows ended at different steps, not before min
+    for row, length in zip(rollouts.completion_ids, lengths.tolist()):
+        ends = [i for i, token in enumerate(row[:length].tolist()) if token in set(ending)]
+        assert ends in ([length - 1], [])  # the last kept token is the first end token (or the row ran to max)
+        assert (row[length:] == tokenizer.pad_token_id).all()
+    expected = recomputed_logprobs(model, rollouts, temperature=1.0)
+    torch.testing.assert_close(rollouts.behavior_logprobs, expected, atol=1e-4, rtol=0)
 
 
 def test_greedy_rollouts_equal_hugging_face_generate():
