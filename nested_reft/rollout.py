@@ -160,8 +160,27 @@ def _draw(
     return _inverse_cdf_sample(probs, generator)
 
 
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches `top_p` (nucleus sampling)."""
+def _top_p_filter(probs: torch.Tensor, top_p: float, candidates: int = 256) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches `top_p` (nucleus sampling).
+
+    The nucleus is looked for among each row's `candidates` most likely tokens first (a top-k, a tenth of the
+    time of sorting a 49k vocabulary at batch 32 on a CPU core, where the sort took longer than the model's
+    forward); only rows whose candidates hold less than `top_p` of the mass are sorted whole.
+    """
+    top, index = torch.topk(probs, min(candidates, probs.shape[-1]), dim=-1)
+    total = probs.sum(dim=-1, keepdim=True)
+    covered = top.sum(dim=-1) >= top_p * total.squeeze(-1)  # past the candidates, every token would be dropped
+    keep = (top.cumsum(dim=-1) - top) < top_p * total  # the mass before the token is not yet enough
+    filtered = torch.zeros_like(probs).scatter_(-1, index, top * keep)
+    if bool(covered.all()):
+        return filtered
+    rest = ~covered
+    filtered[rest] = _top_p_by_sorting(probs[rest], top_p)
+    return filtered
+
+
+def _top_p_by_sorting(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering over the whole sorted vocabulary."""
     sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
     sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
     drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token is enough

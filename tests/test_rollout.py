@@ -200,6 +200,20 @@ def test_draws_follow_the_filtered_renormalised_distribution(settings, banned, a
     assert chi2 < CHI2_P001[int(frequent.sum()) - 1]
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_the_candidate_nucleus_equals_the_nucleus_of_the_sorted_vocabulary(top_p):
+    """Peaked rows (the nucleus among the 16 candidates) and flat rows (not: sorted whole) in one batch."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 500, generator=generator) * torch.tensor([[8.0], [0.2], [6.0], [0.1], [12.0], [1.0]])
+    probs = torch.softmax(logits, -1)
+    probs[0, :3] = 0.0  # a banned token (min_new_tokens): unnormalised rows
+    filtered = rollout_module._top_p_filter(probs, top_p, candidates=16)
+    expected = rollout_module._top_p_by_sorting(probs, top_p)
+    assert torch.equal(filtered > 0, expected > 0) and torch.equal(filtered, expected)
+    kept = (filtered > 0).sum(-1)
+    assert kept.min() < 16 < kept.max()  # both paths ran
+
+
 def test_two_level_draws_follow_the_weights_across_blocks_with_zero_and_short_blocks():
     """37 tokens in blocks of 4 (the last block one token long), a whole block and single tokens at weight 0:
     the frequencies of 60k draws pass a chi-square test against the normalised weights."""
