@@ -64,14 +64,20 @@ def _hold_lock(path, ready, release):
         release.wait(30)
 
 
+def start_holder(path):
+    """Another process that holds the lock on `path` until its `release` event is set; (process, release)."""
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(path, ready, release))
+    holder.start()
+    assert ready.wait(30)
+    return holder, release
+
+
 @pytest.fixture
 def held_lock(tmp_path):
     """A lock on tmp_path/.lock held by another process for the duration of the test."""
-    context = multiprocessing.get_context("fork")
-    ready, release = context.Event(), context.Event()
-    holder = context.Process(target=_hold_lock, args=(tmp_path / ".lock", ready, release))
-    holder.start()
-    assert ready.wait(30)
+    holder, release = start_holder(tmp_path / ".lock")
     yield holder
     release.set()
     holder.join(30)
@@ -91,11 +97,7 @@ def test_a_lock_is_free_again_after_its_holder_ends(tmp_path):
 
 
 def test_a_lock_of_a_killed_holder_is_free(tmp_path):
-    context = multiprocessing.get_context("fork")
-    ready, release = context.Event(), context.Event()
-    holder = context.Process(target=_hold_lock, args=(tmp_path / ".lock", ready, release))
-    holder.start()
-    assert ready.wait(30)
+    holder, _ = start_holder(tmp_path / ".lock")
     holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the flock
     holder.join(30)
     with exclusive_lock(tmp_path / ".lock", "it"):
