@@ -43,6 +43,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--lora-r": ("lora.r", int),
     "--temperature": ("sampling.temperature", float),
     "--min-completion-length": ("sampling.min_new_tokens", int),
+    "--engine": ("sampling.engine", str),
     "--dtype": ("dtype", str),
     "--gradient-checkpointing": ("gradient_checkpointing", bool),
     "--save-steps": ("save_steps", int),

@@ -80,6 +80,9 @@ class SamplingConfig:
     top_k: int = 0  # TRL GRPOConfig.top_k (0 = disabled)
     max_new_tokens: int = 256  # paper, appendix F: completions of 256 tokens
     min_new_tokens: int = 256  # paper: min = max, so every completion has the same length
+    # How the model runs while sampling (nested_reft.decoding): eager (a Python loop over the model, rows that
+    # end leave the batch) | compiled (a static KV cache and a torch.compile'd decode step, a CUDA graph on GPUs)
+    engine: str = "eager"
 
     def __post_init__(self) -> None:
         check_option(self.temperature >= 0, "sampling.temperature", self.temperature, ">= 0 (0 = greedy)")
@@ -88,6 +91,7 @@ class SamplingConfig:
         check_option(self.max_new_tokens >= 1, "sampling.max_new_tokens", self.max_new_tokens, ">= 1")
         check_option(0 <= self.min_new_tokens <= self.max_new_tokens, "sampling.min_new_tokens", self.min_new_tokens,
                      f"in [0, sampling.max_new_tokens={self.max_new_tokens}]")
+        check_option(self.engine in ENGINES, "sampling.engine", self.engine, f"one of {ENGINES}")
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,7 @@ class TrainConfig:
                      "base cannot give by disabling them")
 
 
+ENGINES = ("eager", "compiled")  # nested_reft.decoding: the names `decoder_for` maps to decoding engines
 LOSS_TYPES = tuple(LOSS_AGGREGATIONS)
 SCALINGS = tuple(REWARD_SCALINGS)
 SCHEDULERS = tuple(SCHEDULE_SHAPES)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from nested_reft.files import atomic_write_json, atomic_write_text
-from nested_reft.config import ConfigError, check_option
+from nested_reft.config import ENGINES, ConfigError, check_option
 from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
 from nested_reft.rewards import extract_answer
 from nested_reft.rollout import SamplingConfig, eos_token_ids, generate_rollouts
@@ -74,6 +74,7 @@ class EvalConfig:
     max_new_tokens: int = 1024  # paper: 32k (32768); 1024 keeps a CPU run of a small model to minutes
     batch_size: int = 16  # not in the paper: prompts per generate call, a memory/speed trade-off only
     seed: int = 0  # seeds each batch's generator with (seed, benchmark, batch index)
+    engine: str = "eager"  # the decoding engine (SamplingConfig.engine)
 
     def __post_init__(self) -> None:
         check_option(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
@@ -81,6 +82,7 @@ class EvalConfig:
         check_option(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
         check_option(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check_option(_is_int(self.seed), "seed", self.seed, "an integer")
+        check_option(self.engine in ENGINES, "engine", self.engine, f"one of {ENGINES}")
 
     def sampling(self) -> SamplingConfig:
         """The sampler's settings: no top-k, and no minimum length so that completions stop at EOS."""
@@ -90,6 +92,7 @@ class EvalConfig:
             top_k=0,
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=0,
+            engine=self.engine,
         )
 
 
@@ -433,7 +436,8 @@ def _claim_output_dir(output_dir: Path, settings: dict, names: list[str]) -> Non
 def _differences(previous: dict, current: dict) -> list[str]:
     def flat(settings: dict) -> dict:
         config = dict(settings.get("config") or {})
-        config.pop("batch_size", None)
+        for how in ("batch_size", "engine"):  # how the problems are batched and run, not what is drawn from
+            config.pop(how, None)
         return {"model": settings.get("model"), **config}
 
     before, now = flat(previous), flat(current)

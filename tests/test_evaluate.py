@@ -182,7 +182,8 @@ def test_accuracy_of_a_model_that_always_answers_seven(data_dir, tmp_path):
     assert result["benchmarks"]["svamp"]["n"] == len(svamp)
     assert result["average"] == pytest.approx((3 / 5 + expected_svamp) / 2)
     assert json.loads((out / "eval.json").read_text()) == result
-    assert result["config"] == {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 12, "batch_size": 2, "seed": 0}
+    assert result["config"] == {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 12, "batch_size": 2, "seed": 0,
+                                "engine": "eager"}
     assert result["complete"] and result["timing"]["generated_tokens"] == 2 * (5 + len(svamp))
 
     lines = read_lines(out / "gsm8k.jsonl")

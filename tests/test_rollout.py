@@ -10,8 +10,10 @@ from conftest import chi_square_critical_p001
 from transformers import DynamicCache
 
 import nested_reft.rollout as rollout_module
+import nested_reft.sampling as sampling_module
 from nested_reft.nesting import nested
-from nested_reft.rollout import SamplingConfig, _draw, _inverse_cdf_sample, generate_rollouts
+from nested_reft.rollout import SamplingConfig, generate_rollouts
+from nested_reft.sampling import draw, inverse_cdf_sample
 from nested_reft.tiny import tiny_model
 
 PROMPTS = ["what is two plus two?", "hi", "count to three"]
@@ -190,7 +192,7 @@ def test_draws_follow_the_filtered_renormalised_distribution(settings, banned, a
     draws = 40_000
     probs = torch.softmax(LOGITS / config.temperature, -1).expand(draws, -1).contiguous()
     banned_ids = None if banned is None else torch.tensor(banned)
-    tokens = _draw(probs, config, banned_ids, torch.Generator().manual_seed(0))
+    tokens = draw(probs, config, banned_ids, torch.Generator().manual_seed(0))
     counts = torch.bincount(tokens, minlength=len(LOGITS))
     assert set(torch.nonzero(counts).flatten().tolist()) <= set(allowed)
     expected = torch.softmax(LOGITS[allowed] / config.temperature, -1) * draws
@@ -207,8 +209,8 @@ def test_the_candidate_nucleus_equals_the_nucleus_of_the_sorted_vocabulary(top_p
     logits = torch.randn(6, 500, generator=generator) * torch.tensor([[8.0], [0.2], [6.0], [0.1], [12.0], [1.0]])
     probs = torch.softmax(logits, -1)
     probs[0, :3] = 0.0  # a banned token (min_new_tokens): unnormalised rows
-    filtered = rollout_module._top_p_filter(probs, top_p, candidates=16)
-    expected = rollout_module._top_p_by_sorting(probs, top_p)
+    filtered = sampling_module.top_p_filter(probs, top_p, candidates=16)
+    expected = sampling_module._top_p_by_sorting(probs, top_p)
     assert torch.equal(filtered > 0, expected > 0) and torch.equal(filtered, expected)
     kept = (filtered > 0).sum(-1)
     assert kept.min() < 16 < kept.max()  # both paths ran
@@ -220,7 +222,7 @@ def test_two_level_draws_follow_the_weights_across_blocks_with_zero_and_short_bl
     weights = torch.rand(37, generator=torch.Generator().manual_seed(3)) + 0.1
     weights[[8, 9, 10, 11, 17, 36]] = 0.0
     draws = 60_000
-    tokens = _inverse_cdf_sample(weights.expand(draws, -1), torch.Generator().manual_seed(4), block=4)
+    tokens = inverse_cdf_sample(weights.expand(draws, -1), torch.Generator().manual_seed(4), block=4)
     counts = torch.bincount(tokens, minlength=37).double()
     positive = weights > 0
     assert counts[~positive].sum() == 0
@@ -233,11 +235,11 @@ def test_two_level_draws_follow_the_weights_across_blocks_with_zero_and_short_bl
 def test_draws_never_pick_a_zero_weight_token_even_at_the_top_of_the_unit_interval(block):
     weights = torch.tensor([[0.0, 3.0, 1.0, 0.0, 0.0]]).expand(4096, -1)
     generator = torch.Generator().manual_seed(1)
-    assert set(_inverse_cdf_sample(weights, generator, block).tolist()) == {1, 2}
+    assert set(inverse_cdf_sample(weights, generator, block).tolist()) == {1, 2}
     one_minus_eps = torch.full((1, 1), 1 - 2**-53, dtype=torch.float64)
     with pytest.MonkeyPatch.context() as patch:  # the largest uniform torch.rand can return
         patch.setattr(torch, "rand", lambda *args, **kwargs: one_minus_eps.expand(args[0], 1))
-        assert set(_inverse_cdf_sample(weights * 1e-3, None, block).tolist()) == {2}
+        assert set(inverse_cdf_sample(weights * 1e-3, None, block).tolist()) == {2}
 
 
 def test_non_finite_logits_are_an_error_that_says_so():

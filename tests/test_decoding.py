@@ -1,0 +1,109 @@
+"""The compiled decoding engine: the eager engine's semantics through a static cache and a compiled decode step,
+and no recompilation when the skip set changes.
+
+Compiling with Inductor takes a minute on a CPU core, so most checks trace with dynamo's "eager" backend (the
+same graphs, guards and recompilations, run by ATen) and one module-scoped Inductor decoder checks the numerics.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import truncated_copy
+from torch._dynamo.utils import counters
+
+from nested_reft.config import SamplingConfig
+from nested_reft.decoding import CompiledDecoder, eager_sample
+from nested_reft.nesting import nested
+from nested_reft.tiny import tiny_model
+
+PROMPTS = ["a longer prompt to pad against", "hi", "what is 2 + 3?"]
+GREEDY = SamplingConfig(temperature=0, max_new_tokens=10, min_new_tokens=0)
+SAMPLED = SamplingConfig(temperature=0.7, top_p=0.9, top_k=40, max_new_tokens=10, min_new_tokens=10)
+
+
+def batch(tokenizer):
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert encoded["attention_mask"][1, 0] == 0  # left padding is exercised
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def run(sample, model, tokenizer, config, seed=0):
+    ids, mask = batch(tokenizer)
+    return sample(model, ids, mask, config, [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                  torch.Generator().manual_seed(seed))
+
+
+def assert_same_samples(ours, theirs):
+    width = min(ours.tokens.shape[1], theirs.tokens.shape[1])
+    assert torch.equal(ours.tokens[:, :width], theirs.tokens[:, :width])
+    assert torch.equal(ours.mask[:, :width], theirs.mask[:, :width])
+    torch.testing.assert_close(ours.logprobs[:, :width], theirs.logprobs[:, :width], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """One dynamo-traced decoder (backend "eager") for the module: its graphs are shared by the tests."""
+    return CompiledDecoder(backend="eager")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "phi3", "gemma2"])
+@pytest.mark.parametrize("skip_set", [(), (0, 3), (2,)])
+def test_the_compiled_engine_samples_what_the_eager_engine_samples(traced, architecture, skip_set):
+    """Greedy tokens equal; at temperature 0.7 with top-k and top-p the same seed draws the same tokens with the
+    same log-probs (so they pass the eager engine's chi-square tests); layer 0 and Gemma2's first sliding and
+    first full layer skipped included."""
+    model, tokenizer = tiny_model(architecture, num_layers=6)
+    with nested(model, skip_set):
+        for config in (GREEDY, SAMPLED):
+            assert_same_samples(run(traced.sample, model, tokenizer, config), run(eager_sample, model, tokenizer, config))
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_nested_equals_a_truncated_model_through_the_compiled_engine(traced, architecture):
+    model, tokenizer = tiny_model(architecture, num_layers=6)
+    for skip_set in [(1, 4), (0, 5)]:
+        with nested(model, skip_set):
+            ours = run(traced.sample, model, tokenizer, SAMPLED, seed=3)
+        assert_same_samples(ours, run(traced.sample, truncated_copy(model, skip_set), tokenizer, SAMPLED, seed=3))
+
+
+def test_a_new_skip_set_of_the_same_size_does_not_recompile():
+    decoder = CompiledDecoder(backend="eager")
+    model, tokenizer = tiny_model("llama", num_layers=8)
+    graphs = []
+    for skip_set in [(1, 3), (2, 5), (1, 6), (3, 4), (2, 7)]:
+        with nested(model, skip_set):
+            reference = run(eager_sample, model, tokenizer, SAMPLED, seed=1)
+            assert_same_samples(run(decoder.sample, model, tokenizer, SAMPLED, seed=1), reference)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == [graphs[0]] * 4  # the weights are graph inputs: one graph serves every skip set
+
+
+def test_hybrid_attention_compiles_once_per_pattern_of_kept_layer_types():
+    """Gemma2 alternates sliding and full attention: skip sets that keep the same sequence of types share a
+    graph; another sequence is another computation and compiles its own."""
+    decoder = CompiledDecoder(backend="eager")
+    model, tokenizer = tiny_model("gemma2", num_layers=8)
+    counts = []
+    for skip_set in [(0, 1), (2, 3), (4, 5), (1, 3)]:  # the first three keep (s, f) x 3; the last s, s, s, f, s, f
+        with nested(model, skip_set):
+            run(decoder.sample, model, tokenizer, SAMPLED)
+        counts.append(counters["stats"]["unique_graphs"])
+    assert counts[0] == counts[1] == counts[2] < counts[3]
+
+
+@pytest.fixture(scope="module")
+def inductor():
+    """One Inductor-compiled decoder and its model for the module (the compile is the minute)."""
+    model, tokenizer = tiny_model("llama", num_layers=6)
+    return CompiledDecoder(), model, tokenizer
+
+
+@pytest.mark.parametrize("skip_set", [(1, 2), (3, 4)])
+def test_inductor_numerics_match_the_eager_engine(inductor, skip_set):
+    decoder, model, tokenizer = inductor
+    with nested(model, skip_set):
+        for config in (GREEDY, SAMPLED):
+            assert_same_samples(run(decoder.sample, model, tokenizer, config),
+                                run(eager_sample, model, tokenizer, config))
