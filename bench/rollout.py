@@ -1,9 +1,12 @@
 """Rollout throughput of nested behavior models, side by side with Hugging Face `generate`, in one process.
 
 For each model and skip ratio x it times, on the same left-padded batch and in rounds of interleaved
-configurations (see `round_order`), our sampler (`generate_rollouts`) and `model.generate` (both under
-`nested(model, S)` with the same skip set, fixed length min = max), and prints generation tokens/s
-(medians), the speedup over x = 0 (the median over rounds of the ratio within a round, and its range), the
+configurations (see `round_order`), our sampler (`generate_rollouts`) with each decoding engine asked for
+(`--engine eager compiled`) and `model.generate` (all under `nested(model, S)` with the same skip set, fixed
+length min = max), and prints generation tokens/s (medians), the compiled engine's compile time (its first
+call at x = 0 less a steady one) and the extra time of its first call with a new skip set (a recompilation
+or, on CUDA, a graph re-capture; the median over x > 0 of first less steady), the speedup over x = 0 (the
+median over rounds of the ratio within a round, and its range), the
 FLOP bound (N c_layer + c_head) / ((N - U) c_layer + c_head) from the model's own shapes, the block-time
 bound 1 / (1 - s U / N), where s is the share of a full-model generation's wall time spent in the decoder
 blocks (timed by forward hooks), i.e. the speedup if each skipped block saves what a block costs on this
@@ -15,7 +18,7 @@ A model is a `load_model` name, or `config:FILE`: a random-initialised model of 
 does not depend on the weights, so this measures the paper's shapes where the weights cannot be fetched.
 
     python bench/rollout.py                       # SmolLM2-135M-Instruct and tiny-llama, batch 32
-    python bench/rollout.py --models tiny-llama --tokens 16 --repeats 1   # a quick look
+    python bench/rollout.py --models tiny-llama --tokens 16 --repeats 1 --engine eager   # a quick look
     python bench/rollout.py --device cuda --dtype bfloat16 --batch 64 --tokens 256 \
         --models config:bench/configs/smollm2-135m.json config:bench/configs/qwen2.5-math-1.5b.json
 """
@@ -35,6 +38,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from nested_reft.arithmetic import generate_arithmetic
+from nested_reft.config import ENGINES
+from nested_reft.decoding import decoder_for
 from nested_reft.models import load_model
 from nested_reft.nesting import (
     decoder_layers,
@@ -80,10 +85,15 @@ def prompts_for(tokenizer, batch: int) -> list[str]:
     return [build_prompt(tokenizer, p.question) for p in generate_arithmetic(batch, seed=0)]
 
 
-def time_ours(model, tokenizer, prompts, sampling, skip) -> float:
-    generator = torch.Generator(device=model.device).manual_seed(0)
-    rollouts = generate_rollouts(model, tokenizer, prompts, 1, sampling, skip, generator)
-    return rollouts.completion_tokens / rollouts.generation_time_s
+def time_ours(engine: str):
+    """A timer of `generate_rollouts` through the decoding engine `engine` (tokens/s, first call included)."""
+
+    def timed(model, tokenizer, prompts, sampling, skip) -> float:
+        generator = torch.Generator(device=model.device).manual_seed(0)
+        rollouts = generate_rollouts(model, tokenizer, prompts, 1, sampling, skip, generator, decoder_for(engine))
+        return rollouts.completion_tokens / rollouts.generation_time_s
+
+    return timed
 
 
 def synchronized_clock() -> float:
@@ -191,69 +201,81 @@ def run_model(model_name: str, args) -> list[dict]:
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     prompt_length = tokenizer(prompts, return_tensors="pt", padding=True)["input_ids"].shape[1]
     context = prompt_length + args.tokens / 2
-    for warm_up in (time_ours, time_hf):  # the full batch, so allocator and kernel choices are settled first
-        warm_up(model, tokenizer, prompts, sampling, ())
-    samples = {(r, engine): [] for r in RATIOS for engine in ("ours", "hf")}
+    timers = {**{engine: time_ours(engine) for engine in args.engine}, "hf": time_hf}
+    tokens = args.batch * args.tokens
+    first_calls = {}  # the full batch first, so that allocator, kernel choices and compilation are settled
+    for engine, timer in timers.items():
+        first_calls[engine] = tokens / timer(model, tokenizer, prompts, sampling, ())
+    samples = {(r, engine): [] for r in RATIOS for engine in timers}
     for round_ in range(args.repeats):
-        for ratio, engine in round_order(round_):
-            timer = time_ours if engine == "ours" else time_hf
-            samples[(ratio, engine)].append(timer(model, tokenizer, prompts, sampling, skip_set_for(model, ratio)))
+        for ratio, engine in round_order(round_, list(timers)):
+            samples[(ratio, engine)].append(timers[engine](model, tokenizer, prompts, sampling,
+                                                           skip_set_for(model, ratio)))
     n = len(decoder_layers(model)[2])
     shares = [time_shares(model, tokenizer, prompts, sampling) for _ in range(args.repeats)]
     share = {part: statistics.median(run[part] for run in shares) for part in ("blocks", "head", "rest")}
     print(f"# {model_name} at x = 0, median of {args.repeats} runs timed by forward hooks: decoder blocks "
           f"{share['blocks']:.1%}, output head {share['head']:.1%}, the rest {share['rest']:.1%} of the wall time")
     rows = []
-    for ratio in RATIOS:
-        ours, hf = statistics.median(samples[(ratio, "ours")]), statistics.median(samples[(ratio, "hf")])
-        paired = [x / x0 for x, x0 in zip(samples[(ratio, "ours")], samples[(0.0, "ours")])]
-        skipped = num_skipped_layers(n, ratio)
-        bound = flop_bound(model, skipped, context)
-        rows.append(
-            dict(model=model_name, layers=n, x=ratio, skipped=skipped, ours_tok_s=ours, hf_tok_s=hf,
-                 ours_over_hf=ours / hf, speedup=statistics.median(paired), speedup_min=min(paired),
-                 speedup_max=max(paired), flop_bound=bound, speedup_over_bound=statistics.median(paired) / bound,
-                 block_time_bound=1 / (1 - share['blocks'] * skipped / n))
-        )
+    for engine in timers:
+        steady = tokens / statistics.median(samples[(0.0, engine)])
+        first_skip_set = [tokens / samples[(ratio, engine)][0] - tokens / statistics.median(samples[(ratio, engine)])
+                          for ratio in RATIOS[1:]]
+        for ratio in RATIOS:
+            tok_s, hf = statistics.median(samples[(ratio, engine)]), statistics.median(samples[(ratio, "hf")])
+            paired = [x / x0 for x, x0 in zip(samples[(ratio, engine)], samples[(0.0, engine)])]
+            skipped = num_skipped_layers(n, ratio)
+            bound = flop_bound(model, skipped, context)
+            rows.append(
+                dict(model=model_name, engine=engine, layers=n, x=ratio, skipped=skipped, tok_s=tok_s, hf_tok_s=hf,
+                     over_hf=tok_s / hf, speedup=statistics.median(paired), speedup_min=min(paired),
+                     speedup_max=max(paired), flop_bound=bound, speedup_over_bound=statistics.median(paired) / bound,
+                     block_time_bound=1 / (1 - share["blocks"] * skipped / n),
+                     compile_s=first_calls[engine] - steady, new_skip_set_s=statistics.median(first_skip_set))
+            )
     if args.memory:
         base_memory = peak_memory_mb(model_name, 0.0, args)
+        memory = {ratio: peak_memory_mb(model_name, ratio, args) for ratio in RATIOS}
         for row in rows:
-            row["peak_mem_mb"] = peak_memory_mb(model_name, row["x"], args)
-            row["peak_mem_vs_x0"] = row["peak_mem_mb"] / base_memory
+            row["peak_mem_mb"] = memory[row["x"]]
+            row["peak_mem_vs_x0"] = memory[row["x"]] / base_memory
     del _models[model_name]
     return rows
 
 
-def round_order(round_: int) -> list[tuple[float, str]]:
+def round_order(round_: int, engines: list[str]) -> list[tuple[float, str]]:
     """The (ratio, engine) timings of one round: every ratio with one engine, then every ratio with the
-    other. Each round rotates the order of the ratios and swaps the engines, so that no configuration
+    next. Each round rotates the order of the ratios and of the engines, so that no configuration
     always runs first or after the same neighbour, and the runs of one engine that a speedup compares sit
     next to each other in time. The speedup of x is the median over rounds of x's tokens/s over x = 0's in
     the same round, which cancels the machine's drift (on this shared CPU its speed moves by 10-40% over
     hours, more than the effects measured)."""
     shift = round_ % len(RATIOS)
-    engines = ("ours", "hf") if round_ % 2 == 0 else ("hf", "ours")
-    return [(ratio, engine) for engine in engines for ratio in RATIOS[shift:] + RATIOS[:shift]]
+    turn = round_ % len(engines)
+    return [(ratio, engine) for engine in engines[turn:] + engines[:turn] for ratio in RATIOS[shift:] + RATIOS[:shift]]
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ("| model | N | x | U | ours tok/s | HF generate tok/s | ours/HF | speedup vs x=0 [min, max] "
-              "| FLOP bound | speedup / FLOP bound | block-time bound | peak mem (MB) | peak mem vs x=0 |")
+    header = ("| model | engine | N | x | U | tok/s | HF generate tok/s | /HF | speedup vs x=0 [min, max] "
+              "| FLOP bound | speedup / FLOP bound | block-time bound | compile s | new skip set s | peak mem (MB) "
+              "| peak mem vs x=0 |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for r in rows:
         memory = f"{r['peak_mem_mb']:.0f} | {r['peak_mem_vs_x0']:.3f}" if "peak_mem_mb" in r else "- | -"
         print(
-            f"| {r['model']} | {r['layers']} | {r['x']:.0%} | {r['skipped']} | {r['ours_tok_s']:.1f} | "
-            f"{r['hf_tok_s']:.1f} | {r['ours_over_hf']:.2f} | {r['speedup']:.3f} [{r['speedup_min']:.3f}, "
+            f"| {r['model']} | {r['engine']} | {r['layers']} | {r['x']:.0%} | {r['skipped']} | {r['tok_s']:.1f} | "
+            f"{r['hf_tok_s']:.1f} | {r['over_hf']:.2f} | {r['speedup']:.3f} [{r['speedup_min']:.3f}, "
             f"{r['speedup_max']:.3f}] | {r['flop_bound']:.3f} | {r['speedup_over_bound']:.3f} | "
-            f"{r['block_time_bound']:.3f} | {memory} |"
+            f"{r['block_time_bound']:.3f} | {r['compile_s']:.1f} | {r['new_skip_set_s']:.2f} | {memory} |"
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "tiny-llama"])
+    parser.add_argument("--engine", nargs="+", default=list(ENGINES), choices=ENGINES,
+                        help="our decoding engines to time beside HF generate")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per completion (min = max)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of timings; medians are shown")
