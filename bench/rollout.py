@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -51,7 +52,7 @@ from nested_reft.prompts import build_prompt
 from nested_reft.rollout import SamplingConfig, generate_rollouts
 from nested_reft.tiny import byte_tokenizer
 
-RATIOS = (0.0, 0.05, 0.10, 0.15, 0.25)
+RATIOS = (0.0, 0.05, 0.10, 0.15, 0.25)  # the default of --ratios; x = 0 first: the speedups' reference
 
 
 def layer_and_head_flops(model, context: float) -> tuple[float, float]:
@@ -206,9 +207,10 @@ def run_model(model_name: str, args) -> list[dict]:
     first_calls = {}  # the full batch first, so that allocator, kernel choices and compilation are settled
     for engine, timer in timers.items():
         first_calls[engine] = tokens / timer(model, tokenizer, prompts, sampling, ())
-    samples = {(r, engine): [] for r in RATIOS for engine in timers}
+    ratios = args.ratios
+    samples = {(r, engine): [] for r in ratios for engine in timers}
     for round_ in range(args.repeats):
-        for ratio, engine in round_order(round_, list(timers)):
+        for ratio, engine in round_order(round_, ratios, list(timers)):
             samples[(ratio, engine)].append(timers[engine](model, tokenizer, prompts, sampling,
                                                            skip_set_for(model, ratio)))
     n = len(decoder_layers(model)[2])
@@ -220,8 +222,8 @@ def run_model(model_name: str, args) -> list[dict]:
     for engine in timers:
         steady = tokens / statistics.median(samples[(0.0, engine)])
         first_skip_set = [tokens / samples[(ratio, engine)][0] - tokens / statistics.median(samples[(ratio, engine)])
-                          for ratio in RATIOS[1:]]
-        for ratio in RATIOS:
+                          for ratio in ratios[1:]]
+        for ratio in ratios:
             tok_s, hf = statistics.median(samples[(ratio, engine)]), statistics.median(samples[(ratio, "hf")])
             paired = [x / x0 for x, x0 in zip(samples[(ratio, engine)], samples[(0.0, engine)])]
             skipped = num_skipped_layers(n, ratio)
@@ -231,11 +233,12 @@ def run_model(model_name: str, args) -> list[dict]:
                      over_hf=tok_s / hf, speedup=statistics.median(paired), speedup_min=min(paired),
                      speedup_max=max(paired), flop_bound=bound, speedup_over_bound=statistics.median(paired) / bound,
                      block_time_bound=1 / (1 - share["blocks"] * skipped / n),
-                     compile_s=first_calls[engine] - steady, new_skip_set_s=statistics.median(first_skip_set))
+                     compile_s=first_calls[engine] - steady,
+                     new_skip_set_s=statistics.median(first_skip_set) if first_skip_set else math.nan)
             )
     if args.memory:
         base_memory = peak_memory_mb(model_name, 0.0, args)
-        memory = {ratio: peak_memory_mb(model_name, ratio, args) for ratio in RATIOS}
+        memory = {ratio: peak_memory_mb(model_name, ratio, args) for ratio in ratios}
         for row in rows:
             row["peak_mem_mb"] = memory[row["x"]]
             row["peak_mem_vs_x0"] = memory[row["x"]] / base_memory
@@ -243,16 +246,16 @@ def run_model(model_name: str, args) -> list[dict]:
     return rows
 
 
-def round_order(round_: int, engines: list[str]) -> list[tuple[float, str]]:
+def round_order(round_: int, ratios: list[float], engines: list[str]) -> list[tuple[float, str]]:
     """The (ratio, engine) timings of one round: every ratio with one engine, then every ratio with the
     next. Each round rotates the order of the ratios and of the engines, so that no configuration
     always runs first or after the same neighbour, and the runs of one engine that a speedup compares sit
     next to each other in time. The speedup of x is the median over rounds of x's tokens/s over x = 0's in
     the same round, which cancels the machine's drift (on this shared CPU its speed moves by 10-40% over
     hours, more than the effects measured)."""
-    shift = round_ % len(RATIOS)
+    shift = round_ % len(ratios)
     turn = round_ % len(engines)
-    return [(ratio, engine) for engine in engines[turn:] + engines[:turn] for ratio in RATIOS[shift:] + RATIOS[:shift]]
+    return [(ratio, engine) for engine in engines[turn:] + engines[:turn] for ratio in ratios[shift:] + ratios[:shift]]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -274,6 +277,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "tiny-llama"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS), help="skip ratios x, 0 first")
     parser.add_argument("--engine", nargs="+", default=list(ENGINES), choices=ENGINES,
                         help="our decoding engines to time beside HF generate")
     parser.add_argument("--batch", type=int, default=32)
@@ -285,6 +289,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="weights and compute, e.g. bfloat16 on a GPU")
     parser.add_argument("--probe-memory", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ratios[0] != 0.0:
+        parser.error("--ratios must start with 0: the speedups are over x = 0")
     torch.set_num_threads(args.threads)
     if args.probe_memory is not None:
         return probe_memory(args.models[0], args.probe_memory, args)
