@@ -82,17 +82,20 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class Variant:
-    """An instance past the paper's product, run at every seed: a skip ratio and mitigation with other nesting
-    options (an adaptive skip policy, its temperature or KL target), named by `label`."""
+    """An instance beside the grid's product of skip ratios and mitigations, run at every seed: one (x, m) pair
+    (base at 30% where the product holds only retrace), or one with other nesting options (an adaptive skip
+    policy, its temperature or KL target), which `label` then names."""
 
-    label: str
     skip_ratio: float
     mitigation: str = "retrace"
+    label: str = ""  # required with nesting options: it names the run (x0.3-b1-retrace-<label>-s0)
     nesting: dict[str, Any] = field(default_factory=dict)  # NestingConfig options, e.g. {skip_policy: influence}
 
     def __post_init__(self) -> None:
-        check_option(bool(re.fullmatch(r"[\w.-]+", str(self.label))), "variants.label", self.label,
-                     "a name of letters, digits, '.', '_' or '-'")
+        check_option(self.label == "" or bool(re.fullmatch(r"[\w.-]+", str(self.label))), "variants.label",
+                     self.label, "a name of letters, digits, '.', '_' or '-'")
+        check_option(bool(self.label) or not self.nesting, "variants.label", self.label,
+                     "given for a variant with nesting options (it names the run)")
         check_option(0.0 <= self.skip_ratio < 1.0, "variants.skip_ratio", self.skip_ratio, "in [0, 1)")
         check_option(self.mitigation in MITIGATIONS, "variants.mitigation", self.mitigation, f"one of {MITIGATIONS}")
         check_option(isinstance(self.nesting, dict), "variants.nesting", self.nesting, "a mapping of nesting options")
@@ -153,8 +156,10 @@ class GridConfig:
                 "border, mitigations, output_dir); remove it from train"
             )
         object.__setattr__(self, "variants", tuple(_variant(value) for value in self.variants or ()))
-        labels = [variant.label for variant in self.variants]
-        check_option(len(set(labels)) == len(labels), "variants", labels, "variants with distinct labels")
+        runs = [(ratio, mitigation, "") for ratio in self.skip_ratios for mitigation in self.mitigations]
+        runs += [(variant.skip_ratio, variant.mitigation, variant.label) for variant in self.variants]
+        check_option(len(set(runs)) == len(runs), "variants", [r for r in runs if runs.count(r) > 1],
+                     "runs the product of skip_ratios and mitigations does not hold already, each once")
         self.base_config(self.models[0], self.datasets[0], self.seeds[0])  # validates every train option now
         for variant in self.variants:  # and every variant's nesting options
             self.base_config(self.models[0], self.datasets[0], self.seeds[0],
@@ -243,7 +248,7 @@ class Instance:
     def name(self) -> str:
         if self.role == "baseline":
             return f"baseline-s{self.seed}"
-        label = f"-{self.variant.label}" if self.variant else ""
+        label = f"-{self.variant.label}" if self.variant and self.variant.label else ""
         return f"x{self.skip_ratio:g}-b{self.border}-{self.mitigation}{label}-s{self.seed}"
 
     @property

@@ -115,3 +115,23 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
     assert "x = 30%, retrace influence" in report
     assert (root / "report" / "curves-tiny-llama-arithmetic.png").is_file()
     assert (root / "report" / "diagnostics-tiny-llama-arithmetic.png").is_file()
+
+
+def test_variants_add_pairs_and_labelled_policies_and_refuse_repeats():
+    from nested_reft.config import ConfigError, from_dict
+    from nested_reft.grid import GridConfig, enumerate_instances
+
+    base = {"name": "g", "models": ["tiny-llama"], "datasets": ["arithmetic"], "skip_ratios": [0.0, 0.3],
+            "mitigations": ["retrace"], "train": {"sft": {"epochs": 0}}}
+    grid = from_dict(GridConfig, {**base, "variants": [
+        {"skip_ratio": 0.3, "mitigation": "base"},
+        {"skip_ratio": 0.3, "label": "influence", "nesting": {"skip_policy": "influence"}}]})
+    names = [instance.name for instance in enumerate_instances(grid)]
+    assert names == ["baseline-s0", "x0-b1-retrace-s0", "x0.3-b1-retrace-s0", "x0.3-b1-base-s0",
+                     "x0.3-b1-retrace-influence-s0"]
+    with pytest.raises(ConfigError, match="variants"):  # already in the product
+        from_dict(GridConfig, {**base, "variants": [{"skip_ratio": 0.3, "mitigation": "retrace"}]})
+    with pytest.raises(ConfigError, match="variants.label"):  # nesting options need a label to name the run
+        from_dict(GridConfig, {**base, "variants": [{"skip_ratio": 0.3, "nesting": {"skip_policy": "influence"}}]})
+    with pytest.raises(ConfigError, match="nesting.skip_polcy"):  # a typo in a variant's option, at grid load
+        from_dict(GridConfig, {**base, "variants": [{"skip_ratio": 0.3, "label": "a", "nesting": {"skip_polcy": 1}}]})
