@@ -120,9 +120,7 @@ def fsdp2_of_launch() -> FSDP2 | None:
         "fsdp_cpu_ram_efficient_loading": (plugin.cpu_ram_efficient_loading,
                                            "false: it leaves the weights on rank 0 only, and every rank loads them"),
     }
-    for key, (refused, expected) in refusals.items():
-        if refused:
-            raise ConfigError(f"{key} in the accelerate launch config must be {expected}")
+    _refuse_first(refusals, " in the accelerate launch config")
     return FSDP2(reshard_after_forward=bool(plugin.reshard_after_forward))
 
 
@@ -137,12 +135,18 @@ def check_fits_fsdp2(config: TrainConfig, world: int) -> None:
                    "LoRA fits 7B on one GPU, or use DDP (configs/accelerate/ddp.yaml)"),
         "grpo.beta": (config.grpo.beta > 0, f"0 under FSDP2 (got {config.grpo.beta}): the frozen KL reference "
                       "would be a whole, unsharded copy on every rank"),
-        "dtype": (config.dtype == "float16", "float32 or bfloat16 under FSDP2: float16's loss scaler is accelerate's, "
-                  "which unscales a model it did not prepare twice"),
+        "dtype": (config.dtype == "float16", "float32 or bfloat16 under FSDP2: accelerate's gradient clipping "
+                  "unscales the float16 gradients of a model it did not prepare twice"),
     }
+    _refuse_first(refusals)
+
+
+def _refuse_first(refusals: dict[str, tuple[bool, str]], where: str = "") -> None:
+    """A ConfigError "<option><where> must be <expected>" for the first refused option of {option: (refused,
+    expected)}."""
     for option, (refused, expected) in refusals.items():
         if refused:
-            raise ConfigError(f"{option} must be {expected}")
+            raise ConfigError(f"{option}{where} must be {expected}")
 
 
 def is_fully_sharded(model: nn.Module) -> bool:

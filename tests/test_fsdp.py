@@ -5,11 +5,13 @@ Two launches, shared by every test here (module fixture): the FSDP2 one trains t
 uninterrupted, then the same run killed after step 1 and resumed; the DDP one trains it uninterrupted. This file
 is the worker of both (`... tests/test_fsdp.py ROOT KIND`); it records, per rank and step, the rollouts, the
 advantages, the loss and the whole weights before and after the update, each rank's training footprint (local
-shard sizes) and its final local weights. The one-process reference replays the recorded step here.
+shard sizes), its final local weights, and the all-gathers FSDP2 ran to generate, before the sampler started
+and while it ran. The one-process reference replays the recorded step here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -21,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_distributed import (
-    BATCH, G, ROOT, STEPS, WORKER_TIMEOUT_S, WORLD, PROBLEMS, _free_port, _gloo_available, lowercase_share, overrides,
+    BATCH, G, ROOT, STEPS, WORKER_TIMEOUT_S, WORLD, PROBLEMS, T, _free_port, _gloo_available, lowercase_share,
+    overrides,
 )
 
 LAUNCH_CONFIGS = {"fsdp2": "configs/accelerate/fsdp2.yaml", "ddp": "configs/accelerate/ddp.yaml"}
@@ -46,71 +49,104 @@ def reward_killing_at_step_2():
     return reward
 
 
+class Recorder:
+    """Wraps the trainer's pieces in a worker so that, while `on`, each rank records what the tests compare."""
+
+    def __init__(self, records: Path, rank: int):
+        self.records, self.rank, self.on = records, rank, True
+        self.footprints, self.all_gathers, self.generation_gathers = [], 0, []
+
+    def install(self) -> None:
+        import nested_reft.trainer as trainer
+        import nested_reft.update as update
+        from nested_reft.sharding import FSDP2
+
+        self.policy_update, self.step_if_finite, self.reft = trainer.policy_update, update._step_if_finite, trainer.reft
+        self.all_gather, self.gathered = torch.distributed.all_gather_single, FSDP2.gathered_for_generation
+        trainer.policy_update, update._step_if_finite, trainer.reft = self.update, self.step, self.loop
+        torch.distributed.all_gather_single = self.counted_all_gather  # FSDP2's all-gather of a unit's shards
+        FSDP2.gathered_for_generation = lambda fsdp2, model, skip_set: self.gathering(fsdp2, model, skip_set)
+
+    def update(self, state, rollouts, advantages, config):
+        """The step's rollouts, advantages, loss and whole weights before and after (rank 0 holds the weights)."""
+        if not self.on:
+            return self.policy_update(state, rollouts, advantages, config)
+        before = whole_weights(state.policy)
+        result = self.policy_update(state, rollouts, advantages, config)
+        record = {field: getattr(rollouts, field) for field in ROLLOUT_FIELDS}
+        record.update(advantages=advantages, loss=result.loss, before=before, after=whole_weights(state.policy))
+        step = len(list(self.records.glob(f"step*.rank{self.rank}.pt"))) + 1
+        torch.save(record, self.records / f"step{step}.rank{self.rank}.pt")
+        return result
+
+    def step(self, state, loss, max_grad_norm):
+        """The footprint just before the optimizer steps: gradients and the earlier steps' AdamW state exist."""
+        from nested_reft.sharding import training_footprint
+
+        if self.on:
+            self.footprints.append(asdict(training_footprint(state.policy, state.optimizer)))
+        return self.step_if_finite(state, loss, max_grad_norm)
+
+    def loop(self, config, task, state, *args):
+        """The ReFT loop, then this rank's final local weights (its shards under FSDP2)."""
+        self.reft(config, task, state, *args)
+        if self.on:
+            local = {name: (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
+                     for name, p in state.policy.named_parameters()}
+            torch.save(local, self.records / f"final.rank{self.rank}.pt")
+
+    def counted_all_gather(self, *args, **kwargs):
+        self.all_gathers += 1
+        return self.all_gather(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def gathering(self, fsdp2, model, skip_set):
+        """The all-gathers FSDP2 runs for a step's generation: before the sampler starts, and while it decodes."""
+        start = self.all_gathers
+        with self.gathered(fsdp2, model, skip_set) as gathered:
+            entered = self.all_gathers
+            yield gathered
+            self.generation_gathers.append({"skip_set": list(skip_set), "before_sampling": entered - start,
+                                            "while_sampling": self.all_gathers - entered})
+
+    def write(self) -> None:
+        (self.records / f"footprint.rank{self.rank}.json").write_text(json.dumps(self.footprints[-1]))
+        (self.records / f"gathers.rank{self.rank}.json").write_text(json.dumps(self.generation_gathers))
+
+
+def whole_weights(policy) -> dict[str, torch.Tensor]:
+    """The policy's whole weights: gathered onto rank 0 under FSDP2 (every rank takes part), else its own."""
+    from nested_reft.sharding import gathered_weights
+
+    weights = gathered_weights(policy)
+    return weights if weights is not None else {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
 def worker(root: str, kind: str) -> None:
     """One rank of a launch: train the runs of `kind` (fsdp2: whole, killed, resumed; ddp: whole), recording."""
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True)
     import accelerate
 
-    import nested_reft.trainer as trainer
-    import nested_reft.update as update
     from nested_reft.config import load_config
-    from nested_reft.sharding import gathered_weights, training_footprint
     from nested_reft.tasks import Task
+    from nested_reft.trainer import train
 
-    rank = int(os.environ["RANK"])
-    faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True)
     records = Path(root) / "records" / kind
     records.mkdir(parents=True, exist_ok=True)
-    recording, footprints = [True], []
-
-    def whole_weights(policy) -> dict:
-        weights = gathered_weights(policy)  # every rank takes part; rank 0 holds them
-        return weights if weights is not None else {k: v.detach().clone() for k, v in policy.state_dict().items()}
-
-    policy_update = trainer.policy_update
-
-    def recording_update(state, rollouts, advantages, config):
-        if not recording[0]:
-            return policy_update(state, rollouts, advantages, config)
-        before = whole_weights(state.policy)
-        result = policy_update(state, rollouts, advantages, config)
-        after = whole_weights(state.policy)
-        step = len(list(records.glob(f"step*.rank{rank}.pt"))) + 1
-        record = {field: getattr(rollouts, field) for field in ROLLOUT_FIELDS}
-        record.update(advantages=advantages, loss=result.loss, before=before, after=after)
-        torch.save(record, records / f"step{step}.rank{rank}.pt")
-        return result
-
-    step_if_finite = update._step_if_finite
-
-    def measuring_step(state, loss, max_grad_norm):  # the gradients and the optimizer state, before the step
-        if recording[0]:
-            footprints.append(asdict(training_footprint(state.policy, state.optimizer)))
-        return step_if_finite(state, loss, max_grad_norm)
-
-    reft = trainer.reft
-
-    def recording_reft(config, task, state, *args):
-        reft(config, task, state, *args)
-        if recording[0]:
-            local = {name: (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
-                     for name, p in state.policy.named_parameters()}
-            torch.save(local, records / f"final.rank{rank}.pt")
-
-    trainer.policy_update, update._step_if_finite, trainer.reft = recording_update, measuring_step, recording_reft
+    recorder = Recorder(records, int(os.environ["RANK"]))
+    recorder.install()
     accelerate.Accelerator.end_training = lambda self: None  # one process group for the launch's runs
     runs = Path(root) / "runs"
-    trainer.train(load_config(None, overrides(str(runs / f"{kind}-whole"))), Task("arithmetic", PROBLEMS(),
-                                                                                   reward=lowercase_share))
-    (records / f"footprint.rank{rank}.json").write_text(json.dumps(footprints[-1]))
+    train(load_config(None, overrides(str(runs / f"{kind}-whole"))), Task("arithmetic", PROBLEMS(),
+                                                                           reward=lowercase_share))
+    recorder.write()
     if kind == "fsdp2":
-        recording[0] = False
+        recorder.on = False
         killed = load_config(None, overrides(str(runs / "fsdp2-killed")))
-        try:
-            trainer.train(killed, Task("arithmetic", PROBLEMS(), reward=reward_killing_at_step_2()))
-        except KilledAfterStep1:
-            pass
-        trainer.train(killed, Task("arithmetic", PROBLEMS(), reward=lowercase_share), resume=True)
+        with contextlib.suppress(KilledAfterStep1):
+            train(killed, Task("arithmetic", PROBLEMS(), reward=reward_killing_at_step_2()))
+        train(killed, Task("arithmetic", PROBLEMS(), reward=lowercase_share), resume=True)
     torch.distributed.destroy_process_group()
 
 
@@ -231,6 +267,20 @@ def test_generation_gathers_every_weight_but_the_skipped_layers(launches):
         skipped = sum(p.numel() * p.element_size() for i in row["skip_set"] for p in layers[i].parameters())
         assert skipped > 0 and row["gathered_weight_bytes"] == whole - skipped
     assert {row["gathered_weight_bytes"] for row in metrics(launches / "runs" / "ddp-whole")} == {0}
+
+
+def test_generation_gathers_each_kept_unit_once_per_step_not_per_token(launches):
+    """One all-gather per unit (the root, each kept layer) before sampling starts, none while it decodes its T
+    tokens, none for the skipped layers."""
+    from nested_reft.models import TINY_NUM_LAYERS
+
+    assert T > 1
+    for rank in range(WORLD):
+        steps = json.loads((launches / "records" / "fsdp2" / f"gathers.rank{rank}.json").read_text())
+        assert len(steps) == STEPS
+        for step in steps:
+            assert step["before_sampling"] == 1 + TINY_NUM_LAYERS - len(step["skip_set"]), step
+            assert step["while_sampling"] == 0, step
 
 
 def test_a_resumed_fsdp2_run_equals_the_uninterrupted_one(launches):
