@@ -203,7 +203,8 @@ def model_table(model: Model, work: Workload) -> str:
              for name in peak[DDP]]
     rows += [f"| {gpu} | " + " | ".join(verdict(peak[setup], capacity) for setup in SETUPS) + " |"
              for gpu, capacity in GPUS.items()]
-    counts = (f"{model.parameters / 1e9:.2f} B parameters ({model.layers} layers of {model.layer_parameters / 1e6:.1f} M, "
+    counts = (f"{model.parameters / 1e9:.2f} B parameters ({model.layers} layers of "
+              f"{model.layer_parameters / 1e6:.1f} M, "
               f"{model.root_parameters / 1e6:.0f} M outside them), LoRA r={work.lora_rank}: "
               f"{model.lora_parameters(work.lora_rank) / 1e6:.1f} M")
     return f"### {model.name}\n\n{counts}.\n\n{header}\n" + "\n".join(rows)

@@ -176,7 +176,8 @@ def metrics(run: Path, name: str = "metrics.jsonl") -> list[dict]:
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), f"{name} differs by {(a[name] - b[name]).abs().max()}"
+        difference = (a[name] - b[name]).abs().max()
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), f"{name} differs by {difference}"
 
 
 def test_the_ranks_sample_the_same_nested_rollouts_under_fsdp2_and_ddp(launches):
@@ -288,7 +289,10 @@ def test_a_resumed_fsdp2_run_equals_the_uninterrupted_one(launches):
 
     whole, resumed = launches / "runs" / "fsdp2-whole", launches / "runs" / "fsdp2-killed"
     keys = ("step", "skip_set", "reward_mean", "loss", "grad_norm", "learning_rate", "h_mean", "kl_behavior_target")
-    assert [{k: row[k] for k in keys} for row in metrics(resumed)] == [{k: row[k] for k in keys} for row in metrics(whole)]
+    def rows(run: Path) -> list[dict]:
+        return [{key: row[key] for key in keys} for row in metrics(run)]
+
+    assert rows(resumed) == rows(whole)
     assert_close(load_file(resumed / "model" / "model.safetensors"), load_file(whole / "model" / "model.safetensors"),
                  atol=0)
 
