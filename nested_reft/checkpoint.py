@@ -11,6 +11,9 @@ data order, the skip set, the tokens) comes from a generator seeded by (seed, st
 is still consumed by whatever the model does in training mode (dropout when it is enabled, OPT's
 layer-drop draw), so its states are saved and restored too.
 
+A sharded (FSDP2) run writes the same files: `sharding` gathers its whole weights and optimizer state onto
+the main process first, and on resume every rank reads them and keeps its shard.
+
 Every directory is assembled in a `.staging-*` sibling and renamed into place, so a killed run leaves
 either the previous checkpoint or the new one, never half of one (and a staging directory that the next
 start removes); a checkpoint whose manifest is missing or whose files do not match it is refused with a
@@ -33,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from nested_reft.files import atomic_write_json, follow_umask, umask
 from nested_reft.lora import has_adapters, load_adapter_weights
+from nested_reft.sharding import is_fully_sharded, load_whole_optimizer_state, load_whole_weights
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -47,9 +51,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, partial or corrupt."""
 
 
-def save_model(directory: Path, model, tokenizer) -> Path:
-    """Write a `from_pretrained`-loadable model directory (safetensors + tokenizer) atomically."""
-    return _write_atomically(directory, lambda staging: _write_model(staging, model, tokenizer))
+def save_model(directory: Path, model, tokenizer, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a `from_pretrained`-loadable model directory (safetensors + tokenizer) atomically.
+
+    `weights`: the whole weights to write, for a sharded model (`sharding.gathered_weights`); by default the
+    model's own.
+    """
+    return _write_atomically(directory, lambda staging: _write_model(staging, model, tokenizer, weights))
 
 
 def save_checkpoint(
@@ -60,15 +68,19 @@ def save_checkpoint(
     scheduler,
     state: dict,
     rng_states: dict[str, torch.Tensor] | None = None,
+    gathered: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write a complete, resumable checkpoint to `directory` atomically (replacing an older one there).
 
     `rng_states`: the RNG states of every process (`rng_states_of_rank`, keyed by rank), saved as safetensors.
+    `gathered`: for a sharded model, its whole (weights, optimizer state) as `sharding` gathers them, written
+    in place of the model's and the optimizer's own.
     """
+    weights, optimizer_state = gathered if gathered is not None else (None, optimizer.state_dict())
 
     def write(staging: Path) -> None:
-        _write_model(staging, model, tokenizer)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_STATE)
+        _write_model(staging, model, tokenizer, weights)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_STATE)
         atomic_write_json(staging / TRAINER_STATE, state)
         if rng_states is not None:
             save_file(rng_states, staging / RNG_STATE)
@@ -76,8 +88,8 @@ def save_checkpoint(
     return _write_atomically(directory, write)
 
 
-def _write_model(staging: Path, model, tokenizer) -> None:
-    model.save_pretrained(staging, safe_serialization=True)
+def _write_model(staging: Path, model, tokenizer, weights: dict[str, torch.Tensor] | None) -> None:
+    model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
     tokenizer.save_pretrained(staging)
 
 
@@ -121,7 +133,9 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, sc
     weights = {}
     for shard in shards:
         weights.update(load_file(shard))
-    if has_adapters(model):  # a LoRA run's checkpoint holds the adapters only; the base comes from config.model
+    if is_fully_sharded(model):  # every rank holds the whole weights read above and keeps its shard
+        missing, unexpected = load_whole_weights(model, weights)
+    elif has_adapters(model):  # a LoRA run's checkpoint holds the adapters only; the base comes from config.model
         missing, unexpected = [], load_adapter_weights(model, weights)
     else:
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -132,7 +146,10 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, sc
             f"unexpected {sorted(unexpected)}"
         )
     states = torch.load(directory / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(states["optimizer"])
+    if is_fully_sharded(model):
+        load_whole_optimizer_state(model, optimizer, states["optimizer"])
+    else:
+        optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     return json.loads((directory / TRAINER_STATE).read_text())
 

@@ -55,6 +55,7 @@ class StepMetrics:
     learning_rate: float
     update_skipped: bool
     layer_influence: list[float] | None  # each block's Block Influence this step, when the skip policy measures it
+    gathered_weight_bytes: int = 0  # FSDP2: whole weights each rank gathered to generate (skipped layers are not)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class StepTimes:
 def step_metrics(
     step: int, rollouts: Rollouts, all_rewards: torch.Tensor, update: UpdateResult, config: TrainConfig,
     accelerator, learning_rate: float, times: StepTimes, shapes: ModelShapes,
-    layer_influence: list[float] | None = None,
+    layer_influence: list[float] | None = None, gathered_weight_bytes: int = 0,
 ) -> StepMetrics:
     """The step's metrics over all ranks (see `StepMetrics`); `all_rewards` are already gathered."""
     device = accelerator.device
@@ -174,6 +175,7 @@ def step_metrics(
         learning_rate=learning_rate,
         update_skipped=not update.finite,
         layer_influence=layer_influence,
+        gathered_weight_bytes=gathered_weight_bytes,
     )
 
 

@@ -21,6 +21,7 @@ from nested_reft.data import Problem
 from nested_reft.optim import lr_scheduler, trainable_parameters
 from nested_reft.policy import completion_logprobs
 from nested_reft.prompts import build_prompt
+from nested_reft.sharding import deferred_gradient_sync
 
 
 @dataclass
@@ -143,7 +144,7 @@ def _sft_step(model, tokenizer, batch: Sequence[Problem], config: SFTConfig, mic
     num_tokens = accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum").item() / world
     total = 0.0
     for index, micro_batch in enumerate(micro_batches):
-        sync = contextlib.nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(model)
+        sync = contextlib.nullcontext() if index == len(micro_batches) - 1 else deferred_gradient_sync(model, accelerator)
         with sync:
             with accelerator.autocast():
                 loss = weight * sft_loss(model, micro_batch, num_tokens)

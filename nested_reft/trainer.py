@@ -12,8 +12,9 @@ measurements feed; the default, `uniform`, is f_{x,b}.
 
 This module is the loop (`reft`) and the setting up around it (`train`). The engines live elsewhere:
 nesting, rollout, importance, grpo, update (the gradient step), sft, metrics, rundir (the files a run
-leaves and its start/resume rules) and checkpoint. Processes are run by `accelerate`: each rank samples
-for its share of the prompts and DDP averages the gradients.
+leaves and its start/resume rules), checkpoint and sharding. Processes are run by `accelerate`: each rank samples
+for its share of the prompts and DDP averages the gradients; launched with configs/accelerate/fsdp2.yaml, the
+weights, gradients and optimizer state are sharded over the ranks instead (FSDP2, `sharding`).
 
 Randomness: `accelerate.utils.set_seed(seed)` at start; every sampling decision (data order, skip set,
 tokens) comes from a generator seeded by (seed, step, purpose) alone (`seeding.step_generator`), so a
@@ -83,6 +84,7 @@ from nested_reft.rundir import (
     run_state,
 )
 from nested_reft.seeding import step_generator
+from nested_reft.sharding import FSDP2, check_fits_fsdp2, fsdp2_of_launch, gathered_state, gathered_weights
 from nested_reft.sft import sft_warmup
 from nested_reft.skip_policy import SkipPolicy
 from nested_reft.tasks import Task
@@ -101,6 +103,9 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
     set_seed(config.seed)
     output = Path(config.output_dir)
     _check_world(accelerator)
+    fsdp2 = fsdp2_of_launch()
+    if fsdp2 is not None:
+        check_fits_fsdp2(config, accelerator.num_processes)
     with locked_run_directory(output, accelerator):
         checkpoint = checkpoint_to_resume(output, resume)
         if resume:
@@ -115,7 +120,7 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
         accelerator.wait_for_everyone()  # every rank has decided and checked before the main process writes
         if accelerator.is_main_process:
             save_config(config, output / CONFIG_FILE)
-        summary = _train_model(config, task, model, tokenizer, accelerator, checkpoint)
+        summary = _train_model(config, task, model, tokenizer, accelerator, checkpoint, fsdp2)
     accelerator.end_training()
     return summary
 
@@ -133,10 +138,15 @@ def ensure_trained(config: TrainConfig, task: Task | None = None) -> dict:
     return train(config, task, resume=state is RunState.RESUMABLE)
 
 
-def _train_model(config: TrainConfig, task: Task, model, tokenizer, accelerator, checkpoint: Path | None) -> dict:
-    """Algorithm 1 from a loaded model: warm-up (fresh runs), ReFT from step 0 or the checkpoint, final files."""
+def _train_model(
+    config: TrainConfig, task: Task, model, tokenizer, accelerator, checkpoint: Path | None, fsdp2: FSDP2 | None,
+) -> dict:
+    """Algorithm 1 from a loaded model: warm-up (fresh runs), ReFT from step 0 or the checkpoint, final files.
+
+    The model is prepared once, for both phases: sharded under FSDP2, else by accelerate (DDP wraps it).
+    """
     output = Path(config.output_dir)
-    model = accelerator.prepare_model(model)
+    model = fsdp2.shard(model) if fsdp2 is not None else accelerator.prepare_model(model)
     totals = RunTotals()
     if checkpoint is None and config.sft.epochs > 0:
         totals.sft_runtime_s = _warm_up(config, model, tokenizer, task, accelerator)
@@ -149,7 +159,7 @@ def _train_model(config: TrainConfig, task: Task, model, tokenizer, accelerator,
     skip_policy = SkipPolicy.from_config(config.nesting, num_decoder_layers(policy))
     state = TrainingState(model, optimizer, scheduler, accelerator,
                           reference_model(config, policy, accelerator, resumed=checkpoint is not None),
-                          InfluenceMeter(policy) if skip_policy.measures_influence else None)
+                          InfluenceMeter(policy) if skip_policy.measures_influence else None, fsdp2)
     start_step = 0
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, policy, optimizer, scheduler)
@@ -165,11 +175,12 @@ def _train_model(config: TrainConfig, task: Task, model, tokenizer, accelerator,
         restore_rng_states(checkpoint, accelerator.process_index)
     reft(config, task, state, tokenizer, skip_policy, start_step, totals)
     summary = summarize(read_metrics(output / METRICS_FILE), totals, config)
+    weights = gathered_weights(policy)  # FSDP2: every rank takes part in gathering onto the main process
     if accelerator.is_main_process:
         if has_adapters(policy):  # the adapters as PEFT saves them, then merged into the base: model/ loads plainly
             save_model(output / ADAPTER_DIR, policy, tokenizer)
             policy = merge(policy)
-        save_model(output / FINAL_MODEL_DIR, policy, tokenizer)
+        save_model(output / FINAL_MODEL_DIR, policy, tokenizer, weights)
         atomic_write_json(output / SUMMARY_FILE, summary)
     # Every rank returns once the final model exists, and the ranks destroy the process group together:
     # a rank that destroys it while another still writes can hang the launch (pytorch/pytorch#75097).
@@ -189,7 +200,7 @@ def reft(
             started_at = time.perf_counter()
             problems = batch_for_step(task.problems, config, step, accelerator)  # line 7
             skip_set = skip_policy.draw(step_generator(config.seed, step, "skip"))  # [N1] line 9: f_{x,b}(eta_s)
-            with accelerator.autocast():
+            with accelerator.autocast(), state.gathered_for_generation(skip_set) as gathered_bytes:
                 rollouts = generate_rollouts(  # [N2] lines 8, 10, 11: eta'_s = pi_{theta_{s-1}} without S_s
                     policy, tokenizer, task.prompts(tokenizer, problems), G, config.sampling, skip_set,
                     step_generator(config.seed, step, f"sample-{accelerator.process_index}", accelerator.device),
@@ -205,7 +216,7 @@ def reft(
             times = StepTimes(started_at, generated_at, scored_at, time.perf_counter())
             influence = state.influence.take(accelerator) if state.influence else None
             metrics = step_metrics(step, rollouts, all_rewards, update, config, accelerator, learning_rate, times,
-                                   shapes, influence)
+                                   shapes, influence, gathered_bytes)
             skip_policy.observe(skip_set, influence, metrics.kl_behavior_target)  # past the paper: adaptive policies
             totals.add(metrics)
             _log(metrics, config, accelerator)
@@ -352,12 +363,13 @@ def _checkpoint(config: TrainConfig, state: TrainingState, tokenizer, step: int,
     rng_states = {}
     for states in gather_object([rng_states_of_rank(accelerator.process_index)]):
         rng_states.update(states)
+    gathered = gathered_state(state.policy, state.optimizer)  # FSDP2: every rank takes part
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output = Path(config.output_dir)
         previous = latest_checkpoint(output)
         save_checkpoint(checkpoint_path(output, step), state.policy, tokenizer, state.optimizer, state.scheduler,
-                        saved, rng_states)
+                        saved, rng_states, gathered)
         if previous is not None and previous != checkpoint_path(output, step):
             shutil.rmtree(previous, ignore_errors=True)  # keep the newest complete checkpoint only
     accelerator.wait_for_everyone()

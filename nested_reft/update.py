@@ -23,13 +23,15 @@ from nested_reft.importance import importance_weights
 from nested_reft.influence import InfluenceMeter
 from nested_reft.policy import completion_logprobs
 from nested_reft.rollout import Rollouts
+from nested_reft.sharding import FSDP2, deferred_gradient_sync
 
 
 @dataclass
 class TrainingState:
-    """What an update needs: the (accelerate-prepared) model, its optimizer and schedule, the accelerator,
-    the frozen reference model of the KL penalty (None when grpo.beta = 0), and the meter that reads each
-    layer's influence off the training forward (None when the skip policy does not use it)."""
+    """What an update needs: the (accelerate-prepared or sharded) model, its optimizer and schedule, the
+    accelerator, the frozen reference model of the KL penalty (None when grpo.beta = 0), the meter that reads
+    each layer's influence off the training forward (None when the skip policy does not use it), and the
+    run's sharding (None: the model is whole on every rank)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -37,11 +39,19 @@ class TrainingState:
     accelerator: Accelerator
     reference: torch.nn.Module | None = None
     influence: InfluenceMeter | None = None
+    fsdp2: FSDP2 | None = None
 
     @property
     def policy(self) -> torch.nn.Module:
         """The model itself, outside any DDP wrapper: what samples and what is saved."""
         return self.accelerator.unwrap_model(self.model)
+
+    def gathered_for_generation(self, skip_set) -> contextlib.AbstractContextManager[int]:
+        """The weights a step's generation reads, gathered once for it (FSDP2; else nothing to gather): a
+        context yielding the bytes each rank gathered."""
+        if self.fsdp2 is None:
+            return contextlib.nullcontext(0)
+        return self.fsdp2.gathered_for_generation(self.policy, skip_set)
 
 
 @dataclass
@@ -134,7 +144,8 @@ def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old
     total_loss, kl_sum, clipped, old_parts = 0.0, 0.0, 0.0, []
     for index, rows in enumerate(batch.chunks):
         inputs = [t[rows] for t in batch.inputs]
-        sync = contextlib.nullcontext() if index == len(batch.chunks) - 1 else accelerator.no_sync(state.model)
+        last = index == len(batch.chunks) - 1
+        sync = contextlib.nullcontext() if last else deferred_gradient_sync(state.model, accelerator)
         measure = state.influence.measuring(inputs[3]) if state.influence else contextlib.nullcontext()
         with sync:
             with accelerator.autocast(), measure:
