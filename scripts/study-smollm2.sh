@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The study of docs/study-smollm2/ (configs/grids/study-smollm2.yaml): its 24 runs in two lanes, one core and one
+# torch thread each, seed by seed (a seed's baseline and x = 30% first), then the report. Resumable: finished
+# runs are skipped, a killed run resumes from its last checkpoint, a failed one is retried; rerun it in a later
+# session to continue. Usage: bash scripts/study-smollm2.sh [LANES]   (default 2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grid=configs/grids/study-smollm2.yaml
+sweep_dir=runs/sweeps/study-smollm2
+study_dir=docs/study-smollm2
+lanes=${1:-2}
+jobs=$(mktemp)
+trap 'rm -f "$jobs" "$jobs.ordered"' EXIT
+.venv/bin/nested-reft sweep "$grid" --emit-commands "$jobs"
+for seed in 0 1 2; do
+    for run in baseline x0.3-b1-retrace x0.15-b1-retrace x0.45-b1-retrace x0.3-b1-base x0.3-b1-practical \
+               x0.3-b1-retrace-influence x0.3-b1-retrace-kl-target; do
+        grep -- "/$run-s$seed\$" "$jobs"
+    done
+done > "$jobs.ordered"
+[ "$(wc -l < "$jobs.ordered")" -eq "$(wc -l < "$jobs")" ] || { echo "study-smollm2.sh: the run order misses runs of $grid" >&2; exit 1; }
+# a failed run is recorded in its status.json and its lane goes on (|| true)
+OMP_NUM_THREADS=1 xargs -P "$lanes" -d '\n' -I{} sh -c '{} || true' < "$jobs.ordered"
+.venv/bin/nested-reft sweep "$grid" --collect
+mkdir -p "$study_dir"
+cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$study_dir"/
+.venv/bin/nested-reft report "$sweep_dir" --output-dir "$study_dir"
