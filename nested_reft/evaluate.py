@@ -140,7 +140,7 @@ def evaluate_model(
     local = Path(name_or_path).expanduser()
     model_name = str(local.resolve()) if name_or_path not in MODEL_ALIASES and local.exists() else str(name_or_path)
     output_dir = default_output_dir(name_or_path) if output_dir is None else output_dir
-    return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
+    return evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
 
 
 def usable_device(device: str | torch.device | None) -> torch.device:
@@ -178,7 +178,7 @@ def evaluate(
     """
     tasks = load_tasks(benchmarks, data_dir, limit)
     name = model_name if model_name is not None else str(getattr(model, "name_or_path", "") or type(model).__name__)
-    return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, name, progress)
+    return evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, name, progress)
 
 
 def load_tasks(benchmarks: Sequence[str], data_dir: str | Path | None = None, limit: int | None = None) -> list[Task]:
@@ -227,7 +227,7 @@ def default_output_dir(name_or_path: str) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _evaluate_tasks(
+def evaluate_tasks(
     model,
     tokenizer,
     tasks: list[Task],
@@ -238,6 +238,8 @@ def _evaluate_tasks(
     model_name: str,
     progress: Progress | None,
 ) -> dict:
+    """pass@1 of a loaded model on `tasks` (a benchmark's, or any problems a script holds out), written and
+    resumed in `output_dir` as `evaluate` does; `data_dir` and `limit` are only recorded in eval.json."""
     output_dir = Path(output_dir)
     settings = {"model": model_name, "config": dataclasses.asdict(config)}
     _claim_output_dir(output_dir, settings, [task.name for task in tasks])
