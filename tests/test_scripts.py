@@ -1,0 +1,70 @@
+"""The study's scripts on tiny models, so that the commands docs/ cite cannot rot: the skip-set probe, the
+calibration, and the vLLM reload arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(printed: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in printed.splitlines()
+            if line.startswith("| ") and not line.startswith("| draw")]
+
+
+def test_the_probe_measures_every_policy_and_only_draws_valid_layers(capsys):
+    probe = script("probe_skip_sets")
+    probe.main(["tiny-llama", "--ratios", "0.3", "0.5", "--temperatures", "0.05", "100", "--draws", "2",
+                "--prompts", "2", "--max-new-tokens", "4"])
+    printed = capsys.readouterr().out
+    influence = [float(value) for value in printed.split("BI per layer:")[1].splitlines()[0].split()]
+    assert len(influence) == 6 and all(0 <= value <= 2 for value in influence)
+    rows = table_rows(printed)
+    assert [row[0] for row in rows] == ["uniform x=0.3", "uniform x=0.5", "influence x=0.3 tau=0.05",
+                                        "influence x=0.3 tau=100"]
+    for name, count, kl, ess, truncated, sets in rows:
+        assert float(kl) > 0 and 0 < float(ess) <= 1 and 0 <= float(truncated) <= 1  # nested: off-policy
+        for skip_set in sets.split("; "):
+            layers = [int(layer) for layer in skip_set.split(",")]
+            assert len(layers) == int(count) and all(1 <= layer <= 4 for layer in layers)  # border 1 of 6
+
+
+def test_the_calibration_reports_the_gain_of_its_own_evaluations(tmp_path):
+    calibrate = script("calibrate_smollm2")
+    out = tmp_path / "calibration"
+    assert calibrate.main(["--model", "tiny-llama", "--n-train", "16", "--n-eval", "4", "--sft-examples", "8",
+                           "--sft-batch-size", "4", "--steps", "2", "--batch-size", "2", "--num-generations", "2",
+                           "--micro-batch-size", "4", "--max-new-tokens", "4", "--eval-batch-size", "4",
+                           "--output-dir", str(out)]) == 0
+    (result,) = json.loads((out / "results.json").read_text())["seeds"]
+    before = json.loads((out / "sft-s0" / "eval" / "eval.json").read_text())["average"]
+    after = json.loads((out / "reft-s0" / "eval" / "eval.json").read_text())["average"]
+    assert result["gain_points"] == pytest.approx(100 * (after - before))
+    assert result["reft_steps"] == 2 and not list((out / "reft-s0").glob("checkpoint-*"))
+    train, held_out = calibrate.arithmetic_sets([1], 16, 4, 0, 1)
+    assert not {p.question for p in train} & {p.question for p in held_out}
+
+
+def test_the_reload_moves_the_kept_layers_and_scales_with_them():
+    reload = script("vllm_reload")
+    model, work = reload.scaling.QWEN_MATH_1_5B, reload.scaling.Workload()
+    full, nested = (reload.step_cost(model, work, reload.H200, ratio) for ratio in (0.0, 0.30))
+    assert full.skipped == 0 and nested.skipped == 8  # Table 1: 30% of 28 layers
+    assert full.reload_bytes == 6 * model.parameters  # float32 read, bfloat16 written
+    assert full.reload_bytes - nested.reload_bytes == 6 * 8 * model.layer_parameters
+    assert nested.kv_bytes_per_token == pytest.approx(full.kv_bytes_per_token * 20 / 28)
+    assert nested.generation_s < full.generation_s
