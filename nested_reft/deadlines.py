@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -64,6 +65,24 @@ def _on_alarm(signum: int, frame: object) -> None:
         raise DeadlineExceeded()
 
 
+def _unraisable_hook_during(previous: Callable[[object], None]) -> Callable[[object], None]:
+    """The `sys.unraisablehook` of a deadline's window: a DeadlineExceeded that landed in a finalizer
+    (``__del__``, a weakref callback) is the expected cost of interrupting and is not reported; anything else
+    goes to the previous hook with our ticks held off, so that no tick interrupts that hook itself (pytest's
+    records unraisable exceptions and fails the test when its own recording is interrupted)."""
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, DeadlineExceeded):
+            return
+        was_active, _AlarmState.active = _AlarmState.active, False
+        try:
+            previous(unraisable)
+        finally:
+            _AlarmState.active = was_active
+
+    return hook
+
+
 def _alarm_available() -> bool:
     """Whether a SIGALRM timer may be used: main thread, POSIX, and nobody else's timer is armed."""
     return (
@@ -82,6 +101,8 @@ def _run_with_alarm(fn: Callable[[], T], timeout_s: float) -> T:
     with no point where a signal handler can run before it, so no tick can escape this function.
     """
     previous = signal.signal(signal.SIGALRM, _on_alarm)
+    previous_unraisable_hook = sys.unraisablehook
+    sys.unraisablehook = _unraisable_hook_during(previous_unraisable_hook)
     try:
         _AlarmState.active = True
         signal.setitimer(signal.ITIMER_REAL, timeout_s, _ALARM_REPEAT_S)
@@ -90,6 +111,7 @@ def _run_with_alarm(fn: Callable[[], T], timeout_s: float) -> T:
         _AlarmState.active = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        sys.unraisablehook = previous_unraisable_hook
 
 
 def _interrupt_thread(thread: threading.Thread) -> None:
