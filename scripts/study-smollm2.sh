@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The study of docs/study-smollm2/ (configs/grids/study-smollm2.yaml): its 24 runs in two lanes, one core and one
-# torch thread each, seed by seed (a seed's baseline, x = 30% and the adaptive policies first), then the report. Resumable: finished
+# torch thread each, first the baseline, x = 30% and the adaptive policies at every seed, then the other instances seed by seed, then the report. Resumable: finished
 # runs are skipped, a killed run resumes from its last checkpoint, a failed one is retried; rerun it in a later
 # session to continue. Usage: bash scripts/study-smollm2.sh [LANES]   (default 2)
 set -euo pipefail
@@ -12,12 +12,19 @@ lanes=${1:-2}
 jobs=$(mktemp)
 trap 'rm -f "$jobs" "$jobs.ordered"' EXIT
 .venv/bin/nested-reft sweep "$grid" --emit-commands "$jobs"
-for seed in 0 1 2; do
-    for run in baseline x0.3-b1-retrace x0.3-b1-retrace-kl-target x0.15-b1-retrace x0.3-b1-retrace-influence \
-               x0.45-b1-retrace x0.3-b1-base x0.3-b1-practical; do
-        grep -- "/$run-s$seed\$" "$jobs"
+# first the runs the comparisons at x = 30% need at every seed (baseline, uniform, the adaptive policies), then the rest
+{
+    for seed in 0 1 2; do
+        for run in baseline x0.3-b1-retrace x0.3-b1-retrace-kl-target x0.3-b1-retrace-influence; do
+            grep -- "/$run-s$seed\$" "$jobs"
+        done
     done
-done > "$jobs.ordered"
+    for seed in 0 1 2; do
+        for run in x0.15-b1-retrace x0.45-b1-retrace x0.3-b1-base x0.3-b1-practical; do
+            grep -- "/$run-s$seed\$" "$jobs"
+        done
+    done
+} > "$jobs.ordered"
 [ "$(wc -l < "$jobs.ordered")" -eq "$(wc -l < "$jobs")" ] || { echo "study-smollm2.sh: the run order misses runs of $grid" >&2; exit 1; }
 # a failed run is recorded in its status.json and its lane goes on (|| true)
 OMP_NUM_THREADS=1 xargs -P "$lanes" -d '\n' -I{} sh -c '{} || true' < "$jobs.ordered"
