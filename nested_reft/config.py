@@ -45,6 +45,10 @@ class NestingConfig:
     smoothing: float = 0.7  # ours: EMA weight of the past for the measured influence and KL (a few steps' memory)
     kl_target: float = 0.05  # ours: per-token KL(behavior || target) that kl_target keeps under (see the study)
     kl_target_layers: str = "uniform"  # how kl_target draws its U layers: uniform | influence
+    # ours: a U measured over the target is tried again once its measurement is this many steps old (the model
+    # has moved since, and one draw is one of many skip sets of that size); 0 = never (the study's first
+    # kl_target runs, which stayed at U = 0 after one bad draw at U = 1)
+    kl_retry_steps: int = 4
 
     def __post_init__(self) -> None:
         check_option(0.0 <= self.skip_ratio < 1.0, "nesting.skip_ratio", self.skip_ratio, "in [0, 1)")
@@ -53,6 +57,7 @@ class NestingConfig:
         check_option(self.influence_temperature > 0, "nesting.influence_temperature", self.influence_temperature, "> 0")
         check_option(0 <= self.smoothing < 1, "nesting.smoothing", self.smoothing, "in [0, 1)")
         check_option(self.kl_target > 0, "nesting.kl_target", self.kl_target, "> 0")
+        check_option(self.kl_retry_steps >= 0, "nesting.kl_retry_steps", self.kl_retry_steps, ">= 0")
         check_option(self.kl_target_layers in LAYER_CHOICES, "nesting.kl_target_layers", self.kl_target_layers,
                      f"one of {LAYER_CHOICES}")
 

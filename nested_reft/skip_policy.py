@@ -8,7 +8,8 @@ Past the paper (its future work asks which layers to drop). Policies, option `ne
              (`influence.InfluenceMeter`); uniform until the first measurement.
   kl_target  each step skips the largest U <= U_x whose smoothed measured KL(behavior || target) stays under
              `nesting.kl_target`, moving one layer at a time (`nesting.kl_controlled_count`); the layers are drawn
-             as `nesting.kl_target_layers` (uniform or influence) says.
+             as `nesting.kl_target_layers` (uniform or influence) says. A measurement older than
+             `nesting.kl_retry_steps` steps is forgotten, so a U once found over the target is tried again.
 
 The draws themselves are pure functions of `nesting`; this module keeps the smoothed measurements between
 steps (exponential moving averages, weight `nesting.smoothing` on the past) and saves them in checkpoints, so
@@ -50,8 +51,10 @@ class SkipPolicy:
     smoothing: float
     kl_target: float
     kl_target_layers: str
+    kl_retry_steps: int
     influence: list[float] | None = None  # smoothed BI per layer; None before the first measurement
     kl_by_count: dict[int, float] = field(default_factory=dict)  # smoothed KL at each U used (kl_target)
+    kl_age: dict[int, int] = field(default_factory=dict)  # steps since each U of kl_by_count was last used
     count: int = 0  # the U of the next draw (kl_target)
 
     @classmethod
@@ -60,7 +63,8 @@ class SkipPolicy:
         return cls(
             name=config.skip_policy, num_layers=num_layers, border=config.border, max_count=max_count,
             temperature=config.influence_temperature, smoothing=config.smoothing, kl_target=config.kl_target,
-            kl_target_layers=config.kl_target_layers, count=max_count // 2,  # kl_target starts half-way to U_x
+            kl_target_layers=config.kl_target_layers, kl_retry_steps=config.kl_retry_steps,
+            count=max_count // 2,  # kl_target starts half-way to U_x
         )
 
     @property
@@ -91,16 +95,26 @@ class SkipPolicy:
         if self.name == "kl_target":
             used = len(skip_set)
             self.kl_by_count[used] = self._smooth(self.kl_by_count.get(used, kl), kl)
+            self._age_measurements(used)
             self.count = kl_controlled_count(used, self.kl_by_count, self.kl_target, self.max_count)
+
+    def _age_measurements(self, used: int) -> None:
+        """One step older for every U but `used`; forget those `kl_retry_steps` old (0: keep them forever)."""
+        self.kl_age = {count: 0 if count == used else self.kl_age.get(count, 0) + 1 for count in self.kl_by_count}
+        if self.kl_retry_steps:
+            for count in [count for count, age in self.kl_age.items() if age >= self.kl_retry_steps]:
+                del self.kl_by_count[count], self.kl_age[count]
 
     def state_dict(self) -> dict:
         """The measurements, JSON-ready (saved in trainer_state.json)."""
         return {"influence": self.influence, "kl_by_count": {str(k): v for k, v in self.kl_by_count.items()},
-                "count": self.count}
+                "kl_age": {str(k): v for k, v in self.kl_age.items()}, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         self.influence = state["influence"]
         self.kl_by_count = {int(k): v for k, v in state["kl_by_count"].items()}
+        # checkpoints from before kl_retry_steps have no ages: their measurements count as fresh
+        self.kl_age = {int(k): v for k, v in state.get("kl_age", {}).items()}
         self.count = state["count"]
 
     def _smooth(self, old: float, new: float) -> float:

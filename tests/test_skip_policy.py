@@ -3,6 +3,7 @@ the policy's state across a checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -186,7 +187,8 @@ def test_kl_controlled_count_steps_down_over_the_target_and_up_under_it():
 
 def test_kl_target_policy_follows_a_scripted_kl_sequence():
     """A KL that grows with U by 0.03 per layer and a target of 0.1: the policy settles on U = 3."""
-    config = NestingConfig(skip_ratio=0.3, border=1, skip_policy="kl_target", kl_target=0.1, smoothing=0.0)
+    config = NestingConfig(skip_ratio=0.3, border=1, skip_policy="kl_target", kl_target=0.1, smoothing=0.0,
+                           kl_retry_steps=0)
     policy = SkipPolicy.from_config(config, num_layers=30)
     assert policy.max_count == num_skipped_layers(30, 0.3) == 9 and policy.count == 4
     counts = []
@@ -203,6 +205,30 @@ def test_kl_target_policy_follows_a_scripted_kl_sequence():
         counts.append(len(skip_set))
         policy.observe(skip_set, None, kl=0.005 * len(skip_set))  # always under: up to x's bound, then stay
     assert counts == [4, 5, 6, 7, 8, 9, 9, 9]
+
+
+def scripted_counts(config: NestingConfig, kl_of_count, steps: int) -> list[int]:
+    policy = SkipPolicy.from_config(config, num_layers=30)
+    counts = []
+    for step in range(steps):
+        skip_set = policy.draw(torch.Generator().manual_seed(step))
+        counts.append(len(skip_set))
+        policy.observe(skip_set, None, kl=kl_of_count(len(skip_set)))
+    return counts
+
+
+def test_kl_target_retries_a_count_once_its_measurement_is_old():
+    """One bad draw at U = 1 (the study's seed 0) no longer ends the nesting: U = 1 is tried again every
+    `kl_retry_steps` steps, and kept once it measures under the target."""
+    config = NestingConfig(skip_ratio=0.1, border=1, skip_policy="kl_target", kl_target=1.0, smoothing=0.0,
+                           kl_retry_steps=3)
+    assert SkipPolicy.from_config(config, num_layers=30).count == 1
+    bad_once = iter([3.3])  # the first draw at U = 1 is far over, later ones are under
+    counts = scripted_counts(config, lambda count: next(bad_once, 0.5) if count else 0.0, steps=8)
+    assert counts == [1, 0, 0, 0, 1, 2, 3, 3]  # U_x = 3 for x = 10% of 30 layers
+    never = dataclasses.replace(config, kl_retry_steps=0)
+    bad_once = iter([3.3])
+    assert scripted_counts(never, lambda count: next(bad_once, 0.5) if count else 0.0, steps=8) == [1] + [0] * 7
 
 
 def test_the_policy_state_survives_a_json_round_trip():

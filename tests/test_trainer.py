@@ -394,7 +394,8 @@ RESUMED_KEYS = ("step", "skip_set", "skipped_layers", "reward_mean", "reward_std
     {"model": "tiny-gpt2", "grpo.disable_dropout": False},  # dropout draws from the global RNG: restored
     # adaptive skip policies: their smoothed influence and KL are restored from the checkpoint
     {"nesting.skip_policy": "influence", "nesting.influence_temperature": 0.01},
-    {"nesting.skip_policy": "kl_target", "nesting.kl_target": 0.005, "nesting.kl_target_layers": "influence"},
+    {"nesting.skip_policy": "kl_target", "nesting.kl_target": 0.005, "nesting.kl_target_layers": "influence",
+     "nesting.kl_retry_steps": 2},
     {"lora.r": 4, "grpo.learning_rate": 1e-2},  # the checkpoint holds the adapters; the base is config.model
 ], ids=["plain", "kl-penalty", "dropout", "influence-policy", "kl-target-policy", "lora"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, variant):
