@@ -13,12 +13,15 @@ Both draw with `sampling.draw`, so they sample the same distributions.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, StaticCache
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from nested_reft.config import SamplingConfig
 from nested_reft.sampling import draw
@@ -183,7 +186,7 @@ class CompiledDecoder:
                 break
             mask[:, prompt_length + step] = alive.to(mask.dtype)
             position = position + 1
-            with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+            with torch._dynamo.config.patch(recompile_limit=self.recompile_limit), packed_gqa_attention(model):
                 logits = self._decode_step(model, next_tokens[:, None], mask, position, cache)
         return _checked(Samples(tokens[:, : step + 1], masks[:, : step + 1], logprobs[:, : step + 1]))
 
@@ -213,6 +216,51 @@ def _full_attention_within(config, length: int):
     full = copy.copy(config)
     full.layer_types = ["full_attention" if kind == "sliding_attention" else kind for kind in types]
     return full
+
+
+PACKED_GQA = "nested_reft_packed_gqa_sdpa"
+
+
+def packed_gqa_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, with one query token per row and grouped key/value heads computed on the
+    key/value heads as stored: the group's query heads become that head's queries (transformers' `pack_gqa`).
+
+    transformers packs so in eager decoding only; under torch.compile it expands the cache to every query head
+    instead (`repeat_kv`), a copy of each layer's whole static K/V cache at every step, which made the compiled
+    engine slower than the eager one on CPU (docs/benchmarks.md, bench/profile_decode.py). Anything else (a
+    prompt, no grouping, a per-head mask, a position bias) goes to transformers' own function.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, length, dim = query.shape
+    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
+    if groups == 1 or length != 1 or per_head_mask or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, dropout_p=dropout,
+        scale=scaling,
+    )
+    return output.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_GQA, packed_gqa_sdpa)
+AttentionMaskInterface.register(PACKED_GQA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+@contextlib.contextmanager
+def packed_gqa_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run a model that attends with sdpa through `packed_gqa_sdpa` inside the block (others as they are)."""
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    config._attn_implementation = PACKED_GQA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def _decode_step(model, tokens: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:

@@ -107,3 +107,30 @@ def test_inductor_numerics_match_the_eager_engine(inductor, skip_set):
         for config in (GREEDY, SAMPLED):
             assert_same_samples(run(decoder.sample, model, tokenizer, config),
                                 run(eager_sample, model, tokenizer, config))
+
+
+def test_packed_gqa_attention_equals_attention_over_repeated_heads():
+    """One query token per row on 2 key/value heads of 3 query heads each, a padding mask: the packed
+    computation equals sdpa over the key/value heads repeated to every query head (what transformers does
+    under torch.compile)."""
+    from types import SimpleNamespace
+
+    from nested_reft.decoding import packed_gqa_sdpa
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 6, 1, 8, generator=generator)
+    key, value = (torch.randn(3, 2, 7, 8, generator=generator) for _ in range(2))
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., :4] = False  # a left-padded row
+    module = SimpleNamespace(num_key_value_groups=3, training=False)
+    ours, _ = packed_gqa_sdpa(module, query, key, value, mask, scaling=0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(3, dim=1), value.repeat_interleave(3, dim=1), attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(ours, expected.transpose(1, 2), atol=1e-6, rtol=1e-6)
+
+
+def test_compiled_decoding_leaves_the_models_attention_as_it_was(traced):
+    model, tokenizer = tiny_model("llama")
+    assert model.config._attn_implementation == "sdpa"
+    run(traced.sample, model, tokenizer, GREEDY)
+    assert model.config._attn_implementation == "sdpa"  # training forwards still use transformers' sdpa
