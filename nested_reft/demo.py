@@ -122,8 +122,7 @@ def run_demo(output_dir: str | Path = "runs/demo", model: str | None = None,
         ensure_trained(config)
         after = held_out_scores(output / name / FINAL_MODEL_DIR, output / name / "eval", settings)
         steps = [json.loads(line) for line in (output / name / METRICS_FILE).read_text().splitlines()]
-        gain = bootstrap_delta([after], [before])
-        results[name] = RunResult(steps, sum(after) / len(after), Interval(*(100 * v for v in (gain.mean, gain.low, gain.high))))
+        results[name] = RunResult(steps, sum(after) / len(after), in_points(bootstrap_delta([after], [before])))
     speed = measure_speedups(warm, [step["skip_set"] for step in results["nested"].steps], settings)
     table = comparison_table(sum(before) / len(before), results, speed, settings)
     atomic_write_text(output / "comparison.md", table)
@@ -131,6 +130,11 @@ def run_demo(output_dir: str | Path = "runs/demo", model: str | None = None,
     print(table)
     print(f"plot: {output / 'demo.png'}")
     return table
+
+
+def in_points(fraction: Interval) -> Interval:
+    """A difference of pass@1 fractions, in percentage points."""
+    return Interval(100 * fraction.mean, 100 * fraction.low, 100 * fraction.high)
 
 
 def held_out_scores(model_dir: Path, output_dir: Path, settings: DemoSettings) -> list[float]:
