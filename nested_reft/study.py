@@ -208,7 +208,7 @@ def render_study(table: Sequence[dict], figures: Sequence[str], conditions: str)
         "that contains 0 is no resolvable difference. Before: pass@1 of the SFT warm-ups the runs start from. "
         "U, KL, ESS and truncated are means over the runs' steps.\n",
         "| model | dataset | configuration | seeds | before | after | Δ acc [95% CI] | U | KL | ESS | truncated "
-        "| gen tok/s | rollout PFLOPs |",
+        "| gen tok/s | rollout TFLOPs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in table:
@@ -219,7 +219,7 @@ def render_study(table: Sequence[dict], figures: Sequence[str], conditions: str)
             f"| {_percent(e['accuracy'])} | {cell} | {_number(e['skipped_layers'], '.2f')} "
             f"| {_number(e['kl_behavior_target'], '.3f')} | {_number(e['h_ess'], '.3f')} "
             f"| {_number(e['h_truncated'], '.3f')} | {_number(e['gen_tokens_per_s'], '.1f')} "
-            f"| {_number(None if e['rollout_flops'] is None else e['rollout_flops'] / 1e15, '.2f')} |"
+            f"| {_number(None if e['rollout_flops'] is None else e['rollout_flops'] / 1e12, '.1f')} |"
         )
     lines.append("")
     lines.append(f"Wall-clock figures (gen tok/s) were measured under: {conditions or 'conditions not stated'}. "
