@@ -175,19 +175,20 @@ class CompiledDecoder:
         masks = torch.zeros((batch, config.max_new_tokens), dtype=torch.long, device=device)
         logprobs = torch.zeros((batch, config.max_new_tokens), dtype=torch.float32, device=device)
         position = position_ids[:, -1:]
-        for step in range(config.max_new_tokens):
-            next_tokens, drawn_logprobs = _draw_next(logits, config, eos if step < config.min_new_tokens else None,
-                                                     generator)
-            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
-            alive = ~finished
-            tokens[:, step], masks[:, step], logprobs[:, step] = next_tokens, alive.long(), drawn_logprobs * alive
-            finished = finished | torch.isin(next_tokens, eos)
-            if step + 1 == config.max_new_tokens or (step + 1 >= config.min_new_tokens and bool(finished.all())):
-                break
-            mask[:, prompt_length + step] = alive.to(mask.dtype)
-            position = position + 1
-            with torch._dynamo.config.patch(recompile_limit=self.recompile_limit), packed_gqa_attention(model):
-                logits = self._decode_step(model, next_tokens[:, None], mask, position, cache)
+        with packed_gqa_attention(model):  # once for the whole loop: the prefill above attended as transformers does
+            for step in range(config.max_new_tokens):
+                next_tokens, drawn_logprobs = _draw_next(logits, config, eos if step < config.min_new_tokens else None,
+                                                         generator)
+                next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
+                alive = ~finished
+                tokens[:, step], masks[:, step], logprobs[:, step] = next_tokens, alive.long(), drawn_logprobs * alive
+                finished = finished | torch.isin(next_tokens, eos)
+                if step + 1 == config.max_new_tokens or (step + 1 >= config.min_new_tokens and bool(finished.all())):
+                    break
+                mask[:, prompt_length + step] = alive.to(mask.dtype)
+                position = position + 1
+                with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+                    logits = self._decode_step(model, next_tokens[:, None], mask, position, cache)
         return _checked(Samples(tokens[:, : step + 1], masks[:, : step + 1], logprobs[:, : step + 1]))
 
     def _cache(self, model: PreTrainedModel, batch: int, length: int) -> StaticCache:

@@ -27,12 +27,12 @@ import torch
 
 from nested_reft.config import (
     GRPOConfig,
-    check_option,
     ImportanceConfig,
     NestingConfig,
     SamplingConfig,
     SFTConfig,
     TrainConfig,
+    check_option,
 )
 from nested_reft.evaluate import EvalConfig, evaluate_model, print_progress, read_records
 from nested_reft.files import atomic_write_text
