@@ -221,8 +221,9 @@ def run_model(model_name: str, args) -> list[dict]:
     rows = []
     for engine in timers:
         steady = tokens / statistics.median(samples[(0.0, engine)])
+        # only the compiled engine has a cost per new U (a recompilation); for the others first less steady is noise
         first_skip_set = [tokens / samples[(ratio, engine)][0] - tokens / statistics.median(samples[(ratio, engine)])
-                          for ratio in ratios[1:]]
+                          for ratio in ratios[1:]] if engine == "compiled" else []
         for ratio in ratios:
             tok_s, hf = statistics.median(samples[(ratio, engine)]), statistics.median(samples[(ratio, "hf")])
             paired = [x / x0 for x, x0 in zip(samples[(ratio, engine)], samples[(0.0, engine)])]
@@ -258,6 +259,10 @@ def round_order(round_: int, ratios: list[float], engines: list[str]) -> list[tu
     return [(ratio, engine) for engine in engines[turn:] + engines[:turn] for ratio in ratios[shift:] + ratios[:shift]]
 
 
+def seconds_or_dash(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds:.2f}"
+
+
 def print_table(rows: list[dict]) -> None:
     header = ("| model | engine | N | x | U | tok/s | HF generate tok/s | /HF | speedup vs x=0 [min, max] "
               "| FLOP bound | speedup / FLOP bound | block-time bound | compile s | new skip set s | peak mem (MB) "
@@ -270,7 +275,7 @@ def print_table(rows: list[dict]) -> None:
             f"| {r['model']} | {r['engine']} | {r['layers']} | {r['x']:.0%} | {r['skipped']} | {r['tok_s']:.1f} | "
             f"{r['hf_tok_s']:.1f} | {r['over_hf']:.2f} | {r['speedup']:.3f} [{r['speedup_min']:.3f}, "
             f"{r['speedup_max']:.3f}] | {r['flop_bound']:.3f} | {r['speedup_over_bound']:.3f} | "
-            f"{r['block_time_bound']:.3f} | {r['compile_s']:.1f} | {r['new_skip_set_s']:.2f} | {memory} |"
+            f"{r['block_time_bound']:.3f} | {r['compile_s']:.1f} | {seconds_or_dash(r['new_skip_set_s'])} | {memory} |"
         )
 
 
