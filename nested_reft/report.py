@@ -321,7 +321,8 @@ def study_section(sweep_dir: Path, rows: Sequence[dict], output: Path) -> str:
     figures = study.plot_learning_curves(study.learning_curves(steps, rows), output)
     figures += study.plot_diagnostics(table, output)
     conditions = (sweep_dir / CONDITIONS_FILE).read_text().strip() if (sweep_dir / CONDITIONS_FILE).is_file() else ""
-    return "\n" + study.render_study(table, [path.name for path in figures], conditions)
+    runs = study.run_rows(rows, steps)
+    return "\n" + study.render_study(table, runs, [path.name for path in figures], conditions)
 
 
 def render_markdown(rows, baselines, deltas, points, figure_files: Sequence[str]) -> str:

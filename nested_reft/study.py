@@ -106,6 +106,24 @@ def study_rows(rows: Sequence[dict], problems: Sequence[dict]) -> list[dict]:
     return table
 
 
+def run_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
+    """One row per finished run, by model, dataset and seed: its configuration, pass@1 before and after, its
+    mean diagnostics, and in how many of its ReFT steps the batch reward was 0 (every advantage 0, no update)."""
+    rewards: dict[str, list[float]] = {}
+    for step in steps:
+        rewards.setdefault(step["instance"], []).append(step["reward_mean"])
+    table = []
+    for row in rows:
+        if row["status"] != "done":
+            continue
+        run = rewards.get(row["instance"], [])
+        table.append({**{column: row.get(column) for column in ("model", "dataset", "seed", "role", "accuracy",
+                                                                 "accuracy_before", *DIAGNOSTICS)},
+                      "label": configuration_label(row), "steps": len(run),
+                      "zero_reward_steps": sum(reward == 0 for reward in run)})
+    return sorted(table, key=lambda entry: (entry["model"], entry["dataset"], entry["seed"], entry["role"] != "baseline"))
+
+
 def _scores_by_run(problems: Iterable[dict]) -> dict[str, dict[tuple[str, str], float]]:
     runs: dict[str, dict[tuple[str, str], float]] = {}
     for row in problems:
@@ -199,8 +217,8 @@ def plot_diagnostics(table: Sequence[dict], output_dir: Path) -> list[Path]:
     return paths
 
 
-def render_study(table: Sequence[dict], figures: Sequence[str], conditions: str) -> str:
-    """The study's Markdown section: the table of configurations, the figures, the timing conditions."""
+def render_study(table: Sequence[dict], runs: Sequence[dict], figures: Sequence[str], conditions: str) -> str:
+    """The study's Markdown section: the table of configurations, the figures, the timing conditions, the runs."""
     lines = [
         "## The study: accuracy with confidence intervals, diagnostics, learning curves\n",
         f"Δ acc is pass@1 minus the baseline's, in points, with a {CONFIDENCE:.0%} percentile bootstrap interval "
@@ -225,7 +243,30 @@ def render_study(table: Sequence[dict], figures: Sequence[str], conditions: str)
     lines.append(f"Wall-clock figures (gen tok/s) were measured under: {conditions or 'conditions not stated'}. "
                  "Rollout FLOPs come from the model's shapes and the skipped layers and do not depend on the load.\n")
     lines += [f"![{name}]({name})\n" for name in figures]
+    lines += render_runs(runs)
     return "\n".join(lines) + "\n"
+
+
+def render_runs(runs: Sequence[dict]) -> list[str]:
+    """The table of `run_rows`: each seed's runs, the gain over the warm-up each started from."""
+    lines = [
+        "### The runs\n",
+        "Gain: pass@1 after ReFT minus the run's warm-up, in points. Zero-reward steps: batches with no rewarded "
+        "completion, whose GRPO advantages are all 0.\n",
+        "| model | dataset | seed | configuration | before | after | gain | zero-reward steps | U | KL | ESS "
+        "| truncated |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        gain = None if r["accuracy"] is None or r["accuracy_before"] is None else r["accuracy"] - r["accuracy_before"]
+        lines.append(
+            f"| {r['model']} | {r['dataset']} | {r['seed']} | {r['label']} | {_percent(r['accuracy_before'])} "
+            f"| {_percent(r['accuracy'])} | {_number(None if gain is None else 100 * gain, '+.1f')} "
+            f"| {r['zero_reward_steps']} of {r['steps']} | {_number(r['skipped_layers'], '.2f')} "
+            f"| {_number(r['kl_behavior_target'], '.2f')} | {_number(r['h_ess'], '.3f')} "
+            f"| {_number(r['h_truncated'], '.3f')} |"
+        )
+    return lines + [""]
 
 
 def _percent(value: float | None) -> str:

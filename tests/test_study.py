@@ -10,7 +10,7 @@ import yaml
 
 from nested_reft.report import write_report
 from nested_reft.results import PROBLEMS_FILE, STEPS_FILE
-from nested_reft.study import Interval, bootstrap_delta, bootstrap_replicates, learning_curves, study_rows
+from nested_reft.study import Interval, bootstrap_delta, bootstrap_replicates, learning_curves, run_rows, study_rows
 from nested_reft.sweep import sweep_main
 
 
@@ -82,6 +82,17 @@ def test_learning_curves_average_seeds_on_the_steps_all_reached():
     assert curve == {"step": [1, 2], "reward": [0.25, 0.5], "flops": [15.0, 30.0]}
 
 
+def test_run_rows_list_each_seed_baseline_first_with_its_zero_reward_steps():
+    rows, _ = rows_and_problems()
+    steps = [{"instance": "m/d/nested-s0", "step": s, "reward_mean": r, "rollout_flops": 1.0}
+             for s, r in ((1, 0.0), (2, 0.5), (3, 0.0))]
+    runs = run_rows(list(reversed(rows)), steps)
+    assert [(run["seed"], run["role"]) for run in runs] == [(0, "baseline"), (0, "nested"), (1, "baseline"),
+                                                            (1, "nested")]
+    assert (runs[1]["zero_reward_steps"], runs[1]["steps"]) == (2, 3)
+    assert runs[1]["label"] == "x = 30%, retrace" and runs[1]["accuracy"] == 0.75
+
+
 def test_a_tiny_study_end_to_end(tmp_path, capsys):
     """Warm-up evaluated, a baseline and an influence variant, the tables, and the report's study section."""
     grid = {
@@ -113,6 +124,8 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
     report = write_report(root).read_text()
     assert "## The study" in report and "a CI runner, one process" in report
     assert "x = 30%, retrace influence" in report
+    runs = report[report.index("### The runs"):].splitlines()
+    assert sum(line.startswith("| tiny-llama | arithmetic | 0 |") for line in runs) == 3  # one row per run
     assert (root / "report" / "curves-tiny-llama-arithmetic.png").is_file()
     assert (root / "report" / "diagnostics-tiny-llama-arithmetic.png").is_file()
 
