@@ -107,6 +107,10 @@ def test_the_demo_trains_with_the_studys_calibrated_settings():
     assert grid.eval.benchmarks == (demo.TASK,)
     assert (grid.eval.max_new_tokens, grid.eval.batch_size) == (demo.EVAL.max_new_tokens, demo.EVAL.batch_size)
     assert grid.eval.config(seed=0) == dataclasses.replace(demo.EVAL, seed=0)
+    (kl_target,) = [variant for variant in grid.variants if variant.label == "kl-target"]
+    nested, _ = runs(DemoSettings())["nested"]
+    assert kl_target.skip_ratio == nested.skip_ratio
+    assert kl_target.nesting == {"skip_policy": nested.skip_policy, **demo.NESTED_POLICY_OPTIONS}
 
 
 @pytest.mark.parametrize("options, option", [
