@@ -117,8 +117,8 @@ def run_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
         if row["status"] != "done":
             continue
         run = rewards.get(row["instance"], [])
-        table.append({**{column: row.get(column) for column in ("model", "dataset", "seed", "role", "accuracy",
-                                                                 "accuracy_before", *DIAGNOSTICS)},
+        columns = ("model", "dataset", "seed", "role", "accuracy", "accuracy_before", *DIAGNOSTICS)
+        table.append({**{column: row.get(column) for column in columns},
                       "label": configuration_label(row), "steps": len(run),
                       "zero_reward_steps": sum(reward == 0 for reward in run)})
     return sorted(table, key=lambda entry: (entry["model"], entry["dataset"], entry["seed"], entry["role"] != "baseline"))
@@ -191,27 +191,41 @@ def plot_learning_curves(curves: dict, output_dir: Path) -> list[Path]:
 
 
 def plot_diagnostics(table: Sequence[dict], output_dir: Path) -> list[Path]:
-    """One PNG per (model, dataset): each off-policy diagnostic against x, one line per mitigation and variant."""
+    """One PNG per (model, dataset): each off-policy diagnostic, and the Delta accuracy with its interval, against
+    the mean number of layers skipped, one line per mitigation and variant. U rather than x on the axis: an
+    adaptive policy's x is only its bound, and its points belong where its nested models actually were."""
     plt = pyplot()
     paths = []
     groups: dict[tuple[str, str], list[dict]] = {}
     for entry in table:
         groups.setdefault((entry["model"], entry["dataset"]), []).append(entry)
+    panels = {column: title for column, title in DIAGNOSTICS.items() if column != "skipped_layers"}
     for (model, dataset), entries in groups.items():
-        figure, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(4 * len(DIAGNOSTICS), 3.6))
+        figure, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.6))
         series: dict[str, list[dict]] = {}
         for entry in entries:
             name = "baseline" if entry["role"] == "baseline" else f"{entry['mitigation']} {entry['variant']}".strip()
             series.setdefault(name, []).append(entry)
-        for axis, (column, title) in zip(axes, DIAGNOSTICS.items()):
-            for name, members in series.items():
-                points = sorted((100 * e["skip_ratio"], e[column]) for e in members if e[column] is not None)
+        for name, members in series.items():
+            members = sorted((e for e in members if e["skipped_layers"] is not None), key=lambda e: e["skipped_layers"])
+            for axis, column in zip(axes, panels):
+                points = [(e["skipped_layers"], e[column]) for e in members if e[column] is not None]
                 if points:
                     axis.plot(*zip(*points), marker="o", label=name)
-            axis.set(xlabel="skip ratio x (%)", title=title)
+            deltas = [(e["skipped_layers"], e["delta"]) for e in members if e["delta"] is not None]
+            if deltas:
+                u, delta = zip(*deltas)
+                centre = [100 * d.mean for d in delta]
+                spread = [[c - 100 * d.low for c, d in zip(centre, delta)],
+                          [100 * d.high - c for c, d in zip(centre, delta)]]
+                axes[-1].errorbar(u, centre, yerr=spread, marker="o", capsize=3, label=name)
+        for axis, title in zip(axes, [*panels.values(), "Δ pass@1 vs baseline, points [95% CI]"]):
+            axis.set(xlabel="layers skipped U (mean over steps)", title=title)
             axis.grid(alpha=0.3)
+        axes[-1].axhline(0, color="grey", linewidth=0.8)
         axes[0].legend(fontsize=7)
-        figure.suptitle(f"Off-policy diagnostics, {model} on {dataset} (means over steps and seeds)")
+        figure.suptitle(f"Off-policy diagnostics and accuracy against the layers skipped, {model} on {dataset} "
+                        "(means over steps and seeds)")
         figure.tight_layout()
         paths.append(save_figure(figure, Path(output_dir) / f"diagnostics-{model_slug(model)}-{dataset}.png"))
     return paths
