@@ -53,9 +53,9 @@ TASK = "arithmetic"  # the generated problems: train split for training, test sp
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """What the demo runs; the defaults fit 10 minutes on 2 CPU cores (the study runs 24 steps on 300 problems)."""
+    """What the demo runs; the defaults fit 10 minutes on 2 CPU cores (the study runs 16 steps on 300 problems)."""
 
-    steps: int = 4  # ReFT steps per run (the study: 24); a step of 8 completions takes ~33 s on 2 idle cores
+    steps: int = 4  # ReFT steps per run (the study: 16); a step of 8 completions takes ~33 s on 2 idle cores
     eval_problems: int = 50  # held-out slice, the first problems of the arithmetic test split (the study: 300)
     skip_ratio: float = 0.30  # x of the nested run: U_x = 9 of SmolLM2's 30 layers
     skip_policy: str = "kl_target"  # see the module docstring; "uniform" runs the paper's f_{x,b}
@@ -88,7 +88,7 @@ def calibrated_config(model: str, output_dir: Path, steps: int) -> TrainConfig:
 
 
 NESTED_POLICY_OPTIONS = {"kl_target": 1.0, "kl_retry_steps": 0}  # the study's kl-target variant (a test holds them)
-STUDY_STEPS, STUDY_PROBLEMS = 24, 300  # the study's ReFT steps and held-out problems (a test holds these to the grid)
+STUDY_STEPS, STUDY_PROBLEMS = 16, 300  # the study's ReFT steps and held-out problems (a test holds these to the grid)
 EVAL = EvalConfig(max_new_tokens=64, batch_size=50)  # the study's `eval:` (paper's temperature 0.6, top-p 0.95)
 
 
