@@ -118,6 +118,10 @@ class GRPOConfig:
     adam_epsilon: float = 1e-8  # TrainingArguments
     lr_scheduler: str = "linear"  # TrainingArguments lr_scheduler_type
     warmup_ratio: float = 0.0  # TrainingArguments
+    # TRL: completions that hit max_new_tokens without EOS leave the loss (DAPO's overlong filtering); they
+    # still count in their group's advantages. Without it a rambling completion whose last number happens to
+    # be right is rewarded, and a small model learns to ramble (docs/study-smollm2/README.md).
+    mask_truncated_completions: bool = False
     # TRL 1.16 defaults disable_dropout to False; ours is True. TRL's loss is unaffected by dropout noise
     # because its logp_old comes from the same (dropout) forward as logp, but Nested-ReFT also compares
     # logp_old with behavior log-probs recorded by the dropout-free sampler: with dropout, h != 1 even at

@@ -45,7 +45,7 @@ from nested_reft.files import atomic_write_json, atomic_write_text
 from nested_reft.config import ENGINES, ConfigError, check_option
 from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
 from nested_reft.rewards import extract_answer
-from nested_reft.rollout import SamplingConfig, eos_token_ids, generate_rollouts
+from nested_reft.rollout import SamplingConfig, generate_rollouts
 from nested_reft.seeding import seeded_generator
 from nested_reft.tasks import Task
 
@@ -276,7 +276,6 @@ def _evaluate_task(
     batches = _batches(task.problems, [prompts[p.id] for p in task.problems], tokenizer, config.batch_size)
     _warn_if_longer_than_context(model, tokenizer, batches, prompts, config.max_new_tokens)
     sampling = config.sampling()
-    eos = set(eos_token_ids(model, tokenizer))
     device = next(model.parameters()).device
     with path.open("a", encoding="utf-8") as stream:
         for index, batch in enumerate(batches):
@@ -286,7 +285,7 @@ def _evaluate_task(
                 rollouts = generate_rollouts(
                     model, tokenizer, [prompts[p.id] for p in pending], 1, sampling, generator=generator
                 )
-                records = _records(task, pending, [prompts[p.id] for p in pending], rollouts, tokenizer, eos)
+                records = _records(task, pending, [prompts[p.id] for p in pending], rollouts, tokenizer)
                 stream.write("".join(json.dumps(record) + "\n" for record in records))
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -303,7 +302,7 @@ def _evaluate_task(
     return [done[problem.id] for problem in task.problems]
 
 
-def _records(task: Task, problems: list[Problem], prompts: list[str], rollouts, tokenizer, eos: set[int]) -> list[dict]:
+def _records(task: Task, problems: list[Problem], prompts: list[str], rollouts, tokenizer) -> list[dict]:
     lengths = rollouts.completion_mask.sum(dim=1).tolist()
     ids = rollouts.completion_ids.tolist()
     completions = [tokenizer.decode(row[:length], skip_special_tokens=True) for row, length in zip(ids, lengths)]
@@ -317,9 +316,10 @@ def _records(task: Task, problems: list[Problem], prompts: list[str], rollouts, 
             "gold": problem.answer,
             "correct": score == 1.0,
             "completion_tokens": int(length),
-            "finished": length > 0 and row[length - 1] in eos,
+            "finished": finished,
         }
-        for problem, prompt, completion, score, length, row in zip(problems, prompts, completions, scores, lengths, ids)
+        for problem, prompt, completion, score, length, finished
+        in zip(problems, prompts, completions, scores, lengths, rollouts.finished.tolist())
     ]
 
 

@@ -25,7 +25,8 @@ class Rollouts:
     """A batch of B prompts x G completions, in prompt-major order (completion i belongs to prompt i // G).
 
     prompt_ids, prompt_mask: (B*G, P) left-padded prompts; completion_ids, completion_mask,
-    behavior_logprobs: (B*G, T) as in `Samples`.
+    behavior_logprobs: (B*G, T) as in `Samples`; finished: (B*G,) bool, the completion ended with an EOS
+    token rather than at `max_new_tokens` (TRL's `~is_truncated`).
     """
 
     prompt_ids: torch.Tensor
@@ -33,6 +34,7 @@ class Rollouts:
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     behavior_logprobs: torch.Tensor
+    finished: torch.Tensor
     num_generations: int
     skip_set: tuple[int, ...]
     generation_time_s: float
@@ -72,13 +74,14 @@ def generate_rollouts(
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids = encoded["input_ids"].repeat_interleave(num_generations, dim=0)
     prompt_mask = encoded["attention_mask"].repeat_interleave(num_generations, dim=0)
+    eos = eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     try:
         start = _synchronized_clock(device)
         with nested(model, skip_set):
             samples = (decoder or decoder_for(sampling.engine)).sample(
-                model, prompt_ids, prompt_mask, sampling, eos_token_ids(model, tokenizer), tokenizer.pad_token_id,
+                model, prompt_ids, prompt_mask, sampling, eos, tokenizer.pad_token_id,
                 generator,
             )
         elapsed = _synchronized_clock(device) - start
@@ -90,6 +93,7 @@ def generate_rollouts(
         completion_ids=samples.tokens,
         completion_mask=samples.mask,
         behavior_logprobs=samples.logprobs,
+        finished=ended_with_eos(samples.tokens, samples.mask, eos),
         num_generations=num_generations,
         skip_set=tuple(sorted(skip_set)),
         generation_time_s=elapsed,
@@ -103,6 +107,13 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
         configured = tokenizer.eos_token_id
     ids = configured if isinstance(configured, (list, tuple)) else [configured]
     return [int(i) for i in ids if i is not None]
+
+
+def ended_with_eos(tokens: torch.Tensor, mask: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """(N,) bool: row i's last generated token (mask 1) is an EOS token; False for an empty completion."""
+    lengths = mask.sum(dim=1).long()
+    last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    return (lengths > 0) & torch.isin(last, torch.tensor(eos, dtype=tokens.dtype, device=tokens.device))
 
 
 def _synchronized_clock(device: torch.device) -> float:

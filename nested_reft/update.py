@@ -107,6 +107,8 @@ class _Batch:
     def of(cls, rollouts: Rollouts, advantages: torch.Tensor, config: TrainConfig, accelerator) -> _Batch:
         device = accelerator.device
         mask = rollouts.completion_mask.to(device).float()
+        if config.grpo.mask_truncated_completions:
+            mask = mask * rollouts.finished.to(device)[:, None]
         scale = LossScale(
             tokens=accelerator.reduce(mask.sum(), reduction="sum").item() / accelerator.num_processes,
             rows=mask.shape[0],

@@ -29,7 +29,7 @@ from test_distributed import (
 
 LAUNCH_CONFIGS = {"fsdp2": "configs/accelerate/fsdp2.yaml", "ddp": "configs/accelerate/ddp.yaml"}
 LAUNCH_TIMEOUT_S = 300
-ROLLOUT_FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "behavior_logprobs")
+ROLLOUT_FIELDS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "behavior_logprobs", "finished")
 
 
 class KilledAfterStep1(Exception):

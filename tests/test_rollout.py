@@ -12,7 +12,7 @@ from transformers import DynamicCache
 import nested_reft.rollout as rollout_module
 import nested_reft.sampling as sampling_module
 from nested_reft.nesting import nested
-from nested_reft.rollout import SamplingConfig, generate_rollouts
+from nested_reft.rollout import SamplingConfig, ended_with_eos, generate_rollouts
 from nested_reft.sampling import draw, inverse_cdf_sample
 from nested_reft.tiny import tiny_model
 
@@ -107,6 +107,14 @@ def test_fixed_length_mode_never_stops_early():
     fixed = generate_rollouts(model, tokenizer, PROMPTS, 2, SamplingConfig(max_new_tokens=8, min_new_tokens=8))
     assert fixed.completion_mask.sum(1).tolist() == [8] * 6
     assert not (fixed.completion_ids == eos).any()
+    assert stopping.finished.all() and not fixed.finished.any()  # ended at EOS / cut at max_new_tokens
+
+
+def test_a_completion_is_finished_when_its_last_generated_token_is_an_eos_token():
+    tokens = torch.tensor([[5, 2, 0], [5, 6, 7], [5, 6, 3], [0, 0, 0], [2, 0, 0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [0, 0, 0], [1, 0, 0]])
+    # EOS mid-row; cut at the limit; EOS (a second EOS id) exactly at the limit; empty; EOS first
+    assert ended_with_eos(tokens, mask, [2, 3]).tolist() == [True, False, True, False, True]
 
 
 def test_sequences_stop_independently_and_are_padded_after_eos():
@@ -121,6 +129,10 @@ def test_sequences_stop_independently_and_are_padded_after_eos():
         assert (ids[length:] == tokenizer.pad_token_id).all()
         if length < ids.shape[0]:
             assert ids[length - 1] == tokenizer.eos_token_id
+    lengths = rollouts.completion_mask.sum(1)
+    assert rollouts.finished.tolist() == [bool(ids[n - 1] == tokenizer.eos_token_id)
+                                          for ids, n in zip(rollouts.completion_ids, lengths)]
+    assert rollouts.finished.any() and not rollouts.finished.all(), "the test needs both kinds of rows"
     assert (rollouts.behavior_logprobs[rollouts.completion_mask == 0] == 0).all()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import string
@@ -340,12 +341,13 @@ def tiny_rollouts(rows_per_prompt: int = 4):
     return model, rollouts, advantages
 
 
-def update_once(model, rollouts, advantages, micro_batch_size, loss_type="dapo", beta=0.0, reference=None):
+def update_once(model, rollouts, advantages, micro_batch_size, loss_type="dapo", beta=0.0, reference=None,
+                mask_truncated=False):
     """`policy_update` on a copy of `model`, recording instead of applying the gradients."""
     model = copy.deepcopy(model)
     config = config_for("unused", micro_batch_size=micro_batch_size, **{
         "grpo.loss_type": loss_type, "grpo.beta": beta, "grpo.max_grad_norm": 1e9, "grpo.num_generations": 4,
-        "importance.mitigation": "practical"})
+        "grpo.mask_truncated_completions": mask_truncated, "importance.mitigation": "practical"})
     recorder = GradientRecorder(model)
     state = TrainingState(model, recorder, NoSchedule(), Accelerator(cpu=True), reference)
     update = trainer.policy_update(state, rollouts, advantages, config)
@@ -361,6 +363,22 @@ def test_uneven_micro_batches_give_the_whole_batch_loss_and_gradients(loss_type)
     assert whole.loss != 0 and chunked.loss == pytest.approx(whole.loss, abs=1e-6)
     for name, gradient in whole_gradients.items():
         assert torch.allclose(chunked_gradients[name], gradient, atol=1e-6), name
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_masking_truncated_completions_drops_exactly_their_tokens_from_the_loss(loss_type):
+    """TRL's mask_truncated_completions: the update is that of the batch whose truncated rows have no tokens."""
+    model, rollouts, advantages = tiny_rollouts(rows_per_prompt=4)
+    finished = torch.tensor([True, False, True, True, False, True, False, True])
+    rollouts = dataclasses.replace(rollouts, finished=finished)
+    masked, masked_gradients = update_once(model, rollouts, advantages, 8, loss_type, mask_truncated=True)
+    emptied = dataclasses.replace(rollouts, completion_mask=rollouts.completion_mask * finished[:, None])
+    expected, expected_gradients = update_once(model, emptied, advantages, 8, loss_type)
+    _, plain_gradients = update_once(model, rollouts, advantages, 8, loss_type)
+    assert masked.loss == pytest.approx(expected.loss, abs=1e-6) and masked.loss != 0
+    for name, gradient in expected_gradients.items():
+        assert torch.allclose(masked_gradients[name], gradient, atol=1e-6), name
+    assert max((plain_gradients[n] - masked_gradients[n]).abs().max().item() for n in plain_gradients) > 1e-4
 
 
 # --- resumption ----------------------------------------------------------------------------------------
