@@ -200,12 +200,23 @@ def verify_checkpoint(directory: Path) -> dict[str, str]:
     return expected
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint of the highest step in `output_dir`, or None."""
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoints in `output_dir`, oldest (lowest step) first."""
     candidates = [
         path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if path.name[len(CHECKPOINT_PREFIX) :].isdigit()
     ]
-    return max(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+    return sorted(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint of the highest step in `output_dir`, or None."""
+    return (checkpoints(output_dir) or [None])[-1]
+
+
+def remove_old_checkpoints(output_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints of `output_dir` (0: keep every one), called after a complete save."""
+    for path in checkpoints(output_dir)[:-keep] if keep else []:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:

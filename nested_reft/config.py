@@ -217,6 +217,9 @@ class TrainConfig:
     # small models on one device do not need; turn it on for 7B.
     gradient_checkpointing: bool = False
     save_steps: int = 25  # checkpoint every N steps (and at the end)
+    # Checkpoints kept, the newest; 0 keeps every one (to evaluate a run's trajectory). TrainingArguments'
+    # default None keeps all; ours keeps 1, as a checkpoint holds AdamW's state (twice the weights).
+    save_total_limit: int = 1
     max_nonfinite_steps: int = 5  # abort after this many skipped non-finite updates (0 = never abort)
     report_to: tuple[str, ...] = ()  # accelerate trackers: tensorboard, wandb, ...
     nesting: NestingConfig = field(default_factory=NestingConfig)
@@ -233,6 +236,7 @@ class TrainConfig:
         check_option(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
         check_option(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
         check_option(self.save_steps >= 1, "save_steps", self.save_steps, ">= 1")
+        check_option(self.save_total_limit >= 0, "save_total_limit", self.save_total_limit, ">= 0 (0 keeps all)")
         check_option(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, ">= 0")
         check_option(not (self.lora.r and self.grpo.beta), "grpo.beta", self.grpo.beta,
                      "0 with LoRA (lora.r > 0): the KL reference is the post-SFT model, which adapters on a frozen "
@@ -248,7 +252,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Options a resumed run may change: where things are and how the run is logged, checkpointed and guarded.
 # Everything else (model, data, seed, schedule, batch, micro-batch, nesting, mitigation, sampling, ...)
 # shapes the trajectory, so a changed value would silently continue another run than the one saved.
-RESUMABLE_OPTIONS = ("output_dir", "data_dir", "report_to", "save_steps", "max_nonfinite_steps")
+RESUMABLE_OPTIONS = ("output_dir", "data_dir", "report_to", "save_steps", "save_total_limit",
+                     "max_nonfinite_steps")
 
 
 def _default(cls: type, name: str) -> Any:

@@ -82,13 +82,13 @@ def calibrated_config(model: str, output_dir: Path, steps: int) -> TrainConfig:
         micro_batch_size=8,
         save_steps=steps,
         sampling=SamplingConfig(temperature=0.7, max_new_tokens=64, min_new_tokens=0),
-        grpo=GRPOConfig(num_generations=4, learning_rate=2e-5, lr_scheduler="constant"),
+        grpo=GRPOConfig(num_generations=4, learning_rate=2e-5, lr_scheduler="linear", mask_truncated_completions=True),
         sft=SFTConfig(epochs=1, batch_size=8, max_examples=64, max_length=256),
     )
 
 
 NESTED_POLICY_OPTIONS = {"kl_target": 1.0, "kl_retry_steps": 0}  # the study's kl-target variant (a test holds them)
-STUDY_STEPS, STUDY_PROBLEMS = 16, 300  # the study's ReFT steps and held-out problems (a test holds these to the grid)
+STUDY_STEPS, STUDY_PROBLEMS = 24, 300  # the study's ReFT steps and held-out problems (a test holds these to the grid)
 EVAL = EvalConfig(max_new_tokens=64, batch_size=50)  # the study's `eval:` (paper's temperature 0.6, top-p 0.95)
 
 

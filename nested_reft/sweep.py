@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from nested_reft.checkpoint import CHECKPOINT_PREFIX
+from nested_reft.checkpoint import checkpoints
 from nested_reft.config import TrainConfig
 from nested_reft.collect import EVAL_DIR, collect_results
 from nested_reft.evaluate import EVAL_FILE, evaluate_model, print_progress
@@ -167,7 +167,7 @@ def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str
         config = instance_config(grid, instance)
         ensure_trained(config)  # resumes from the last checkpoint; starts afresh where there is none
         if not grid.keep_checkpoints:  # trained: model/ is the result, the checkpoint only served resuming
-            for checkpoint in directory.glob(f"{CHECKPOINT_PREFIX}*"):
+            for checkpoint in checkpoints(directory):
                 shutil.rmtree(checkpoint, ignore_errors=True)
         evaluate_instance(directory / FINAL_MODEL_DIR, directory / EVAL_DIR, grid.eval, config, instance.seed)
     except KeyboardInterrupt:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -46,8 +45,8 @@ from accelerate.utils import gather_object, set_seed
 
 from nested_reft.checkpoint import (
     checkpoint_path,
-    latest_checkpoint,
     load_checkpoint,
+    remove_old_checkpoints,
     restore_rng_states,
     rng_states_of_rank,
     save_checkpoint,
@@ -367,11 +366,9 @@ def _checkpoint(config: TrainConfig, state: TrainingState, tokenizer, step: int,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output = Path(config.output_dir)
-        previous = latest_checkpoint(output)
         save_checkpoint(checkpoint_path(output, step), state.policy, tokenizer, state.optimizer, state.scheduler,
                         saved, rng_states, gathered)
-        if previous is not None and previous != checkpoint_path(output, step):
-            shutil.rmtree(previous, ignore_errors=True)  # keep the newest complete checkpoint only
+        remove_old_checkpoints(output, config.save_total_limit)
     accelerator.wait_for_everyone()
 
 

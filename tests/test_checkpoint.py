@@ -17,8 +17,10 @@ from nested_reft.checkpoint import (
     TRAINER_STATE,
     CheckpointError,
     checkpoint_path,
+    checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    remove_old_checkpoints,
     restore_rng_states,
     rng_states_of_rank,
     save_checkpoint,
@@ -129,6 +131,16 @@ def test_latest_checkpoint_picks_the_highest_step(tmp_path):
     (tmp_path / "checkpoint-final").mkdir()
     (tmp_path / ".checkpoint-11.tmp").mkdir()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+
+
+@pytest.mark.parametrize("keep, kept", [(1, [10]), (2, [9, 10]), (0, [2, 9, 10]), (5, [2, 9, 10])])
+def test_removing_old_checkpoints_keeps_the_newest_by_step(tmp_path, keep, kept):
+    for step in (2, 10, 9):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-final").mkdir()  # not a checkpoint: never removed
+    remove_old_checkpoints(tmp_path, keep)
+    assert checkpoints(tmp_path) == [tmp_path / f"checkpoint-{step}" for step in kept]
+    assert (tmp_path / "checkpoint-final").is_dir()
 
 
 # --- damaged checkpoints are refused -------------------------------------------------------------------

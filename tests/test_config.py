@@ -216,6 +216,7 @@ def test_unknown_keys_are_rejected_naming_the_key(tmp_path, source, key):
         ({"dataset": "imagenet"}, "dataset"),
         ({"rft_steps": -1}, "rft_steps"),
         ({"save_steps": 0}, "save_steps"),
+        ({"save_total_limit": -1}, "save_total_limit"),
         ({"sft.epochs": -1}, "sft.epochs"),
         ({"rft_steps": "many"}, "rft_steps"),
         ({"rft_steps": 2.5}, "rft_steps"),  # not silently truncated to 2

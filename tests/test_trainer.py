@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import nested_reft.trainer as trainer
 import nested_reft.update as update_module
-from nested_reft.checkpoint import CheckpointError, latest_checkpoint
+from nested_reft.checkpoint import CheckpointError, checkpoints, latest_checkpoint
 from nested_reft.config import ConfigError, load_config
 from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
@@ -444,6 +444,14 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, variant):
     if "nesting.skip_policy" in variant:  # the policy's draws after the resume depend on the restored state
         assert all(row["layer_influence"] == pytest.approx(other["layer_influence"], abs=1e-6)
                    for row, other in zip(whole, resumed))
+
+
+@pytest.mark.parametrize("limit, kept", [(1, [3]), (0, [1, 2, 3])])
+def test_save_total_limit_keeps_the_newest_checkpoints_of_a_run(tmp_path, limit, kept):
+    run(tmp_path, rft_steps=3, save_steps=1, save_total_limit=limit)
+    assert [int(path.name.split("-")[1]) for path in checkpoints(tmp_path)] == kept
+    first, last = (load_file(checkpoints(tmp_path)[i] / "model.safetensors") for i in (0, -1))
+    assert (first.keys() == last.keys()) and bool(changed(first, last)) == (limit == 0)  # each step's own weights
 
 
 def test_resuming_from_a_corrupt_checkpoint_is_refused(tmp_path):
