@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="baseline vs Nested-ReFT on SmolLM2-135M and arithmetic problems")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    demo.add_argument("--steps", type=int, default=None, help="ReFT steps per run (default 4; the study: 16)")
+    demo.add_argument("--steps", type=int, default=None, help="ReFT steps per run (default 24, the study's)")
     demo.add_argument("--eval-problems", type=int, default=None,
-                      help="held-out problems evaluated before and after (default 50; the study: 300)")
+                      help="held-out problems evaluated before and after (default 300, the study's)")
+    demo.add_argument("--lanes", type=int, default=None,
+                      help="processes side by side, one torch thread each (default 2, the study's); 1: in turn")
     demo.add_argument("--skip-ratio", type=float, default=None, help="x of the nested run (default 0.3)")
     demo.add_argument("--skip-policy", default=None,
                       help="the nested run's skip policy: uniform | influence | kl_target (default, bounded by x)")
@@ -187,7 +189,7 @@ def _demo(args: argparse.Namespace) -> int:
     from nested_reft.demo import DemoSettings, run_demo
 
     options = {"steps": args.steps, "eval_problems": args.eval_problems, "skip_ratio": args.skip_ratio,
-               "skip_policy": args.skip_policy}
+               "skip_policy": args.skip_policy, "lanes": args.lanes}
     settings = DemoSettings(**{key: value for key, value in options.items() if value is not None})
     run_demo(args.output_dir, model=args.model, settings=settings)
     return 0

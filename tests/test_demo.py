@@ -13,27 +13,14 @@ import yaml
 
 from nested_reft import demo, evaluate, trainer
 from nested_reft.config import ConfigError
-from nested_reft.demo import DemoSettings, calibrated_config, paired_speedups, run_demo, runs
+from nested_reft.demo import DemoSettings, calibrated_config, cut_from_study, paired_speedups, run_demo, runs
 from nested_reft.grid import load_grid
 from nested_reft.models import load_model
-from nested_reft.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE
+from nested_reft.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SFT_METRICS_FILE
 from nested_reft.study import bootstrap_delta
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = DemoSettings(steps=2, eval_problems=6, speed_prompts=2, speed_tokens=4)
-
-
-@pytest.fixture
-def warm_ups(monkeypatch) -> list[str]:
-    """Records every SFT warm-up the trainer runs (by the model it starts from)."""
-    calls, warm_up = [], trainer.sft_warmup
-
-    def recording(model, *args, **kwargs):
-        calls.append(model.name_or_path)
-        return warm_up(model, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "sft_warmup", recording)
-    return calls
+SETTINGS = DemoSettings(steps=2, eval_problems=6, speed_prompts=2, speed_tokens=4, lanes=1)
 
 
 def scores(eval_dir: Path) -> list[float]:
@@ -46,13 +33,14 @@ def cells(table: str, label_start: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")[1:]]
 
 
-def test_demo_compares_baseline_and_nested_from_one_warm_up(tmp_path, warm_ups, capsys):
-    table = run_demo(output_dir=tmp_path, model="tiny-llama", settings=SETTINGS)
+@pytest.mark.parametrize("lanes", [1, 2])  # in this process; in two spawned processes side by side
+def test_demo_compares_baseline_and_nested_from_one_warm_up(tmp_path, lanes, capsys):
+    table = run_demo(output_dir=tmp_path, model="tiny-llama", settings=dataclasses.replace(SETTINGS, lanes=lanes))
 
     assert (tmp_path / "comparison.md").read_text() == table
     assert table in capsys.readouterr().out
     assert (tmp_path / "demo.png").stat().st_size > 1000
-    assert len(warm_ups) == 1  # one SFT warm-up, shared
+    assert [path.parent.name for path in tmp_path.rglob(SFT_METRICS_FILE)] == ["sft"]  # one SFT warm-up, shared
     shared = str(tmp_path / "sft" / FINAL_MODEL_DIR)
     for name, (nesting, importance) in runs(SETTINGS).items():
         config = yaml.safe_load((tmp_path / name / CONFIG_FILE).read_text())
@@ -113,8 +101,15 @@ def test_the_demo_trains_with_the_studys_calibrated_settings():
     assert kl_target.nesting == {"skip_policy": nested.skip_policy, **demo.NESTED_POLICY_OPTIONS}
 
 
+def test_the_table_says_what_cutting_the_studys_steps_or_problems_hides():
+    assert cut_from_study(DemoSettings()) == ""  # the defaults are the study's own
+    both = cut_from_study(SETTINGS)
+    assert "2 steps cannot yet make" in both and "6 problems cannot resolve" in both
+    assert "steps" not in cut_from_study(dataclasses.replace(SETTINGS, steps=demo.STUDY_STEPS))
+
+
 @pytest.mark.parametrize("options, option", [
-    ({"steps": 0}, "demo steps"), ({"eval_problems": 0}, "demo eval_problems"),
+    ({"steps": 0}, "demo steps"), ({"eval_problems": 0}, "demo eval_problems"), ({"lanes": 0}, "demo lanes"),
     ({"skip_ratio": 1.5}, "nesting.skip_ratio"), ({"skip_policy": "greedy"}, "nesting.skip_policy"),
 ])
 def test_bad_demo_settings_are_refused_naming_the_option(options, option):
