@@ -32,7 +32,7 @@ evaluate() {  # MODEL_DIR OUTPUT_DIR
         --batch-size 50 --seed "$seed" --output-dir "$2"
 }
 if [ "${TRAJECTORY:-0}" = 1 ]; then
-    for checkpoint in "$out"/checkpoint-*; do
+    for checkpoint in $(ls -dv "$out"/checkpoint-*); do  # by step
         evaluate "$checkpoint" "$out/eval-${checkpoint##*/}"
     done
 fi
