@@ -32,7 +32,7 @@ from nested_reft.files import atomic_write_text
 from nested_reft import study
 from nested_reft.plots import pyplot, save_figure
 from nested_reft.results import (
-    CONDITIONS_FILE, METRIC_COLUMNS, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE,
+    CONDITIONS_FILE, METRIC_COLUMNS, OPTIONAL_STEP_COLUMNS, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE,
     ResultsError, csv_text, model_slug, read_results, read_table,
 )
 
@@ -313,7 +313,7 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) ->
 
 def study_section(sweep_dir: Path, rows: Sequence[dict], output: Path) -> str:
     """The study's part of the report (`nested_reft.study`), where the sweep wrote steps.csv and problems.csv."""
-    steps = read_table(sweep_dir / STEPS_FILE, STEP_COLUMNS)
+    steps = read_table(sweep_dir / STEPS_FILE, STEP_COLUMNS, OPTIONAL_STEP_COLUMNS)
     problems = read_table(sweep_dir / PROBLEMS_FILE, PROBLEM_COLUMNS)
     if not steps and not problems:
         return ""

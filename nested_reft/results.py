@@ -36,7 +36,8 @@ STUDY_COLUMNS = ["variant", "accuracy_before", "skipped_layers", "kl_behavior_ta
                  "gen_tokens_per_s", "rollout_flops"]
 REQUIRED_COLUMNS = [column for column in RESULT_COLUMNS if column != "error"]
 STEP_COLUMNS = ["instance", "step", "reward_mean", "skipped_layers", "rollout_flops", "kl_behavior_target", "h_ess",
-                "h_truncated", "gen_tokens_per_s", "step_time_s"]
+                "h_truncated", "gen_tokens_per_s", "step_time_s", "grad_norm"]
+OPTIONAL_STEP_COLUMNS = ("grad_norm",)  # added after the first study's steps.csv, which still reads (as None)
 PROBLEM_COLUMNS = ["instance", "benchmark", "problem", "correct"]
 METRIC_COLUMNS = ("accuracy", "token_speed", "total_runtime_s")  # every finished instance has them
 NUMERIC = {"skip_ratio": float, "border": int, "seed": int}
@@ -116,19 +117,20 @@ def parse_results(text: str, source: str = RESULTS_FILE) -> list[dict]:
     return [_parse_row(row, f"{source}, line {number}") for number, row in enumerate(reader, start=2)]
 
 
-def read_table(path: str | Path, columns: Sequence[str]) -> list[dict]:
+def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str] = ()) -> list[dict]:
     """The rows of steps.csv or problems.csv, every column but `instance` and `benchmark` a number (None where
-    empty); [] where the file does not exist (a sweep written before the study's tables)."""
+    empty, or where an `optional` column is absent); [] where the file does not exist (a sweep written before
+    the study's tables)."""
     path = Path(path)
     if not path.is_file():
         return []
     reader = csv.DictReader(io.StringIO(path.read_text()))
-    missing = [column for column in columns if column not in (reader.fieldnames or [])]
+    missing = [column for column in columns if column not in (reader.fieldnames or []) and column not in optional]
     if missing:
         raise ResultsError(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(columns)}")
     text_columns = ("instance", "benchmark", "problem")
     return [
-        {column: row[column] if column in text_columns else _optional_number(row[column], column, f"{path}, line {n}")
+        {column: row[column] if column in text_columns else _optional_number(row.get(column), column, f"{path}, line {n}")
          for column in columns}
         for n, row in enumerate(reader, start=2)
     ]

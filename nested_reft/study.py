@@ -108,10 +108,14 @@ def study_rows(rows: Sequence[dict], problems: Sequence[dict]) -> list[dict]:
 
 def run_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
     """One row per finished run, by model, dataset and seed: its configuration, pass@1 before and after, its
-    mean diagnostics, and in how many of its ReFT steps the batch reward was 0 (every advantage 0, no update)."""
+    mean diagnostics, in how many of its ReFT steps the batch reward was 0 (every advantage 0), and in how many
+    the loss had a gradient (None where steps.csv predates `grad_norm`): a rewarded batch gives none either when
+    every completion with a nonzero advantage was cut and `grpo.mask_truncated_completions` drops it."""
     rewards: dict[str, list[float]] = {}
+    gradients: dict[str, list[float | None]] = {}
     for step in steps:
         rewards.setdefault(step["instance"], []).append(step["reward_mean"])
+        gradients.setdefault(step["instance"], []).append(step.get("grad_norm"))
     table = []
     for row in rows:
         if row["status"] != "done":
@@ -120,8 +124,16 @@ def run_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
         columns = ("model", "dataset", "seed", "role", "accuracy", "accuracy_before", *DIAGNOSTICS)
         table.append({**{column: row.get(column) for column in columns},
                       "label": configuration_label(row), "steps": len(run),
-                      "zero_reward_steps": sum(reward == 0 for reward in run)})
+                      "zero_reward_steps": sum(reward == 0 for reward in run),
+                      "gradient_steps": _gradient_steps(gradients.get(row["instance"], []))})
     return sorted(table, key=lambda entry: (entry["model"], entry["dataset"], entry["seed"], entry["role"] != "baseline"))
+
+
+def _gradient_steps(norms: Sequence[float | None]) -> int | None:
+    """How many steps' loss had a finite nonzero gradient; None where a step did not record its norm."""
+    if not norms or any(norm is None for norm in norms):
+        return None
+    return sum(math.isfinite(norm) and norm > 0 for norm in norms)
 
 
 def _scores_by_run(problems: Iterable[dict]) -> dict[str, dict[tuple[str, str], float]]:
@@ -266,21 +278,28 @@ def render_runs(runs: Sequence[dict]) -> list[str]:
     lines = [
         "### The runs\n",
         "Gain: pass@1 after ReFT minus the run's warm-up, in points. Zero-reward steps: batches with no rewarded "
-        "completion, whose GRPO advantages are all 0.\n",
-        "| model | dataset | seed | configuration | before | after | gain | zero-reward steps | U | KL | ESS "
-        "| truncated |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "completion, whose GRPO advantages are all 0. Gradient steps: steps whose loss had a nonzero gradient (none "
+        "where the reward was 0, or where every completion with an advantage was cut and "
+        "`grpo.mask_truncated_completions` left it out of the loss).\n",
+        "| model | dataset | seed | configuration | before | after | gain | zero-reward steps | gradient steps | U "
+        "| KL | ESS | truncated |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         gain = None if r["accuracy"] is None or r["accuracy_before"] is None else r["accuracy"] - r["accuracy_before"]
         lines.append(
             f"| {r['model']} | {r['dataset']} | {r['seed']} | {r['label']} | {_percent(r['accuracy_before'])} "
             f"| {_percent(r['accuracy'])} | {_number(None if gain is None else 100 * gain, '+.1f')} "
-            f"| {r['zero_reward_steps']} of {r['steps']} | {_number(r['skipped_layers'], '.2f')} "
+            f"| {r['zero_reward_steps']} of {r['steps']} | {_of(r['gradient_steps'], r['steps'])} "
+            f"| {_number(r['skipped_layers'], '.2f')} "
             f"| {_number(r['kl_behavior_target'], '.2f')} | {_number(r['h_ess'], '.3f')} "
             f"| {_number(r['h_truncated'], '.3f')} |"
         )
     return lines + [""]
+
+
+def _of(count: int | None, total: int) -> str:
+    return "–" if count is None else f"{count} of {total}"
 
 
 def _percent(value: float | None) -> str:

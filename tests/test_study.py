@@ -9,8 +9,10 @@ import pytest
 import yaml
 
 from nested_reft.report import write_report
-from nested_reft.results import PROBLEMS_FILE, STEPS_FILE
-from nested_reft.study import Interval, bootstrap_delta, bootstrap_replicates, learning_curves, run_rows, study_rows
+from nested_reft.results import OPTIONAL_STEP_COLUMNS, PROBLEMS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError, read_table
+from nested_reft.study import (
+    Interval, bootstrap_delta, bootstrap_replicates, learning_curves, render_runs, run_rows, study_rows,
+)
 from nested_reft.sweep import sweep_main
 
 
@@ -82,15 +84,29 @@ def test_learning_curves_average_seeds_on_the_steps_all_reached():
     assert curve == {"step": [1, 2], "reward": [0.25, 0.5], "flops": [15.0, 30.0]}
 
 
-def test_run_rows_list_each_seed_baseline_first_with_its_zero_reward_steps():
+def test_run_rows_list_each_seed_baseline_first_with_its_zero_reward_and_gradient_steps():
     rows, _ = rows_and_problems()
-    steps = [{"instance": "m/d/nested-s0", "step": s, "reward_mean": r, "rollout_flops": 1.0}
-             for s, r in ((1, 0.0), (2, 0.5), (3, 0.0))]
+    # step 2 was rewarded but had no gradient (its rewarded completions cut and masked), step 4's was not finite
+    steps = [{"instance": "m/d/nested-s0", "step": s, "reward_mean": r, "rollout_flops": 1.0, "grad_norm": g}
+             for s, r, g in ((1, 0.0, 0.0), (2, 0.5, 0.0), (3, 0.5, 1.5), (4, 0.5, float("nan")))]
     runs = run_rows(list(reversed(rows)), steps)
     assert [(run["seed"], run["role"]) for run in runs] == [(0, "baseline"), (0, "nested"), (1, "baseline"),
                                                             (1, "nested")]
-    assert (runs[1]["zero_reward_steps"], runs[1]["steps"]) == (2, 3)
+    assert (runs[1]["zero_reward_steps"], runs[1]["gradient_steps"], runs[1]["steps"]) == (1, 1, 4)
     assert runs[1]["label"] == "x = 30%, retrace" and runs[1]["accuracy"] == 0.75
+    assert "| 1 of 4 | 1 of 4 |" in "\n".join(render_runs(runs))
+
+
+def test_steps_written_before_grad_norm_read_as_unknown_gradient_steps(tmp_path):
+    old = tmp_path / STEPS_FILE
+    old.write_text("instance,step,reward_mean,skipped_layers,rollout_flops,kl_behavior_target,h_ess,h_truncated,"
+                   "gen_tokens_per_s,step_time_s\nm/d/nested-s0,1,0.5,9,1.0,2.0,0.1,0.2,50.0,10.0\n")
+    steps = read_table(old, STEP_COLUMNS, OPTIONAL_STEP_COLUMNS)
+    assert steps[0]["grad_norm"] is None and steps[0]["reward_mean"] == 0.5
+    rows, _ = rows_and_problems()
+    assert run_rows(rows, steps)[1]["gradient_steps"] is None
+    with pytest.raises(ResultsError, match="lacks column\\(s\\) loss;"):  # only optional columns may be absent
+        read_table(old, [*STEP_COLUMNS, "loss"], OPTIONAL_STEP_COLUMNS)
 
 
 def test_a_tiny_study_end_to_end(tmp_path, capsys):
@@ -118,6 +134,7 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
     with open(root / STEPS_FILE) as stream:
         steps = list(csv.DictReader(stream))
     assert len(steps) == 3 * 2 and all(float(step["rollout_flops"]) > 0 for step in steps)
+    assert all(float(step["grad_norm"]) >= 0 for step in steps)  # collected from metrics.jsonl
     with open(root / PROBLEMS_FILE) as stream:
         problems = list(csv.DictReader(stream))
     assert len(problems) == 4 * 3  # three instances and the warm-up, three problems each
@@ -126,6 +143,7 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
     assert "x = 30%, retrace influence" in report
     runs = report[report.index("### The runs"):].splitlines()
     assert sum(line.startswith("| tiny-llama | arithmetic | 0 |") for line in runs) == 3  # one row per run
+    assert all(" of 2 | " in line and "–" not in line for line in runs if line.startswith("| tiny-llama"))
     assert (root / "report" / "curves-tiny-llama-arithmetic.png").is_file()
     assert (root / "report" / "diagnostics-tiny-llama-arithmetic.png").is_file()
 
