@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-problems", type=int, default=None,
                       help="held-out problems evaluated before and after (default 300, the study's)")
     demo.add_argument("--lanes", type=int, default=None,
-                      help="processes side by side, one torch thread each (default 2, the study's); 1: in turn")
+                      help="processes side by side, one torch thread each (default 3: the two runs and the "
+                           "warm-up's evaluation); 1: in turn")
     demo.add_argument("--skip-ratio", type=float, default=None, help="x of the nested run (default 0.3)")
     demo.add_argument("--skip-policy", default=None,
                       help="the nested run's skip policy: uniform | influence | kl_target (default, bounded by x)")

@@ -5,11 +5,12 @@ needs no hub and no files. The settings are the study's (docs/study-smollm2, con
 where they were calibrated so that the x = 0 baseline learns at every seed), and so is the way it runs: the two
 runs side by side, one process and one torch thread each, as the study's two lanes, so that on a machine like the
 study's the demo's runs are the study's seed-0 runs (`steps` and `eval_problems` cut them for a slower machine).
-One SFT warm-up is shared by both runs; the warm-up, then each run, is evaluated on the same held-out problems,
-so each run's gain is a paired difference with a bootstrap interval over those problems. The nested run is the
+One SFT warm-up is shared by both runs; the warm-up (beside the runs, in its own process) and each run are
+evaluated on the same held-out problems, so each run's gain is a paired difference with a bootstrap interval
+over those problems. The nested run is the
 study's kl-target instance: the kl_target skip policy (1 nat per token, no retries) with x = 30% as its bound,
 which skips what keeps the behavior model close. The study's uniform skip sets at 15-45% are too far from a 135M
-model for their completions to be rewarded (docs/study-smollm2/README.md).
+model for their completions to be rewarded and finished (docs/study-smollm2/README.md).
 
 Step times of two runs on a busy machine do not measure the nesting's saving (and nested completions that
 rarely stop early keep the batch full), so the rollout speedup is measured separately, side by side in one
@@ -66,9 +67,11 @@ class DemoSettings:
     speed_prompts: int = 8  # prompts per timed generation (one completion each)
     speed_tokens: int = 16  # fixed completion length of a timed generation
     uniform_draws: int = 2  # timed uniform skip sets at U_x
-    # Processes training side by side, one torch thread each, as the study's lanes; 1 runs all in this process
-    # with torch's threads (in turn).
-    lanes: int = 2
+    # Processes side by side, one torch thread each, as the study's lanes: the two runs and the warm-up's
+    # evaluation, which on 2 cores shares them with the runs' first minutes rather than hold one core alone
+    # (9 min 46 s against 2 lanes' 10 min 0 s, docs/benchmarks.md); 1 runs all in this process with torch's
+    # threads (in turn).
+    lanes: int = 3
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_problems", "speed_prompts", "speed_tokens", "lanes"):
@@ -127,12 +130,14 @@ def run_demo(output_dir: str | Path = "runs/demo", model: str | None = None,
     arms = {name: dataclasses.replace(base, model=str(warm), output_dir=str(output / name), nesting=nesting,
                                       importance=importance, sft=dataclasses.replace(base.sft, epochs=0))
             for name, (nesting, importance) in runs(settings).items()}
+    warm_up = dataclasses.replace(base, rft_steps=0)
     with lanes(settings.lanes) as run_in_lanes:
-        # one shared SFT warm-up (rft_steps = 0), then both runs from it, each scored on the held-out problems
-        (before,) = run_in_lanes(trained_scores, [(dataclasses.replace(base, rft_steps=0), output / "eval-warm-up",
-                                                   settings)])
-        afters = run_in_lanes(trained_scores, [(config, output / name / "eval", settings)
-                                               for name, config in arms.items()])
+        # one shared SFT warm-up, then both runs from it and the warm-up's own evaluation, side by side (its
+        # minutes would otherwise leave a core idle), each scored on the held-out problems
+        run_in_lanes(ensure_trained, [(warm_up,)])
+        before, *afters = run_in_lanes(trained_scores, [
+            (warm_up, output / "eval-warm-up", settings),
+            *((config, output / name / "eval", settings) for name, config in arms.items())])
     results = {}
     for name, after in zip(arms, afters):
         steps = [json.loads(line) for line in (output / name / METRICS_FILE).read_text().splitlines()]

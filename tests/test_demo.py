@@ -33,7 +33,7 @@ def cells(table: str, label_start: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")[1:]]
 
 
-@pytest.mark.parametrize("lanes", [1, 2])  # in this process; in two spawned processes side by side
+@pytest.mark.parametrize("lanes", [1, 3])  # in this process; in spawned processes side by side (the default)
 def test_demo_compares_baseline_and_nested_from_one_warm_up(tmp_path, lanes, capsys):
     table = run_demo(output_dir=tmp_path, model="tiny-llama", settings=dataclasses.replace(SETTINGS, lanes=lanes))
 
