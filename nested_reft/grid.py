@@ -20,7 +20,6 @@ is paid once instead of 13 times.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from nested_reft.config import (
-    ConfigError, TrainConfig, check_option, flat_options, from_dict, load_config, read_yaml_mapping, to_dict,
+    ConfigError, TrainConfig, check_option, config_differences, flat_options, from_dict, load_config,
+    read_yaml_mapping,
 )
 from nested_reft.data import TRAINING_SETS, DataError
 from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig, benchmark_names, eval_config, listed_benchmarks
@@ -307,10 +307,23 @@ def instance_config(grid: GridConfig, instance: Instance) -> TrainConfig:
     return grid.base_config(instance.model, instance.dataset, instance.seed, overrides)
 
 
-def fingerprint(grid: GridConfig, instance: Instance) -> str:
-    """A hash of what determines an instance's result (train and eval settings), kept in its status."""
-    values = {"train": to_dict(instance_config(grid, instance)), "eval": dataclasses.asdict(grid.eval)}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def eval_record(grid: GridConfig) -> dict[str, Any]:
+    """The grid's evaluation settings as its instances' status.json records them (JSON types: lists, not tuples),
+    so that a finished instance tells which settings its evaluation ran with."""
+    return json.loads(json.dumps(dataclasses.asdict(grid.eval)))
+
+
+def changed_settings(grid: GridConfig, instance: Instance, saved: TrainConfig | None, evaluated: dict | None
+                     ) -> list[str]:
+    """What the grid now sets otherwise than the instance's finished run was trained with (`saved`, its
+    config.yaml; options of RESUMABLE_OPTIONS, which do not shape a result, aside) and evaluated with
+    (`evaluated`, its status's record), as "option: then -> now"; unknown (None) compares as unchanged."""
+    changes = [] if saved is None else config_differences(saved, instance_config(grid, instance))
+    now = eval_record(grid)
+    if evaluated is not None:
+        changes += [f"eval.{name}: {evaluated.get(name)!r} -> {now[name]!r}"
+                    for name in sorted(now) if evaluated.get(name) != now[name]]
+    return changes
 
 
 def select_instances(grid: GridConfig, only: str | None) -> list[Instance]:

@@ -39,16 +39,16 @@ from typing import Any
 import torch
 
 from nested_reft.checkpoint import checkpoints
-from nested_reft.config import TrainConfig
+from nested_reft.config import TrainConfig, load_config
 from nested_reft.collect import EVAL_DIR, collect_results
 from nested_reft.evaluate import EVAL_FILE, evaluate_model, print_progress
 from nested_reft.files import LockHeldError, atomic_write_json, atomic_write_text, exclusive_lock, read_json
 from nested_reft.grid import (
-    EvalSettings, GridConfig, Instance, enumerate_instances, fingerprint, instance_config, load_grid, run_directory,
-    select_instances, sft_config, sft_directory,
+    EvalSettings, GridConfig, Instance, changed_settings, enumerate_instances, eval_record, instance_config, load_grid,
+    run_directory, select_instances, sft_config, sft_directory,
 )
 from nested_reft.results import RESULTS_FILE
-from nested_reft.rundir import FINAL_MODEL_DIR, SUMMARY_FILE
+from nested_reft.rundir import CONFIG_FILE, FINAL_MODEL_DIR, SUMMARY_FILE
 from nested_reft.status import STATUS_FILE, read_status, write_status
 from nested_reft.trainer import ensure_trained
 
@@ -134,8 +134,11 @@ def _run_unless_done(grid: GridConfig, instance: Instance, label: str, outcome: 
     status = read_status(directory)
     if status.get("status") == "done":
         outcome.skipped.append(instance.id)
-        if status.get("fingerprint") not in (None, fingerprint(grid, instance)):
-            log(f"warning: {instance.id} is done with other settings than the grid's now; "
+        saved = directory / CONFIG_FILE
+        changes = changed_settings(grid, instance, load_config(saved) if saved.is_file() else None,
+                                   status.get("eval"))
+        if changes:
+            log(f"warning: {instance.id} is done with other settings than the grid's now ({'; '.join(changes)}); "
                 f"delete {directory} to rerun it")
         return
     log(f"{label} {instance.id}")
@@ -154,7 +157,7 @@ def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str
     """
     failed_warm_ups = {} if failed_warm_ups is None else failed_warm_ups
     directory = run_directory(grid, instance)
-    write_status(directory, "running", instance=instance.id, fingerprint=fingerprint(grid, instance))
+    write_status(directory, "running", instance=instance.id, eval=eval_record(grid))
     try:
         if grid.warm_up:
             if instance.sft_id in failed_warm_ups:

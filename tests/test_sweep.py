@@ -15,11 +15,12 @@ import yaml
 
 from nested_reft import sweep
 from nested_reft.cli import main
-from nested_reft.config import ConfigError
+from nested_reft.config import ConfigError, save_config
 from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig
 from nested_reft.grid import (
     EvalSettings, GridConfig, enumerate_instances, instance_config, load_grid, run_directory, sft_config,
 )
+from nested_reft.rundir import CONFIG_FILE
 from nested_reft.sweep import read_status, run_sweep, sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +164,7 @@ class FakeRuns:
         if config.rft_steps > 0:
             assert config.sft.epochs == 0 and config.model.endswith(f"sft-s{config.seed}/model")
         (output / "model").mkdir(parents=True, exist_ok=True)
+        save_config(config, output / CONFIG_FILE)  # as the trainer does
         summary = {"token_speed": 100.0 * (1 + config.nesting.skip_ratio), "total_runtime_s": 10.0}
         (output / "summary.json").write_text(json.dumps(summary))
         return summary
@@ -209,6 +211,26 @@ def test_skip_done_retry_failed_and_one_failure_does_not_stop_the_others(tmp_pat
     assert {row["status"] for row in results(grid).values()} == {"done"}
     status = read_status(failed)
     assert status["attempts"] == 2 and status["error"] is None and status["finished_at"]
+
+
+def test_a_done_instance_the_grid_now_sets_otherwise_is_kept_and_the_change_named(tmp_path, monkeypatch):
+    FakeRuns(monkeypatch)
+    grid_path = write_grid(tmp_path)
+    assert sweep_main(str(grid_path), log=lambda line: None) == 0
+    lines: list[str] = []
+    assert sweep_main(str(grid_path), log=lines.append) == 0
+    assert not any(line.startswith("warning") for line in lines)  # the same grid: nothing changed
+
+    changed = yaml.safe_load(grid_path.read_text())
+    changed["train"].update({"save_steps": 7, "grpo": {"learning_rate": 3e-6}})  # save_steps shapes no result
+    changed["eval"]["limit"] = 3
+    grid_path.write_text(yaml.safe_dump(changed))
+    lines.clear()
+    assert sweep_main(str(grid_path), log=lines.append) == 0
+    warnings = [line for line in lines if line.startswith("warning")]
+    assert len(warnings) == 2  # the baseline and the nested instance, neither rerun
+    assert all("grpo.learning_rate: 1e-06 -> 3e-06" in line and "eval.limit: 2 -> 3" in line
+               and "save_steps" not in line for line in warnings)
 
 
 def test_evaluation_failure_is_retried_without_retraining(tmp_path, monkeypatch):
