@@ -9,8 +9,8 @@ One SFT warm-up is shared by both runs; the warm-up (beside the runs, in its own
 evaluated on the same held-out problems, so each run's gain is a paired difference with a bootstrap interval
 over those problems. The nested run is the
 study's kl-target instance: the kl_target skip policy (1 nat per token, no retries) with x = 30% as its bound,
-which skips what keeps the behavior model close. The study's uniform skip sets at 15-45% are too far from a 135M
-model for their completions to be rewarded and finished (docs/study-smollm2/README.md).
+which skips what keeps the behavior model close. The study's uniform skip sets at 5-45% lose what ReFT gains on
+a 135M model (docs/study-smollm2/README.md).
 
 Step times of two runs on a busy machine do not measure the nesting's saving (and nested completions that
 rarely stop early keep the batch full), so the rollout speedup is measured separately, side by side in one
