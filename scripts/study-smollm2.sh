@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study of docs/study-smollm2/ (configs/grids/study-smollm2.yaml): its 33 runs in two lanes, one core and one
+# The study of docs/study-smollm2/ (configs/grids/study-smollm2.yaml): its 39 runs in two lanes, one core and one
 # torch thread each: first the baseline, x = 30% and the adaptive policies at every seed, then kl_target with retries
 # at every seed, then the other instances seed by seed, then the report. Resumable: finished runs are skipped, a
 # killed run resumes from its last checkpoint, a failed one is retried; rerun it in a later session to continue.
@@ -27,7 +27,8 @@ trap 'rm -f "$jobs" "$jobs.ordered"' EXIT
         done
     done
     for seed in 0 1 2; do
-        for run in x0.15-b1-retrace x0.45-b1-retrace x0.3-b1-base x0.3-b1-practical x0.05-b1-retrace x0.1-b1-retrace; do
+        for run in x0.15-b1-retrace x0.45-b1-retrace x0.3-b1-base x0.3-b1-practical x0.05-b1-retrace x0.1-b1-retrace \
+            x0.05-b1-base x0.05-b1-practical; do
             grep -- "/$run-s$seed\$" "$jobs"
         done
     done
