@@ -7,9 +7,8 @@ runs side by side, one process and one torch thread each, as the study's two lan
 study's the demo's runs are the study's seed-0 runs (`steps` and `eval_problems` cut them for a slower machine).
 One SFT warm-up is shared by both runs; the warm-up (beside the runs, in its own process) and each run are
 evaluated on the same held-out problems, so each run's gain is a paired difference with a bootstrap interval
-over those problems. The nested run is the
-study's kl-target instance: the kl_target skip policy (1 nat per token, no retries) with x = 30% as its bound,
-which skips what keeps the behavior model close. The study's uniform skip sets at 5-45% lose what ReFT gains on
+over those problems. The nested run is the study's kl-target instance: the kl_target skip policy (1 nat per
+token, no retries) with x = 30% as its bound, which skips what keeps the behavior model close. The study's uniform skip sets at 5-45% lose what ReFT gains on
 a 135M model (docs/study-smollm2/README.md).
 
 Step times of two runs on a busy machine do not measure the nesting's saving (and nested completions that

@@ -32,8 +32,8 @@ from nested_reft.files import atomic_write_text
 from nested_reft import study
 from nested_reft.plots import pyplot, save_figure
 from nested_reft.results import (
-    CONDITIONS_FILE, METRIC_COLUMNS, OPTIONAL_STEP_COLUMNS, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE,
-    ResultsError, csv_text, model_slug, read_results, read_table,
+    CONDITIONS_FILE, METRIC_COLUMNS, OPTIONAL_STEP_COLUMNS, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS,
+    STEPS_FILE, ResultsError, csv_text, model_slug, read_results, read_table,
 )
 
 # metric column -> label in figures and tables. Accuracy and tok/s are to maximise, runtime to minimise.

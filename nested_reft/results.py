@@ -130,8 +130,8 @@ def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str]
         raise ResultsError(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(columns)}")
     text_columns = ("instance", "benchmark", "problem")
     return [
-        {column: row[column] if column in text_columns else _optional_number(row.get(column), column, f"{path}, line {n}")
-         for column in columns}
+        {column: row[column] if column in text_columns
+         else _optional_number(row.get(column), column, f"{path}, line {n}") for column in columns}
         for n, row in enumerate(reader, start=2)
     ]
 
