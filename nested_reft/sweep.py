@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from nested_reft.checkpoint import checkpoints
-from nested_reft.config import TrainConfig, load_config
+from nested_reft.config import ConfigError, TrainConfig, load_config
 from nested_reft.collect import EVAL_DIR, collect_results
 from nested_reft.evaluate import EVAL_FILE, evaluate_model, print_progress
 from nested_reft.files import LockHeldError, atomic_write_json, atomic_write_text, exclusive_lock, read_json
@@ -134,12 +134,7 @@ def _run_unless_done(grid: GridConfig, instance: Instance, label: str, outcome: 
     status = read_status(directory)
     if status.get("status") == "done":
         outcome.skipped.append(instance.id)
-        saved = directory / CONFIG_FILE
-        changes = changed_settings(grid, instance, load_config(saved) if saved.is_file() else None,
-                                   status.get("eval"))
-        if changes:
-            log(f"warning: {instance.id} is done with other settings than the grid's now ({'; '.join(changes)}); "
-                f"delete {directory} to rerun it")
+        _warn_if_changed(grid, instance, status, log)
         return
     log(f"{label} {instance.id}")
     error = run_instance(grid, instance, failed_warm_ups)
@@ -148,6 +143,20 @@ def _run_unless_done(grid: GridConfig, instance: Instance, label: str, outcome: 
     else:
         outcome.failed[instance.id] = error
         log(f"FAILED {instance.id}: {error}")
+
+
+def _warn_if_changed(grid: GridConfig, instance: Instance, status: dict, log: Callable[[str], None]) -> None:
+    """Name what the grid now sets otherwise than a done instance ran with; the run is kept either way."""
+    directory = run_directory(grid, instance)
+    saved = directory / CONFIG_FILE
+    try:
+        changes = changed_settings(grid, instance, load_config(saved) if saved.is_file() else None,
+                                   status.get("eval"))
+    except ConfigError as error:  # saved by a version whose options this one no longer has
+        changes = [f"its {CONFIG_FILE} no longer loads: {error}"]
+    if changes:
+        log(f"warning: {instance.id} is done with other settings than the grid's now ({'; '.join(changes)}); "
+            f"delete {directory} to rerun it")
 
 
 def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str, str] | None = None) -> str | None:

@@ -232,6 +232,12 @@ def test_a_done_instance_the_grid_now_sets_otherwise_is_kept_and_the_change_name
     assert all("grpo.learning_rate: 1e-06 -> 3e-06" in line and "eval.limit: 2 -> 3" in line
                and "save_steps" not in line for line in warnings)
 
+    saved = run_directory(load_grid(grid_path), enumerate_instances(load_grid(grid_path))[0]) / CONFIG_FILE
+    saved.write_text(saved.read_text() + "an_option_since_removed: 1\n")  # written by another version
+    lines.clear()
+    assert sweep_main(str(grid_path), log=lines.append) == 0
+    assert any("no longer loads" in line and "an_option_since_removed" in line for line in lines)
+
 
 def test_evaluation_failure_is_retried_without_retraining(tmp_path, monkeypatch):
     fake = FakeRuns(monkeypatch)
