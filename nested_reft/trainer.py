@@ -150,10 +150,7 @@ def _train_model(
     if checkpoint is None and config.sft.epochs > 0:
         totals.sft_runtime_s = _warm_up(config, model, tokenizer, task, accelerator)
     policy = accelerator.unwrap_model(model)
-    if config.grpo.disable_dropout:
-        disable_dropout(policy)
-    if config.gradient_checkpointing:
-        policy.activation_checkpointing_enable({"use_reentrant": False})  # TRL's setting for transformers >= 5
+    prepare_for_reft(policy, config)
     optimizer, scheduler = make_optimizer(policy, config.grpo, config.rft_steps * config.grpo.num_iterations)
     skip_policy = SkipPolicy.from_config(config.nesting, num_decoder_layers(policy))
     state = TrainingState(model, optimizer, scheduler, accelerator,
@@ -284,6 +281,15 @@ def _warm_up(config: TrainConfig, model, tokenizer, task: Task, accelerator) -> 
         save_model(output / SFT_MODEL_DIR, accelerator.unwrap_model(model), tokenizer)
     accelerator.wait_for_everyone()
     return elapsed
+
+
+def prepare_for_reft(policy, config: TrainConfig) -> None:
+    """How ReFT trains the policy, after the warm-up: dropout off (`grpo.disable_dropout`, as TRL) and activations
+    recomputed in the backward pass (`gradient_checkpointing`)."""
+    if config.grpo.disable_dropout:
+        disable_dropout(policy)
+    if config.gradient_checkpointing:
+        policy.activation_checkpointing_enable({"use_reentrant": False})  # TRL's setting for transformers >= 5
 
 
 def disable_dropout(model) -> None:
