@@ -71,6 +71,10 @@ class StepRecord:
     tokens: int
     generation_peak_gb: float | None
     training_peak_gb: float | None
+    loss: float
+    grad_norm: float
+    stepped: bool  # the update was finite, so the optimizer stepped
+    optimizer_state_gb: float  # AdamW's moments after the step (they exist from the first step on)
 
 
 @dataclass
@@ -146,15 +150,17 @@ def run_setup(args, setup: str, accelerator: Accelerator) -> SetupResult:
                                          torch.Generator(device=device).manual_seed(step))
         rewards = torch.randint(0, 2, (len(prompts) * G,), generator=coins).float()
         with PhaseClock(device) as training:
-            policy_update(state, rollouts, group_advantages(rewards, G, config.grpo.scale_rewards), config)
+            update = policy_update(state, rollouts, group_advantages(rewards, G, config.grpo.scale_rewards), config)
         steps.append(StepRecord(generation.seconds, training.seconds, generation.seconds + training.seconds,
-                                rollouts.completion_tokens, generation.peak_gb, training.peak_gb))
+                                rollouts.completion_tokens, generation.peak_gb, training.peak_gb, update.loss,
+                                update.grad_norm, update.finite, optimizer_state_bytes(optimizer) / GB))
         prompt_tokens, skipped = rollouts.prompt_ids.shape[1], len(skip_set)
         print(f"{setup} step {step + 1}: generation {generation.seconds:.2f} s, training {training.seconds:.2f} s, "
-              f"peaks {generation.peak_gb} / {training.peak_gb} GB", file=sys.stderr, flush=True)
+              f"peaks {generation.peak_gb} / {training.peak_gb} GB, loss {update.loss:.4g}, grad norm "
+              f"{update.grad_norm:.4g}, AdamW state {steps[-1].optimizer_state_gb:.2f} GB", file=sys.stderr, flush=True)
     generation_gb, training_gb = predicted_peaks(model.config, config, prompt_tokens, layers - skipped)
     del model, optimizer, scheduler, state
-    release(device)
+    release(accelerator)
     return SetupResult(setup, config.sampling.engine, config.lora.r, config.gradient_checkpointing, skipped,
                        prompt_tokens, steps, generation_gb, training_gb)
 
@@ -179,17 +185,24 @@ def predicted_peaks(model_config, config: TrainConfig, prompt_tokens: int, kept_
     return peaks["generation"] / GB, training / GB
 
 
-def release(device: torch.device) -> None:
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for value in state.values() if torch.is_tensor(value))
+
+
+def release(accelerator: Accelerator) -> None:
+    """Drop the setup's model and optimizer before the next setup's (the accelerator keeps what it prepared)."""
+    accelerator.free_memory()
     gc.collect()
-    if device.type == "cuda":
+    if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def table(results: list[SetupResult]) -> str:
     """Markdown: per setup the first step (compilation included) and the median of the later ones."""
     rows = ["| setup | engine | LoRA r | checkpointing | U | prompt tokens | first step s | step s | generation s | "
-            "generation share | training s | tokens/s | peak generation GB | predicted | peak training GB | "
-            "predicted |", "|---|" * 1 + "---|" * 15]
+            "generation share | training s | tokens/s | updates applied | peak generation GB | predicted | "
+            "peak training GB | predicted |", "|---|" * 1 + "---|" * 16]
     for result in results:
         later = result.steps[1:] or result.steps
         median = {name: statistics.median(getattr(s, name) for s in later)
@@ -202,7 +215,8 @@ def table(results: list[SetupResult]) -> str:
             f"| {result.setup} | {result.engine} | {result.lora} | {result.checkpointing} | {result.skipped} | "
             f"{result.prompt_tokens} | {result.steps[0].step_s:.2f} | {median['step_s']:.2f} | "
             f"{median['generation_s']:.2f} | {median['generation_s'] / median['step_s']:.2f} | "
-            f"{median['training_s']:.2f} | {tokens:.0f} | {shown[0]} | {result.predicted_generation_gb:.1f} | "
+            f"{median['training_s']:.2f} | {tokens:.0f} | {sum(s.stepped for s in result.steps)} of "
+            f"{len(result.steps)} | {shown[0]} | {result.predicted_generation_gb:.1f} | "
             f"{shown[1]} | {result.predicted_training_gb:.1f} |")
     return "\n".join(rows)
 
@@ -231,6 +245,9 @@ def main(argv=None) -> None:
           f"{args.micro_batch}, x = {args.ratio:.0%}, dtype {args.dtype}, device {args.device}; torch "
           f"{torch.__version__}")
     print(table(results))
+    skipped = [r.setup for r in results if not all(s.stepped for s in r.steps)]
+    if skipped:  # a non-finite loss or gradient: the step measured is not a training step
+        sys.exit(f"updates skipped (non-finite loss or gradient) in: {', '.join(skipped)}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ minus the mean of the same quantity over solution tokens).
 
 from __future__ import annotations
 
-import torch
+import contextlib
 
-CHUNK_ROWS = 1024  # rows of (position, vocabulary) turned into float32 at a time: 0.6 GB at Qwen's 152k vocabulary
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+CHUNK_ROWS = 256  # rows of (position, vocabulary) turned into float32 at a time: 0.16 GB at Qwen's 152k vocabulary
 
 
 def completion_logprobs(
@@ -30,13 +33,31 @@ def completion_logprobs(
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     length = completion_ids.shape[1]
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=length + 1,
-    ).logits[:, :-1]
+    with attention_for_training(input_ids.device):
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=length + 1,
+        ).logits[:, :-1]
     return chosen_logprobs(logits, completion_ids, temperature or 1.0)
+
+
+TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # on CUDA
+
+
+def attention_for_training(device: torch.device) -> contextlib.AbstractContextManager:
+    """The attention kernels a forward pass with gradient may use: on CUDA every SDPA backend but cuDNN's.
+
+    Why: cuDNN's SDPA backward (torch's default backend on Hopper since 2.11) returns NaN query gradients when a
+    mask is passed, the sequence length is 64 mod 128, and a row's logsumexp is very negative, as a left-padded
+    prompt's padding rows are (pytorch/pytorch#196678, TRL's workaround: no cuDNN attention). On an H200 every
+    ReFT step at 192 + 256 tokens had a NaN gradient norm and was skipped (docs/benchmarks.md). The backward
+    runs the kernel its forward chose, so the forward is where to choose. Elsewhere nothing changes.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(TRAINING_ATTENTION)
 
 
 def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,

@@ -3,6 +3,8 @@ the whole vocabulary, without keeping a float32 copy of the logits for the backw
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -45,3 +47,17 @@ def test_the_backward_keeps_the_logits_and_no_float32_copy():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         reference(logits, tokens, 1.0).sum()
     assert any(t.dtype == torch.float32 and t.shape[-1] == 64 for t in saved)  # what the chunks avoid
+
+
+def test_training_forwards_attend_without_cudnn_on_cuda_and_as_before_elsewhere(monkeypatch):
+    """cuDNN's SDPA backward gives NaN gradients on Hopper for padded batches (pytorch/pytorch#196678): the forward
+    pass that gradients flow through must not choose it; on a CPU the backends are left alone."""
+    import nested_reft.policy as policy
+
+    chosen = []
+    monkeypatch.setattr(policy, "sdpa_kernel", lambda backends: chosen.append(backends) or contextlib.nullcontext())
+    policy.attention_for_training(torch.device("cuda"))
+    assert chosen and torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in chosen[0]
+    assert torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION in chosen[0]  # masks need a backend that takes them
+    assert isinstance(policy.attention_for_training(torch.device("cpu")), contextlib.nullcontext)
+    assert len(chosen) == 1
