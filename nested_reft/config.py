@@ -120,7 +120,8 @@ class GRPOConfig:
     warmup_ratio: float = 0.0  # TrainingArguments
     # TRL: completions that hit max_new_tokens without EOS leave the loss (DAPO's overlong filtering); they
     # still count in their group's advantages. Without it a rambling completion whose last number happens to
-    # be right is rewarded, and a small model learns to ramble (docs/study-smollm2/README.md).
+    # be right is rewarded, and a small model learns to ramble (docs/study-smollm2/README.md). Refused with
+    # sampling.min_new_tokens = max_new_tokens (the paper's fixed length), where every completion is cut.
     mask_truncated_completions: bool = False
     # TRL 1.16 defaults disable_dropout to False; ours is True. TRL's loss is unaffected by dropout noise
     # because its logp_old comes from the same (dropout) forward as logp, but Nested-ReFT also compares
@@ -241,6 +242,11 @@ class TrainConfig:
         check_option(not (self.lora.r and self.grpo.beta), "grpo.beta", self.grpo.beta,
                      "0 with LoRA (lora.r > 0): the KL reference is the post-SFT model, which adapters on a frozen "
                      "base cannot give by disabling them")
+        fixed_length = self.sampling.min_new_tokens == self.sampling.max_new_tokens
+        check_option(not (self.grpo.mask_truncated_completions and fixed_length), "grpo.mask_truncated_completions",
+                     True, f"false while sampling.min_new_tokens = sampling.max_new_tokens "
+                     f"({self.sampling.max_new_tokens}): EOS is banned to the last token, so every completion is cut "
+                     "and the loss masks them all (nothing trains); lower sampling.min_new_tokens")
 
 
 ENGINES = ("eager", "compiled")  # nested_reft.decoding: the names `decoder_for` maps to decoding engines

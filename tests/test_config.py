@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,6 +21,8 @@ from nested_reft.config import (
     to_dict,
 )
 from nested_reft.rollout import SamplingConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def field_defaults(cls) -> dict:
@@ -117,6 +120,15 @@ def test_a_clip_setting_that_cannot_act_is_refused_naming_both_options(option):
     with pytest.raises(ConfigError, match=rf"{option} must be left at its default while grpo.num_iterations = 1"):
         load_config(None, {option: 0.3})
     assert getattr(load_config(None, {option: 0.3, "grpo.num_iterations": 2}).grpo, option[5:]) == 0.3
+
+
+def test_masking_cut_completions_at_a_fixed_length_is_refused_naming_the_options():
+    """min = max bans EOS to the last token: every completion is cut, so masking them empties every loss."""
+    with pytest.raises(ConfigError, match=r"^grpo\.mask_truncated_completions .*sampling\.min_new_tokens") as error:
+        load_config(None, {"grpo.mask_truncated_completions": True})  # the defaults: min = max = 256
+    assert "\n" not in str(error.value)
+    assert load_config(None, {"grpo.mask_truncated_completions": True, "sampling.min_new_tokens": 255}).grpo
+    assert load_config(REPO / "configs" / "paper.yaml").sampling.min_new_tokens == 256  # the paper does not mask
 
 
 def test_config_differences_name_the_options_that_shape_a_run():

@@ -347,7 +347,8 @@ def update_once(model, rollouts, advantages, micro_batch_size, loss_type="dapo",
     model = copy.deepcopy(model)
     config = config_for("unused", micro_batch_size=micro_batch_size, **{
         "grpo.loss_type": loss_type, "grpo.beta": beta, "grpo.max_grad_norm": 1e9, "grpo.num_generations": 4,
-        "grpo.mask_truncated_completions": mask_truncated, "importance.mitigation": "practical"})
+        "grpo.mask_truncated_completions": mask_truncated, "importance.mitigation": "practical",
+        "sampling.min_new_tokens": 0})  # min = max with masking is refused; the rollouts are already drawn
     recorder = GradientRecorder(model)
     state = TrainingState(model, recorder, NoSchedule(), Accelerator(cpu=True), reference)
     update = trainer.policy_update(state, rollouts, advantages, config)
