@@ -186,7 +186,9 @@ class LoRAConfig:
 
     r: int = 0  # ours: off. TRL ModelConfig lora_r = 16 when use_peft
     alpha: int = 32  # TRL ModelConfig lora_alpha
-    # TRL ModelConfig lora_dropout = 0.05; ours 0: dropout makes h != 1 at x = 0 (see grpo.disable_dropout)
+    # TRL ModelConfig lora_dropout = 0.05; ours 0: dropout makes h != 1 at x = 0 (see grpo.disable_dropout).
+    # A value > 0 acts in the SFT warm-up only while grpo.disable_dropout is on (the default), which sets PEFT's
+    # dropout to 0 with every other before ReFT; ReFT draws it too only with grpo.disable_dropout: false.
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("all-linear",)  # PEFT: every linear layer of the blocks, not the head
 
