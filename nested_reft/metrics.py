@@ -16,7 +16,7 @@ from nested_reft.config import TrainConfig
 from nested_reft.importance import importance_statistics
 from nested_reft.nesting import decoder_layers
 from nested_reft.rollout import Rollouts
-from nested_reft.update import UpdateResult
+from nested_reft.update import UpdateResult, loss_mask
 
 
 @dataclass
@@ -25,6 +25,8 @@ class StepMetrics:
 
     gen_tokens_per_s = all ranks' generated tokens / the longest generation time of any rank.
     `kl` is the masked mean of TRL's k3 estimate of KL(pi_theta || pi_ref), None when beta = 0 (no reference).
+    The h statistics and kl_behavior_target cover the loss's tokens (`update.loss_mask`): with
+    grpo.mask_truncated_completions, not those of cut completions.
     """
 
     step: int
@@ -142,8 +144,9 @@ def step_metrics(
                       times.updated - times.started],
     )
     mask = _gather_rows(accelerator, rollouts.completion_mask.float())
-    stats = importance_statistics(
-        _gather_rows(accelerator, update.logp_old), _gather_rows(accelerator, rollouts.behavior_logprobs), mask,
+    stats = importance_statistics(  # over the loss's tokens: masked cut completions are not weighted
+        _gather_rows(accelerator, update.logp_old), _gather_rows(accelerator, rollouts.behavior_logprobs),
+        _gather_rows(accelerator, loss_mask(rollouts, config.grpo)),
         config.importance.mitigation, config.importance.retrace_lambda, config.importance.level,
     )
     return StepMetrics(

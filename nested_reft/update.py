@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from nested_reft.config import TrainConfig
+from nested_reft.config import GRPOConfig, TrainConfig
 from nested_reft.grpo import LossScale, clipped_tokens, grpo_loss, kl_to_reference
 from nested_reft.importance import importance_weights
 from nested_reft.influence import InfluenceMeter
@@ -106,9 +106,7 @@ class _Batch:
     @classmethod
     def of(cls, rollouts: Rollouts, advantages: torch.Tensor, config: TrainConfig, accelerator) -> _Batch:
         device = accelerator.device
-        mask = rollouts.completion_mask.to(device).float()
-        if config.grpo.mask_truncated_completions:
-            mask = mask * rollouts.finished.to(device)[:, None]
+        mask = loss_mask(rollouts, config.grpo).to(device)
         scale = LossScale(
             tokens=accelerator.reduce(mask.sum(), reduction="sum").item() / accelerator.num_processes,
             rows=mask.shape[0],
@@ -121,6 +119,13 @@ class _Batch:
             behavior_logprobs=rollouts.behavior_logprobs.to(device), advantages=advantages.to(device), mask=mask,
             scale=scale, chunks=[slice(start, start + size) for start in range(0, scale.rows, size)],
         )
+
+
+def loss_mask(rollouts: Rollouts, grpo: GRPOConfig) -> torch.Tensor:
+    """(N, T) float: the completion tokens the loss counts. With `grpo.mask_truncated_completions` (TRL's) the
+    completions cut at max_new_tokens leave it; the step's h statistics read the same tokens."""
+    mask = rollouts.completion_mask.float()
+    return mask * rollouts.finished[:, None] if grpo.mask_truncated_completions else mask
 
 
 def _old_logprobs(state: TrainingState, batch: _Batch, config: TrainConfig) -> torch.Tensor:
