@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -341,16 +342,18 @@ def batch_for_step(problems: Sequence[Problem], config: TrainConfig, step: int, 
     """
     size, world = config.batch_size, accelerator.num_processes  # size % world == 0: `check_fits_model`
     first = (step - 1) * size
-    indices = [_shuffled_index(len(problems), config.seed, position) for position in range(first, first + size)]
+    positions = (divmod(position, len(problems)) for position in range(first, first + size))  # (epoch, offset)
+    indices = [data_order(len(problems), config.seed, epoch)[offset] for epoch, offset in positions]
     share = size // world
     mine = indices[accelerator.process_index * share : (accelerator.process_index + 1) * share]
     return [problems[i] for i in mine]
 
 
-def _shuffled_index(length: int, seed: int, position: int) -> int:
-    epoch, offset = divmod(position, length)
-    order = torch.randperm(length, generator=step_generator(seed, epoch, "data"))
-    return int(order[offset])
+@functools.lru_cache(maxsize=4)
+def data_order(length: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """Epoch `epoch`'s shuffle of `length` problems, drawn from (seed, epoch) alone, so a resumed process draws
+    the uninterrupted run's; kept for the steps that read the epoch (a step reads one or two, rarely more)."""
+    return tuple(torch.randperm(length, generator=step_generator(seed, epoch, "data")).tolist())
 
 
 def _log(metrics: StepMetrics, config: TrainConfig, accelerator) -> None:
