@@ -21,10 +21,6 @@ import yaml
 
 from nested_reft.data import TRAINING_SETS
 from nested_reft.files import atomic_write_text
-from nested_reft.grpo import LOSS_AGGREGATIONS, REWARD_SCALINGS
-from nested_reft.importance import LEVELS, MITIGATIONS
-from nested_reft.optim import SHAPES as SCHEDULE_SHAPES
-from nested_reft.skip_policy import LAYER_CHOICES, SKIP_POLICIES
 
 
 class ConfigError(ValueError):
@@ -251,10 +247,16 @@ class TrainConfig:
                      "and the loss masks them all (nothing trains); lower sampling.min_new_tokens")
 
 
+# The names options take, declared here so that config imports none of the modules it configures (they import
+# config's types); each module's table maps the same names to what they do (tests/test_config.py checks them).
 ENGINES = ("eager", "compiled")  # nested_reft.decoding: the names `decoder_for` maps to decoding engines
-LOSS_TYPES = tuple(LOSS_AGGREGATIONS)
-SCALINGS = tuple(REWARD_SCALINGS)
-SCHEDULERS = tuple(SCHEDULE_SHAPES)
+SKIP_POLICIES = ("uniform", "influence", "kl_target")  # nested_reft.skip_policy
+LAYER_CHOICES = ("uniform", "influence")  # how the kl_target policy draws its layers
+MITIGATIONS = ("base", "practical", "retrace")  # nested_reft.importance.MITIGATION_TABLE
+LEVELS = ("token", "sequence")  # importance weights per token or per completion
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")  # nested_reft.grpo.LOSS_AGGREGATIONS
+SCALINGS = ("group", "batch", "none")  # nested_reft.grpo.REWARD_SCALINGS
+SCHEDULERS = ("constant", "linear", "cosine")  # nested_reft.optim.SHAPES
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Options a resumed run may change: where things are and how the run is logged, checkpointed and guarded.

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from nested_reft.config import LEVELS, MITIGATIONS
+
 # exp() of float32 overflows past ~88.7; a sequence-level log-ratio sums up to 256 token terms, so the
 # base ratio is computed from a log-ratio clipped here, which keeps it finite (and is counted as truncated).
 MAX_LOG_WEIGHT = 80.0
-
-LEVELS = ("token", "sequence")
 
 
 def base_weights(log_ratio: torch.Tensor, lam: float) -> torch.Tensor:
@@ -48,12 +48,11 @@ class Mitigation:
     truncates_above: float | None
 
 
-MITIGATION_TABLE: dict[str, Mitigation] = {
+MITIGATION_TABLE: dict[str, Mitigation] = {  # the mitigations config.MITIGATIONS names
     "base": Mitigation(base_weights, truncates_above=MAX_LOG_WEIGHT),
     "practical": Mitigation(practical_weights, truncates_above=None),
     "retrace": Mitigation(retrace_weights, truncates_above=0.0),
 }
-MITIGATIONS = tuple(MITIGATION_TABLE)
 
 
 def log_importance_ratio(

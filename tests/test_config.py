@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -295,3 +297,27 @@ def test_default_config_round_trips(tmp_path):
 def test_a_dotted_option_under_a_plain_option_is_refused(overrides):
     with pytest.raises(ConfigError, match=r"(model|grpo\.beta) is a single value, not a section"):
         load_config(None, overrides)
+
+
+# --- the names options take ----------------------------------------------------------------------------
+
+CONFIGURED_MODULES = ("nested_reft.skip_policy", "nested_reft.optim", "nested_reft.importance", "nested_reft.grpo",
+                      "nested_reft.nesting", "nested_reft.decoding")
+
+
+def test_config_imports_none_of_the_modules_it_configures():
+    """The name tables live at the bottom, so the modules an option configures may import config's types."""
+    code = "import sys, nested_reft.config; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=REPO).stdout.split()
+    assert "nested_reft.config" in loaded
+    assert sorted(set(CONFIGURED_MODULES) & set(loaded)) == []
+
+
+def test_every_name_an_option_takes_is_one_its_module_implements():
+    from nested_reft import config, grpo, importance, optim
+
+    assert config.MITIGATIONS == tuple(importance.MITIGATION_TABLE)
+    assert config.LOSS_TYPES == tuple(grpo.LOSS_AGGREGATIONS)
+    assert config.SCALINGS == tuple(grpo.REWARD_SCALINGS)
+    assert config.SCHEDULERS == tuple(optim.SHAPES)
