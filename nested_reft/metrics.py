@@ -146,8 +146,7 @@ def step_metrics(
     mask = _gather_rows(accelerator, rollouts.completion_mask.float())
     stats = importance_statistics(  # over the loss's tokens: masked cut completions are not weighted
         _gather_rows(accelerator, update.logp_old), _gather_rows(accelerator, rollouts.behavior_logprobs),
-        _gather_rows(accelerator, loss_mask(rollouts, config.grpo)),
-        config.importance.mitigation, config.importance.retrace_lambda, config.importance.level,
+        _gather_rows(accelerator, loss_mask(rollouts, config.grpo)), config.importance,
     )
     return StepMetrics(
         step=step,

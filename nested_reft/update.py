@@ -159,10 +159,8 @@ def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old
                 logp = completion_logprobs(state.model, *inputs, config.sampling.temperature)
                 ref_logp = _reference_logprobs(state.reference, inputs, config)
             old = logp.detach() if logp_old is None else logp_old[rows]
-            weights = importance_weights(  # [N3] h_m(pi_old, eta'_s), detached
-                old, batch.behavior_logprobs[rows], batch.mask[rows],
-                config.importance.mitigation, config.importance.retrace_lambda, config.importance.level,
-            )
+            # [N3] h_m(pi_old, eta'_s), detached
+            weights = importance_weights(old, batch.behavior_logprobs[rows], batch.mask[rows], config.importance)
             loss = grpo_loss(  # [N4] h_m x clipped surrogate (+ beta KL), this micro-batch's share of the step's
                 logp, old, batch.advantages[rows], batch.mask[rows], weights,
                 epsilon_low=config.grpo.epsilon, epsilon_high=config.grpo.clip_high, loss_type=config.grpo.loss_type,

@@ -19,7 +19,7 @@ import statistics
 import torch
 
 from nested_reft.arithmetic import arithmetic_split
-from nested_reft.config import SamplingConfig
+from nested_reft.config import ImportanceConfig, SamplingConfig
 from nested_reft.importance import importance_statistics
 from nested_reft.influence import InfluenceMeter
 from nested_reft.models import load_model
@@ -51,7 +51,8 @@ def distance(model, tokenizer, prompts, skip_set, sampling: SamplingConfig, gene
     with torch.no_grad():
         target = completion_logprobs(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids,
                                      rollouts.completion_mask, sampling.temperature)
-    stats = importance_statistics(target, rollouts.behavior_logprobs, rollouts.completion_mask.float(), "retrace")
+    stats = importance_statistics(target, rollouts.behavior_logprobs, rollouts.completion_mask.float(),
+                                  ImportanceConfig(mitigation="retrace"))
     return {"kl": stats.kl_behavior_target, "ess": stats.ess, "truncated": stats.truncated}
 
 
