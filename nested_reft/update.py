@@ -56,8 +56,8 @@ class TrainingState:
 
 @dataclass
 class UpdateResult:
-    """The step's update, over its mu passes: mean loss, gradient norm, KL to the reference and clipped fraction,
-    whether every pass was finite, and log pi_old of the batch's tokens (N, T)."""
+    """An update over the batch, one pass or the step's mu (then the passes' mean loss, gradient norm, KL to the
+    reference and clipped fraction, whether every pass was finite, and the first pass's log pi_old (N, T))."""
 
     loss: float
     grad_norm: float
@@ -135,17 +135,7 @@ def _old_logprobs(state: TrainingState, batch: _Batch, config: TrainConfig) -> t
                                               config.sampling.temperature) for rows in batch.chunks])
 
 
-@dataclass
-class _Pass:
-    loss: float
-    grad_norm: float
-    finite: bool
-    logp_old: torch.Tensor
-    kl: float | None
-    clip_fraction: float
-
-
-def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old: torch.Tensor | None) -> _Pass:
+def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old: torch.Tensor | None) -> UpdateResult:
     """One forward/backward over the micro-batches, then one optimizer step (if finite)."""
     accelerator, device = state.accelerator, state.accelerator.device
     total_loss, kl_sum, clipped, old_parts = 0.0, 0.0, 0.0, []
@@ -181,7 +171,7 @@ def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old
     kl = None
     if state.reference is not None:
         kl = accelerator.reduce(torch.tensor(kl_sum, device=device), reduction="sum").item() / all_tokens
-    return _Pass(total_loss, grad_norm, finite, torch.cat(old_parts).cpu(), kl, clip_fraction)
+    return UpdateResult(total_loss, grad_norm, finite, torch.cat(old_parts).cpu(), kl, clip_fraction)
 
 
 def _step_if_finite(state: TrainingState, loss: float, max_grad_norm: float) -> tuple[float, bool]:
