@@ -59,7 +59,7 @@ from nested_reft.data import DataError, Problem
 from nested_reft.files import atomic_write_json, atomic_write_text, read_json
 from nested_reft.grpo import group_advantages
 from nested_reft.lora import add_adapters, has_adapters, merge
-from nested_reft.metrics import ModelShapes, RunTotals, StepMetrics, StepTimes, step_metrics, summarize
+from nested_reft.metrics import ModelShapes, RunTotals, StepMetrics, StepResult, StepTimes, step_metrics, summarize
 from nested_reft.models import load_model
 from nested_reft.influence import InfluenceMeter
 from nested_reft.nesting import num_decoder_layers, num_skipped_layers, valid_layers
@@ -212,8 +212,8 @@ def reft(
             update = policy_update(state, rollouts, advantages, config)  # lines 13-14, [N3] and [N4]
             times = StepTimes(started_at, generated_at, scored_at, time.perf_counter())
             influence = state.influence.take(accelerator) if state.influence else None
-            metrics = step_metrics(step, rollouts, all_rewards, update, config, accelerator, learning_rate, times,
-                                   shapes, influence, gathered_bytes)
+            result = StepResult(step, rollouts, all_rewards, update, learning_rate, times, influence, gathered_bytes)
+            metrics = step_metrics(result, config, accelerator, shapes)
             skip_policy.observe(skip_set, influence, metrics.kl_behavior_target)  # past the paper: adaptive policies
             totals.add(metrics)
             _log(metrics, config, accelerator)

@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 
 from nested_reft.config import load_config
-from nested_reft.metrics import ModelShapes, StepTimes, rollout_flops, step_metrics
+from nested_reft.metrics import ModelShapes, StepResult, StepTimes, rollout_flops, step_metrics
 from nested_reft.rollout import Rollouts
 from nested_reft.update import UpdateResult
 from nested_reft.tiny import tiny_model
@@ -53,8 +53,8 @@ def test_importance_statistics_cover_the_tokens_of_the_loss(mask_truncated, h_ma
     config = load_config(None, {"grpo.mask_truncated_completions": mask_truncated, "sampling.max_new_tokens": 3,
                                 "sampling.min_new_tokens": 0, "importance.mitigation": "base"})
     update = UpdateResult(loss=0.0, grad_norm=0.0, finite=True, logp_old=logp_old)
-    metrics = step_metrics(1, rollouts, torch.zeros(4), update, config, Accelerator(cpu=True), 1e-6,
-                           StepTimes(0.0, 1.0, 2.0, 3.0), ModelShapes((1,), 1, 1))
+    result = StepResult(1, rollouts, torch.zeros(4), update, 1e-6, StepTimes(0.0, 1.0, 2.0, 3.0))
+    metrics = step_metrics(result, config, Accelerator(cpu=True), ModelShapes((1,), 1, 1))
     assert metrics.h_max == pytest.approx(h_max) and metrics.h_min == pytest.approx(1.0)
     assert metrics.h_ess == pytest.approx(1.0 if mask_truncated else 0.9)  # (1.5)^2 / 2.5 over mixed rows
     assert metrics.completion_length == 3.0  # the cut completions still count in the length
