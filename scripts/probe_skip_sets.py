@@ -35,13 +35,10 @@ from nested_reft.sft import tokenize_examples
 def block_influence(model, tokenizer, problems) -> list[float]:
     """Each layer's BI over the completion tokens of the problems' reference solutions (teacher-forced)."""
     batch = tokenize_examples(tokenizer, problems, 256, model.device)
-    meter = InfluenceMeter(model)
-    try:
-        with torch.no_grad(), meter.measuring(batch.completion_mask):
-            completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
-        return meter.take()
-    finally:
-        meter.remove()
+    meter = InfluenceMeter(model)  # its hooks stay on the model, idle outside `measuring`
+    with torch.no_grad(), meter.measuring(batch.completion_mask):
+        completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    return meter.take()
 
 
 def distance(model, tokenizer, prompts, skip_set, sampling: SamplingConfig, generations: int, seed: int) -> dict:

@@ -48,7 +48,7 @@ def test_importance_statistics_cover_the_tokens_of_the_loss(mask_truncated, h_ma
     logp_old = behavior + (~finished)[:, None] * torch.log(torch.tensor(2.0))  # r = 2 on the cut rows, else 1
     rollouts = Rollouts(prompt_ids=torch.ones(4, 2, dtype=torch.long), prompt_mask=torch.ones(4, 2),
                         completion_ids=torch.ones(4, 3, dtype=torch.long), completion_mask=torch.ones(4, 3),
-                        behavior_logprobs=behavior, finished=finished, num_generations=2, skip_set=(),
+                        behavior_logprobs=behavior, finished=finished, skip_set=(),
                         generation_time_s=1.0)
     config = load_config(None, {"grpo.mask_truncated_completions": mask_truncated, "sampling.max_new_tokens": 3,
                                 "sampling.min_new_tokens": 0, "importance.mitigation": "base"})
