@@ -83,7 +83,11 @@ class SamplingConfig:
     min_new_tokens: int = 256  # paper: min = max, so every completion has the same length
     # How the model runs while sampling (nested_reft.decoding): eager (a Python loop over the model, rows that
     # end leave the batch) | compiled (a static KV cache and a torch.compile'd decode step, a CUDA graph on GPUs)
+    # | vllm (a colocated vLLM engine, nested_reft.vllm_engine; needs the `vllm` extra)
     engine: str = "eager"
+    # vllm only: the share of the device's memory vLLM may hold, weights and KV cache (of the CPU's memory on a
+    # CPU); TRL's vllm_gpu_memory_utilization default, which leaves the rest to the colocated training
+    vllm_memory_fraction: float = 0.3
 
     def __post_init__(self) -> None:
         check_option(self.temperature >= 0, "sampling.temperature", self.temperature, ">= 0 (0 = greedy)")
@@ -93,6 +97,8 @@ class SamplingConfig:
         check_option(0 <= self.min_new_tokens <= self.max_new_tokens, "sampling.min_new_tokens", self.min_new_tokens,
                      f"in [0, sampling.max_new_tokens={self.max_new_tokens}]")
         check_option(self.engine in ENGINES, "sampling.engine", self.engine, f"one of {ENGINES}")
+        check_option(0 < self.vllm_memory_fraction <= 1, "sampling.vllm_memory_fraction", self.vllm_memory_fraction,
+                     "in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -249,7 +255,7 @@ class TrainConfig:
 
 # The names options take, declared here so that config imports none of the modules it configures (they import
 # config's types); each module's table maps the same names to what they do (tests/test_config.py checks them).
-ENGINES = ("eager", "compiled")  # nested_reft.decoding: the names `decoder_for` maps to decoding engines
+ENGINES = ("eager", "compiled", "vllm")  # nested_reft.decoding: the names `decoder_for` maps to decoding engines
 SKIP_POLICIES = ("uniform", "influence", "kl_target")  # nested_reft.skip_policy
 LAYER_CHOICES = ("uniform", "influence")  # how the kl_target policy draws its layers
 MITIGATIONS = ("base", "practical", "retrace")  # nested_reft.importance.MITIGATION_TABLE

@@ -41,6 +41,8 @@ class Samples:
     tokens: torch.Tensor
     mask: torch.Tensor
     logprobs: torch.Tensor
+    # an engine that samples outside our model (vLLM): (mean, max) |its log-probs - ours| over the tokens
+    logprob_mismatch: tuple[float, float] | None = None
 
 
 SYNC_EVERY = {"cpu": 1, "cuda": 8}  # tokens between looks at which rows have ended, per device type (below)
@@ -325,7 +327,7 @@ def decoder_for(engine: str) -> EagerDecoder | CompiledDecoder:
     """The process's decoder of `engine` (config.ENGINES), made on first use: a compiled decoder keeps its
     compiled step and static caches for every later rollout of the run."""
     if engine not in _DECODERS:
-        factories = {"eager": EagerDecoder, "compiled": _default_compiled}
+        factories = {"eager": EagerDecoder, "compiled": _default_compiled, "vllm": _vllm_engine}
         if engine not in factories:
             raise ValueError(f"unknown decoding engine {engine!r}; expected one of {tuple(factories)}")
         _DECODERS[engine] = factories[engine]()
@@ -339,3 +341,10 @@ def default_compiled_mode() -> str | None:
 
 def _default_compiled() -> CompiledDecoder:
     return CompiledDecoder(mode=default_compiled_mode())
+
+
+def _vllm_engine():
+    """Imported on first use: the package runs without vllm installed (it is the optional `vllm` extra)."""
+    from nested_reft.vllm_engine import VLLMEngine
+
+    return VLLMEngine()

@@ -58,6 +58,10 @@ class StepMetrics:
     update_skipped: bool
     layer_influence: list[float] | None  # each block's Block Influence this step, when the skip policy measures it
     gathered_weight_bytes: int = 0  # FSDP2: whole weights each rank gathered to generate (skipped layers are not)
+    # sampling.engine = vllm: mean and max |vLLM's behavior log-prob - ours| over the sampled tokens, both under
+    # the step's nested model (the training-inference mismatch TRL and verl monitor); None for our own engines
+    engine_logprob_diff_mean: float | None = None
+    engine_logprob_diff_max: float | None = None
 
 
 @dataclass
@@ -189,7 +193,16 @@ def step_metrics(result: StepResult, config: TrainConfig, accelerator, shapes: M
         update_skipped=not update.finite,
         layer_influence=result.layer_influence,
         gathered_weight_bytes=result.gathered_weight_bytes,
+        **_engine_mismatch(rollouts),
     )
+
+
+def _engine_mismatch(rollouts: Rollouts) -> dict[str, float]:
+    """The engine's log-prob mismatch as StepMetrics fields (this rank's: the vLLM engine runs on one process)."""
+    if rollouts.logprob_mismatch is None:
+        return {}
+    mean, largest = rollouts.logprob_mismatch
+    return {"engine_logprob_diff_mean": mean, "engine_logprob_diff_max": largest}
 
 
 def _slowest_rank(accelerator, seconds: list[float]) -> list[float]:

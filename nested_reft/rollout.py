@@ -37,6 +37,7 @@ class Rollouts:
     finished: torch.Tensor
     skip_set: tuple[int, ...]
     generation_time_s: float
+    logprob_mismatch: tuple[float, float] | None = None  # `Samples.logprob_mismatch`, from an engine like vLLM
 
     @property
     def prompt_tokens(self) -> int:
@@ -74,11 +75,13 @@ def generate_rollouts(
     model.eval()
     try:
         start = _synchronized_clock(device)
-        with nested(model, skip_set):
-            samples = (decoder or decoder_for(sampling.engine)).sample(
-                model, prompt_ids, prompt_mask, sampling, eos, tokenizer.pad_token_id,
-                generator,
-            )
+        decoder = decoder or decoder_for(sampling.engine)
+        arguments = (prompt_ids, prompt_mask, sampling, eos, tokenizer.pad_token_id, generator)
+        if getattr(decoder, "applies_skip_set", False):  # vLLM skips the layers in its own copy of the model
+            samples = decoder.sample(model, *arguments, skip_set=skip_set)
+        else:
+            with nested(model, skip_set):
+                samples = decoder.sample(model, *arguments)
         elapsed = _synchronized_clock(device) - start
     finally:
         model.train(was_training)
@@ -91,6 +94,7 @@ def generate_rollouts(
         finished=ended_with_eos(samples.tokens, samples.mask, eos),
         skip_set=tuple(sorted(skip_set)),
         generation_time_s=elapsed,
+        logprob_mismatch=samples.logprob_mismatch,
     )
 
 

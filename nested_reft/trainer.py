@@ -89,6 +89,7 @@ from nested_reft.sft import sft_warmup
 from nested_reft.skip_policy import SkipPolicy
 from nested_reft.tasks import Task
 from nested_reft.update import TrainingState, policy_update
+from nested_reft.vllm_engine import check_vllm_supports
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # config.dtype -> accelerate
 
@@ -114,6 +115,8 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
         if config.lora.r:
             model = add_adapters(model, config.lora)
         check_fits_model(config, num_decoder_layers(model), accelerator.num_processes)
+        if config.sampling.engine == "vllm":
+            check_vllm_supports(model, config.lora.r, accelerator.num_processes)
         task = task or Task.load(config.dataset, "train", config.data_dir)
         if not task.problems:
             raise DataError(f"training set {task.name!r} has 0 problems: nothing to train on")
