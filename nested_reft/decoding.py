@@ -334,6 +334,14 @@ def decoder_for(engine: str) -> EagerDecoder | CompiledDecoder:
     return _DECODERS[engine]
 
 
+def close_decoder(engine: str) -> None:
+    """Shut the process's decoder of `engine` down where it holds more than memory: the vllm engine's process
+    group, which accelerate's `end_training` would otherwise destroy under it. The next use makes a new one."""
+    decoder = _DECODERS.pop(engine, None)
+    if hasattr(decoder, "close"):
+        decoder.close()
+
+
 def default_compiled_mode() -> str | None:
     """Inductor everywhere; on CUDA its decode step is also captured as a CUDA graph ("reduce-overhead")."""
     return "reduce-overhead" if torch.cuda.is_available() else None

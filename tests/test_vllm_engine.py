@@ -1,0 +1,211 @@
+"""The vllm engine against our eager one, on tiny Llama and Qwen2 models: nested greedy rollouts token for token,
+sampled log-probs, weights pushed after an update, and ReFT runs and an evaluation with --engine vllm.
+
+Runs in .venv-vllm (`make test-vllm`); skipped where vllm is not installed. The models have a head size of 32,
+the smallest vLLM's CPU attention takes (nested_reft.tiny's is 8). One engine serves the module (vLLM's start-up
+is most of its time); it is rebuilt only when the model's config changes, and closed at the end.
+
+Tolerance for log-probs, 1e-5: both sides run the same float32 model on the CPU, in kernels that sum in other
+orders (vLLM's fused qkv and gate/up projections, its paged attention); the differences measured here are below
+1e-6 on log-probs of about -5, a few float32 ulps of the logits, so 1e-5 fails on any real disagreement (a wrong
+layer, stale weights: 1e-2 and more) and never on rounding.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+pytest.importorskip("vllm")
+
+from nested_reft.arithmetic import generate_arithmetic  # noqa: E402
+from nested_reft.config import SamplingConfig, load_config  # noqa: E402
+from nested_reft.decoding import EagerDecoder, close_decoder  # noqa: E402
+from nested_reft.evaluate import EvalConfig, evaluate_model  # noqa: E402
+from nested_reft.models import load_model  # noqa: E402
+from nested_reft.nesting import nested  # noqa: E402
+from nested_reft.policy import completion_logprobs  # noqa: E402
+from nested_reft.rollout import generate_rollouts  # noqa: E402
+from nested_reft.rundir import METRICS_FILE  # noqa: E402
+from nested_reft.tasks import Task  # noqa: E402
+from nested_reft.tiny import byte_tokenizer, tiny_config  # noqa: E402
+from nested_reft.trainer import train  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+TOLERANCE = 1e-5
+PROMPTS = ["hello there", "a", "what is 2+2?"]
+SKIP_SETS = [(), (0,), (1, 2), (3,), (0, 3)]  # layer 0 and the last layer too: border 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine():
+    """The process's vllm engine for this module, its KV cache sized outright (1 GiB) rather than as a share of
+    the CPU's memory; closed at the end so that the module leaves no engine behind."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        yield
+        close_decoder("vllm")
+
+
+def tiny_model(architecture: str, num_layers: int = 4, seed: int = 0):
+    """nested_reft.tiny's model of `architecture` with a head size vLLM's CPU attention takes: 2 heads of 32."""
+    tokenizer = byte_tokenizer()
+    config = tiny_config(architecture, num_layers, vocab_size=len(tokenizer))
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 32
+    config.num_attention_heads, config.num_key_value_heads = 2, 1
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def sampling(temperature: float = 0.0, tokens: int = 12, **overrides) -> SamplingConfig:
+    return SamplingConfig(**{"temperature": temperature, "max_new_tokens": tokens, "min_new_tokens": 0,
+                             "engine": "vllm", **overrides})
+
+
+def both_engines(model, tokenizer, config: SamplingConfig, skip_set, seed: int = 1):
+    """The same rollouts through vLLM and through the eager engine."""
+    theirs = generate_rollouts(model, tokenizer, PROMPTS, 2, config, skip_set, torch.Generator().manual_seed(seed))
+    ours = generate_rollouts(model, tokenizer, PROMPTS, 2, config, skip_set, torch.Generator().manual_seed(seed),
+                             decoder=EagerDecoder())
+    return theirs, ours
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_nested_greedy_rollouts_equal_the_eager_engines(architecture):
+    model, tokenizer = tiny_model(architecture)
+    for skip_set in SKIP_SETS:
+        theirs, ours = both_engines(model, tokenizer, sampling(), skip_set)
+        assert torch.equal(theirs.completion_ids, ours.completion_ids), skip_set
+        assert torch.equal(theirs.completion_mask, ours.completion_mask), skip_set
+        assert torch.allclose(theirs.behavior_logprobs, ours.behavior_logprobs, atol=TOLERANCE), skip_set
+        assert theirs.skip_set == tuple(skip_set) and theirs.logprob_mismatch[1] < TOLERANCE
+
+
+def test_the_skip_sets_change_the_completions():
+    """The swap reaches vLLM's forward: nested models that differ give other greedy completions."""
+    model, tokenizer = tiny_model("llama")
+    completions = {skip_set: both_engines(model, tokenizer, sampling(), skip_set)[0].completion_ids
+                   for skip_set in SKIP_SETS}
+    assert len({tuple(ids.flatten().tolist()) for ids in completions.values()}) == len(SKIP_SETS)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.0, 1.0)])
+def test_sampled_log_probs_are_ours_under_the_nested_model(temperature, top_p):
+    model, tokenizer = tiny_model("llama")
+    config = sampling(temperature, top_p=top_p)
+    rollouts = generate_rollouts(model, tokenizer, PROMPTS, 4, config, (1,), torch.Generator().manual_seed(3))
+    with torch.no_grad(), nested(model, (1,)):
+        ours = completion_logprobs(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids,
+                                   rollouts.completion_mask, temperature)
+    mask = rollouts.completion_mask.bool()
+    assert mask.sum() > 20
+    assert (rollouts.behavior_logprobs - ours).abs()[mask].max() < TOLERANCE
+    assert rollouts.logprob_mismatch[1] < TOLERANCE
+
+
+def test_samples_are_reproducible_from_the_generator_and_differ_between_seeds():
+    model, tokenizer = tiny_model("llama")
+    first, again = (generate_rollouts(model, tokenizer, PROMPTS, 2, sampling(1.0), (), torch.Generator().manual_seed(5))
+                    for _ in range(2))
+    other = generate_rollouts(model, tokenizer, PROMPTS, 2, sampling(1.0), (), torch.Generator().manual_seed(6))
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    assert not torch.equal(first.completion_ids, other.completion_ids)
+
+
+def test_min_new_tokens_bans_eos_and_vllm_renormalises_without_it():
+    """Before min_new_tokens EOS is banned; vLLM's processed log-probs are of the distribution drawn from (EOS
+    removed, renormalised), ours of the model's: the mismatch is log(1 - p(EOS)) per token, logged per step."""
+    model, tokenizer = tiny_model("llama")
+    config = sampling(1.0, tokens=8, min_new_tokens=8)
+    rollouts = generate_rollouts(model, tokenizer, PROMPTS, 2, config, (), torch.Generator().manual_seed(2))
+    assert rollouts.completion_mask.all() and not rollouts.finished.any()
+    mean, largest = rollouts.logprob_mismatch
+    assert 0 < mean <= largest < 0.05  # p(EOS) of a random model: about 1/len(vocabulary)
+
+
+def test_the_engine_samples_from_weights_pushed_after_an_update():
+    model, tokenizer = tiny_model("llama")
+    before = both_engines(model, tokenizer, sampling(), (1,))[0]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    after, eager = both_engines(model, tokenizer, sampling(), (1,))
+    assert not torch.equal(before.completion_ids, after.completion_ids)
+    assert torch.equal(after.completion_ids, eager.completion_ids)
+    assert after.logprob_mismatch[1] < TOLERANCE
+
+
+def test_a_layer_skipped_while_the_weights_changed_runs_the_new_weights_when_kept_again():
+    """Skipped layers are not pushed: the first generation that keeps a layer again pushes its new weights."""
+    model, tokenizer = tiny_model("llama")
+    both_engines(model, tokenizer, sampling(), ())
+    with torch.no_grad():
+        for parameter in model.model.layers[2].parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    both_engines(model, tokenizer, sampling(), (2,))
+    theirs, ours = both_engines(model, tokenizer, sampling(), ())
+    assert torch.equal(theirs.completion_ids, ours.completion_ids)
+    assert theirs.logprob_mismatch[1] < TOLERANCE
+
+
+PROBLEMS = generate_arithmetic(12, seed=1)
+
+
+def run_config(model_dir, output_dir, **overrides):
+    values = {
+        "model": str(model_dir), "dataset": "arithmetic", "output_dir": str(output_dir), "rft_steps": 2,
+        "batch_size": 2, "micro_batch_size": 4, "grpo.num_generations": 4, "grpo.learning_rate": 1e-2,
+        "sampling.max_new_tokens": 6, "sampling.min_new_tokens": 0, "nesting.skip_ratio": 0.3,
+        "nesting.border": 0, "sft.epochs": 0, "save_steps": 1000, "sampling.engine": "vllm",
+    }
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def lowercase_share(completion: str, gold: str) -> float:
+    """A varied reward a random byte-level model earns now and then, so that every step updates."""
+    return sum(ch.islower() for ch in completion) / max(len(completion), 1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_reft_run_samples_from_each_steps_weights_and_its_final_model_matches_the_eager_engine(model_dir, tmp_path):
+    output = tmp_path / "run"
+    summary = train(run_config(model_dir, output), Task("tiny", list(PROBLEMS), reward=lowercase_share))
+    rows = [json.loads(line) for line in (output / METRICS_FILE).read_text().splitlines()]
+    assert summary["steps"] == 2 and [row["step"] for row in rows] == [1, 2]
+    assert all(row["grad_norm"] > 0 and not row["update_skipped"] for row in rows)
+    # step 2 sampled after step 1's update: a stale engine would disagree with our model far beyond rounding
+    assert all(row["engine_logprob_diff_max"] < TOLERANCE for row in rows)
+    assert all(len(row["skip_set"]) == 1 for row in rows)
+
+    final, tokenizer = load_model(str(output / "model"))
+    theirs, ours = both_engines(final, tokenizer, sampling(), (1,))
+    assert torch.equal(theirs.completion_ids, ours.completion_ids)
+    initial, _ = load_model(str(model_dir))
+    assert not torch.equal(both_engines(initial, tokenizer, sampling(), (1,))[0].completion_ids, theirs.completion_ids)
+
+
+def test_an_evaluation_through_vllm_finishes(model_dir, tmp_path):
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    rows = [{"question": f"What is {i} + 1?", "answer": f"Add.\n#### {i + 1}"} for i in range(3)]
+    (data / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = EvalConfig(max_new_tokens=6, batch_size=2, engine="vllm")
+    result = evaluate_model(str(model_dir), ["gsm8k"], tmp_path / "eval", config, data_dir=tmp_path / "data")
+    assert (tmp_path / "eval" / "eval.json").is_file()
+    assert result["benchmarks"]["gsm8k"]["n"] == 3 and result["timing"]["generated_tokens"] > 0
