@@ -41,8 +41,6 @@ class Samples:
     tokens: torch.Tensor
     mask: torch.Tensor
     logprobs: torch.Tensor
-    # an engine that samples outside our model (vLLM): (mean, max) |its log-probs - ours| over the tokens
-    logprob_mismatch: tuple[float, float] | None = None
 
 
 SYNC_EVERY = {"cpu": 1, "cuda": 8}  # tokens between looks at which rows have ended, per device type (below)
@@ -334,12 +332,17 @@ def decoder_for(engine: str) -> EagerDecoder | CompiledDecoder:
     return _DECODERS[engine]
 
 
-def close_decoder(engine: str) -> None:
-    """Shut the process's decoder of `engine` down where it holds more than memory: the vllm engine's process
-    group, which accelerate's `end_training` would otherwise destroy under it. The next use makes a new one."""
-    decoder = _DECODERS.pop(engine, None)
-    if hasattr(decoder, "close"):
-        decoder.close()
+@contextlib.contextmanager
+def decoder_closed_after(engine: str) -> Iterator[None]:
+    """Shut the process's decoder of `engine` down after the body, also when it raises, where the decoder holds
+    more than memory: the vllm engine, whose process group accelerate's `end_training` would otherwise destroy
+    under it, and whose requests, if the body stopped mid-generation, would otherwise meet the next run's. The
+    next use makes a new one. The others stay (a compiled decoder keeps its graphs for the next run)."""
+    try:
+        yield
+    finally:
+        if hasattr(_DECODERS.get(engine), "close"):
+            _DECODERS.pop(engine).close()
 
 
 def default_compiled_mode() -> str | None:

@@ -16,8 +16,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nested_reft.config import SamplingConfig
-from nested_reft.decoding import decoder_for
+from nested_reft.decoding import Samples, decoder_for
 from nested_reft.nesting import nested
+from nested_reft.policy import completion_logprobs
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Rollouts:
     finished: torch.Tensor
     skip_set: tuple[int, ...]
     generation_time_s: float
-    logprob_mismatch: tuple[float, float] | None = None  # `Samples.logprob_mismatch`, from an engine like vLLM
+    logprob_mismatch: tuple[float, float] | None = None  # `logprob_mismatch`, for an engine like vLLM
 
     @property
     def prompt_tokens(self) -> int:
@@ -76,13 +77,15 @@ def generate_rollouts(
     try:
         start = _synchronized_clock(device)
         decoder = decoder or decoder_for(sampling.engine)
+        outside = getattr(decoder, "applies_skip_set", False)  # vLLM: samples in its own copy of the model
         arguments = (prompt_ids, prompt_mask, sampling, eos, tokenizer.pad_token_id, generator)
-        if getattr(decoder, "applies_skip_set", False):  # vLLM skips the layers in its own copy of the model
+        if outside:
             samples = decoder.sample(model, *arguments, skip_set=skip_set)
         else:
             with nested(model, skip_set):
                 samples = decoder.sample(model, *arguments)
         elapsed = _synchronized_clock(device) - start
+        mismatch = logprob_mismatch(model, skip_set, prompt_ids, prompt_mask, samples, sampling) if outside else None
     finally:
         model.train(was_training)
     return Rollouts(
@@ -94,8 +97,22 @@ def generate_rollouts(
         finished=ended_with_eos(samples.tokens, samples.mask, eos),
         skip_set=tuple(sorted(skip_set)),
         generation_time_s=elapsed,
-        logprob_mismatch=samples.logprob_mismatch,
+        logprob_mismatch=mismatch,
     )
+
+
+@torch.no_grad()
+def logprob_mismatch(model: PreTrainedModel, skip_set: Sequence[int], prompt_ids: torch.Tensor,
+                     prompt_mask: torch.Tensor, samples: Samples, sampling: SamplingConfig) -> tuple[float, float]:
+    """(mean, max) |an engine's behavior log-prob - ours| over the sampled tokens, ours from one forward pass of
+    nested(model, skip_set): the training-inference mismatch of an engine that samples outside our model, which
+    TRL and verl monitor for theirs. Not timed as generation (it is a check, not part of sampling)."""
+    with nested(model, skip_set):
+        ours = completion_logprobs(model, prompt_ids, prompt_mask, samples.tokens, samples.mask, sampling.temperature)
+    difference = (samples.logprobs - ours).abs()[samples.mask.bool()]
+    if difference.numel() == 0:
+        return 0.0, 0.0
+    return float(difference.mean()), float(difference.max())
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -56,7 +56,7 @@ from nested_reft.checkpoint import (
 )
 from nested_reft.config import ConfigError, TrainConfig, flat_options, save_config, to_dict
 from nested_reft.data import DataError, Problem
-from nested_reft.decoding import close_decoder
+from nested_reft.decoding import decoder_closed_after
 from nested_reft.files import atomic_write_json, atomic_write_text, read_json
 from nested_reft.grpo import group_advantages
 from nested_reft.lora import add_adapters, has_adapters, merge
@@ -108,7 +108,7 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
     fsdp2 = fsdp2_of_launch()
     if fsdp2 is not None:
         check_fits_fsdp2(config, accelerator.num_processes)
-    with locked_run_directory(output, accelerator):
+    with locked_run_directory(output, accelerator), decoder_closed_after(config.sampling.engine):
         checkpoint = checkpoint_to_resume(output, resume)
         if resume:
             check_resumed_config(config, output)
@@ -125,7 +125,6 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
         if accelerator.is_main_process:
             save_config(config, output / CONFIG_FILE)
         summary = _train_model(config, task, model, tokenizer, accelerator, checkpoint, fsdp2)
-    close_decoder(config.sampling.engine)
     accelerator.end_training()
     return summary
 

@@ -10,8 +10,8 @@ What TRL's colocate mode (`trl/generation/vllm_generation.py`) does, plus nestin
     CPU linear layers repack their weights for oneDNN);
   - the step's skip set is applied inside vLLM's model by swapping each skipped decoder layer for `_SkippedLayer`,
     which hands the residual stream on unchanged: the nested model exactly (docs/design/vllm.md);
-  - each token's log-prob under our own nested model is computed from the same tokens, and the mean and max
-    |difference| are returned with the samples (`Samples.logprob_mismatch`) for the step's metrics.
+  - `generate_rollouts` then compares each token's log-prob with ours under the same nested model
+    (`rollout.logprob_mismatch`), for the step's metrics.
 
 Enforce eager: a captured CUDA graph would replay the layer stack it captured, skipped layers included, so the
 engine never captures one (`enforce_eager=True`); docs/design/vllm.md says what that costs on a GPU.
@@ -22,17 +22,18 @@ vLLM is imported on first use only (`pip install nested-reft[vllm]`); importing 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from nested_reft.config import ConfigError, SamplingConfig
 from nested_reft.decoding import Samples, _checked
-from nested_reft.nesting import decoder_layers, nested
-from nested_reft.policy import completion_logprobs
+from nested_reft.nesting import decoder_layers
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -85,7 +86,7 @@ class VLLMEngine:
         generator: torch.Generator | None = None,
         skip_set: Sequence[int] = (),
     ) -> Samples:
-        """As `EagerDecoder.sample` for nested(model, skip_set), through vLLM; also the log-prob mismatch."""
+        """As `EagerDecoder.sample` for nested(model, skip_set), through vLLM."""
         llm = self._llm_for(model, config)
         llm.apply_model(lambda vllm_model: self._skip(vllm_model, skip_set))
         push_weights(llm, model, skip_set)
@@ -93,12 +94,7 @@ class VLLMEngine:
         prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(input_ids, attention_mask)]
         params = sampling_params(config, eos_token_ids, _request_seeds(len(prompts), generator))
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        samples = _samples(outputs, pad_token_id, input_ids.device)
-        with nested(model, skip_set):
-            ours = completion_logprobs(model, input_ids, attention_mask, samples.tokens, samples.mask,
-                                       config.temperature)
-        samples.logprob_mismatch = _mismatch(samples.logprobs, ours, samples.mask)
-        return _checked(samples)
+        return _checked(_samples(outputs, pad_token_id, input_ids.device))
 
     def _llm_for(self, model, config: SamplingConfig):
         """The engine for `model` in the sampling forward's dtype, built the first time they are seen."""
@@ -129,7 +125,9 @@ class VLLMEngine:
 
         check_vllm_supports(model)
         self._config_dir = tempfile.TemporaryDirectory(prefix="nested-reft-vllm-")
-        model.config.save_pretrained(self._config_dir.name)
+        # the class named, as a checkpoint names it: a config made in memory names none, and vLLM would guess
+        config = json.loads(model.config.to_json_string()) | {"architectures": [type(model).__name__]}
+        (Path(self._config_dir.name) / "config.json").write_text(json.dumps(config))
         text_config = model.config.get_text_config()
         llm = LLM(
             model=self._config_dir.name,
@@ -205,14 +203,6 @@ def _samples(outputs, pad_token_id: int, device: torch.device) -> Samples:
         logprobs[row, :length] = torch.tensor(
             [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)])
     return Samples(tokens.to(device), mask.to(device), logprobs.to(device))
-
-
-def _mismatch(theirs: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """(mean, max) |theirs - ours| over the tokens where mask is 1; (0, 0) when there are none."""
-    difference = (theirs - ours.float()).abs()[mask.bool()]
-    if difference.numel() == 0:
-        return 0.0, 0.0
-    return float(difference.mean()), float(difference.max())
 
 
 def _sampling_dtype(model) -> torch.dtype:

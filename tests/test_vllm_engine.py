@@ -22,8 +22,8 @@ import transformers
 pytest.importorskip("vllm")
 
 from nested_reft.arithmetic import generate_arithmetic  # noqa: E402
-from nested_reft.config import SamplingConfig, load_config  # noqa: E402
-from nested_reft.decoding import EagerDecoder, close_decoder  # noqa: E402
+from nested_reft.config import ConfigError, SamplingConfig, load_config  # noqa: E402
+from nested_reft.decoding import EagerDecoder, decoder_closed_after  # noqa: E402
 from nested_reft.evaluate import EvalConfig, evaluate_model  # noqa: E402
 from nested_reft.models import load_model  # noqa: E402
 from nested_reft.nesting import nested  # noqa: E402
@@ -32,7 +32,7 @@ from nested_reft.rollout import generate_rollouts  # noqa: E402
 from nested_reft.rundir import METRICS_FILE  # noqa: E402
 from nested_reft.tasks import Task  # noqa: E402
 from nested_reft.tiny import byte_tokenizer, tiny_config  # noqa: E402
-from nested_reft.trainer import train  # noqa: E402
+from nested_reft.trainer import ensure_trained, train  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -47,8 +47,8 @@ def engine():
     the CPU's memory; closed at the end so that the module leaves no engine behind."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        yield
-        close_decoder("vllm")
+        with decoder_closed_after("vllm"):
+            yield
 
 
 def tiny_model(architecture: str, num_layers: int = 4, seed: int = 0):
@@ -209,3 +209,74 @@ def test_an_evaluation_through_vllm_finishes(model_dir, tmp_path):
     result = evaluate_model(str(model_dir), ["gsm8k"], tmp_path / "eval", config, data_dir=tmp_path / "data")
     assert (tmp_path / "eval" / "eval.json").is_file()
     assert result["benchmarks"]["gsm8k"]["n"] == 3 and result["timing"]["generated_tokens"] > 0
+
+
+class Killed(Exception):
+    """Stands in for the process being killed."""
+
+
+RESUMED_KEYS = ("step", "skip_set", "reward_mean", "loss", "grad_norm", "h_mean", "h_max", "kl_behavior_target",
+                "tokens_generated", "engine_logprob_diff_max")
+# kl_target changes U between steps: the swap takes any skip set, so the engine supports it (not refused)
+RESUMED_RUN = {"rft_steps": 4, "save_steps": 2, "importance.mitigation": "base", "nesting.skip_policy": "kl_target",
+               "nesting.kl_target": 0.005, "nesting.kl_retry_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def whole_run(model_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("whole") / "run"
+    train(run_config(model_dir, output, **RESUMED_RUN), Task("tiny", list(PROBLEMS), reward=lowercase_share))
+    return [json.loads(line) for line in (output / METRICS_FILE).read_text().splitlines()]
+
+
+def assert_same_run(rows, whole):
+    assert [row["step"] for row in rows] == [row["step"] for row in whole]
+    for row, other in zip(rows, whole):
+        for key in RESUMED_KEYS:
+            assert row[key] == pytest.approx(other[key], abs=1e-6), (row["step"], key)
+
+
+def test_a_resumed_run_rebuilds_the_engine_and_equals_the_uninterrupted_one(model_dir, whole_run, tmp_path):
+    calls = []
+
+    def killed_after_step_3(completion, gold):
+        calls.append(None)
+        if len(calls) > 3 * 2 * 4:
+            raise Killed
+        return lowercase_share(completion, gold)
+
+    config = run_config(model_dir, tmp_path / "run", **RESUMED_RUN)
+    with pytest.raises(Killed):
+        train(config, Task("tiny", list(PROBLEMS), reward=killed_after_step_3))
+    train(config, Task("tiny", list(PROBLEMS), reward=lowercase_share), resume=True)
+    assert_same_run([json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()],
+                    whole_run)
+
+
+def test_a_run_stopped_mid_generation_leaves_nothing_that_blocks_the_rerun(model_dir, whole_run, tmp_path,
+                                                                          monkeypatch):
+    """Stopped inside vLLM's generation loop with its requests queued: the engine is shut down with the run, so
+    the rerun in this process (as a sweep's `ensure_trained` does) starts a clean one and equals the whole run."""
+    import vllm
+
+    run_engine, calls = vllm.LLM._run_engine, []
+
+    def stopped_in_the_second_generation(self, *args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            raise Killed
+        return run_engine(self, *args, **kwargs)
+
+    monkeypatch.setattr(vllm.LLM, "_run_engine", stopped_in_the_second_generation)
+    config = run_config(model_dir, tmp_path / "run", **RESUMED_RUN)
+    with pytest.raises(Killed):
+        train(config, Task("tiny", list(PROBLEMS), reward=lowercase_share))
+    ensure_trained(config, Task("tiny", list(PROBLEMS), reward=lowercase_share))
+    assert_same_run([json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()],
+                    whole_run)
+
+
+def test_models_whose_vllm_layers_cannot_be_skipped_are_refused_by_name():
+    model, tokenizer = tiny_model("gpt2")
+    with pytest.raises(ConfigError, match="cannot skip the layers of vLLM's GPT2LMHeadModel"):
+        generate_rollouts(model, tokenizer, PROMPTS, 1, sampling(), (1,))

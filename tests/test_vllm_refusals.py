@@ -1,0 +1,35 @@
+"""What the vllm engine refuses by name: checked before vLLM is imported, so these run without it installed."""
+
+from __future__ import annotations
+
+import pytest
+
+from nested_reft.arithmetic import generate_arithmetic
+from nested_reft.config import ConfigError, load_config
+from nested_reft.rundir import CONFIG_FILE
+from nested_reft.tasks import Task
+from nested_reft.tiny import tiny_model
+from nested_reft.trainer import train
+from nested_reft.vllm_engine import check_vllm_supports
+
+
+def test_lora_adapters_are_refused_before_the_run_writes_anything(tmp_path):
+    config = load_config(None, {"model": "tiny-llama", "dataset": "arithmetic", "output_dir": str(tmp_path / "run"),
+                                "rft_steps": 1, "batch_size": 2, "sft.epochs": 0, "lora.r": 4,
+                                "sampling.engine": "vllm"})
+    with pytest.raises(ConfigError, match=r"sampling.engine=vllm cannot sample from unmerged LoRA adapters"):
+        train(config, Task("tiny", generate_arithmetic(4, seed=1)))
+    assert not (tmp_path / "run" / CONFIG_FILE).exists()
+
+
+def test_several_processes_are_refused():
+    model, _ = tiny_model("llama")
+    with pytest.raises(ConfigError, match=r"sampling.engine=vllm runs one engine in one process, but 2 processes"):
+        check_vllm_supports(model, world=2)
+
+
+def test_hybrid_attention_models_are_refused_and_single_type_ones_pass():
+    with pytest.raises(ConfigError, match=r"does not support hybrid-attention models \(Gemma2ForCausalLM"):
+        check_vllm_supports(tiny_model("gemma2")[0])
+    for architecture in ("llama", "qwen2", "qwen3"):  # layer_types of one kind, or none
+        check_vllm_supports(tiny_model(architecture)[0])
