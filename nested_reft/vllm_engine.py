@@ -1,9 +1,9 @@
 """The `vllm` decoding engine: rollouts sampled by a vLLM `LLM` colocated in this process, from nested models.
 
 What TRL's colocate mode (`trl/generation/vllm_generation.py`) does, plus nesting and a logged mismatch:
-  - one in-process `vllm.LLM` per process, built on first use from the policy's config (`load_format="dummy"`:
-    no checkpoint is written or read, the weights come from the push below), in the dtype the sampling forward
-    runs in (the run's autocast dtype, else the weights'), eager (no CUDA graphs, see below), with
+  - one in-process `vllm.LLM` per process, built on first use from a checkpoint of the policy written to a
+    temporary directory, in the dtype the sampling forward runs in (the run's autocast dtype, else the
+    weights'), eager (no CUDA graphs, see below), with
     `logprobs_mode="processed_logprobs"`: each token's log-prob under the distribution it was drawn from;
   - before every generation the kept layers' weights are pushed from the training model with
     `collective_rpc("reload_weights")`, the call that works on CPU too (`load_weights` alone fails there: vLLM's
@@ -22,11 +22,9 @@ vLLM is imported on first use only (`pip install nested-reft[vllm]`); importing 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -72,7 +70,7 @@ class VLLMEngine:
         self._llm = None
         self._key = None
         self._layers: list[nn.Module] = []
-        self._config_dir: tempfile.TemporaryDirectory | None = None
+        self._checkpoint: tempfile.TemporaryDirectory | None = None
 
     @torch.no_grad()
     def sample(
@@ -115,7 +113,7 @@ class VLLMEngine:
         self._llm.llm_engine.engine_core.shutdown()
         self._llm, self._key, self._layers = None, None, []
         cleanup_dist_env_and_memory()
-        self._config_dir.cleanup()
+        self._checkpoint.cleanup()
 
     def _build(self, model, dtype: torch.dtype, memory_fraction: float):
         # vLLM's engine core in this process, not a spawned one: it shares the training model's process (and on a
@@ -124,14 +122,13 @@ class VLLMEngine:
         from vllm import LLM
 
         check_vllm_supports(model)
-        self._config_dir = tempfile.TemporaryDirectory(prefix="nested-reft-vllm-")
-        # the class named, as a checkpoint names it: a config made in memory names none, and vLLM would guess
-        config = json.loads(model.config.to_json_string()) | {"architectures": [type(model).__name__]}
-        (Path(self._config_dir.name) / "config.json").write_text(json.dumps(config))
+        self._checkpoint = tempfile.TemporaryDirectory(prefix="nested-reft-vllm-")
+        model.save_pretrained(self._checkpoint.name)  # safetensors; deleted with the engine (or the process's /tmp)
         text_config = model.config.get_text_config()
         llm = LLM(
-            model=self._config_dir.name,
-            load_format="dummy",  # random weights at first: every generation is preceded by a push of the real ones
+            # Loaded from a checkpoint of the policy, not built with load_format="dummy" and pushed: on the CPU a
+            # dummy-loaded SmolLM2 kept wrong weights after the push (log-probs off by 5 nats; tiny models were fine)
+            model=self._checkpoint.name,
             skip_tokenizer_init=True,  # token ids in and out: the tokenizer stays ours
             generation_config="vllm",  # our SamplingParams only, never the model's generation_config defaults
             dtype=DTYPE_NAMES[dtype],
