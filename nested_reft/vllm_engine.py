@@ -1,9 +1,9 @@
 """The `vllm` decoding engine: rollouts sampled by a vLLM `LLM` colocated in this process, from nested models.
 
 What TRL's colocate mode (`trl/generation/vllm_generation.py`) does, plus nesting and a logged mismatch:
-  - one in-process `vllm.LLM` per process, built on first use from a checkpoint of the policy written to a
-    temporary directory, in the dtype the sampling forward runs in (the run's autocast dtype, else the
-    weights'), eager (no CUDA graphs, see below), with
+  - one in-process `vllm.LLM` per process, built on first use from the policy's config (`load_format="dummy"`:
+    no checkpoint is written or read, the weights come from the push below), in the dtype the sampling forward
+    runs in (the run's autocast dtype, else the weights'), eager (no CUDA graphs, see below), with
     `logprobs_mode="processed_logprobs"`: each token's log-prob under the distribution it was drawn from;
   - before every generation the kept layers' weights are pushed from the training model with
     `collective_rpc("reload_weights")`, the call that works on CPU too (`load_weights` alone fails there: vLLM's
@@ -22,9 +22,11 @@ vLLM is imported on first use only (`pip install nested-reft[vllm]`); importing 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -70,7 +72,7 @@ class VLLMEngine:
         self._llm = None
         self._key = None
         self._layers: list[nn.Module] = []
-        self._checkpoint: tempfile.TemporaryDirectory | None = None
+        self._config_dir: tempfile.TemporaryDirectory | None = None
 
     @torch.no_grad()
     def sample(
@@ -113,7 +115,7 @@ class VLLMEngine:
         self._llm.llm_engine.engine_core.shutdown()
         self._llm, self._key, self._layers = None, None, []
         cleanup_dist_env_and_memory()
-        self._checkpoint.cleanup()
+        self._config_dir.cleanup()
 
     def _build(self, model, dtype: torch.dtype, memory_fraction: float):
         # vLLM's engine core in this process, not a spawned one: it shares the training model's process (and on a
@@ -122,13 +124,12 @@ class VLLMEngine:
         from vllm import LLM
 
         check_vllm_supports(model)
-        self._checkpoint = tempfile.TemporaryDirectory(prefix="nested-reft-vllm-")
-        model.save_pretrained(self._checkpoint.name)  # safetensors; deleted with the engine (or the process's /tmp)
+        self._config_dir = tempfile.TemporaryDirectory(prefix="nested-reft-vllm-")
+        (Path(self._config_dir.name) / "config.json").write_text(json.dumps(_engine_config(model)))
         text_config = model.config.get_text_config()
         llm = LLM(
-            # Loaded from a checkpoint of the policy, not built with load_format="dummy" and pushed: on the CPU a
-            # dummy-loaded SmolLM2 kept wrong weights after the push (log-probs off by 5 nats; tiny models were fine)
-            model=self._checkpoint.name,
+            model=self._config_dir.name,
+            load_format="dummy",  # random weights at first: every generation is preceded by a push of the real ones
             skip_tokenizer_init=True,  # token ids in and out: the tokenizer stays ours
             generation_config="vllm",  # our SamplingParams only, never the model's generation_config defaults
             dtype=DTYPE_NAMES[dtype],
@@ -157,13 +158,22 @@ class VLLMEngine:
             layers[index] = _SkippedLayer() if index in skipped else layer
 
 
+def _engine_config(model) -> dict:
+    """The policy's config as vLLM builds its copy from: the class named (a config made in memory names none,
+    and vLLM would guess), and the output head untied from the embedding. Why untied: vLLM's CPU layers pack
+    the head's weight for oneDNN when it is loaded, and a reload of a tied model skips the head (its checkpoint
+    has none), so the head kept its first weights: SmolLM2's log-probs were off by nats after the first push."""
+    return json.loads(model.config.to_json_string()) | {"architectures": [type(model).__name__],
+                                                        "tie_word_embeddings": False}
+
+
 def push_weights(llm, model, skip_set: Sequence[int] = ()) -> None:
     """Load the training model's current weights into the engine, all but the skipped layers' (which this
     generation does not run, and which are pushed again by the first generation that keeps them)."""
     _, _, layers = decoder_layers(model)
     skipped = {id(parameter) for index in skip_set for parameter in layers[index].parameters()}
-    weights = [(name, parameter.detach()) for name, parameter in model.named_parameters()
-               if id(parameter) not in skipped]
+    weights = [(name, parameter.detach()) for name, parameter in model.named_parameters(remove_duplicate=False)
+               if id(parameter) not in skipped]  # a tied head under its own name too: the engine's is untied
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
 
 

@@ -51,10 +51,12 @@ def engine():
             yield
 
 
-def tiny_model(architecture: str, num_layers: int = 4, seed: int = 0):
-    """nested_reft.tiny's model of `architecture` with a head size vLLM's CPU attention takes: 2 heads of 32."""
+def tiny_model(architecture: str, num_layers: int = 4, seed: int = 0, tied: bool = False):
+    """nested_reft.tiny's model of `architecture` with a head size vLLM's CPU attention takes: 2 heads of 32;
+    `tied`: the output head is the embedding (as SmolLM2's)."""
     tokenizer = byte_tokenizer()
     config = tiny_config(architecture, num_layers, vocab_size=len(tokenizer))
+    config.tie_word_embeddings = tied
     config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 32
     config.num_attention_heads, config.num_key_value_heads = 2, 1
     torch.manual_seed(seed)
@@ -100,6 +102,11 @@ def test_nested_greedy_rollouts_of_smollm2_equal_the_eager_engines():
         theirs, ours = both_engines(model, tokenizer, sampling(tokens=16), skip_set)
         assert torch.equal(theirs.completion_ids, ours.completion_ids), skip_set
         assert theirs.logprob_mismatch[1] < 1e-2, skip_set
+    with torch.no_grad():  # an update: the tied head and embedding change too
+        for parameter in model.parameters():
+            parameter.mul_(1 + 0.02 * torch.randn_like(parameter))
+    theirs, ours = both_engines(model, tokenizer, sampling(tokens=16), (7, 19))
+    assert torch.equal(theirs.completion_ids, ours.completion_ids) and theirs.logprob_mismatch[1] < 1e-2
 
 
 def test_the_skip_sets_change_the_completions():
@@ -144,8 +151,9 @@ def test_min_new_tokens_bans_eos_and_vllm_renormalises_without_it():
     assert 0 < mean <= largest < 0.05  # p(EOS) of a random model: about 1/len(vocabulary)
 
 
-def test_the_engine_samples_from_weights_pushed_after_an_update():
-    model, tokenizer = tiny_model("llama")
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_engine_samples_from_weights_pushed_after_an_update(tied):
+    model, tokenizer = tiny_model("llama", tied=tied)
     before = both_engines(model, tokenizer, sampling(), (1,))[0]
     with torch.no_grad():
         for parameter in model.parameters():
