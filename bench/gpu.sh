@@ -9,7 +9,7 @@
 #      G 8 x 256 tokens, micro-batch 16, x = 15% retrace) with each engine, then LoRA, then gradient
 #      checkpointing: step time, generation share, peak memory against docs/scaling.md (bench/train_step.py);
 #   3. host-sync: evaluation-style decoding with the host asking for ended rows every k tokens (bench/host_sync.py);
-#   4. decoding: the engines' tokens/s table beside HF generate (bench/rollout.py).
+#   4. decoding: the engines' tokens/s table beside HF generate (bench/rollout.py), vllm's where it imports.
 #
 #   bash bench/gpu.sh fetch      # here, once: the wheels the device's image lacks or has too old
 #   device run, carry [".whl"], timeout_s 600:  bash bench/gpu.sh
@@ -41,7 +41,8 @@ SETUPS=${SETUPS:-eager lora checkpointing compiled}
 BATCH=${BATCH:-128}
 DECODE_TOKENS=${DECODE_TOKENS:-128}
 REPEATS=${REPEATS:-2}
-ENGINES=${ENGINES:-eager compiled}
+# vllm too where it imports (the device image has none today, and its wheel is too large to carry)
+ENGINES=${ENGINES:-eager compiled$($PYTHON -c 'import vllm' >/dev/null 2>&1 && echo ' vllm')}
 TESTS=${TESTS:-tests/test_decoding.py tests/test_policy.py}
 BUDGET=${BUDGET:-540}  # seconds for all four parts
 mkdir -p "$OUT"

@@ -284,8 +284,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "tiny-llama"])
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS), help="skip ratios x, 0 first")
-    parser.add_argument("--engine", nargs="+", default=list(ENGINES), choices=ENGINES,
-                        help="our decoding engines to time beside HF generate")
+    parser.add_argument("--engine", nargs="+", default=["eager", "compiled"], choices=ENGINES,
+                        help="our decoding engines to time beside HF generate (vllm where it is installed)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per completion (min = max)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of timings; medians are shown")

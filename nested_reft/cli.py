@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--output-dir", default=None, help="default runs/eval/<model>; a rerun resumes it")
     evaluation.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default 16)")
     evaluation.add_argument("--seed", type=int, default=None, help="default 0")
+    evaluation.add_argument("--engine", default=None, help="decoding engine: eager (default), compiled or vllm")
     evaluation.add_argument("--dtype", default="float32", help="e.g. bfloat16 on a GPU")
     evaluation.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     evaluation.set_defaults(run=_eval)
@@ -199,7 +200,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from nested_reft.evaluate import DEFAULT_BENCHMARKS, eval_config, evaluate_model, format_table, print_progress
 
-    config = eval_config(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    config = eval_config(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                         engine=args.engine)
     result = evaluate_model(
         args.model, args.benchmarks or DEFAULT_BENCHMARKS, args.output_dir, config, args.data_dir, args.limit,
         dtype=args.dtype, device=args.device, progress=print_progress,

@@ -1,6 +1,6 @@
-"""What a nested rollout inside vLLM would cost per RL step, on paper (docs/design/vllm.md).
+"""What the weight push of a nested rollout inside vLLM costs per RL step, on paper (docs/design/vllm.md).
 
-A vLLM engine built with N - U decoder layers serves the step's nested model; before the step's generation its
+The vllm engine (nested_reft/vllm_engine.py) serves the step's nested model; before the step's generation its
 weights are reloaded from the training model's kept layers (the embedding, final norm and head too), as TRL's
 colocate mode reloads every weight each step. This script puts the bytes and the time of that reload beside the
 256-token generation it serves, for Qwen2.5-Math-1.5B and 7B (shapes from scripts/scaling.py), at the paper's

@@ -22,9 +22,9 @@ import transformers
 pytest.importorskip("vllm")
 
 from nested_reft.arithmetic import generate_arithmetic  # noqa: E402
+from nested_reft.cli import main  # noqa: E402
 from nested_reft.config import ConfigError, SamplingConfig, load_config  # noqa: E402
 from nested_reft.decoding import EagerDecoder, decoder_closed_after  # noqa: E402
-from nested_reft.evaluate import EvalConfig, evaluate_model  # noqa: E402
 from nested_reft.models import load_model  # noqa: E402
 from nested_reft.nesting import nested  # noqa: E402
 from nested_reft.policy import completion_logprobs  # noqa: E402
@@ -222,14 +222,16 @@ def test_a_reft_run_samples_from_each_steps_weights_and_its_final_model_matches_
     assert not torch.equal(both_engines(initial, tokenizer, sampling(), (1,))[0].completion_ids, theirs.completion_ids)
 
 
-def test_an_evaluation_through_vllm_finishes(model_dir, tmp_path):
+def test_nested_reft_eval_with_engine_vllm_finishes(model_dir, tmp_path):
     data = tmp_path / "data" / "gsm8k"
     data.mkdir(parents=True)
     rows = [{"question": f"What is {i} + 1?", "answer": f"Add.\n#### {i + 1}"} for i in range(3)]
     (data / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    config = EvalConfig(max_new_tokens=6, batch_size=2, engine="vllm")
-    result = evaluate_model(str(model_dir), ["gsm8k"], tmp_path / "eval", config, data_dir=tmp_path / "data")
-    assert (tmp_path / "eval" / "eval.json").is_file()
+    assert main(["eval", "--model", str(model_dir), "--benchmarks", "gsm8k", "--engine", "vllm",
+                 "--max-new-tokens", "6", "--batch-size", "2", "--data-dir", str(tmp_path / "data"),
+                 "--output-dir", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["config"]["engine"] == "vllm"
     assert result["benchmarks"]["gsm8k"]["n"] == 3 and result["timing"]["generated_tokens"] > 0
 
 
