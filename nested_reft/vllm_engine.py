@@ -118,6 +118,10 @@ class VLLMEngine:
         self._config_dir.cleanup()
 
     def _build(self, model, dtype: torch.dtype, memory_fraction: float):
+        """A new engine of `model`'s architecture and config (its weights come with the first push).
+
+        `max_model_len` is the model's own context: the engine is built before any prompt is seen, and the
+        sampling config fixes only the new tokens (TRL's default too, vllm_max_model_length = None)."""
         # vLLM's engine core in this process, not a spawned one: it shares the training model's process (and on a
         # GPU its device), as TRL's colocate mode does; spawning would also re-import the caller's __main__.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
