@@ -75,17 +75,9 @@ class VLLMEngine:
         self._config_dir: tempfile.TemporaryDirectory | None = None
 
     @torch.no_grad()
-    def sample(
-        self,
-        model,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        config: SamplingConfig,
-        eos_token_ids: Sequence[int],
-        pad_token_id: int,
-        generator: torch.Generator | None = None,
-        skip_set: Sequence[int] = (),
-    ) -> Samples:
+    def sample(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: SamplingConfig,
+               eos_token_ids: Sequence[int], pad_token_id: int, generator: torch.Generator | None = None,
+               skip_set: Sequence[int] = ()) -> Samples:
         """As `EagerDecoder.sample` for nested(model, skip_set), through vLLM."""
         llm = self._llm_for(model, config)
         llm.apply_model(lambda vllm_model: self._skip(vllm_model, skip_set))
