@@ -12,6 +12,7 @@ resolved into the run directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,14 @@ class NestingConfig:
     kl_retry_steps: int = 4
 
     def __post_init__(self) -> None:
+        check_types(self, "nesting.")
         check_option(0.0 <= self.skip_ratio < 1.0, "nesting.skip_ratio", self.skip_ratio, "in [0, 1)")
         check_option(self.border >= 0, "nesting.border", self.border, ">= 0")
         check_option(self.skip_policy in SKIP_POLICIES, "nesting.skip_policy", self.skip_policy, f"one of {SKIP_POLICIES}")
-        check_option(self.influence_temperature > 0, "nesting.influence_temperature", self.influence_temperature, "> 0")
+        # Block Influences span [0, 2]: below 1e-4 the draw is already the least influential layers, and much
+        # lower the softmax's logits overflow mid-run
+        check_option(self.influence_temperature >= 1e-4, "nesting.influence_temperature", self.influence_temperature,
+                     ">= 1e-4")
         check_option(0 <= self.smoothing < 1, "nesting.smoothing", self.smoothing, "in [0, 1)")
         check_option(self.kl_target > 0, "nesting.kl_target", self.kl_target, "> 0")
         check_option(self.kl_retry_steps >= 0, "nesting.kl_retry_steps", self.kl_retry_steps, ">= 0")
@@ -71,6 +76,7 @@ class ImportanceConfig:
     level: str = "token"  # token | sequence; TRL importance_sampling_level="token"
 
     def __post_init__(self) -> None:
+        check_types(self, "importance.")
         check_option(self.mitigation in MITIGATIONS, "importance.mitigation", self.mitigation, f"one of {MITIGATIONS}")
         check_option(0.0 <= self.retrace_lambda <= 1.0, "importance.retrace_lambda", self.retrace_lambda, "in [0, 1]")
         check_option(self.level in LEVELS, "importance.level", self.level, f"one of {LEVELS}")
@@ -90,6 +96,7 @@ class SamplingConfig:
     engine: str = "eager"
 
     def __post_init__(self) -> None:
+        check_types(self, "sampling.")
         check_option(self.temperature >= 0, "sampling.temperature", self.temperature, ">= 0 (0 = greedy)")
         check_option(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
         check_option(self.top_k >= 0, "sampling.top_k", self.top_k, ">= 0 (0 = disabled)")
@@ -130,6 +137,7 @@ class GRPOConfig:
     disable_dropout: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self, "grpo.")
         check_option(self.num_generations >= 2, "grpo.num_generations", self.num_generations, ">= 2 (groups compare)")
         check_option(self.learning_rate > 0, "grpo.learning_rate", self.learning_rate, "> 0")
         check_option(self.beta >= 0, "grpo.beta", self.beta, ">= 0")
@@ -142,6 +150,10 @@ class GRPOConfig:
         check_option(self.max_grad_norm > 0, "grpo.max_grad_norm", self.max_grad_norm, "> 0")
         check_option(self.lr_scheduler in SCHEDULERS, "grpo.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
         check_option(0 <= self.warmup_ratio < 1, "grpo.warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        check_option(self.weight_decay >= 0, "grpo.weight_decay", self.weight_decay, ">= 0")
+        for name in ("adam_beta1", "adam_beta2"):  # torch's AdamW refuses these only once the run has started
+            check_option(0 <= getattr(self, name) < 1, f"grpo.{name}", getattr(self, name), "in [0, 1)")
+        check_option(self.adam_epsilon > 0, "grpo.adam_epsilon", self.adam_epsilon, "> 0")
 
         if self.num_iterations == 1:  # the clip in effect must be the default's: anything else would not act
             default = _default(GRPOConfig, "epsilon")
@@ -170,6 +182,7 @@ class SFTConfig:
     lr_scheduler: str = "linear"  # TRL SFTConfig lr_scheduler_type (TrainingArguments), no warm-up
 
     def __post_init__(self) -> None:
+        check_types(self, "sft.")
         check_option(self.epochs >= 0, "sft.epochs", self.epochs, ">= 0")
         check_option(self.learning_rate > 0, "sft.learning_rate", self.learning_rate, "> 0")
         check_option(self.max_grad_norm > 0, "sft.max_grad_norm", self.max_grad_norm, "> 0")
@@ -177,6 +190,8 @@ class SFTConfig:
         check_option(self.lr_scheduler in SCHEDULERS, "sft.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
         check_option(self.batch_size >= 1, "sft.batch_size", self.batch_size, ">= 1")
         check_option(self.max_length >= 8, "sft.max_length", self.max_length, ">= 8")
+        check_option(self.max_examples is None or self.max_examples >= 1, "sft.max_examples", self.max_examples,
+                     ">= 1, or None for the whole training set")
 
 
 @dataclass(frozen=True)
@@ -190,6 +205,7 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = ("all-linear",)  # PEFT: every linear layer of the blocks, not the head
 
     def __post_init__(self) -> None:
+        check_types(self, "lora.")
         check_option(self.r >= 0, "lora.r", self.r, ">= 0 (0 = no adapters)")
         check_option(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
         check_option(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
@@ -230,7 +246,9 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
+        check_types(self, "")
         check_option(self.dataset in TRAINING_SETS, "dataset", self.dataset, f"one of {TRAINING_SETS}")
+        check_option(0 <= self.seed < 2**32, "seed", self.seed, "in [0, 2**32) (numpy's seeds)")
         check_option(self.rft_steps >= 0, "rft_steps", self.rft_steps, ">= 0")
         check_option(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check_option(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
@@ -265,6 +283,33 @@ def check_option(ok: bool, option: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{option} must be {expected}, got {value!r}")
 
 
+def check_types(config: Any, prefix: str) -> None:
+    """Every option of a config dataclass holds its declared type, numbers finite: checked before the ranges, so
+    that a list where a name belongs, or an infinite learning rate, stops the run at start-up naming the option
+    (and never becomes a directory named "['a', 'b']", or a run that diverges at its first step)."""
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if not dataclasses.is_dataclass(value):
+            expected = _expected_type(value, str(spec.type))
+            check_option(expected is None, f"{prefix}{spec.name}", value, expected or "")
+
+
+def _expected_type(value: Any, annotation: str) -> str | None:
+    """What `value` should be for a field annotated `annotation` (str, int, float, bool, tuple[str, ...], each
+    optionally "| None"), or None when it is that."""
+    kind, _, optional = annotation.partition(" | ")
+    if value is None:
+        return None if optional == "None" else f"a {kind} (not null)"
+    if kind.startswith("tuple"):
+        return None if isinstance(value, tuple) and all(isinstance(item, str) for item in value) else "a list of names"
+    if kind == "float":
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) else "a finite number"
+    wanted = {"str": str, "int": int, "bool": bool}[kind]
+    right = isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool))
+    return None if right else {"str": "a string", "int": "an integer", "bool": "true or false"}[kind]
+
+
 def to_dict(config: Any) -> dict:
     """A plain, YAML-ready dict of a config dataclass (tuples become lists)."""
     return dataclasses.asdict(config, dict_factory=lambda items: {k: _plain(v) for k, v in items})
@@ -277,9 +322,9 @@ def _plain(value: Any) -> Any:
 def from_dict(cls: type, values: dict, where: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys by their full dotted name."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping of options, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(set(values) - set(fields), key=str)  # YAML keys may be numbers too
     if unknown:
         names = ", ".join(f"{where}{key}" for key in unknown)
         raise ConfigError(f"unknown option(s) {names}; valid options here: {', '.join(sorted(fields))}")
@@ -287,7 +332,7 @@ def from_dict(cls: type, values: dict, where: str = "") -> Any:
     for key, value in values.items():
         nested_type = _dataclass_type(cls, key)
         if nested_type is not None:
-            kwargs[key] = from_dict(nested_type, value or {}, f"{where}{key}.")
+            kwargs[key] = from_dict(nested_type, {} if value is None else value, f"{where}{key}.")
         else:
             kwargs[key] = _coerce(value, fields[key], f"{where}{key}")
     try:
@@ -311,10 +356,10 @@ def _coerce(value: Any, spec: dataclasses.Field, option: str) -> Any:
     if isinstance(value, dict) and not annotation.startswith("dict"):
         raise ConfigError(f"{option} is a single value, not a section of options; got {value!r}")
     try:
-        if value is None or annotation.startswith("str"):
-            return value if value is None or not annotation.startswith("str") else str(value)
+        if value is None or annotation.startswith("str"):  # a number may name a directory; a list may not
+            return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         if annotation.startswith("tuple"):
-            return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            return tuple(value.split(",")) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
         if annotation.startswith("bool"):
             return _as_bool(value)
         if isinstance(value, bool) and not annotation.startswith("bool"):
@@ -342,10 +387,25 @@ def _as_bool(value: Any) -> bool:
     raise ValueError(value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last,
+    so `seed: 1` below `seed: 2` would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
     """The mapping a YAML file holds (empty for an empty file); a ConfigError naming `what` and `path` if not."""
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        values = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
@@ -354,6 +414,9 @@ def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
         raise ConfigError(f"{what} {path} cannot be read: {error.strerror}") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{what} {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    except yaml.MarkedYAMLError as error:  # one line: where, and what is wrong there
+        where = f", line {error.problem_mark.line + 1}" if error.problem_mark else ""
+        raise ConfigError(f"{what} {path}{where}: {error.problem} (not valid YAML)") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
     if values is None:
