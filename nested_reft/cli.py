@@ -242,18 +242,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     ConfigError covers the trainer's refusals too (an output directory that holds a run, a bad launch);
     LockHeldError is a run directory, sweep or sweep instance that another process is writing (it names
-    that process); FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
+    that process); PathError is an output path that cannot be written, or a damaged file the project reads
+    back; FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
     """
     from nested_reft.checkpoint import CheckpointError
     from nested_reft.config import ConfigError
     from nested_reft.data import DataError
     from nested_reft.evaluate import EvalError
-    from nested_reft.files import LockHeldError
+    from nested_reft.files import LockHeldError, PathError
     from nested_reft.models import ModelLoadError
     from nested_reft.results import ResultsError
 
     return (ConfigError, DataError, ModelLoadError, CheckpointError, EvalError, ResultsError, LockHeldError,
-            FloatingPointError)
+            PathError, FloatingPointError)
 
 
 def _quiet_libraries() -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from nested_reft.files import atomic_write_json, atomic_write_text
+from nested_reft.files import atomic_write_json, atomic_write_text, check_output_directory
 from nested_reft.config import ENGINES, ConfigError, check_option
 from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
 from nested_reft.rewards import extract_answer
@@ -135,11 +135,12 @@ def evaluate_model(
     from nested_reft.models import MODEL_ALIASES, load_model
 
     device = usable_device(device)
+    output_dir = default_output_dir(name_or_path) if output_dir is None else output_dir
+    check_output_directory(output_dir, "--output-dir")
     tasks = load_tasks(benchmarks, data_dir, limit)
     model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
     local = Path(name_or_path).expanduser()
     model_name = str(local.resolve()) if name_or_path not in MODEL_ALIASES and local.exists() else str(name_or_path)
-    output_dir = default_output_dir(name_or_path) if output_dir is None else output_dir
     return evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
 
 

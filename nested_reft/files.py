@@ -26,6 +26,40 @@ class LockHeldError(RuntimeError):
     """Another process holds the lock; the message names it (pid, host, command, since when)."""
 
 
+class PathError(ValueError):
+    """A path to write to that cannot be used (a file where a directory belongs, no write access); or a file the
+    project reads back that is damaged. The message names the path (and the line)."""
+
+
+def check_output_directory(path: str | os.PathLike, what: str) -> None:
+    """Refuse (PathError naming `what`) a directory that cannot be made or written into: it, or a path above it,
+    is a file, or the nearest existing directory is not writable. Checked before anything is written."""
+    path = Path(path)
+    existing = next(candidate for candidate in (path, *path.parents) if candidate.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise PathError(f"{what} {path} {where}; give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PathError(f"{what} {path} cannot be written: {existing} is not writable")
+
+
+@contextlib.contextmanager
+def removed_unless_used(path: str | os.PathLike, ignored: tuple[str, ...] = (), remove: bool = True) -> Iterator[None]:
+    """For the body, nothing; after it, the directories of `path` the body created are removed again where they
+    hold nothing but `ignored` files (a lock): a command refused or failed at start-up leaves no trace."""
+    path = Path(path)
+    created = [candidate for candidate in (path, *path.parents) if not candidate.exists()]  # deepest first
+    try:
+        yield
+    finally:
+        for directory in created if remove else ():
+            if not directory.is_dir() or any(item.name not in ignored for item in directory.iterdir()):
+                break
+            for name in ignored:
+                (directory / name).unlink(missing_ok=True)
+            directory.rmdir()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` via a temporary file and a rename: readers see the old or the new file."""
     path = Path(path)

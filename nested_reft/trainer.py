@@ -55,7 +55,7 @@ from nested_reft.checkpoint import (
 )
 from nested_reft.config import ConfigError, TrainConfig, flat_options, save_config, to_dict
 from nested_reft.data import DataError, Problem
-from nested_reft.files import atomic_write_json, atomic_write_text, read_json
+from nested_reft.files import atomic_write_json, atomic_write_text, check_output_directory, read_json
 from nested_reft.grpo import group_advantages
 from nested_reft.lora import add_adapters, has_adapters, merge
 from nested_reft.metrics import ModelShapes, RunTotals, StepMetrics, StepTimes, step_metrics, summarize
@@ -67,6 +67,7 @@ from nested_reft.rollout import generate_rollouts
 from nested_reft.rundir import (
     ADAPTER_DIR,
     CONFIG_FILE,
+    DATA_FILE,
     FINAL_MODEL_DIR,
     METRICS_FILE,
     SFT_METRICS_FILE,
@@ -75,10 +76,12 @@ from nested_reft.rundir import (
     RunState,
     append_jsonl,
     check_resumed_config,
+    check_resumed_data,
     checkpoint_to_resume,
+    claimed_run_directory,
     clear_started_run,
+    data_identity,
     keep_metrics_up_to,
-    locked_run_directory,
     read_metrics,
     run_state,
 )
@@ -92,22 +95,27 @@ from nested_reft.update import TrainingState, policy_update
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # config.dtype -> accelerate
 
 
-def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -> dict:
+def train(config: TrainConfig, task: Task | None = None, resume: bool | None = False) -> dict:
     """Run SFT (if sft.epochs > 0) and ReFT for `config`; return the summary written to summary.json.
 
-    Nothing is written before the inputs are checked: the run directory's state, the model, the data and
-    their fit; and only one process at a time may write a run directory.
+    `resume`: continue the run's checkpoint (True), start a fresh run (False), or whatever the directory holds
+    (None, `ensure_trained`). Nothing is written before the inputs are checked: the output directory, its
+    state, the model, the data and their fit; only one process at a time may write a run directory, and it
+    takes the lock before it touches anything. A run that fails before its first checkpoint is removed again.
     """
     accelerator = _accelerator(config)
     set_seed(config.seed)
     output = Path(config.output_dir)
     _check_world(accelerator)
+    check_output_directory(output, "output_dir")
     fsdp2 = fsdp2_of_launch()
     if fsdp2 is not None:
         check_fits_fsdp2(config, accelerator.num_processes)
-    with locked_run_directory(output, accelerator):
+    with claimed_run_directory(output, accelerator):
+        if resume is None and run_state(output) is RunState.FINISHED:
+            return read_json(output / SUMMARY_FILE)
         checkpoint = checkpoint_to_resume(output, resume)
-        if resume:
+        if checkpoint is not None:
             check_resumed_config(config, output)
         model, tokenizer = load_model(config.model, dtype=torch.float32, device=accelerator.device)  # fp32 master weights
         if config.lora.r:
@@ -116,10 +124,20 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
         task = task or Task.load(config.dataset, "train", config.data_dir)
         if not task.problems:
             raise DataError(f"training set {task.name!r} has 0 problems: nothing to train on")
+        identity = data_identity(task.name, task.problems)
+        if checkpoint is not None:
+            check_resumed_data(output, identity)
         accelerator.wait_for_everyone()  # every rank has decided and checked before the main process writes
         if accelerator.is_main_process:
+            clear_started_run(output)  # what a run killed before its first checkpoint left
             save_config(config, output / CONFIG_FILE)
-        summary = _train_model(config, task, model, tokenizer, accelerator, checkpoint, fsdp2)
+            atomic_write_json(output / DATA_FILE, identity)
+        try:
+            summary = _train_model(config, task, model, tokenizer, accelerator, checkpoint, fsdp2)
+        except BaseException:
+            if accelerator.is_main_process:  # no checkpoint yet: nothing to resume, so nothing is kept
+                clear_started_run(output)
+            raise
     accelerator.end_training()
     return summary
 
@@ -127,14 +145,9 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
 def ensure_trained(config: TrainConfig, task: Task | None = None) -> dict:
     """Bring the run in `config.output_dir` to its end, for callers that own the directory (sweeps, the demo):
     a finished run is left as it is (its summary is returned), one with a checkpoint resumes, one that stopped
-    before its first checkpoint is cleared and started again, and an empty directory starts a run."""
-    output = Path(config.output_dir)
-    state = run_state(output)
-    if state is RunState.FINISHED:
-        return read_json(output / SUMMARY_FILE)
-    if state is RunState.STARTED:
-        clear_started_run(output)
-    return train(config, task, resume=state is RunState.RESUMABLE)
+    before its first checkpoint is cleared and started again, and an empty directory starts a run; all of it
+    decided under the run directory's lock, so a second caller is refused before it clears anything."""
+    return train(config, task, resume=None)
 
 
 def _train_model(

@@ -3,10 +3,20 @@ bad-input probe, each named after its finding (f01 ... f21); tiny random models,
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
+from nested_reft import trainer
+from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.cli import main
 from nested_reft.config import ConfigError, load_config
+from nested_reft.files import LockHeldError, exclusive_lock
+from nested_reft.rundir import (
+    CONFIG_FILE, FINAL_MODEL_DIR, LOCK_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, run_state,
+)
+from nested_reft.tasks import Task
+from nested_reft.trainer import ensure_trained, train
 
 
 def error_line(capsys) -> str:
@@ -112,3 +122,111 @@ def test_f13_out_of_range_options_are_refused_before_anything_is_written(overrid
 def test_f13_unknown_keys_of_mixed_types_are_named_not_a_type_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown option"):
         load_config(write(tmp_path, "1: 2\nfoo: 3\n"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run directory: taken before it is touched, created once the run can start, removed again if the run
+# fails before its first checkpoint; the data and settings a run started with are compared on resume
+# ----------------------------------------------------------------------------------------------------------
+
+PROBLEMS = generate_arithmetic(8, seed=1)
+
+
+def run_config(output, **overrides):
+    values = {"model": "tiny-llama", "output_dir": str(output), "rft_steps": 2, "batch_size": 2,
+              "micro_batch_size": 4, "grpo.num_generations": 2, "sampling.max_new_tokens": 4,
+              "sampling.min_new_tokens": 4, "sft.epochs": 0, "save_steps": 1}
+    return load_config(None, {**values, **overrides})
+
+
+def tiny_task(problems=PROBLEMS):
+    return Task("tiny", list(problems), reward=lambda c, g: 0.5)
+
+
+def resumable_run(output, **overrides):
+    """A run with a checkpoint and no end: what a kill after step 2 of 3 leaves."""
+    train(run_config(output, **overrides), tiny_task())
+    for name in (SUMMARY_FILE, FINAL_MODEL_DIR):
+        path = output / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert run_state(output) is RunState.RESUMABLE
+
+
+def test_f01_a_second_writer_is_refused_before_it_clears_anything(tmp_path):
+    """The demo and sweeps call `ensure_trained`, which clears a run stopped before its first checkpoint:
+    only once it holds the lock, so a running warm-up's files are never removed by a second demo."""
+    output = tmp_path / "sft"
+    output.mkdir()
+    (output / CONFIG_FILE).write_text("seed: 0\n")  # a running warm-up, before its first checkpoint
+    (output / SFT_METRICS_FILE).write_text('{"step": 1}\n')
+    with exclusive_lock(output / LOCK_FILE, "the running demo"):
+        with pytest.raises(LockHeldError, match=rf"run directory {output} is in use by pid"):
+            ensure_trained(run_config(output), tiny_task())
+    assert (output / CONFIG_FILE).read_text() == "seed: 0\n"
+    assert (output / SFT_METRICS_FILE).read_text() == '{"step": 1}\n'
+
+
+def test_f05_resume_without_the_saved_config_is_refused(tmp_path):
+    output = tmp_path / "run"
+    resumable_run(output)
+    (output / CONFIG_FILE).unlink()
+    with pytest.raises(ConfigError, match=rf"--resume: {output} has no {CONFIG_FILE}"):
+        train(run_config(output, **{"grpo.learning_rate": 1e-3}), tiny_task(), resume=True)
+    assert not (output / CONFIG_FILE).exists()
+
+
+def test_f06_resume_on_other_data_is_refused(tmp_path):
+    output = tmp_path / "run"
+    resumable_run(output)
+    other = generate_arithmetic(8, seed=2)
+    with pytest.raises(ConfigError, match="--resume: the run in .* was trained on other data"):
+        train(run_config(output), tiny_task(other), resume=True)
+    train(run_config(output), tiny_task(), resume=True)  # the same data resumes
+
+
+def test_f19_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, monkeypatch):
+    output = tmp_path / "run"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory at step 1")
+
+    monkeypatch.setattr(trainer, "reft", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(run_config(output), tiny_task())
+    assert not output.exists()
+
+
+def test_f19_a_run_killed_before_its_first_checkpoint_restarts_on_the_plain_rerun(tmp_path):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / CONFIG_FILE).write_text("seed: 0\n")  # what a kill -9 during the warm-up leaves
+    (output / SFT_METRICS_FILE).write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint.*rerun it without --resume"):
+        train(run_config(output), tiny_task(), resume=True)
+    summary = train(run_config(output), tiny_task())
+    assert summary["steps"] == 2 and run_state(output) is RunState.FINISHED
+
+
+@pytest.mark.parametrize("overrides", [{"nesting.border": 100}, {"model": "tiny-nonexistent"}])
+def test_f21_a_refused_run_creates_no_directory(tmp_path, overrides):
+    output = tmp_path / "new" / "run"
+    with pytest.raises(ValueError):
+        train(run_config(output, **overrides), tiny_task())
+    assert not (tmp_path / "new").exists()
+
+
+def test_f21_resume_on_a_missing_directory_creates_nothing(tmp_path):
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        train(run_config(tmp_path / "typo"), tiny_task(), resume=True)
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_f18_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" if where == "file" else tmp_path / "file" / "run"
+    assert main(["train", *TINY_RUN, "--output-dir", str(target)]) == 2
+    assert f"output_dir {target}" in error_line(capsys)
+    assert main(["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "1",
+                 "--output-dir", str(target)]) == 2
+    assert str(target) in error_line(capsys)
