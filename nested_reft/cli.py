@@ -248,7 +248,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from nested_reft.checkpoint import CheckpointError
     from nested_reft.config import ConfigError
     from nested_reft.data import DataError
-    from nested_reft.evaluate import EvalError
+    from nested_reft.evaldir import EvalError
     from nested_reft.files import LockHeldError, PathError
     from nested_reft.models import ModelLoadError
     from nested_reft.results import ResultsError

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from nested_reft.evaluate import EVAL_FILE, read_records
+from nested_reft.evaldir import EVAL_FILE, read_records
 from nested_reft.files import atomic_write_text, read_json
 from nested_reft.grid import GridConfig, Instance, enumerate_instances, run_directory, sft_directory
 from nested_reft.results import (

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import multiprocessing
 import statistics
 from collections.abc import Callable, Iterator, Sequence
@@ -40,13 +39,14 @@ from nested_reft.config import (
     TrainConfig,
     check_option,
 )
-from nested_reft.evaluate import EvalConfig, evaluate_model, print_progress, read_records
+from nested_reft.evaldir import read_records
+from nested_reft.evaluate import EvalConfig, evaluate_model, print_progress
 from nested_reft.files import atomic_write_text
 from nested_reft.models import DEFAULT_MODEL, load_model
 from nested_reft.nesting import draw_uniform, num_skipped_layers
 from nested_reft.plots import pyplot, save_figure
 from nested_reft.rollout import generate_rollouts
-from nested_reft.rundir import FINAL_MODEL_DIR, METRICS_FILE
+from nested_reft.rundir import FINAL_MODEL_DIR, METRICS_FILE, read_metrics
 from nested_reft.study import Interval, bootstrap_delta
 from nested_reft.tasks import Task
 from nested_reft.trainer import ensure_trained
@@ -139,7 +139,7 @@ def run_demo(output_dir: str | Path = "runs/demo", model: str | None = None,
             *((config, output / name / "eval", settings) for name, config in arms.items())])
     results = {}
     for name, after in zip(arms, afters):
-        steps = [json.loads(line) for line in (output / name / METRICS_FILE).read_text().splitlines()]
+        steps = read_metrics(output / name / METRICS_FILE)
         results[name] = RunResult(steps, sum(after) / len(after), in_points(bootstrap_delta([after], [before])))
     speed = measure_speedups(warm, [step["skip_set"] for step in results["nested"].steps], settings)
     table = comparison_table(sum(before) / len(before), results, speed, settings)

@@ -1,5 +1,9 @@
 """Small file helpers every module that writes shares: atomic writes, JSON reads and one-writer locks.
 
+Reads of the files the project writes and reads back go through `read_text`, `read_json_object` and
+`read_json_lines`: UTF-8, JSON objects, a torn last line (a kill mid-append) left out, and any other damage a
+PathError that names the file and the line.
+
 Atomic writes go through a temporary sibling and a rename, so a reader (or a run killed mid-write) sees the
 old file or the new one, never half of one; they get the mode the umask gives a new file, as the files a
 plain `open` writes do. Locks are `flock` locks on a file beside what they guard: the kernel releases them
@@ -17,6 +21,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -88,6 +93,65 @@ def read_json(path: str | os.PathLike) -> dict:
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A file's UTF-8 text; a PathError naming the file and the byte where it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PathError(f"{path} is not UTF-8 text (byte {error.start}); it was not written by nested-reft, "
+                        "or is damaged") from None
+    except IsADirectoryError:
+        raise PathError(f"{path} is a directory, where a file was expected") from None
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The mapping a JSON file the project wrote holds; a PathError naming the file where it is not one."""
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise PathError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise PathError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class JsonLines:
+    """The records of a JSON-lines file with the line each came from, and whether its last line was torn."""
+
+    records: list[tuple[int, dict]]
+    torn: bool  # the last line was cut short (a kill mid-write) and is not among the records
+
+
+def read_json_lines(path: str | os.PathLike) -> JsonLines:
+    """The one reader of the JSON-lines files the project appends to (metrics, evaluation records).
+
+    Blank lines are skipped; a last line without its newline that is not valid JSON is what a kill in the
+    middle of a write leaves, and is left out (`torn`); any other line that is not a JSON object is damage
+    that no reader may paper over: a PathError naming the file and the line. A missing file has no records.
+    """
+    path = Path(path)
+    if not path.exists():
+        return JsonLines([], False)
+    lines = read_text(path).split("\n")
+    last = len(lines) if lines[-1].strip() else None  # the number of a last line without its newline
+    records, torn = [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == last:
+                torn = True
+                continue
+            raise PathError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise PathError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        records.append((number, record))
+    return JsonLines(records, torn)
 
 
 def umask() -> int:

@@ -99,8 +99,9 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ModelLoadError(f"unknown dtype {dtype!r}; expected a torch dtype name such as 'float32' or 'bfloat16'")
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:  # int8 weights cannot be trained
+        raise ModelLoadError(f"dtype {dtype!r} is not a floating-point torch dtype; expected a name such as "
+                             "'float32' or 'bfloat16'")
     return resolved
 
 

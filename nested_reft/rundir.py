@@ -26,7 +26,9 @@ from pathlib import Path
 
 from nested_reft.checkpoint import latest_checkpoint, remove_stale_staging
 from nested_reft.config import RESUMABLE_OPTIONS, ConfigError, TrainConfig, config_differences, load_config
-from nested_reft.files import LockHeldError, atomic_write_text, exclusive_lock, read_json, removed_unless_used
+from nested_reft.files import (
+    LockHeldError, PathError, atomic_write_text, exclusive_lock, read_json, read_json_lines, removed_unless_used,
+)
 from nested_reft.problems import Problem
 
 METRICS_FILE = "metrics.jsonl"
@@ -174,10 +176,10 @@ def locked_run_directory(output: Path, accelerator) -> Iterator[None]:
 
 
 def keep_metrics_up_to(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint (they are recomputed); on a fresh run, start empty."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    """On resume, drop metric lines past the checkpoint (they are recomputed) and a torn last line; on a fresh
+    run, start empty."""
+    kept = [record for record in read_metrics(path) if record["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -187,5 +189,10 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics JSONL file ([] where there is none)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The step records of a metrics JSONL file ([] where there is none; a torn last line left out), each with an
+    integer step; a PathError naming the file and line where one is damaged."""
+    records = read_json_lines(path).records
+    for number, record in records:
+        if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+            raise PathError(f"{path}, line {number}: a metrics record needs an integer step, got {record.get('step')!r}")
+    return [record for _, record in records]

@@ -41,7 +41,8 @@ import torch
 from nested_reft.checkpoint import checkpoints
 from nested_reft.config import ConfigError, TrainConfig, load_config
 from nested_reft.collect import EVAL_DIR, collect_results
-from nested_reft.evaluate import EVAL_FILE, evaluate_model, print_progress
+from nested_reft.evaldir import EVAL_FILE
+from nested_reft.evaluate import evaluate_model, print_progress
 from nested_reft.files import LockHeldError, atomic_write_json, atomic_write_text, exclusive_lock, read_json
 from nested_reft.grid import (
     EvalSettings, GridConfig, Instance, changed_settings, enumerate_instances, eval_record, instance_config, load_grid,

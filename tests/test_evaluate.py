@@ -12,16 +12,14 @@ import nested_reft.evaluate as evaluation
 from nested_reft.cli import main
 from nested_reft.config import ConfigError
 from nested_reft.data import DATA_ENV, DataError, load_problems, svamp_split
+from nested_reft.evaldir import RECORD_FIELDS, EvalError, read_records
 from nested_reft.evaluate import (
     DEFAULT_BENCHMARKS,
-    RECORD_FIELDS,
     EvalConfig,
-    EvalError,
     benchmark_names,
     eval_config,
     evaluate,
     evaluate_model,
-    read_records,
 )
 from nested_reft.models import ModelLoadError, load_model
 
@@ -266,7 +264,8 @@ def test_a_trailing_partial_line_is_dropped_and_the_problem_generated(tiny, data
 
 def test_a_corrupt_line_inside_the_file_is_refused(tmp_path):
     path = tmp_path / "gsm8k.jsonl"
-    record = {field: "x" for field in RECORD_FIELDS}
+    record = {"id": "x", "prompt": "p", "completion": "c", "extracted_answer": None, "gold": "1", "correct": False,
+              "completion_tokens": 3, "finished": True}
     path.write_text(json.dumps(record) + "\n{oops\n" + json.dumps(record) + "\n")
     with pytest.raises(EvalError, match="line 2"):
         read_records(path)

@@ -3,6 +3,7 @@ bad-input probe, each named after its finding (f01 ... f21); tiny random models,
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -11,9 +12,14 @@ from nested_reft import trainer
 from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.cli import main
 from nested_reft.config import ConfigError, load_config
-from nested_reft.files import LockHeldError, exclusive_lock
+from nested_reft.data import DATA_ENV
+from nested_reft.evaldir import EvalError, read_records
+from nested_reft.evaluate import EvalConfig, evaluate
+from nested_reft.files import LockHeldError, PathError, exclusive_lock
+from nested_reft.models import load_model
 from nested_reft.rundir import (
-    CONFIG_FILE, FINAL_MODEL_DIR, LOCK_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, run_state,
+    CONFIG_FILE, FINAL_MODEL_DIR, LOCK_FILE, METRICS_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, read_metrics,
+    run_state,
 )
 from nested_reft.tasks import Task
 from nested_reft.trainer import ensure_trained, train
@@ -230,3 +236,79 @@ def test_f18_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys, where):
     assert main(["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "1",
                  "--output-dir", str(target)]) == 2
     assert str(target) in error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files read back: one reader (UTF-8, JSON lines with a torn or blank last line, wrong types) naming file and
+# line; evaluation records reused only for the problem they answer
+# ----------------------------------------------------------------------------------------------------------
+
+EVAL_RECORD = {"id": "gsm8k/0", "prompt": "p", "completion": "c", "extracted_answer": None, "gold": "1",
+               "correct": False, "completion_tokens": 3, "finished": True}
+
+
+def gsm8k_dir(root, questions):
+    (root / "gsm8k").mkdir(parents=True)
+    rows = [{"question": question, "answer": f"Work.\n#### {index}"} for index, question in enumerate(questions)]
+    (root / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def test_f02_eval_into_the_same_directory_with_other_data_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    model, tokenizer = load_model("tiny-llama")
+    first = gsm8k_dir(tmp_path / "a", ["What is 1 + 1?", "What is 2 + 2?"])
+    second = gsm8k_dir(tmp_path / "b", ["What is 3 + 3?", "What is 4 + 4?"])
+    settings = EvalConfig(max_new_tokens=4, batch_size=2)
+    evaluate(model, tokenizer, ["gsm8k"], tmp_path / "out", settings, data_dir=first)
+    with pytest.raises(EvalError, match="problem gsm8k/test/0 was evaluated with another prompt"):
+        evaluate(model, tokenizer, ["gsm8k"], tmp_path / "out", settings, data_dir=second)
+
+
+def test_f16_a_torn_or_blank_last_metrics_line_is_left_out_and_damage_is_named(tmp_path):
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 1}\n\n{"step": 2, "rew')
+    assert read_metrics(path) == [{"step": 1}]
+    path.write_text('{"step": 1}\n{"step": 2, "rew\n{"step": 3}\n')
+    with pytest.raises(PathError, match=rf"{path}, line 2: invalid JSON"):
+        read_metrics(path)
+    path.write_text('{"step": "one"}\n')
+    with pytest.raises(PathError, match=rf"{path}, line 1: a metrics record needs an integer step"):
+        read_metrics(path)
+
+
+def test_f16_resume_after_a_torn_metrics_line(tmp_path):
+    output = tmp_path / "run"
+    resumable_run(output, rft_steps=3, save_steps=2)  # checkpoint-2, metrics of steps 1-3
+    with open(output / METRICS_FILE, "a") as stream:
+        stream.write('{"step": 4, "rew')  # killed mid-append
+    summary = train(run_config(output, rft_steps=3, save_steps=2), tiny_task(), resume=True)
+    assert summary["steps"] == 3
+    assert [record["step"] for record in read_metrics(output / METRICS_FILE)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("field, value", [("correct", "yes"), ("completion_tokens", 2.5), ("id", 3),
+                                          ("prompt", None)])
+def test_f16_an_eval_record_with_a_field_of_the_wrong_type_is_named(tmp_path, field, value):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text(json.dumps(EVAL_RECORD) + "\n" + json.dumps({**EVAL_RECORD, field: value}) + "\n")
+    with pytest.raises(EvalError, match=rf"{path}, line 2: field '{field}' must be"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("content", [b"[]", "{\"model\": \"caf\xe9\"}".encode("latin-1")])
+def test_f16_damaged_eval_settings_are_one_line(tmp_path, capsys, content):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "eval_settings.json").write_bytes(content)
+    assert main(["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "1",
+                 "--output-dir", str(output)]) == 2
+    assert "eval_settings.json" in error_line(capsys)
+
+
+@pytest.mark.parametrize("flag, value", [("--device", "meta"), ("--dtype", "int8"), ("--dtype", "nonsense")])
+def test_f16_eval_device_and_dtype_that_cannot_run_are_one_line(tmp_path, capsys, flag, value):
+    assert main(["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "1", flag, value,
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    assert flag.lstrip("-") in error_line(capsys)
+    assert not (tmp_path / "out").exists()
