@@ -164,6 +164,7 @@ class GridConfig:
         for variant in self.variants:  # and every variant's nesting options
             self.base_config(self.models[0], self.datasets[0], self.seeds[0],
                              {"nesting.skip_ratio": variant.skip_ratio, **variant.overrides()})
+        _check_distinct_ids(enumerate_instances(self))
 
     @property
     def root(self) -> Path:
@@ -186,6 +187,19 @@ class GridConfig:
     def warm_up(self) -> bool:
         """Whether instances start from a shared SFT warm-up (train.sft.epochs > 0, the paper's E_sft = 2)."""
         return self.base_config(self.models[0], self.datasets[0], self.seeds[0]).sft.epochs > 0
+
+
+def _check_distinct_ids(instances: list[Instance]) -> None:
+    """Refuse two instances with one id, so one run directory: ids print x with %g, so skip ratios equal to six
+    digits (0.1 and 0.1000001) collide, and the second would be taken for the first, done with its results."""
+    first: dict[str, Instance] = {}
+    for instance in instances:
+        other = first.setdefault(instance.id, instance)
+        if other is not instance:
+            raise ConfigError(
+                f"two instances share the id {instance.id} (one run directory): skip_ratio {other.skip_ratio!r} "
+                f"and {instance.skip_ratio!r} ({instance.mitigation}); make the ratios differ in six digits"
+            )
 
 
 def _variant(value: Any) -> Variant:
@@ -212,6 +226,8 @@ def _normalise(config: Any, option: str, kind: type) -> None:
         return
     if isinstance(values, (str, int, float)):
         values = (values,)
+    if any(isinstance(value, bool) for value in values):  # int(True) is 1: `seeds: [true]` would be seed 1
+        raise ConfigError(f"{option} must be a list of {kind.__name__}, got {values!r}")
     try:
         converted = tuple(kind(value) for value in values)
     except (TypeError, ValueError):

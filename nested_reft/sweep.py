@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from nested_reft.checkpoint import checkpoints
-from nested_reft.config import ConfigError, TrainConfig, load_config
+from nested_reft.config import ConfigError, TrainConfig, config_differences, load_config
 from nested_reft.collect import EVAL_DIR, collect_results
 from nested_reft.evaldir import EVAL_FILE
 from nested_reft.evaluate import evaluate_model, print_progress
@@ -202,6 +202,7 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
     """
     directory = sft_directory(grid, instance)
     with exclusive_lock(_lock_file(directory), f"SFT warm-up {instance.sft_id}", wait=True):
+        _check_warm_up_settings(grid, instance)
         if read_status(directory).get("status") != "done" or not (directory / FINAL_MODEL_DIR).is_dir():
             write_status(directory, "running", instance=instance.sft_id)
             try:
@@ -214,6 +215,18 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
             evaluate_instance(directory / FINAL_MODEL_DIR, directory / EVAL_DIR, grid.eval, sft_config(grid, instance),
                               instance.seed)
     return directory / FINAL_MODEL_DIR
+
+
+def _check_warm_up_settings(grid: GridConfig, instance: Instance) -> None:
+    """Refuse a warm-up trained with other settings than the grid's now (its config.yaml against `sft_config`):
+    instances started from it would record the new options and train from the old model."""
+    directory = sft_directory(grid, instance)
+    saved = directory / CONFIG_FILE
+    if saved.is_file():
+        differences = config_differences(load_config(saved), sft_config(grid, instance))
+        if differences:
+            raise ConfigError(f"SFT warm-up {instance.sft_id} was trained with other settings than the grid's now "
+                              f"({'; '.join(differences)}); delete {directory} to train it again")
 
 
 def _free_memory() -> None:

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import yaml
 
-from nested_reft import trainer
+from nested_reft import sweep, trainer
 from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.cli import main
-from nested_reft.config import ConfigError, load_config
+from nested_reft.config import ConfigError, load_config, save_config
 from nested_reft.data import DATA_ENV
 from nested_reft.evaldir import EvalError, read_records
 from nested_reft.evaluate import EvalConfig, evaluate
+from nested_reft.grid import enumerate_instances, load_grid
 from nested_reft.files import LockHeldError, PathError, exclusive_lock
 from nested_reft.models import load_model
 from nested_reft.rundir import (
@@ -312,3 +315,55 @@ def test_f16_eval_device_and_dtype_that_cannot_run_are_one_line(tmp_path, capsys
                  "--output-dir", str(tmp_path / "out")]) == 2
     assert flag.lstrip("-") in error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grids: one directory per instance, and a warm-up reused only under the settings it was trained with
+# ----------------------------------------------------------------------------------------------------------
+
+
+def grid_file(tmp_path, **options):
+    values = {"name": "test", "output_dir": str(tmp_path / "sweep"), "models": ["tiny-llama"],
+              "datasets": ["arithmetic"], "skip_ratios": [0.2], "mitigations": ["retrace"],
+              "train": {"sft": {"epochs": 1}}, "eval": {"benchmarks": ["arithmetic"], "limit": 2}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**values, **options}))
+    return path
+
+
+@pytest.mark.parametrize("options", [
+    {"skip_ratios": [0.1, 0.1000001]},
+    {"skip_ratios": [0.2], "variants": [{"skip_ratio": 0.2000001, "mitigation": "base"}]},
+])
+def test_f03_instances_whose_ids_collide_are_refused_naming_both(tmp_path, options):
+    with pytest.raises(ConfigError, match=r"share the id .*x0\.[12]-b1-base-s0.*(0\.1000001|0\.2000001)"):
+        load_grid(grid_file(tmp_path, mitigations=["base"], **options))
+
+
+def test_f04_a_warm_up_trained_with_other_sft_options_is_not_reused(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(config):
+        output = Path(config.output_dir)
+        trained.append(output.name)
+        (output / FINAL_MODEL_DIR).mkdir(parents=True, exist_ok=True)
+        save_config(config, output / CONFIG_FILE)
+        (output / SUMMARY_FILE).write_text("{}")
+        return {}
+
+    monkeypatch.setattr(sweep, "ensure_trained", fake_train)
+    monkeypatch.setattr(sweep, "evaluate_instance", lambda *args: {})
+    path = grid_file(tmp_path)
+    grid = load_grid(path)
+    instance = enumerate_instances(grid)[0]
+    sweep.ensure_warm_up(grid, instance)
+    changed = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 1, "learning_rate": 1e-4}}))
+    with pytest.raises(ConfigError, match=r"sft-s0 was trained with other settings.*sft\.learning_rate"):
+        sweep.ensure_warm_up(changed, instance)
+    assert trained == ["sft-s0"]
+
+
+@pytest.mark.parametrize("option", ["seeds", "baseline_seeds"])
+def test_f12_a_boolean_seed_is_refused(tmp_path, option):
+    with pytest.raises(ConfigError, match=option):
+        load_grid(grid_file(tmp_path, **{option: [True]}))
