@@ -107,9 +107,25 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def _load_pretrained(source: str | Path, dtype: torch.dtype) -> ModelAndTokenizer:
     """`from_pretrained` for model and tokenizer; safetensors only, because unpickling .bin files can run code."""
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True,
+                                                          output_loading_info=True, ignore_mismatched_sizes=True)
+    check_every_weight_loaded(source, loading)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
+
+
+def check_every_weight_loaded(source: str | Path, loading: dict) -> None:
+    """Refuse a checkpoint that lacks a weight of its architecture, holds one it does not have, or holds one in
+    another shape: transformers would initialise those at random and say so only in a log we keep quiet, and
+    the run would train (and save) a model that is not the one named."""
+    mismatched = [key[0] if isinstance(key, tuple) else key for key in loading.get("mismatched_keys") or ()]
+    problems = {"missing": loading.get("missing_keys") or (), "not in the architecture":
+                loading.get("unexpected_keys") or (), "of another shape": mismatched}
+    named = [f"{what}: {', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''}"
+             for what, keys in problems.items() if keys]
+    if named:
+        raise ModelLoadError(f"the weights in {source} do not match its config.json ({'; '.join(named)}); "
+                             "copy or save the model again")
 
 
 def _load_local_directory(path: Path, dtype: torch.dtype) -> ModelAndTokenizer:

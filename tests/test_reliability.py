@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from nested_reft import sweep, trainer
 from nested_reft.arithmetic import generate_arithmetic
@@ -19,12 +21,13 @@ from nested_reft.evaldir import EvalError, read_records
 from nested_reft.evaluate import EvalConfig, evaluate
 from nested_reft.grid import enumerate_instances, load_grid
 from nested_reft.files import LockHeldError, PathError, exclusive_lock
-from nested_reft.models import load_model
+from nested_reft.models import ModelLoadError, load_model
 from nested_reft.rundir import (
     CONFIG_FILE, FINAL_MODEL_DIR, LOCK_FILE, METRICS_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, read_metrics,
     run_state,
 )
 from nested_reft.tasks import Task
+from nested_reft.tiny import tiny_model
 from nested_reft.trainer import ensure_trained, train
 
 
@@ -367,3 +370,46 @@ def test_f04_a_warm_up_trained_with_other_sft_options_is_not_reused(tmp_path, mo
 def test_f12_a_boolean_seed_is_refused(tmp_path, option):
     with pytest.raises(ConfigError, match=option):
         load_grid(grid_file(tmp_path, **{option: [True]}))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models: every weight loaded as it was saved, or a refusal naming it
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    model, tokenizer = tiny_model("llama", num_layers=2)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def damaged_copy(source, target, change):
+    shutil.copytree(source, target)
+    weights = load_file(target / "model.safetensors")
+    change(weights)
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+UP = "model.layers.0.mlp.up_proj.weight"
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda weights: weights.pop(UP), f"missing: {UP}"),
+    (lambda weights: weights.update(extra=torch.zeros(2)), "not in the architecture: extra"),
+])
+def test_f08_a_checkpoint_missing_or_adding_a_weight_is_refused_by_name(saved_tiny, tmp_path, change, named):
+    damaged = damaged_copy(saved_tiny, tmp_path / "damaged", change)
+    with pytest.raises(ModelLoadError, match=named):
+        load_model(str(damaged))
+    load_model(str(saved_tiny))  # the intact copy loads
+
+
+def test_f14_a_weight_of_the_wrong_shape_is_one_line(saved_tiny, tmp_path, capsys):
+    damaged = damaged_copy(saved_tiny, tmp_path / "damaged", lambda weights: weights.update({UP: torch.zeros(3, 3)}))
+    assert main(["eval", "--model", str(damaged), "--benchmarks", "arithmetic", "--limit", "1",
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    assert f"of another shape: {UP}" in error_line(capsys)
