@@ -39,13 +39,27 @@ class PathError(ValueError):
 def check_output_directory(path: str | os.PathLike, what: str) -> None:
     """Refuse (PathError naming `what`) a directory that cannot be made or written into: it, or a path above it,
     is a file, or the nearest existing directory is not writable. Checked before anything is written."""
+    reason = _unwritable(Path(path), Path(path))
+    if reason:
+        raise PathError(f"{what} {path} {reason}")
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> None:
+    """As `check_output_directory`, for a file to write: not a directory, in a directory that can be made."""
     path = Path(path)
-    existing = next(candidate for candidate in (path, *path.parents) if candidate.exists())
+    reason = "is a directory; give a file name" if path.is_dir() else _unwritable(path, path.parent)
+    if reason:
+        raise PathError(f"{what} {path} {reason}")
+
+
+def _unwritable(target: Path, directory: Path) -> str | None:
+    """Why `directory` (`target` or the one it goes in) cannot be made or written into, or None."""
+    existing = next(candidate for candidate in (directory, *directory.parents) if candidate.exists())
     if not existing.is_dir():
-        where = "is a file" if existing == path else f"is under {existing}, which is a file"
-        raise PathError(f"{what} {path} {where}; give a directory")
+        return "is a file; give a directory" if existing == target else f"is under {existing}, which is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PathError(f"{what} {path} cannot be written: {existing} is not writable")
+        return f"cannot be written: {existing} is not writable"
+    return None
 
 
 @contextlib.contextmanager

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nested_reft.files import atomic_write_text
+from nested_reft.files import atomic_write_text, read_text
 
 RESULTS_FILE = "results.csv"
 STEPS_FILE = "steps.csv"
@@ -103,7 +104,7 @@ def read_results(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"{path} does not exist; run `nested-reft sweep GRID.yaml` (or `--collect`) first")
-    return parse_results(path.read_text(), str(path))
+    return parse_results(read_text(path), str(path))
 
 
 def parse_results(text: str, source: str = RESULTS_FILE) -> list[dict]:
@@ -124,7 +125,7 @@ def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str]
     path = Path(path)
     if not path.is_file():
         return []
-    reader = csv.DictReader(io.StringIO(path.read_text()))
+    reader = csv.DictReader(io.StringIO(read_text(path)))
     missing = [column for column in columns if column not in (reader.fieldnames or []) and column not in optional]
     if missing:
         raise ResultsError(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(columns)}")
@@ -141,6 +142,8 @@ def _optional_number(value: str, column: str, where: str) -> float | None:
 
 
 def _parse_row(row: dict, where: str) -> dict:
+    if None in row:  # csv.DictReader files the cells past the header's columns under None
+        raise ResultsError(f"{where}: more fields than the header has columns ({len(row[None])} over)")
     parsed: dict[str, Any] = dict(row)
     for column, kind in NUMERIC.items():
         parsed[column] = _number(row[column], column, where, kind)
@@ -163,6 +166,9 @@ def _parse_row(row: dict, where: str) -> dict:
 
 def _number(value: str, column: str, where: str, kind: type) -> float | int:
     try:
-        return kind(float(value)) if kind is int else kind(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ResultsError(f"{where}: column {column} must be a number, got {value!r}") from None
+    if not math.isfinite(number):  # an accuracy of nan would print as "+nan" in Table 2
+        raise ResultsError(f"{where}: column {column} must be a finite number, got {value!r}")
+    return kind(number)

@@ -43,7 +43,9 @@ from nested_reft.config import ConfigError, TrainConfig, config_differences, loa
 from nested_reft.collect import EVAL_DIR, collect_results
 from nested_reft.evaldir import EVAL_FILE
 from nested_reft.evaluate import evaluate_model, print_progress
-from nested_reft.files import LockHeldError, atomic_write_json, atomic_write_text, exclusive_lock, read_json
+from nested_reft.files import (
+    LockHeldError, atomic_write_json, atomic_write_text, check_output_file, exclusive_lock, read_json,
+)
 from nested_reft.grid import (
     EvalSettings, GridConfig, Instance, changed_settings, enumerate_instances, eval_record, instance_config, load_grid,
     run_directory, select_instances, sft_config, sft_directory,
@@ -253,6 +255,7 @@ def emit_commands(grid: GridConfig, grid_path: str | os.PathLike, path: str | os
     """
     prefix = f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m nested_reft.cli sweep"
     grid_file = shlex.quote(str(Path(grid_path).resolve()))
+    check_output_file(path, "--emit-commands")
     lines = [f"{prefix} {grid_file} --only {shlex.quote(instance.id)}" for instance in enumerate_instances(grid)]
     atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
     return lines

@@ -22,6 +22,7 @@ from nested_reft.evaluate import EvalConfig, evaluate
 from nested_reft.grid import enumerate_instances, load_grid
 from nested_reft.files import LockHeldError, PathError, exclusive_lock
 from nested_reft.models import ModelLoadError, load_model
+from nested_reft.results import RESULTS_FILE, csv_text, results_columns
 from nested_reft.rundir import (
     CONFIG_FILE, FINAL_MODEL_DIR, LOCK_FILE, METRICS_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, read_metrics,
     run_state,
@@ -413,3 +414,60 @@ def test_f14_a_weight_of_the_wrong_shape_is_one_line(saved_tiny, tmp_path, capsy
     assert main(["eval", "--model", str(damaged), "--benchmarks", "arithmetic", "--limit", "1",
                  "--output-dir", str(tmp_path / "out")]) == 2
     assert f"of another shape: {UP}" in error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results and reports
+# ----------------------------------------------------------------------------------------------------------
+
+
+def results_rows(accuracy=0.5) -> list[dict]:
+    common = dict(model="M", dataset="d", status="done", token_speed=100.0, total_runtime_s=50.0, error="", seed=0)
+    return [dict(common, instance="M/d/baseline-s0", role="baseline", skip_ratio=0.0, border=0, mitigation="base",
+                 accuracy=0.5),
+            dict(common, instance="M/d/x0.1-b1-retrace-s0", role="nested", skip_ratio=0.1, border=1,
+                 mitigation="retrace", accuracy=accuracy)]
+
+
+def sweep_dir_with(tmp_path, text: str | bytes):
+    directory = tmp_path / "sweep"
+    directory.mkdir()
+    path = directory / RESULTS_FILE
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return directory
+
+
+@pytest.mark.parametrize("accuracy", ["nan", "inf"])
+def test_f11_a_done_row_with_a_non_finite_accuracy_is_refused_naming_the_row(tmp_path, capsys, accuracy):
+    directory = sweep_dir_with(tmp_path, csv_text(results_columns([]), results_rows(accuracy)))
+    assert main(["report", str(directory)]) == 2
+    assert f"{RESULTS_FILE}, line 3: column accuracy must be a finite number, got '{accuracy}'" in error_line(capsys)
+
+
+def test_f17_a_row_with_extra_fields_is_refused_naming_it(tmp_path, capsys):
+    text = csv_text(results_columns([]), results_rows())
+    lines = text.splitlines()
+    lines[2] += ",surplus"
+    assert main(["report", str(sweep_dir_with(tmp_path, "\n".join(lines) + "\n"))]) == 2
+    assert f"{RESULTS_FILE}, line 3: more fields than the header" in error_line(capsys)
+
+
+def test_f17_a_results_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    text = csv_text(results_columns([]), results_rows()).replace("retrace", "r\xe9trace", 1)
+    assert main(["report", str(sweep_dir_with(tmp_path, text.encode("latin-1")))]) == 2
+    assert "is not UTF-8" in error_line(capsys)
+
+
+def test_f17_report_output_dir_naming_a_file_is_one_line(tmp_path, capsys):
+    directory = sweep_dir_with(tmp_path, csv_text(results_columns([]), results_rows()))
+    (tmp_path / "file").write_text("")
+    assert main(["report", str(directory), "--output-dir", str(tmp_path / "file")]) == 2
+    assert f"--output-dir {tmp_path / 'file'} is a file" in error_line(capsys)
+
+
+@pytest.mark.parametrize("where", ["directory", "under-file"])
+def test_f18_emit_commands_naming_a_directory_or_a_path_under_a_file_is_one_line(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("")
+    target = tmp_path if where == "directory" else tmp_path / "file" / "jobs.txt"
+    assert main(["sweep", str(grid_file(tmp_path)), "--emit-commands", str(target)]) == 2
+    assert f"--emit-commands {target}" in error_line(capsys)
