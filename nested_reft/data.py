@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from nested_reft.arithmetic import arithmetic_split
+from nested_reft.files import read_text
 from nested_reft.problems import Problem
 
 TRAINING_SETS = ("svamp", "gsm8k", "math12k", "arithmetic")
@@ -136,8 +137,7 @@ def _not_empty(rows: Sequence[Any], source: object) -> Sequence[Any]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as stream:
-        lines = [(number, line) for number, line in enumerate(stream, start=1) if line.strip()]
+    lines = [(number, line) for number, line in enumerate(read_text(path).split("\n"), start=1) if line.strip()]
     for number, line in _not_empty(lines, path):
         where = f"{path}, line {number}"
         try:
@@ -148,7 +148,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from err
 
@@ -200,8 +200,8 @@ def gsm8k_problem(row: Mapping[str, Any], where: str, index: int, split: str) ->
     question, worked = _field(row, "question", where), _field(row, "answer", where)
     body, marker, final = str(worked).rpartition("####")
     answer = final.strip().replace(",", "")
-    if not marker or not answer:
-        raise DataError(f"{where}: field 'answer' has no final line '#### N'")
+    if not marker or not re.fullmatch(r"-?\d+(\.\d+)?", answer):  # a gold answer of words would score nothing
+        raise DataError(f"{where}: field 'answer' must end in '#### N', N a number, got {final.strip()[:40]!r}")
     body = re.sub(r"<<[^>]*>>", "", body).rstrip()
     solution = f"{body}\nThe final answer is \\boxed{{{answer}}}"
     return Problem(f"gsm8k/{split}/{index}", str(question).strip(), answer, solution)
@@ -243,12 +243,13 @@ def svamp_problem(row: Mapping[str, Any], where: str) -> Problem:
     """
     problem_id, equation = _field(row, "ID", where), str(_field(row, "Equation", where))
     question = f"{str(_field(row, 'Body', where)).strip()} {str(_field(row, 'Question', where)).strip()}"
-    try:
-        tree = ast.parse(equation.strip(), mode="eval").body
-    except SyntaxError as err:
-        raise DataError(f"{where}: field 'Equation' is not an arithmetic expression: {equation!r}") from err
     steps: list[str] = []
-    answer = format_number(_evaluate_steps(tree, steps, where))
+    try:
+        answer = format_number(_evaluate_steps(ast.parse(equation.strip(), mode="eval").body, steps, where))
+    except SyntaxError as err:
+        raise DataError(f"{where}: field 'Equation' is not an arithmetic expression: {equation[:80]!r}") from err
+    except RecursionError:  # parsing or evaluating a chain of thousands of operations
+        raise DataError(f"{where}: field 'Equation' nests too deeply ({len(equation)} characters)") from None
     if len(steps) <= 1:  # one row (chal-555) has the bare equation '8.0': nothing to compute
         lines = [f"We compute {steps[0]}." if steps else "The problem states this number directly."]
     else:

@@ -188,7 +188,7 @@ def test_an_empty_svamp_file_is_an_error_naming_it(tmp_path):
 
 def test_gsm8k_answer_without_final_line(tmp_path):
     write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": "Q?", "answer": "It is 4."}])
-    with pytest.raises(DataError, match=r"line 1: field 'answer' has no final line '#### N'"):
+    with pytest.raises(DataError, match=r"line 1: field 'answer' must end in '#### N'"):
         load_problems("gsm8k", "train", data_dir=tmp_path)
 
 

@@ -16,7 +16,7 @@ from nested_reft import sweep, trainer
 from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.cli import main
 from nested_reft.config import ConfigError, load_config, save_config
-from nested_reft.data import DATA_ENV
+from nested_reft.data import DATA_ENV, DataError, load_problems
 from nested_reft.evaldir import EvalError, read_records
 from nested_reft.evaluate import EvalConfig, evaluate
 from nested_reft.grid import enumerate_instances, load_grid
@@ -471,3 +471,39 @@ def test_f18_emit_commands_naming_a_directory_or_a_path_under_a_file_is_one_line
     target = tmp_path if where == "directory" else tmp_path / "file" / "jobs.txt"
     assert main(["sweep", str(grid_file(tmp_path)), "--emit-commands", str(target)]) == 2
     assert f"--emit-commands {target}" in error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("final", ["twelve", "12 apples", "1,2,3x"])
+def test_f12_a_gsm8k_gold_answer_that_is_not_a_number_is_refused_naming_the_line(tmp_path, final):
+    root = gsm8k_dir(tmp_path / "data", ["What is 1 + 1?"])
+    (root / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "q", "answer": f"Work.\n#### {final}"}) + "\n")
+    with pytest.raises(DataError, match=r"test\.jsonl, line 1: field 'answer' must end in '#### N', N a number"):
+        load_problems("gsm8k", "test", data_dir=root)
+
+
+def test_f15_a_directory_where_a_data_file_belongs_is_one_line(tmp_path, capsys):
+    (tmp_path / "gsm8k" / "test.jsonl").mkdir(parents=True)
+    assert main(["data", "show", "gsm8k", "--split", "test", "--data-dir", str(tmp_path)]) == 2
+    assert "test.jsonl is a directory" in error_line(capsys)
+
+
+def test_f15_a_data_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_bytes('{"question": "caf\xe9", "answer": "#### 1"}\n'.encode("latin-1"))
+    assert main(["data", "show", "gsm8k", "--split", "test", "--data-dir", str(tmp_path)]) == 2
+    assert "test.jsonl is not UTF-8" in error_line(capsys)
+
+
+def test_f15_a_svamp_equation_nested_too_deeply_is_one_line(tmp_path, capsys):
+    (tmp_path / "svamp").mkdir()
+    equation = "1.0" + " + 1.0" * 20000
+    rows = [{"ID": f"chal-{i}", "Body": "b", "Question": "q", "Equation": equation if i == 0 else "1.0 + 1.0",
+             "Answer": 2.0} for i in range(10)]
+    (tmp_path / "svamp" / "SVAMP.json").write_text(json.dumps(rows))
+    assert main(["data", "show", "svamp", "--split", "train", "--data-dir", str(tmp_path)]) == 2
+    assert "index 0: field 'Equation' nests too deeply" in error_line(capsys)
