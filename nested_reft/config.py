@@ -359,7 +359,9 @@ def _coerce(value: Any, spec: dataclasses.Field, option: str) -> Any:
         if value is None or annotation.startswith("str"):  # a number may name a directory; a list may not
             return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         if annotation.startswith("tuple"):
-            return tuple(value.split(",")) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+            if isinstance(value, (str, list)):  # anything else is left for `check_types` to name
+                return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            return value
         if annotation.startswith("bool"):
             return _as_bool(value)
         if isinstance(value, bool) and not annotation.startswith("bool"):
@@ -372,7 +374,7 @@ def _coerce(value: Any, spec: dataclasses.Field, option: str) -> Any:
             return int(value)
         if annotation.startswith("float"):
             return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ConfigError(f"{option} must be a {annotation}, got {value!r}") from None
     return value
 

