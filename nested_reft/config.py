@@ -22,10 +22,6 @@ import yaml
 
 from nested_reft.data import TRAINING_SETS
 from nested_reft.files import atomic_write_text
-from nested_reft.grpo import LOSS_AGGREGATIONS, REWARD_SCALINGS
-from nested_reft.importance import LEVELS, MITIGATIONS
-from nested_reft.optim import SHAPES as SCHEDULE_SHAPES
-from nested_reft.skip_policy import LAYER_CHOICES, SKIP_POLICIES
 
 
 class ConfigError(ValueError):
@@ -127,7 +123,8 @@ class GRPOConfig:
     warmup_ratio: float = 0.0  # TrainingArguments
     # TRL: completions that hit max_new_tokens without EOS leave the loss (DAPO's overlong filtering); they
     # still count in their group's advantages. Without it a rambling completion whose last number happens to
-    # be right is rewarded, and a small model learns to ramble (docs/study-smollm2/README.md).
+    # be right is rewarded, and a small model learns to ramble (docs/study-smollm2/README.md). Refused with
+    # sampling.min_new_tokens = max_new_tokens (the paper's fixed length), where every completion is cut.
     mask_truncated_completions: bool = False
     # TRL 1.16 defaults disable_dropout to False; ours is True. TRL's loss is unaffected by dropout noise
     # because its logp_old comes from the same (dropout) forward as logp, but Nested-ReFT also compares
@@ -200,7 +197,9 @@ class LoRAConfig:
 
     r: int = 0  # ours: off. TRL ModelConfig lora_r = 16 when use_peft
     alpha: int = 32  # TRL ModelConfig lora_alpha
-    # TRL ModelConfig lora_dropout = 0.05; ours 0: dropout makes h != 1 at x = 0 (see grpo.disable_dropout)
+    # TRL ModelConfig lora_dropout = 0.05; ours 0: dropout makes h != 1 at x = 0 (see grpo.disable_dropout).
+    # A value > 0 acts in the SFT warm-up only while grpo.disable_dropout is on (the default), which sets PEFT's
+    # dropout to 0 with every other before ReFT; ReFT draws it too only with grpo.disable_dropout: false.
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("all-linear",)  # PEFT: every linear layer of the blocks, not the head
 
@@ -259,12 +258,23 @@ class TrainConfig:
         check_option(not (self.lora.r and self.grpo.beta), "grpo.beta", self.grpo.beta,
                      "0 with LoRA (lora.r > 0): the KL reference is the post-SFT model, which adapters on a frozen "
                      "base cannot give by disabling them")
+        fixed_length = self.sampling.min_new_tokens == self.sampling.max_new_tokens
+        check_option(not (self.grpo.mask_truncated_completions and fixed_length), "grpo.mask_truncated_completions",
+                     True, f"false while sampling.min_new_tokens = sampling.max_new_tokens "
+                     f"({self.sampling.max_new_tokens}): EOS is banned to the last token, so every completion is cut "
+                     "and the loss masks them all (nothing trains); lower sampling.min_new_tokens")
 
 
+# The names options take, declared here so that config imports none of the modules it configures (they import
+# config's types); each module's table maps the same names to what they do (tests/test_config.py checks them).
 ENGINES = ("eager", "compiled")  # nested_reft.decoding: the names `decoder_for` maps to decoding engines
-LOSS_TYPES = tuple(LOSS_AGGREGATIONS)
-SCALINGS = tuple(REWARD_SCALINGS)
-SCHEDULERS = tuple(SCHEDULE_SHAPES)
+SKIP_POLICIES = ("uniform", "influence", "kl_target")  # nested_reft.skip_policy
+LAYER_CHOICES = ("uniform", "influence")  # how the kl_target policy draws its layers
+MITIGATIONS = ("base", "practical", "retrace")  # nested_reft.importance.MITIGATION_TABLE
+LEVELS = ("token", "sequence")  # importance weights per token or per completion
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")  # nested_reft.grpo.LOSS_AGGREGATIONS
+SCALINGS = ("group", "batch", "none")  # nested_reft.grpo.REWARD_SCALINGS
+SCHEDULERS = ("constant", "linear", "cosine")  # nested_reft.optim.SHAPES
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Options a resumed run may change: where things are and how the run is logged, checkpointed and guarded.

@@ -4,7 +4,8 @@ The behavior log-prob of each sampled token is recorded while sampling, from the
 drew from, so the importance weights never need an extra forward pass of the behavior model. Engines:
 
   eager     a plain KV-cached loop over `model(...)` with a growing (dynamic) cache: what `generate` does
-            for a decoder-only model, minus the generality we do not need; finished rows leave the batch.
+            for a decoder-only model, minus the generality we do not need; finished rows leave the batch
+            (`EagerDecoder`).
   compiled  a static KV cache and one `torch.compile`d decode step (a CUDA graph on GPUs), see
             `CompiledDecoder`.
 
@@ -13,6 +14,7 @@ Both draw with `sampling.draw`, so they sample the same distributions.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
@@ -41,69 +43,111 @@ class Samples:
     logprobs: torch.Tensor
 
 
-@torch.no_grad()
-def eager_sample(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    config: SamplingConfig,
-    eos_token_ids: Sequence[int],
-    pad_token_id: int,
-    generator: torch.Generator | None = None,
-) -> Samples:
-    """Decode up to `config.max_new_tokens` tokens for left-padded `input_ids` (N, P) with a KV cache.
+SYNC_EVERY = {"cpu": 1, "cuda": 8}  # tokens between looks at which rows have ended, per device type (below)
 
-    Rows that have ended (EOS, past `min_new_tokens`) leave the batch once a quarter of it has ended: their
-    KV cache rows are dropped, so a batch is not decoded at full width for a few long completions (evaluation
-    stops at EOS; ReFT with min = max never drops a row). `rows` maps the working batch to the output rows.
-    """
-    batch = input_ids.shape[0]
-    device = input_ids.device
-    eos = torch.tensor(list(eos_token_ids), device=device)
-    cache = DynamicCache(config=model.config.get_text_config())
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    ).logits[:, -1]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    rows = torch.arange(batch, device=device)
-    tokens = torch.full((batch, config.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    masks = torch.zeros((batch, config.max_new_tokens), dtype=torch.long, device=device)
-    logprobs = torch.zeros((batch, config.max_new_tokens), dtype=torch.float32, device=device)
-    for step in range(config.max_new_tokens):
-        next_tokens, drawn_logprobs = _draw_next(logits, config, eos if step < config.min_new_tokens else None,
-                                                 generator)
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
+
+def sync_every_for(device: torch.device) -> int:
+    """How often a decoder asks the device which rows have ended (a host sync): on a CPU every token, where it
+    costs nothing and lets finished rows leave the batch at once; on a GPU every 8 tokens, so that the host
+    keeps queueing kernels (measured in bench/gpu.sh's eval-style rows; docs/benchmarks.md)."""
+    return SYNC_EVERY.get(device.type, SYNC_EVERY["cuda"])
+
+
+class _Completions:
+    """The output of a batch being decoded, one token per `append`: tokens, masks and behavior log-probs, and
+    which rows have ended. Shared by both engines: the per-token sampling and bookkeeping is one code path."""
+
+    def __init__(self, batch: int, config: SamplingConfig, eos_token_ids: Sequence[int], pad_token_id: int,
+                 device: torch.device):
+        self.config, self.pad_token_id, self.length = config, pad_token_id, 0
+        self.eos = torch.tensor(list(eos_token_ids), device=device)
+        self.tokens = torch.full((batch, config.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        self.masks = torch.zeros((batch, config.max_new_tokens), dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((batch, config.max_new_tokens), dtype=torch.float32, device=device)
+
+    def append(self, logits: torch.Tensor, rows, finished: torch.Tensor, generator: torch.Generator | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw the next token of the working rows `rows` (a slice or index tensor of output rows) from their last
+        logits (n, V); returns (next tokens, alive before this token, finished after it)."""
+        banned = self.eos if self.length < self.config.min_new_tokens else None
+        next_tokens, drawn_logprobs = _draw_next(logits, self.config, banned, generator)
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, self.pad_token_id), next_tokens)
         alive = ~finished
-        tokens[rows, step], masks[rows, step], logprobs[rows, step] = next_tokens, alive.long(), drawn_logprobs * alive
-        finished = finished | torch.isin(next_tokens, eos)
-        length = step + 1
-        if length == config.max_new_tokens:
-            break
-        if length >= config.min_new_tokens:  # no EOS before min_new_tokens, so no need to ask (a GPU would wait)
-            ended = int(finished.sum())
-            if ended == len(finished):
+        step = self.length
+        self.tokens[rows, step], self.masks[rows, step] = next_tokens, alive.long()
+        self.logprobs[rows, step] = drawn_logprobs * alive
+        self.length += 1
+        return next_tokens, alive, finished | torch.isin(next_tokens, self.eos)
+
+    @property
+    def full(self) -> bool:
+        return self.length == self.config.max_new_tokens
+
+    def time_to_look(self, sync_every: int) -> bool:
+        """Whether to read `finished` on the host now: never before `min_new_tokens` (no EOS can have been drawn),
+        then every `sync_every` tokens."""
+        past = self.length - self.config.min_new_tokens
+        return past >= 0 and past % sync_every == 0
+
+    def samples(self) -> Samples:
+        """The completions, cut after the last column any row generated in (rows that all ended between two
+        looks leave padding columns behind), once their log-probs are known finite."""
+        generated = torch.nonzero(self.masks[:, : self.length].any(dim=0))
+        width = int(generated[-1]) + 1 if len(generated) else self.length
+        return _checked(Samples(self.tokens[:, :width], self.masks[:, :width], self.logprobs[:, :width]))
+
+
+class EagerDecoder:
+    """The eager engine: a plain KV-cached loop over `model(...)` with a growing (dynamic) cache, what `generate`
+    does for a decoder-only model minus the generality we do not need.
+
+    Rows that have ended (EOS, past `min_new_tokens`) leave the batch once a quarter of it has ended: their KV
+    cache rows are dropped, so a batch is not decoded at full width for a few long completions (evaluation stops
+    at EOS; ReFT with min = max never drops a row). Which rows ended is read every `sync_every` tokens.
+    """
+
+    def __init__(self, sync_every: int | None = None):
+        self.sync_every = sync_every
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        config: SamplingConfig,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        generator: torch.Generator | None = None,
+    ) -> Samples:
+        """Decode up to `config.max_new_tokens` tokens for left-padded `input_ids` (N, P)."""
+        batch, device = input_ids.shape[0], input_ids.device
+        sync_every = self.sync_every or sync_every_for(device)
+        out = _Completions(batch, config, eos_token_ids, pad_token_id, device)
+        cache = DynamicCache(config=model.config.get_text_config())
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        rows = torch.arange(batch, device=device)  # the working batch's rows in the output
+        while True:
+            next_tokens, alive, finished = out.append(logits, rows, finished, generator)
+            if out.full:
                 break
-            if 4 * ended >= len(finished):
-                keep = torch.nonzero(~finished).squeeze(-1)
-                cache.batch_select_indices(keep)
-                rows, next_tokens, finished, alive = rows[keep], next_tokens[keep], finished[keep], alive[keep]
-                attention_mask, position_ids = attention_mask[keep], position_ids[keep]
-        attention_mask = torch.cat([attention_mask, alive[:, None].to(attention_mask.dtype)], dim=-1)
-        position_ids = position_ids[:, -1:] + 1
-        logits = model(
-            input_ids=next_tokens[:, None],
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-        ).logits[:, -1]
-    return _checked(Samples(tokens[:, :length], masks[:, :length], logprobs[:, :length]))
+            if out.time_to_look(sync_every):
+                ended = int(finished.sum())
+                if ended == len(finished):
+                    break
+                if 4 * ended >= len(finished):
+                    keep = torch.nonzero(~finished).squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    rows, next_tokens, finished, alive = rows[keep], next_tokens[keep], finished[keep], alive[keep]
+                    attention_mask, position_ids = attention_mask[keep], position_ids[keep]
+            attention_mask = torch.cat([attention_mask, alive[:, None].to(attention_mask.dtype)], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+            logits = model(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                           cache=cache, use_cache=True).logits[:, -1]
+        return out.samples()
 
 
 def _draw_next(logits: torch.Tensor, config: SamplingConfig, banned: torch.Tensor | None,
@@ -142,11 +186,11 @@ class CompiledDecoder:
     """
 
     def __init__(self, backend: str = "inductor", mode: str | None = None, length_bucket: int = 64,
-                 recompile_limit: int = 64):
-        self.length_bucket = length_bucket
+                 recompile_limit: int = 64, sync_every: int | None = None, max_caches: int = 2):
+        self.length_bucket, self.sync_every, self.max_caches = length_bucket, sync_every, max_caches
         self.recompile_limit = recompile_limit
         self._decode_step = torch.compile(_decode_step, backend=backend, mode=mode)
-        self._caches: dict[tuple, StaticCache] = {}
+        self._caches: collections.OrderedDict[tuple, StaticCache] = collections.OrderedDict()
 
     @torch.no_grad()
     def sample(
@@ -159,9 +203,10 @@ class CompiledDecoder:
         pad_token_id: int,
         generator: torch.Generator | None = None,
     ) -> Samples:
-        """As `eager_sample`, through the compiled decode step."""
+        """As `EagerDecoder.sample`, through the compiled decode step."""
         batch, prompt_length = input_ids.shape
         device = input_ids.device
+        sync_every = self.sync_every or sync_every_for(device)
         length = -(-(prompt_length + config.max_new_tokens) // self.length_bucket) * self.length_bucket
         cache = self._cache(model, batch, length)
         mask = torch.zeros((batch, length), dtype=attention_mask.dtype, device=device)
@@ -169,41 +214,44 @@ class CompiledDecoder:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
-        eos = torch.tensor(list(eos_token_ids), device=device)
+        out = _Completions(batch, config, eos_token_ids, pad_token_id, device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        tokens = torch.full((batch, config.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        masks = torch.zeros((batch, config.max_new_tokens), dtype=torch.long, device=device)
-        logprobs = torch.zeros((batch, config.max_new_tokens), dtype=torch.float32, device=device)
         position = position_ids[:, -1:]
         with packed_gqa_attention(model):  # once for the whole loop: the prefill above attended as transformers does
-            for step in range(config.max_new_tokens):
-                next_tokens, drawn_logprobs = _draw_next(logits, config, eos if step < config.min_new_tokens else None,
-                                                         generator)
-                next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
-                alive = ~finished
-                tokens[:, step], masks[:, step], logprobs[:, step] = next_tokens, alive.long(), drawn_logprobs * alive
-                finished = finished | torch.isin(next_tokens, eos)
-                if step + 1 == config.max_new_tokens or (step + 1 >= config.min_new_tokens and bool(finished.all())):
+            while True:
+                next_tokens, alive, finished = out.append(logits, slice(None), finished, generator)
+                if out.full or (out.time_to_look(sync_every) and bool(finished.all())):
                     break
-                mask[:, prompt_length + step] = alive.to(mask.dtype)
+                mask[:, prompt_length + out.length - 1] = alive.to(mask.dtype)
                 position = position + 1
                 with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
                     logits = self._decode_step(model, next_tokens[:, None], mask, position, cache)
-        return _checked(Samples(tokens[:, : step + 1], masks[:, : step + 1], logprobs[:, : step + 1]))
+        return out.samples()
 
     def _cache(self, model: PreTrainedModel, batch: int, length: int) -> StaticCache:
-        """The static cache of this shape (the nested model's layer count included), emptied for reuse."""
+        """The static cache of this shape (the nested model's layer count included), emptied for reuse.
+
+        At most `max_caches` are kept, the least recently used dropped first: an adaptive skip policy changes U
+        from step to step, and each cache holds a whole batch's keys and values on the device (two: a policy
+        that alternates between two sizes reuses both)."""
         config = model.config.get_text_config()
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
         key = (config.num_hidden_layers, tuple(getattr(config, "layer_types", None) or ()), batch, length, dtype,
                device)
-        cache = self._caches.get(key)
+        cache = self._caches.pop(key, None)
         if cache is None:
-            cache = self._caches[key] = StaticCache(config=_full_attention_within(config, length), max_cache_len=length)
+            while len(self._caches) >= self.max_caches:
+                self._caches.popitem(last=False)
+            cache = StaticCache(config=_full_attention_within(config, length), max_cache_len=length)
         else:
             cache.reset()
+        self._caches[key] = cache
         return cache
+
+    @property
+    def live_caches(self) -> int:
+        return len(self._caches)
 
 
 def _full_attention_within(config, length: int):
@@ -270,13 +318,6 @@ def _decode_step(model, tokens: torch.Tensor, mask: torch.Tensor, position_ids: 
                  use_cache=True).logits[:, -1]
 
 
-class EagerDecoder:
-    """The eager engine behind the decoder interface (`eager_sample`)."""
-
-    def sample(self, *args, **kwargs) -> Samples:
-        return eager_sample(*args, **kwargs)
-
-
 _DECODERS: dict[str, EagerDecoder | CompiledDecoder] = {}
 
 
@@ -291,6 +332,10 @@ def decoder_for(engine: str) -> EagerDecoder | CompiledDecoder:
     return _DECODERS[engine]
 
 
-def _default_compiled() -> CompiledDecoder:
+def default_compiled_mode() -> str | None:
     """Inductor everywhere; on CUDA its decode step is also captured as a CUDA graph ("reduce-overhead")."""
-    return CompiledDecoder(mode="reduce-overhead" if torch.cuda.is_available() else None)
+    return "reduce-overhead" if torch.cuda.is_available() else None
+
+
+def _default_compiled() -> CompiledDecoder:
+    return CompiledDecoder(mode=default_compiled_mode())

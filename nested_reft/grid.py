@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from nested_reft.config import (
-    ConfigError, TrainConfig, check_option, config_differences, flat_options, from_dict, load_config,
+    MITIGATIONS, ConfigError, TrainConfig, check_option, config_differences, flat_options, from_dict, load_config,
     read_yaml_mapping,
 )
 from nested_reft.data import TRAINING_SETS, DataError
 from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig, benchmark_names, eval_config, listed_benchmarks
-from nested_reft.importance import MITIGATIONS
 from nested_reft.results import model_slug
 from nested_reft.rundir import FINAL_MODEL_DIR
 

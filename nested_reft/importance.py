@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from nested_reft.config import ImportanceConfig
+
 # exp() of float32 overflows past ~88.7; a sequence-level log-ratio sums up to 256 token terms, so the
 # base ratio is computed from a log-ratio clipped here, which keeps it finite (and is counted as truncated).
 MAX_LOG_WEIGHT = 80.0
-
-LEVELS = ("token", "sequence")
 
 
 def base_weights(log_ratio: torch.Tensor, lam: float) -> torch.Tensor:
@@ -48,20 +48,17 @@ class Mitigation:
     truncates_above: float | None
 
 
-MITIGATION_TABLE: dict[str, Mitigation] = {
+MITIGATION_TABLE: dict[str, Mitigation] = {  # the mitigations config.MITIGATIONS names
     "base": Mitigation(base_weights, truncates_above=MAX_LOG_WEIGHT),
     "practical": Mitigation(practical_weights, truncates_above=None),
     "retrace": Mitigation(retrace_weights, truncates_above=0.0),
 }
-MITIGATIONS = tuple(MITIGATION_TABLE)
 
 
 def log_importance_ratio(
     logp_old: torch.Tensor, logp_behavior: torch.Tensor, mask: torch.Tensor, level: str = "token"
 ) -> torch.Tensor:
     """log(pi_theta/eta) per token (B, T), or summed over each completion's tokens (B, 1), in float32."""
-    if level not in LEVELS:
-        raise ValueError(f"importance level must be one of {LEVELS}, got {level!r}")
     log_ratio = (logp_old.float() - logp_behavior.float()) * mask
     if level == "sequence":
         return log_ratio.sum(dim=-1, keepdim=True)
@@ -69,21 +66,13 @@ def log_importance_ratio(
 
 
 def importance_weights(
-    logp_old: torch.Tensor,
-    logp_behavior: torch.Tensor,
-    mask: torch.Tensor,
-    method: str,
-    lam: float = 1.0,
-    level: str = "token",
+    logp_old: torch.Tensor, logp_behavior: torch.Tensor, mask: torch.Tensor, config: ImportanceConfig
 ) -> torch.Tensor:
-    """The detached weights h_m: (B, T) at token level (0 at masked positions), (B, 1) at sequence level."""
-    if method not in MITIGATION_TABLE:
-        raise ValueError(f"mitigation must be one of {MITIGATIONS}, got {method!r}")
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"retrace lambda must be in [0, 1], got {lam}")
-    log_ratio = log_importance_ratio(logp_old.detach(), logp_behavior.detach(), mask, level)
-    weights = MITIGATION_TABLE[method].weights(log_ratio, lam)
-    return weights * mask if level == "token" else weights
+    """The detached weights h_m of `config` (mitigation, lambda, level; validated when it was built): (B, T) at
+    token level (0 at masked positions), (B, 1) at sequence level."""
+    log_ratio = log_importance_ratio(logp_old.detach(), logp_behavior.detach(), mask, config.level)
+    weights = MITIGATION_TABLE[config.mitigation].weights(log_ratio, config.retrace_lambda)
+    return weights * mask if config.level == "token" else weights
 
 
 @dataclass(frozen=True)
@@ -105,18 +94,13 @@ class ImportanceStats:
 
 
 def importance_statistics(
-    logp_old: torch.Tensor,
-    logp_behavior: torch.Tensor,
-    mask: torch.Tensor,
-    method: str,
-    lam: float = 1.0,
-    level: str = "token",
+    logp_old: torch.Tensor, logp_behavior: torch.Tensor, mask: torch.Tensor, config: ImportanceConfig
 ) -> ImportanceStats:
     """Diagnostics of the weights `importance_weights` returns for the same arguments."""
     with torch.no_grad():
-        weights = importance_weights(logp_old, logp_behavior, mask, method, lam, level)
-        log_ratio = log_importance_ratio(logp_old, logp_behavior, mask, level)
-        valid = mask.bool() if level == "token" else mask.sum(-1, keepdim=True) > 0
+        weights = importance_weights(logp_old, logp_behavior, mask, config)
+        log_ratio = log_importance_ratio(logp_old, logp_behavior, mask, config.level)
+        valid = mask.bool() if config.level == "token" else mask.sum(-1, keepdim=True) > 0
         if not valid.any():
             return ImportanceStats(1.0, 1.0, 1.0, 0.0, 1.0, 0.0)
         h, log_r = weights[valid], log_ratio[valid]
@@ -127,7 +111,7 @@ def importance_statistics(
             mean=h.mean().item(),
             min=h.min().item(),
             max=h.max().item(),
-            truncated=_truncated_fraction(log_r, method),
+            truncated=_truncated_fraction(log_r, config.mitigation),
             ess=(ratio.sum() ** 2 / (ratio.numel() * (ratio**2).sum())).item(),
             kl_behavior_target=kl.mean().item(),
         )

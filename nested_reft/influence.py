@@ -19,16 +19,16 @@ from nested_reft.nesting import decoder_layers
 
 class InfluenceMeter:
     """Accumulates per-layer sums of 1 - cos(h_in, h_out) over the completion tokens of the forwards run inside
-    `measuring(mask)`, until `take()` returns their means and starts over. Hooks stay registered for the
-    meter's life but do nothing outside `measuring`."""
+    `measuring(mask)`, until `take()` returns their means and starts over. Its hooks stay on the model's blocks
+    but do nothing outside `measuring`."""
 
     def __init__(self, model: nn.Module):
         _, _, layers = decoder_layers(model)
         self.num_layers = len(layers)
         self._sums: torch.Tensor | None = None  # N layer sums, then the token count; on the hidden states' device
         self._mask: torch.Tensor | None = None
-        self._handles = [layer.register_forward_hook(self._hook(index), with_kwargs=True)
-                         for index, layer in enumerate(layers)]
+        for index, layer in enumerate(layers):
+            layer.register_forward_hook(self._hook(index), with_kwargs=True)
 
     @contextlib.contextmanager
     def measuring(self, completion_mask: torch.Tensor) -> Iterator[None]:
@@ -50,10 +50,6 @@ class InfluenceMeter:
         if totals[-1] == 0:
             return None
         return (totals[:-1] / totals[-1]).tolist()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
     def _hook(self, index: int):
         def record(module, args, kwargs, output) -> None:

@@ -16,7 +16,7 @@ from nested_reft.config import TrainConfig
 from nested_reft.importance import importance_statistics
 from nested_reft.nesting import decoder_layers
 from nested_reft.rollout import Rollouts
-from nested_reft.update import UpdateResult
+from nested_reft.update import UpdateResult, loss_mask
 
 
 @dataclass
@@ -25,6 +25,8 @@ class StepMetrics:
 
     gen_tokens_per_s = all ranks' generated tokens / the longest generation time of any rank.
     `kl` is the masked mean of TRL's k3 estimate of KL(pi_theta || pi_ref), None when beta = 0 (no reference).
+    The h statistics and kl_behavior_target cover the loss's tokens (`update.loss_mask`): with
+    grpo.mask_truncated_completions, not those of cut completions.
     """
 
     step: int
@@ -126,12 +128,23 @@ class StepTimes:
     updated: float
 
 
-def step_metrics(
-    step: int, rollouts: Rollouts, all_rewards: torch.Tensor, update: UpdateResult, config: TrainConfig,
-    accelerator, learning_rate: float, times: StepTimes, shapes: ModelShapes,
-    layer_influence: list[float] | None = None, gathered_weight_bytes: int = 0,
-) -> StepMetrics:
-    """The step's metrics over all ranks (see `StepMetrics`); `all_rewards` are already gathered."""
+@dataclass(frozen=True)
+class StepResult:
+    """What one ReFT step produced on this rank, as `step_metrics` reads it."""
+
+    step: int
+    rollouts: Rollouts
+    all_rewards: torch.Tensor  # every rank's rewards, already gathered
+    update: UpdateResult
+    learning_rate: float  # the rate the update used
+    times: StepTimes
+    layer_influence: list[float] | None = None  # each block's influence, when the skip policy measures it
+    gathered_weight_bytes: int = 0  # FSDP2: the whole weights this rank gathered to generate
+
+
+def step_metrics(result: StepResult, config: TrainConfig, accelerator, shapes: ModelShapes) -> StepMetrics:
+    """The step's metrics over all ranks (see `StepMetrics`)."""
+    rollouts, update, times, all_rewards = result.rollouts, result.update, result.times, result.all_rewards
     device = accelerator.device
     generated = int(accelerator.reduce(torch.tensor(rollouts.completion_tokens, device=device), "sum"))
     prompts = int(accelerator.reduce(torch.tensor(rollouts.prompt_tokens, device=device), "sum"))
@@ -142,12 +155,12 @@ def step_metrics(
                       times.updated - times.started],
     )
     mask = _gather_rows(accelerator, rollouts.completion_mask.float())
-    stats = importance_statistics(
-        _gather_rows(accelerator, update.logp_old), _gather_rows(accelerator, rollouts.behavior_logprobs), mask,
-        config.importance.mitigation, config.importance.retrace_lambda, config.importance.level,
+    stats = importance_statistics(  # over the loss's tokens: masked cut completions are not weighted
+        _gather_rows(accelerator, update.logp_old), _gather_rows(accelerator, rollouts.behavior_logprobs),
+        _gather_rows(accelerator, loss_mask(rollouts, config.grpo)), config.importance,
     )
     return StepMetrics(
-        step=step,
+        step=result.step,
         skip_set=list(rollouts.skip_set),
         skipped_layers=len(rollouts.skip_set),
         reward_mean=all_rewards.mean().item(),
@@ -172,10 +185,10 @@ def step_metrics(
         loss=update.loss,
         grad_norm=update.grad_norm,
         clip_fraction=update.clip_fraction,
-        learning_rate=learning_rate,
+        learning_rate=result.learning_rate,
         update_skipped=not update.finite,
-        layer_influence=layer_influence,
-        gathered_weight_bytes=gathered_weight_bytes,
+        layer_influence=result.layer_influence,
+        gathered_weight_bytes=result.gathered_weight_bytes,
     )
 
 

@@ -11,14 +11,12 @@ transformers.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # config names the schedules of this module, so it cannot be imported here at run time
-    from nested_reft.config import GRPOConfig
+from nested_reft.config import GRPOConfig
 
-SHAPES = {
+SHAPES = {  # the schedules config.SCHEDULERS names
     "constant": lambda progress: 1.0,
     "linear": lambda progress: 1.0 - progress,
     "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),

@@ -6,7 +6,12 @@ minus the mean of the same quantity over solution tokens).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+CHUNK_ROWS = 256  # rows of (position, vocabulary) turned into float32 at a time: 0.16 GB at Qwen's 152k vocabulary
 
 
 def completion_logprobs(
@@ -22,18 +27,80 @@ def completion_logprobs(
     Prompts are left-padded (N, P), completions right-padded (N, T). Position ids follow the
     attention mask, as in sampling, so each token sees the positions it was sampled with. Only the T
     positions that predict completion tokens are turned into logits (`logits_to_keep`), and the
-    log-softmax is taken in float32 whatever the model's dtype.
+    log-softmax is taken in float32, a chunk of rows at a time, whatever the model's dtype.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     length = completion_ids.shape[1]
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=length + 1,
-    ).logits[:, :-1]
-    logits = logits.float() / (temperature or 1.0)
-    chosen = logits.gather(-1, completion_ids[..., None]).squeeze(-1)
-    return chosen - torch.logsumexp(logits, dim=-1)
+    with attention_for_training(input_ids.device):
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=length + 1,
+        ).logits[:, :-1]
+    return chosen_logprobs(logits, completion_ids, temperature or 1.0)
+
+
+TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # on CUDA
+
+
+def attention_for_training(device: torch.device) -> contextlib.AbstractContextManager:
+    """The attention kernels a forward pass with gradient may use: on CUDA every SDPA backend but cuDNN's.
+
+    Why: cuDNN's SDPA backward (torch's default backend on Hopper since 2.11) returns NaN query gradients when a
+    mask is passed, the sequence length is 64 mod 128, and a row's logsumexp is very negative, as a left-padded
+    prompt's padding rows are (pytorch/pytorch#196678, TRL's workaround: no cuDNN attention). On an H200 every
+    ReFT step at 192 + 256 tokens had a NaN gradient norm and was skipped (docs/benchmarks.md). The backward
+    runs the kernel its forward chose, so the forward is where to choose. Elsewhere nothing changes.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(TRAINING_ATTENTION)
+
+
+def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                    chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """log softmax(logits / temperature) at `tokens`: logits (..., V) in any float dtype, tokens (...) long;
+    returns (...) float32, differentiable with respect to `logits`.
+
+    Why not `log_softmax(logits.float())`: autograd would keep a float32 copy of every logit for the backward
+    pass (n x T x V x 4 bytes: 2.5 GB for 16 completions of 256 tokens over Qwen's 152k vocabulary, more with
+    the temporaries beside it). Here the float32 work is done `chunk_rows` rows at a time, in the forward and
+    again in the backward, which keeps only the logits themselves (as the model returned them) and one
+    chunk's float32 temporaries: TRL's `selective_log_softmax` does the row loop for the forward alone.
+    """
+    return _ChosenLogprobs.apply(logits, tokens, float(temperature), int(chunk_rows))
+
+
+class _ChosenLogprobs(torch.autograd.Function):
+    """Forward: chosen logit minus logsumexp, per row chunk in float32. Backward: d/dz log p(k) =
+    (onehot(k) - softmax(z)) / temperature, with the softmax recomputed per chunk."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, chunk_rows):
+        flat, flat_tokens = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
+        out = torch.empty(flat_tokens.shape, dtype=torch.float32, device=logits.device)
+        for rows in _chunks(flat.shape[0], chunk_rows):
+            scaled = flat[rows].float() / temperature
+            out[rows] = scaled.gather(-1, flat_tokens[rows, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+        ctx.save_for_backward(logits, tokens)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        return out.reshape(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, tokens = ctx.saved_tensors
+        flat, flat_tokens = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
+        flat_grad = grad_output.reshape(-1).float() / ctx.temperature
+        grad = torch.empty_like(flat)
+        for rows in _chunks(flat.shape[0], ctx.chunk_rows):
+            chunk = -torch.softmax(flat[rows].float() / ctx.temperature, dim=-1)
+            chunk.scatter_add_(-1, flat_tokens[rows, None], torch.ones_like(chunk[:, :1]))
+            grad[rows] = (chunk * flat_grad[rows, None]).to(grad.dtype)
+        return grad.reshape(logits.shape), None, None, None
+
+
+def _chunks(total: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, total)) for start in range(0, total, max(size, 1))]

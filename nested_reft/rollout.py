@@ -35,7 +35,6 @@ class Rollouts:
     completion_mask: torch.Tensor
     behavior_logprobs: torch.Tensor
     finished: torch.Tensor
-    num_generations: int
     skip_set: tuple[int, ...]
     generation_time_s: float
 
@@ -46,10 +45,6 @@ class Rollouts:
     @property
     def completion_tokens(self) -> int:
         return int(self.completion_mask.sum())
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / max(self.generation_time_s, 1e-9)
 
 
 def generate_rollouts(
@@ -94,7 +89,6 @@ def generate_rollouts(
         completion_mask=samples.mask,
         behavior_logprobs=samples.logprobs,
         finished=ended_with_eos(samples.tokens, samples.mask, eos),
-        num_generations=num_generations,
         skip_set=tuple(sorted(skip_set)),
         generation_time_s=elapsed,
     )

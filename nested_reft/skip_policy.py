@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 
+from nested_reft.config import NestingConfig
 from nested_reft.nesting import (
     draw_uniform,
     draw_weighted,
@@ -31,12 +30,6 @@ from nested_reft.nesting import (
     kl_controlled_count,
     num_skipped_layers,
 )
-
-if TYPE_CHECKING:  # config validates against the names below, so it cannot be imported here at run time
-    from nested_reft.config import NestingConfig
-
-SKIP_POLICIES = ("uniform", "influence", "kl_target")
-LAYER_CHOICES = ("uniform", "influence")  # how kl_target draws its layers
 
 
 @dataclass

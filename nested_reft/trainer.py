@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -58,7 +59,7 @@ from nested_reft.data import DataError, Problem
 from nested_reft.files import atomic_write_json, atomic_write_text, check_output_directory, read_json
 from nested_reft.grpo import group_advantages
 from nested_reft.lora import add_adapters, has_adapters, merge
-from nested_reft.metrics import ModelShapes, RunTotals, StepMetrics, StepTimes, step_metrics, summarize
+from nested_reft.metrics import ModelShapes, RunTotals, StepMetrics, StepResult, StepTimes, step_metrics, summarize
 from nested_reft.models import load_model
 from nested_reft.influence import InfluenceMeter
 from nested_reft.nesting import num_decoder_layers, num_skipped_layers, valid_layers
@@ -163,10 +164,7 @@ def _train_model(
     if checkpoint is None and config.sft.epochs > 0:
         totals.sft_runtime_s = _warm_up(config, model, tokenizer, task, accelerator)
     policy = accelerator.unwrap_model(model)
-    if config.grpo.disable_dropout:
-        disable_dropout(policy)
-    if config.gradient_checkpointing:
-        policy.activation_checkpointing_enable({"use_reentrant": False})  # TRL's setting for transformers >= 5
+    prepare_for_reft(policy, config)
     optimizer, scheduler = make_optimizer(policy, config.grpo, config.rft_steps * config.grpo.num_iterations)
     skip_policy = SkipPolicy.from_config(config.nesting, num_decoder_layers(policy))
     state = TrainingState(model, optimizer, scheduler, accelerator,
@@ -227,8 +225,8 @@ def reft(
             update = policy_update(state, rollouts, advantages, config)  # lines 13-14, [N3] and [N4]
             times = StepTimes(started_at, generated_at, scored_at, time.perf_counter())
             influence = state.influence.take(accelerator) if state.influence else None
-            metrics = step_metrics(step, rollouts, all_rewards, update, config, accelerator, learning_rate, times,
-                                   shapes, influence, gathered_bytes)
+            result = StepResult(step, rollouts, all_rewards, update, learning_rate, times, influence, gathered_bytes)
+            metrics = step_metrics(result, config, accelerator, shapes)
             skip_policy.observe(skip_set, influence, metrics.kl_behavior_target)  # past the paper: adaptive policies
             totals.add(metrics)
             _log(metrics, config, accelerator)
@@ -299,6 +297,15 @@ def _warm_up(config: TrainConfig, model, tokenizer, task: Task, accelerator) -> 
     return elapsed
 
 
+def prepare_for_reft(policy, config: TrainConfig) -> None:
+    """How ReFT trains the policy, after the warm-up: dropout off (`grpo.disable_dropout`, as TRL) and activations
+    recomputed in the backward pass (`gradient_checkpointing`)."""
+    if config.grpo.disable_dropout:
+        disable_dropout(policy)
+    if config.gradient_checkpointing:
+        policy.activation_checkpointing_enable({"use_reentrant": False})  # TRL's setting for transformers >= 5
+
+
 def disable_dropout(model) -> None:
     """Dropout off everywhere, as TRL's `disable_dropout` (nn.Dropout p = 0), and also in modules that keep
     their probability as a float attribute (Llama/OPT attention_dropout, OPT dropout and layerdrop)."""
@@ -348,16 +355,18 @@ def batch_for_step(problems: Sequence[Problem], config: TrainConfig, step: int, 
     """
     size, world = config.batch_size, accelerator.num_processes  # size % world == 0: `check_fits_model`
     first = (step - 1) * size
-    indices = [_shuffled_index(len(problems), config.seed, position) for position in range(first, first + size)]
+    positions = (divmod(position, len(problems)) for position in range(first, first + size))  # (epoch, offset)
+    indices = [data_order(len(problems), config.seed, epoch)[offset] for epoch, offset in positions]
     share = size // world
     mine = indices[accelerator.process_index * share : (accelerator.process_index + 1) * share]
     return [problems[i] for i in mine]
 
 
-def _shuffled_index(length: int, seed: int, position: int) -> int:
-    epoch, offset = divmod(position, length)
-    order = torch.randperm(length, generator=step_generator(seed, epoch, "data"))
-    return int(order[offset])
+@functools.lru_cache(maxsize=4)
+def data_order(length: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """Epoch `epoch`'s shuffle of `length` problems, drawn from (seed, epoch) alone, so a resumed process draws
+    the uninterrupted run's; kept for the steps that read the epoch (a step reads one or two, rarely more)."""
+    return tuple(torch.randperm(length, generator=step_generator(seed, epoch, "data")).tolist())
 
 
 def _log(metrics: StepMetrics, config: TrainConfig, accelerator) -> None:

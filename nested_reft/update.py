@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from nested_reft.config import TrainConfig
+from nested_reft.config import GRPOConfig, TrainConfig
 from nested_reft.grpo import LossScale, clipped_tokens, grpo_loss, kl_to_reference
 from nested_reft.importance import importance_weights
 from nested_reft.influence import InfluenceMeter
@@ -56,8 +56,8 @@ class TrainingState:
 
 @dataclass
 class UpdateResult:
-    """The step's update, over its mu passes: mean loss, gradient norm, KL to the reference and clipped fraction,
-    whether every pass was finite, and log pi_old of the batch's tokens (N, T)."""
+    """An update over the batch, one pass or the step's mu (then the passes' mean loss, gradient norm, KL to the
+    reference and clipped fraction, whether every pass was finite, and the first pass's log pi_old (N, T))."""
 
     loss: float
     grad_norm: float
@@ -106,9 +106,7 @@ class _Batch:
     @classmethod
     def of(cls, rollouts: Rollouts, advantages: torch.Tensor, config: TrainConfig, accelerator) -> _Batch:
         device = accelerator.device
-        mask = rollouts.completion_mask.to(device).float()
-        if config.grpo.mask_truncated_completions:
-            mask = mask * rollouts.finished.to(device)[:, None]
+        mask = loss_mask(rollouts, config.grpo).to(device)
         scale = LossScale(
             tokens=accelerator.reduce(mask.sum(), reduction="sum").item() / accelerator.num_processes,
             rows=mask.shape[0],
@@ -123,6 +121,13 @@ class _Batch:
         )
 
 
+def loss_mask(rollouts: Rollouts, grpo: GRPOConfig) -> torch.Tensor:
+    """(N, T) float: the completion tokens the loss counts. With `grpo.mask_truncated_completions` (TRL's) the
+    completions cut at max_new_tokens leave it; the step's h statistics read the same tokens."""
+    mask = rollouts.completion_mask.float()
+    return mask * rollouts.finished[:, None] if grpo.mask_truncated_completions else mask
+
+
 def _old_logprobs(state: TrainingState, batch: _Batch, config: TrainConfig) -> torch.Tensor:
     """log pi_old of the batch (N, T): the model before this step's first pass, no gradient."""
     with torch.no_grad(), state.accelerator.autocast():
@@ -130,17 +135,7 @@ def _old_logprobs(state: TrainingState, batch: _Batch, config: TrainConfig) -> t
                                               config.sampling.temperature) for rows in batch.chunks])
 
 
-@dataclass
-class _Pass:
-    loss: float
-    grad_norm: float
-    finite: bool
-    logp_old: torch.Tensor
-    kl: float | None
-    clip_fraction: float
-
-
-def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old: torch.Tensor | None) -> _Pass:
+def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old: torch.Tensor | None) -> UpdateResult:
     """One forward/backward over the micro-batches, then one optimizer step (if finite)."""
     accelerator, device = state.accelerator, state.accelerator.device
     total_loss, kl_sum, clipped, old_parts = 0.0, 0.0, 0.0, []
@@ -154,10 +149,8 @@ def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old
                 logp = completion_logprobs(state.model, *inputs, config.sampling.temperature)
                 ref_logp = _reference_logprobs(state.reference, inputs, config)
             old = logp.detach() if logp_old is None else logp_old[rows]
-            weights = importance_weights(  # [N3] h_m(pi_old, eta'_s), detached
-                old, batch.behavior_logprobs[rows], batch.mask[rows],
-                config.importance.mitigation, config.importance.retrace_lambda, config.importance.level,
-            )
+            # [N3] h_m(pi_old, eta'_s), detached
+            weights = importance_weights(old, batch.behavior_logprobs[rows], batch.mask[rows], config.importance)
             loss = grpo_loss(  # [N4] h_m x clipped surrogate (+ beta KL), this micro-batch's share of the step's
                 logp, old, batch.advantages[rows], batch.mask[rows], weights,
                 epsilon_low=config.grpo.epsilon, epsilon_high=config.grpo.clip_high, loss_type=config.grpo.loss_type,
@@ -178,7 +171,7 @@ def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old
     kl = None
     if state.reference is not None:
         kl = accelerator.reduce(torch.tensor(kl_sum, device=device), reduction="sum").item() / all_tokens
-    return _Pass(total_loss, grad_norm, finite, torch.cat(old_parts).cpu(), kl, clip_fraction)
+    return UpdateResult(total_loss, grad_norm, finite, torch.cat(old_parts).cpu(), kl, clip_fraction)
 
 
 def _step_if_finite(state: TrainingState, loss: float, max_grad_norm: float) -> tuple[float, bool]:

@@ -19,7 +19,7 @@ import statistics
 import torch
 
 from nested_reft.arithmetic import arithmetic_split
-from nested_reft.config import SamplingConfig
+from nested_reft.config import ImportanceConfig, SamplingConfig
 from nested_reft.importance import importance_statistics
 from nested_reft.influence import InfluenceMeter
 from nested_reft.models import load_model
@@ -35,13 +35,10 @@ from nested_reft.sft import tokenize_examples
 def block_influence(model, tokenizer, problems) -> list[float]:
     """Each layer's BI over the completion tokens of the problems' reference solutions (teacher-forced)."""
     batch = tokenize_examples(tokenizer, problems, 256, model.device)
-    meter = InfluenceMeter(model)
-    try:
-        with torch.no_grad(), meter.measuring(batch.completion_mask):
-            completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
-        return meter.take()
-    finally:
-        meter.remove()
+    meter = InfluenceMeter(model)  # its hooks stay on the model, idle outside `measuring`
+    with torch.no_grad(), meter.measuring(batch.completion_mask):
+        completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    return meter.take()
 
 
 def distance(model, tokenizer, prompts, skip_set, sampling: SamplingConfig, generations: int, seed: int) -> dict:
@@ -51,7 +48,8 @@ def distance(model, tokenizer, prompts, skip_set, sampling: SamplingConfig, gene
     with torch.no_grad():
         target = completion_logprobs(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids,
                                      rollouts.completion_mask, sampling.temperature)
-    stats = importance_statistics(target, rollouts.behavior_logprobs, rollouts.completion_mask.float(), "retrace")
+    stats = importance_statistics(target, rollouts.behavior_logprobs, rollouts.completion_mask.float(),
+                                  ImportanceConfig(mitigation="retrace"))
     return {"kl": stats.kl_behavior_target, "ess": stats.ess, "truncated": stats.truncated}
 
 

@@ -10,8 +10,9 @@ runs: the largest cache and gather; skipping U layers takes U/N off both).
 Activations per token and decoder layer are counted from what autograd keeps for the backward pass of a
 Qwen2 layer under bfloat16 autocast with float32 weights (`activation_bytes_per_token`); tests/test_scaling.py
 checks that count against the tensors torch actually saves for a small Qwen2 model. The rest are sizes of
-tensors the code allocates: the logits of the completion positions (bfloat16, their float32 copy and the
-tempered float32 copy that log-softmax keeps), the rollout's KV cache, the weights FSDP2 gathers.
+tensors the code allocates: the logits of the completion positions (bfloat16, kept for the backward pass, and
+one chunk of rows turned into float32 at a time by `policy.chosen_logprobs`), the rollout's KV cache, the weights
+FSDP2 gathers.
 
     python scripts/scaling.py            # the Markdown tables of docs/scaling.md
 """
@@ -116,8 +117,11 @@ def activations(model: Model, work: Workload, checkpointing: bool) -> float:
 
 
 def logits(model: Model, work: Workload) -> float:
-    """The completion positions' logits of one micro-batch: bf16, their float32 copy and the tempered copy."""
-    return work.micro_batch * (work.completion_tokens + 1) * model.vocab * (BFLOAT16 + 2 * FLOAT32)
+    """The completion positions' logits of one micro-batch in bfloat16 (what the backward keeps), and the float32
+    rows that `policy.chosen_logprobs` works on at a time (a chunk and its softmax)."""
+    from nested_reft.policy import CHUNK_ROWS
+
+    return work.micro_batch * (work.completion_tokens + 1) * model.vocab * BFLOAT16 + 2 * CHUNK_ROWS * model.vocab * FLOAT32
 
 
 def kv_cache(model: Model, sequences: int, work: Workload) -> float:

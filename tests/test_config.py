@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,6 +23,8 @@ from nested_reft.config import (
     to_dict,
 )
 from nested_reft.rollout import SamplingConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def field_defaults(cls) -> dict:
@@ -117,6 +122,15 @@ def test_a_clip_setting_that_cannot_act_is_refused_naming_both_options(option):
     with pytest.raises(ConfigError, match=rf"{option} must be left at its default while grpo.num_iterations = 1"):
         load_config(None, {option: 0.3})
     assert getattr(load_config(None, {option: 0.3, "grpo.num_iterations": 2}).grpo, option[5:]) == 0.3
+
+
+def test_masking_cut_completions_at_a_fixed_length_is_refused_naming_the_options():
+    """min = max bans EOS to the last token: every completion is cut, so masking them empties every loss."""
+    with pytest.raises(ConfigError, match=r"^grpo\.mask_truncated_completions .*sampling\.min_new_tokens") as error:
+        load_config(None, {"grpo.mask_truncated_completions": True})  # the defaults: min = max = 256
+    assert "\n" not in str(error.value)
+    assert load_config(None, {"grpo.mask_truncated_completions": True, "sampling.min_new_tokens": 255}).grpo
+    assert load_config(REPO / "configs" / "paper.yaml").sampling.min_new_tokens == 256  # the paper does not mask
 
 
 def test_config_differences_name_the_options_that_shape_a_run():
@@ -283,3 +297,27 @@ def test_default_config_round_trips(tmp_path):
 def test_a_dotted_option_under_a_plain_option_is_refused(overrides):
     with pytest.raises(ConfigError, match=r"(model|grpo\.beta) is a single value, not a section"):
         load_config(None, overrides)
+
+
+# --- the names options take ----------------------------------------------------------------------------
+
+CONFIGURED_MODULES = ("nested_reft.skip_policy", "nested_reft.optim", "nested_reft.importance", "nested_reft.grpo",
+                      "nested_reft.nesting", "nested_reft.decoding")
+
+
+def test_config_imports_none_of_the_modules_it_configures():
+    """The name tables live at the bottom, so the modules an option configures may import config's types."""
+    code = "import sys, nested_reft.config; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=REPO).stdout.split()
+    assert "nested_reft.config" in loaded
+    assert sorted(set(CONFIGURED_MODULES) & set(loaded)) == []
+
+
+def test_every_name_an_option_takes_is_one_its_module_implements():
+    from nested_reft import config, grpo, importance, optim
+
+    assert config.MITIGATIONS == tuple(importance.MITIGATION_TABLE)
+    assert config.LOSS_TYPES == tuple(grpo.LOSS_AGGREGATIONS)
+    assert config.SCALINGS == tuple(grpo.REWARD_SCALINGS)
+    assert config.SCHEDULERS == tuple(optim.SHAPES)

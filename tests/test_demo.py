@@ -7,6 +7,7 @@ import dataclasses
 import json
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -15,7 +16,6 @@ from nested_reft import demo, evaluate, trainer
 from nested_reft.config import ConfigError
 from nested_reft.demo import DemoSettings, calibrated_config, cut_from_study, paired_speedups, run_demo, runs
 from nested_reft.grid import load_grid
-from nested_reft.models import load_model
 from nested_reft.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SFT_METRICS_FILE
 from nested_reft.study import bootstrap_delta
 
@@ -76,12 +76,19 @@ def test_a_rerun_of_the_demo_resumes_without_training_or_evaluating_again(tmp_pa
     assert strip_speed(second) == strip_speed(first)  # the speedups are timed afresh, the rest is read back
 
 
-def test_paired_speedups_time_each_skip_set_against_the_full_model():
-    model, tokenizer = load_model("tiny-llama")
-    prompts = ["1 + 1 =", "2 + 3 ="]
-    ratios = paired_speedups(model, tokenizer, prompts, [(), (1,), (1, 2)], tokens=3)
-    assert ratios[0] == 1.0  # nothing skipped: the full model, not timed
-    assert len(ratios) == 3 and all(ratio > 0 for ratio in ratios[1:])
+def test_paired_speedups_time_each_skip_set_against_the_full_model(monkeypatch):
+    """t(full) / t(nested) of fixed-length rollouts, after one untimed warm-up, the order alternating."""
+    calls = []
+
+    def rollouts(model, tokenizer, prompts, generations, sampling, skip_set, generator):
+        calls.append((tuple(skip_set), generations, sampling.min_new_tokens, sampling.max_new_tokens))
+        return SimpleNamespace(generation_time_s=10.0 - len(skip_set))  # each skipped layer saves 1 s of 10
+
+    monkeypatch.setattr(demo, "generate_rollouts", rollouts)
+    ratios = paired_speedups(None, None, ["1 + 1 ="], [(), (1,), (1, 2)], tokens=3)
+    assert ratios == [1.0, pytest.approx(10 / 9), pytest.approx(10 / 8)]  # nothing skipped: 1, not timed
+    assert [call[0] for call in calls] == [(), (1,), (), (), (1, 2)]  # warm-up; nested first, then full first
+    assert {call[1:] for call in calls} == {(1, 3, 3)}  # one completion per prompt, EOS banned to the end
 
 
 def test_the_demo_trains_with_the_studys_calibrated_settings():

@@ -242,7 +242,7 @@ def joined_rollouts(ranks: list[dict], pad_id: int):
         prompt_ids=torch.cat([left_padded(rank["prompt_ids"], pad_id) for rank in ranks]),
         prompt_mask=torch.cat([left_padded(rank["prompt_mask"], 0) for rank in ranks]),
         **{field: torch.cat([rank[field] for rank in ranks]) for field in ROLLOUT_FIELDS[2:]},
-        num_generations=G, skip_set=(), generation_time_s=0.0,
+        skip_set=(), generation_time_s=0.0,
     )
 
 

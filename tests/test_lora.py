@@ -87,6 +87,33 @@ def test_a_lora_run_trains_only_the_adapters_and_saves_the_merged_model(tmp_path
     assert json.loads((output / ADAPTER_DIR / "adapter_config.json").read_text())["r"] == 4
 
 
+def adapter_dropouts(model) -> set[float]:
+    """The probabilities of PEFT's dropout before each adapter (`lora_dropout`)."""
+    return {module.p for name, module in model.named_modules()
+            if ".lora_dropout." in name and isinstance(module, torch.nn.Dropout)}
+
+
+@pytest.mark.parametrize("disable_dropout, in_reft", [(True, 0.0), (False, 0.5)])
+def test_lora_dropout_acts_in_reft_only_without_grpo_disable_dropout(tmp_path, monkeypatch, disable_dropout, in_reft):
+    """What config.py says beside lora.dropout: the warm-up always draws it; ReFT only with disable_dropout off."""
+    seen = {"sft": set(), "reft": set()}
+
+    def spy(name, phase, model_of):
+        wrapped = getattr(trainer, name)
+
+        def call(first, *args, **kwargs):
+            seen[phase] |= adapter_dropouts(model_of(first))
+            return wrapped(first, *args, **kwargs)
+        monkeypatch.setattr(trainer, name, call)
+
+    spy("sft_warmup", "sft", lambda model: model)
+    spy("policy_update", "reft", lambda state: state.model)
+    config = config_for(tmp_path / "run", **{"lora.dropout": 0.5, "sft.epochs": 1, "sft.max_examples": 2,
+                                             "rft_steps": 1, "grpo.disable_dropout": disable_dropout})
+    trainer.train(config, Task("tiny", list(PROBLEMS), reward=lowercase_share))
+    assert seen == {"sft": {0.5}, "reft": {in_reft}}
+
+
 def test_lora_with_a_kl_reference_is_refused_naming_both_options():
     with pytest.raises(ConfigError, match=r"grpo.beta must be 0 with LoRA \(lora.r > 0\)"):
         load_config(None, {"lora.r": 8, "grpo.beta": 0.04})

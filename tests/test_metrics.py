@@ -1,11 +1,16 @@
-"""Rollout FLOPs from a model's shapes: the 2N rule plus attention against the KV cache, skipped blocks free."""
+"""Rollout FLOPs from a model's shapes: the 2N rule plus attention against the KV cache, skipped blocks free;
+a step's importance-weight statistics over the tokens of its loss."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import Accelerator
 
-from nested_reft.metrics import ModelShapes, rollout_flops
+from nested_reft.config import load_config
+from nested_reft.metrics import ModelShapes, StepResult, StepTimes, rollout_flops, step_metrics
+from nested_reft.rollout import Rollouts
+from nested_reft.update import UpdateResult
 from nested_reft.tiny import tiny_model
 
 
@@ -33,3 +38,23 @@ def test_skipping_blocks_saves_their_share_of_the_flops(skipped):
     shapes = ModelShapes(block_parameters=(100,) * 4, head_parameters=0, hidden_size=1)
     full = rollout_flops(shapes, (), torch.tensor([0]), torch.tensor([1]))
     assert rollout_flops(shapes, tuple(range(skipped)), torch.tensor([0]), torch.tensor([1])) == full * (4 - skipped) / 4
+
+
+@pytest.mark.parametrize("mask_truncated, h_max", [(True, 1.0), (False, 2.0)])
+def test_importance_statistics_cover_the_tokens_of_the_loss(mask_truncated, h_max):
+    """Cut completions masked out of the loss are left out of h's statistics too: here only they are off-policy."""
+    finished = torch.tensor([True, False, True, False])
+    behavior = torch.full((4, 3), -1.0)
+    logp_old = behavior + (~finished)[:, None] * torch.log(torch.tensor(2.0))  # r = 2 on the cut rows, else 1
+    rollouts = Rollouts(prompt_ids=torch.ones(4, 2, dtype=torch.long), prompt_mask=torch.ones(4, 2),
+                        completion_ids=torch.ones(4, 3, dtype=torch.long), completion_mask=torch.ones(4, 3),
+                        behavior_logprobs=behavior, finished=finished, skip_set=(),
+                        generation_time_s=1.0)
+    config = load_config(None, {"grpo.mask_truncated_completions": mask_truncated, "sampling.max_new_tokens": 3,
+                                "sampling.min_new_tokens": 0, "importance.mitigation": "base"})
+    update = UpdateResult(loss=0.0, grad_norm=0.0, finite=True, logp_old=logp_old)
+    result = StepResult(1, rollouts, torch.zeros(4), update, 1e-6, StepTimes(0.0, 1.0, 2.0, 3.0))
+    metrics = step_metrics(result, config, Accelerator(cpu=True), ModelShapes((1,), 1, 1))
+    assert metrics.h_max == pytest.approx(h_max) and metrics.h_min == pytest.approx(1.0)
+    assert metrics.h_ess == pytest.approx(1.0 if mask_truncated else 0.9)  # (1.5)^2 / 2.5 over mixed rows
+    assert metrics.completion_length == 3.0  # the cut completions still count in the length

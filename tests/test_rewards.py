@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nested_reft import deadlines, rewards
-from nested_reft.rewards import REWARD_TIMEOUT_S, extract_answer, is_equivalent, math_reward
+from nested_reft.rewards import extract_answer, is_equivalent, math_reward
 
 MEGABYTE_OF_TEXT = "Let me think about this step by step. " * 27_000  # ~1 MB, no digits
 
@@ -191,8 +191,13 @@ def _timed(fn, *args):
     return result, time.perf_counter() - start
 
 
-def test_default_timeout_is_documented_and_sane():
-    assert 0 < REWARD_TIMEOUT_S <= 10
+def test_a_check_without_a_timeout_is_bounded_by_the_module_default_read_at_call_time(monkeypatch):
+    """timeout_s=None means REWARD_TIMEOUT_S as it is when called: a never-ending check stops after it."""
+    monkeypatch.setattr(rewards, "_verify_answers", _busy_loop)
+    monkeypatch.setattr(rewards, "REWARD_TIMEOUT_S", 0.2)
+    assert _timed(is_equivalent, "x+1", "y")[1] < 1.5
+    reward, elapsed = _timed(math_reward, r"\boxed{x+1}", "y")
+    assert reward == 0.0 and elapsed < 1.5
 
 
 def test_slow_symbolic_check_times_out_in_main_thread():

@@ -62,7 +62,6 @@ def test_influence_read_by_hooks_equals_the_direct_computation(architecture):
         with meter.measuring(completion_mask):
             model(input_ids=input_ids, attention_mask=attention_mask)
     measured = meter.take()
-    meter.remove()
     expected = direct_influence(model, input_ids, attention_mask, completion_mask)
     assert measured == pytest.approx(expected, abs=1e-5)
     assert all(value > 1e-4 for value in measured)  # random blocks do turn the stream: not a trivial zero

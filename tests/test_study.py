@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import yaml
 
+from nested_reft.grid import enumerate_instances, load_grid, run_directory
 from nested_reft.report import write_report
 from nested_reft.results import OPTIONAL_STEP_COLUMNS, PROBLEMS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError, read_table
 from nested_reft.study import (
     Interval, bootstrap_delta, bootstrap_replicates, learning_curves, render_runs, run_rows, study_rows,
 )
+from nested_reft.rundir import METRICS_FILE, read_metrics
 from nested_reft.sweep import sweep_main
 
 
@@ -134,7 +136,11 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
     with open(root / STEPS_FILE) as stream:
         steps = list(csv.DictReader(stream))
     assert len(steps) == 3 * 2 and all(float(step["rollout_flops"]) > 0 for step in steps)
-    assert all(float(step["grad_norm"]) >= 0 for step in steps)  # collected from metrics.jsonl
+    loaded = load_grid(path)
+    for instance in enumerate_instances(loaded):  # each run's gradient norms, as its metrics.jsonl has them
+        recorded = read_metrics(run_directory(loaded, instance) / METRICS_FILE)
+        collected = [float(step["grad_norm"]) for step in steps if step["instance"] == instance.id]
+        assert collected == pytest.approx([step["grad_norm"] for step in recorded]) and len(collected) == 2
     with open(root / PROBLEMS_FILE) as stream:
         problems = list(csv.DictReader(stream))
     assert len(problems) == 4 * 3  # three instances and the warm-up, three problems each

@@ -24,7 +24,7 @@ from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
 from nested_reft.nesting import num_skipped_layers
 from nested_reft.prompts import build_prompt
 from nested_reft.rollout import generate_rollouts
-from nested_reft.seeding import seeded_generator
+from nested_reft.seeding import seeded_generator, step_generator
 from nested_reft.tasks import Task
 from nested_reft.tiny import tiny_model
 from nested_reft.metrics import StepMetrics
@@ -347,7 +347,8 @@ def update_once(model, rollouts, advantages, micro_batch_size, loss_type="dapo",
     model = copy.deepcopy(model)
     config = config_for("unused", micro_batch_size=micro_batch_size, **{
         "grpo.loss_type": loss_type, "grpo.beta": beta, "grpo.max_grad_norm": 1e9, "grpo.num_generations": 4,
-        "grpo.mask_truncated_completions": mask_truncated, "importance.mitigation": "practical"})
+        "grpo.mask_truncated_completions": mask_truncated, "importance.mitigation": "practical",
+        "sampling.min_new_tokens": 0})  # min = max with masking is refused; the rollouts are already drawn
     recorder = GradientRecorder(model)
     state = TrainingState(model, recorder, NoSchedule(), Accelerator(cpu=True), reference)
     update = trainer.policy_update(state, rollouts, advantages, config)
@@ -496,6 +497,31 @@ def test_a_launch_that_accelerate_does_not_see_is_refused(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU"):
         run(tmp_path / "run", rft_steps=1)
     assert not (tmp_path / "run" / METRICS_FILE).exists()
+
+
+class OneProcess:
+    num_processes, process_index = 1, 0
+
+
+def test_the_data_order_is_one_shuffle_per_epoch_and_a_resumed_process_reads_on_from_its_step(monkeypatch):
+    """24 problems, 5 per step: 10 steps read 50 positions of 3 epochs (steps 5 and 10 cross into the next)."""
+    purposes = []
+
+    def recording(seed, step, purpose, *args):
+        purposes.append(purpose)
+        return step_generator(seed, step, purpose, *args)
+
+    monkeypatch.setattr(trainer, "step_generator", recording)
+    trainer.data_order.cache_clear()  # as a fresh process: the runs before drew these orders too
+    config = config_for("unused", batch_size=5)
+    batches = [trainer.batch_for_step(PROBLEMS, config, step, OneProcess()) for step in range(1, 11)]
+    assert purposes == ["data"] * 3  # one permutation per epoch, not one per position read
+    read = [problem for batch in batches for problem in batch]
+    every = sorted(problem.id for problem in PROBLEMS)
+    assert sorted(p.id for p in read[:24]) == every and read[:24] != PROBLEMS  # an epoch: each problem, shuffled
+    assert sorted(p.id for p in read[24:48]) == every and read[24:48] != read[:24]  # the next: another order
+    trainer.data_order.cache_clear()  # a resumed process starts with none of the orders
+    assert [trainer.batch_for_step(PROBLEMS, config, step, OneProcess()) for step in range(7, 11)] == batches[6:]
 
 
 # --- non-finite updates --------------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""Log-probs of chosen tokens, computed in row chunks: the same values and gradients as a float32 log-softmax over
+the whole vocabulary, without keeping a float32 copy of the logits for the backward pass."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from nested_reft.policy import chosen_logprobs
+
+
+def reference(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7, 1000])
+def test_chunked_logprobs_and_gradients_equal_a_whole_log_softmax(dtype, chunk_rows):
+    generator = torch.Generator().manual_seed(chunk_rows)
+    logits = (3 * torch.randn(3, 5, 50, generator=generator)).to(dtype)
+    tokens = torch.randint(0, 50, (3, 5), generator=generator)
+    weights = torch.randn(3, 5, generator=generator)
+    ours_in, theirs_in = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ours, theirs = chosen_logprobs(ours_in, tokens, 0.7, chunk_rows), reference(theirs_in, tokens, 0.7)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    assert ours.dtype == torch.float32 and ours.shape == (3, 5)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert ours_in.grad.dtype == dtype
+    torch.testing.assert_close(ours_in.grad.float(), theirs_in.grad.float(), atol=1e-5 if dtype == torch.float32
+                               else 1e-2, rtol=0)
+
+
+def test_the_backward_keeps_the_logits_and_no_float32_copy():
+    """What autograd saves for the backward pass: the bfloat16 logits and the token ids, nothing of size V in
+    float32 (a whole log-softmax keeps its float32 input)."""
+    logits = torch.randn(4, 6, 64).to(torch.bfloat16).requires_grad_(True)
+    tokens = torch.randint(0, 64, (4, 6))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        chosen_logprobs(logits, tokens, 1.0, chunk_rows=5).sum()
+    assert sorted((str(t.dtype), tuple(t.shape)) for t in saved) == [("torch.bfloat16", (4, 6, 64)),
+                                                                       ("torch.int64", (4, 6))]
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        reference(logits, tokens, 1.0).sum()
+    assert any(t.dtype == torch.float32 and t.shape[-1] == 64 for t in saved)  # what the chunks avoid
+
+
+def test_training_forwards_attend_without_cudnn_on_cuda_and_as_before_elsewhere(monkeypatch):
+    """cuDNN's SDPA backward gives NaN gradients on Hopper for padded batches (pytorch/pytorch#196678): the forward
+    pass that gradients flow through must not choose it; on a CPU the backends are left alone."""
+    import nested_reft.policy as policy
+
+    chosen = []
+    monkeypatch.setattr(policy, "sdpa_kernel", lambda backends: chosen.append(backends) or contextlib.nullcontext())
+    policy.attention_for_training(torch.device("cuda"))
+    assert chosen and torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in chosen[0]
+    assert torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION in chosen[0]  # masks need a backend that takes them
+    assert isinstance(policy.attention_for_training(torch.device("cpu")), contextlib.nullcontext)
+    assert len(chosen) == 1
