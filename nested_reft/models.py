@@ -15,6 +15,7 @@ import functools
 import importlib.metadata
 import os
 import shutil
+import socket
 import struct
 import uuid
 from collections.abc import Callable
@@ -55,6 +56,7 @@ def _load_tiny(architecture: str, dtype: torch.dtype) -> ModelAndTokenizer:
 def _load_smollm2(dtype: torch.dtype) -> ModelAndTokenizer:
     """The embedded default model, from the cache, converting the GGUF into it on first use."""
     cached = _cache_root() / DEFAULT_MODEL
+    remove_abandoned_staging(cached)
     if not cached.is_dir():
         # Looked up at call time (not bound in the table) so tests can stand in a cheap converter.
         _save_atomically(*_convert_smollm2(), cached)
@@ -264,6 +266,30 @@ def _convert_smollm2() -> ModelAndTokenizer:
     return model, tokenizer
 
 
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.partial-"
+
+
+def remove_abandoned_staging(target: Path) -> None:
+    """Remove what conversions into `target` killed midway left (a SmolLM2 one is 514 MB): staging directories of
+    this host whose process is gone. Those of other hosts sharing the cache, or of live processes, are kept."""
+    host = socket.gethostname()
+    for staging in target.parent.glob(f"{_staging_prefix(target)}{host}-*"):
+        pid = staging.name.removeprefix(f"{_staging_prefix(target)}{host}-").split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def _cache_root() -> Path:
     """Where converted models live; `NESTED_REFT_CACHE` moves it (CI, tests, shared disks)."""
     return Path(os.environ.get("NESTED_REFT_CACHE", "~/.cache/nested-reft")).expanduser()
@@ -278,7 +304,7 @@ def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     # A unique name made with mkdir, not mkdtemp, so the directory gets the umask's permissions, not 0700.
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = target.parent / f"{_staging_prefix(target)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         model.save_pretrained(staging)  # safetensors weights, config.json and generation_config.json

@@ -4,7 +4,11 @@ bad-input probe, each named after its finding (f01 ... f21); tiny random models,
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,7 @@ from nested_reft.evaldir import EvalError, read_records
 from nested_reft.evaluate import EvalConfig, evaluate
 from nested_reft.grid import enumerate_instances, load_grid
 from nested_reft.files import LockHeldError, PathError, exclusive_lock
-from nested_reft.models import ModelLoadError, load_model
+from nested_reft.models import ModelLoadError, load_model, remove_abandoned_staging
 from nested_reft.results import RESULTS_FILE, csv_text, results_columns
 from nested_reft.rundir import (
     CONFIG_FILE, FINAL_MODEL_DIR, LOCK_FILE, METRICS_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, read_metrics,
@@ -532,3 +536,43 @@ def test_f14_a_model_directory_that_cannot_serve_is_one_line(saved_tiny, tmp_pat
     line = error_line(capsys)
     assert str(damaged) in line and named in line
     assert not (tmp_path / "out").exists()
+
+
+def test_f18_a_disk_full_during_a_checkpoint_leaves_the_run_clean_or_resumable(tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    save = trainer.save_checkpoint
+    writes = []
+
+    def disk_full_at(failing: int):
+        def save_checkpoint(directory, *args):
+            writes.append(directory.name)
+            if len(writes) == failing:
+                raise OSError(28, "No space left on device")
+            save(directory, *args)
+        return save_checkpoint
+
+    monkeypatch.setattr(trainer, "save_checkpoint", disk_full_at(1))
+    with pytest.raises(OSError, match="No space left"):
+        train(run_config(output), tiny_task())
+    assert not output.exists()  # the first checkpoint failed: nothing to resume, nothing kept
+    writes.clear()
+    monkeypatch.setattr(trainer, "save_checkpoint", disk_full_at(2))
+    with pytest.raises(OSError, match="No space left"):
+        train(run_config(output), tiny_task())
+    assert run_state(output) is RunState.RESUMABLE  # checkpoint-1 is complete
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    assert train(run_config(output), tiny_task(), resume=True)["steps"] == 2
+
+
+def test_f20_a_killed_conversion_leaves_no_staging_directory_behind(tmp_path):
+    target = tmp_path / "smollm2-135m-instruct"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    abandoned = tmp_path / f".{target.name}.partial-{host}-{dead.pid}-0a1b2c3d"
+    running = tmp_path / f".{target.name}.partial-{host}-{os.getpid()}-0a1b2c3d"  # a conversion under way
+    elsewhere = tmp_path / f".{target.name}.partial-another-host-{dead.pid}-0a1b2c3d"
+    for directory in (abandoned, running, elsewhere):
+        directory.mkdir()
+    remove_abandoned_staging(target)
+    assert not abandoned.exists() and running.exists() and elsewhere.exists()
