@@ -40,6 +40,7 @@ from nested_reft.evaldir import (
 from nested_reft.files import atomic_write_json, check_output_directory
 from nested_reft.config import ENGINES, ConfigError, check_option
 from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
+from nested_reft.models import position_table_size
 from nested_reft.rewards import extract_answer
 from nested_reft.rollout import SamplingConfig, generate_rollouts
 from nested_reft.seeding import seeded_generator
@@ -233,6 +234,8 @@ def evaluate_tasks(
     """pass@1 of a loaded model on `tasks` (a benchmark's, or any problems a script holds out), written and
     resumed in `output_dir` as `evaluate` does; `data_dir` and `limit` are only recorded in eval.json."""
     output_dir = Path(output_dir)
+    for task in tasks:
+        task.check_fits(tokenizer, position_table_size(model), config.max_new_tokens, "max_new_tokens")
     with locked_eval_directory(output_dir):
         return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
 

@@ -85,6 +85,15 @@ def load_model(
     return _ready_for_generation(model, tokenizer, device)
 
 
+def position_table_size(model: PreTrainedModel) -> int | None:
+    """How many positions a model with a learned table of position embeddings has (GPT-2, OPT): its forward
+    fails with an IndexError past them. None for rotary models, which run on past the positions they saw."""
+    config = model.config.get_text_config()
+    if getattr(config, "rope_parameters", None) is not None:
+        return None
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def _check_finite_weights(model: PreTrainedModel, name_or_path: str) -> None:
     """Refuse a model whose weights hold NaN or infinity: it is the input that is damaged, which a run would
     otherwise report only at its first step, as weights that diverged in training."""

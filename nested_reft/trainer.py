@@ -60,7 +60,7 @@ from nested_reft.files import atomic_write_json, atomic_write_text, check_output
 from nested_reft.grpo import group_advantages
 from nested_reft.lora import add_adapters, has_adapters, merge
 from nested_reft.metrics import ModelShapes, RunTotals, StepMetrics, StepResult, StepTimes, step_metrics, summarize
-from nested_reft.models import load_model
+from nested_reft.models import load_model, position_table_size
 from nested_reft.influence import InfluenceMeter
 from nested_reft.nesting import num_decoder_layers, num_skipped_layers, valid_layers
 from nested_reft.optim import make_optimizer
@@ -125,6 +125,7 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
         task = task or Task.load(config.dataset, "train", config.data_dir)
         if not task.problems:
             raise DataError(f"training set {task.name!r} has 0 problems: nothing to train on")
+        task.check_fits(tokenizer, position_table_size(model), config.sampling.max_new_tokens, "sampling.max_new_tokens")
         identity = data_identity(task.name, task.problems)
         if checkpoint is not None:
             check_resumed_data(output, identity)

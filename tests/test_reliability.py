@@ -22,11 +22,12 @@ from nested_reft.cli import main
 from nested_reft.config import ConfigError, load_config, save_config
 from nested_reft.data import DATA_ENV, DataError, load_problems
 from nested_reft.evaldir import EvalError, read_records
-from nested_reft.evaluate import EvalConfig, evaluate
+from nested_reft.evaluate import EvalConfig, evaluate, evaluate_tasks
 from nested_reft.grid import enumerate_instances, load_grid
 from nested_reft.files import LockHeldError, PathError, exclusive_lock
 from nested_reft.models import ModelLoadError, load_model, remove_abandoned_staging
 from nested_reft.results import RESULTS_FILE, csv_text, results_columns
+from nested_reft.problems import Problem
 from nested_reft.rundir import (
     CONFIG_FILE, FINAL_MODEL_DIR, LOCK_FILE, METRICS_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, read_metrics,
     run_state,
@@ -576,3 +577,16 @@ def test_f20_a_killed_conversion_leaves_no_staging_directory_behind(tmp_path):
         directory.mkdir()
     remove_abandoned_staging(target)
     assert not abandoned.exists() and running.exists() and elsewhere.exists()
+
+
+def test_f15_a_problem_longer_than_the_models_positions_is_refused_naming_it(tmp_path):
+    long = Problem("tiny/long", "What is " + " + ".join(["1"] * 400) + "?", "400", None)
+    output = tmp_path / "run"
+    with pytest.raises(DataError, match=r"problem tiny/long: its prompt \(\d+ tokens\) plus sampling.max_new_tokens"):
+        train(run_config(output, model="tiny-gpt2"), tiny_task([*PROBLEMS, long]))
+    assert not output.exists()
+    model, tokenizer = load_model("tiny-gpt2")
+    with pytest.raises(DataError, match=r"problem tiny/long: .* plus max_new_tokens \(4\) runs past the model's 512"):
+        evaluate_tasks(model, tokenizer, [tiny_task([long])], tmp_path / "eval", EvalConfig(max_new_tokens=4), None,
+                       None, "tiny-gpt2", None)
+    assert not (tmp_path / "eval").exists()
