@@ -63,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as error:
         print(f"nested-reft: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written is resumable (or was removed); no traceback
+        print("nested-reft: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

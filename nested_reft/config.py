@@ -442,6 +442,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     """A TrainConfig from an optional YAML file plus dotted overrides ({"nesting.skip_ratio": 0.15})."""
     values: dict = read_yaml_mapping(path, "config file") if path is not None else {}
     for dotted, value in (overrides or {}).items():
+        _check_dotted_name(dotted)
         target = values
         *sections, key = dotted.split(".")
         for depth, section in enumerate(sections, start=1):
@@ -452,6 +453,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
                                   + (f" in config file {path}" if path is not None else ""))
         target[key] = value
     return from_dict(TrainConfig, values)
+
+
+def _check_dotted_name(dotted: str) -> None:
+    """Refuse an override whose name has an empty part (`--set =5`) or goes below a plain option
+    (`model.name`), naming the whole option rather than what the override would make of it."""
+    *sections, key = dotted.split(".")
+    if not all([*sections, key]):
+        raise ConfigError(f"option {dotted!r} has an empty name; expected SECTION.OPTION or OPTION")
+    options = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
+    if sections and sections[0] in options and _dataclass_type(TrainConfig, sections[0]) is None:
+        raise ConfigError(f"unknown option {dotted}: {sections[0]} is an option, not a section of options")
 
 
 def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:

@@ -58,6 +58,9 @@ LAYOUT = """\
   math/MATH/{train,test}/<subject>/<n>.json      Hendrycks MATH files, fields problem, solution
   eval_suite/r1zero_suite/{aime,amc,math,minerva,olympiad_bench}/   datasets.save_to_disk, fields problem, answer"""
 
+# The layout in one line, for errors (one line each): the paths alone.
+LAYOUT_PATHS = ", ".join(line.split()[0] for line in LAYOUT.splitlines()[1:]) + " (see nested_reft/data.py)"
+
 SVAMP_TEST_FRACTION = 0.3  # 300 of 1000: the sizes of the hub's ChilleD/SVAMP test split
 HENDRYCKS_MATH = "EleutherAI/hendrycks_math"  # the hub copy of MATH with solutions, one config per subject
 MATH_SUBJECTS = (
@@ -124,7 +127,7 @@ def clean_answer(value: Any) -> str:
 
 def _require(path: Path, root: Path) -> Path:
     if not path.exists():
-        raise DataError(f"missing {path}; expected this layout under {root}:\n{LAYOUT}")
+        raise DataError(f"missing {path}; expected this layout under {root}: {LAYOUT_PATHS}")
     return path
 
 
@@ -183,7 +186,7 @@ def _hub_rows(path: str, config: str | None, split: str) -> Iterator[tuple[str, 
     except Exception as err:  # network, auth and schema errors all mean the same thing to the user
         raise DataError(
             f"could not load {label}: {err}. To use local files instead, pass data_dir= or set ${DATA_ENV} "
-            f"to a directory laid out as:\n{LAYOUT}"
+            f"to a directory laid out as: {LAYOUT_PATHS}"
         ) from err
     return ((f"{label}, row {i}", row) for i, row in enumerate(dataset))
 
@@ -331,7 +334,7 @@ def _math_files(root: Path) -> Rows:
     math_dir = _require(root / "math" / "MATH", root)
     paths = sorted(glob.glob(str(math_dir / "*" / "*" / "*.json")))
     if not paths:
-        raise DataError(f"{math_dir} holds no <split>/<subject>/<n>.json files; expected layout:\n{LAYOUT}")
+        raise DataError(f"{math_dir} holds no <split>/<subject>/<n>.json files; expected layout: {LAYOUT_PATHS}")
     return ((path, _read_json(Path(path))) for path in paths)
 
 
@@ -461,6 +464,6 @@ def load_problems(
     else:
         root = Path(root)
         if not root.is_dir():
-            raise DataError(f"data directory {root} does not exist; expected layout:\n{LAYOUT}")
+            raise DataError(f"data directory {root} does not exist; expected layout: {LAYOUT_PATHS}")
         problems = loader.local(root)
     return problems if limit is None else problems[:limit]

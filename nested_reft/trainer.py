@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import LoggerType, gather_object, set_seed
 
 from nested_reft.checkpoint import (
     checkpoint_path,
@@ -244,6 +244,10 @@ def reft(
 
 def _accelerator(config: TrainConfig) -> Accelerator:
     """The run's Accelerator, its mixed precision set by `config.dtype` (the one place that decides it)."""
+    trackers = [tracker.value for tracker in LoggerType]
+    unknown = [name for name in config.report_to if name not in trackers]
+    if unknown:  # accelerate's own refusal reads like one of the precision below
+        raise ConfigError(f"report_to must name trackers among {', '.join(trackers)}; got {', '.join(unknown)}")
     try:
         return Accelerator(
             mixed_precision=MIXED_PRECISION[config.dtype], log_with=list(config.report_to) or None,

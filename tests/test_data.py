@@ -20,7 +20,7 @@ from nested_reft.arithmetic import ARITHMETIC_SIZES
 from nested_reft.data import (
     BENCHMARKS,
     DATA_ENV,
-    LAYOUT,
+    LAYOUT_PATHS,
     TRAINING_SETS,
     DataError,
     Problem,
@@ -367,7 +367,7 @@ def test_missing_file_shows_the_expected_layout(tmp_path):
     with pytest.raises(DataError) as error:
         load_problems("gsm8k", "train", data_dir=tmp_path)
     message = str(error.value)
-    assert str(tmp_path / "gsm8k" / "train.jsonl") in message and LAYOUT in message
+    assert str(tmp_path / "gsm8k" / "train.jsonl") in message and LAYOUT_PATHS in message
     with pytest.raises(DataError, match="r1zero_suite"):
         load_problems("aime24", "test", data_dir=tmp_path)
 

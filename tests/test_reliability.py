@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from nested_reft import sweep, trainer
+from nested_reft import demo, sweep, trainer
 from nested_reft.arithmetic import generate_arithmetic
 from nested_reft.cli import main
 from nested_reft.config import ConfigError, load_config, save_config
@@ -590,3 +590,42 @@ def test_f15_a_problem_longer_than_the_models_positions_is_refused_naming_it(tmp
         evaluate_tasks(model, tokenizer, [tiny_task([long])], tmp_path / "eval", EvalConfig(max_new_tokens=4), None,
                        None, "tiny-gpt2", None)
     assert not (tmp_path / "eval").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cosmetic, one line each
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--report-to", "nonsense"], "report_to must name trackers among"),
+    (["--set", "model.name=x"], "unknown option model.name: model is an option, not a section"),
+    (["--set", "=5"], "option '' has an empty name"),
+])
+def test_cosmetic_messages_name_what_is_wrong(tmp_path, capsys, argv, named):
+    assert main(["train", *TINY_RUN, *argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cosmetic_a_missing_data_dir_is_one_line(tmp_path, capsys):
+    assert main(["data", "show", "gsm8k", "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert "data directory" in error_line(capsys)
+    assert main(["data", "show", "gsm8k", "--data-dir", str(tmp_path)]) == 2
+    assert "gsm8k/train.jsonl" in error_line(capsys)
+
+
+def test_cosmetic_two_evaluations_of_one_directory_are_refused(tmp_path):
+    model, tokenizer = load_model("tiny-llama")
+    with exclusive_lock(tmp_path / ".nested-reft.lock", "the first evaluation"):
+        with pytest.raises(LockHeldError, match=rf"evaluation directory {tmp_path} is in use"):
+            evaluate(model, tokenizer, ["arithmetic"], tmp_path, EvalConfig(max_new_tokens=4), limit=1)
+
+
+def test_cosmetic_ctrl_c_is_one_line(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    assert main(["demo", "--steps", "1"]) == 130
+    assert capsys.readouterr().err == "nested-reft: interrupted\n"
