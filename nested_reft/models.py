@@ -148,7 +148,7 @@ def check_every_weight_loaded(source: str | Path, loading: dict) -> None:
     named = [f"{what}: {', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''}"
              for what, keys in problems.items() if keys]
     if named:
-        raise ModelLoadError(f"the weights in {source} do not match its config.json ({'; '.join(named)}); "
+        raise ModelLoadError(f"the weights in {source} do not make the model its config describes ({'; '.join(named)}); "
                              "copy or save the model again")
 
 
@@ -232,12 +232,21 @@ def _read_gguf(path: Path) -> ModelAndTokenizer:
     """Model (dequantised, still marked quantised) and tokenizer of a GGUF file; a damaged file is a ModelLoadError.
 
     The GGUF reader fails on a file that is not GGUF, or is cut short, with whatever its parsing hits first: a
-    ValueError (no magic bytes, an array of the wrong size) or a struct.error (a header cut short).
+    ValueError (no magic bytes, an array of the wrong size) or a struct.error (a header cut short); one of an
+    architecture transformers cannot read is named as such, and one whose tensors do not make its model is
+    refused by weight (`check_every_weight_loaded`).
     """
     try:
-        quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=_CACHE_DTYPE)
+        quantised, loading = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=_CACHE_DTYPE, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+        check_every_weight_loaded(path, loading)
         return quantised, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, struct.error) as error:
+        if isinstance(error, ModelLoadError):
+            raise
+        if "not supported" in str(error):  # transformers: "GGUF model with architecture X is not supported yet."
+            raise ModelLoadError(f"{path}: {error} (transformers {transformers_version})") from None
         raise ModelLoadError(f"{path} is not a complete GGUF file ({error}); download or copy it again") from error
 
 

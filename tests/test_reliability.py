@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -629,3 +631,27 @@ def test_cosmetic_ctrl_c_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(demo, "run_demo", interrupted)
     assert main(["demo", "--steps", "1"]) == 130
     assert capsys.readouterr().err == "nested-reft: interrupted\n"
+
+
+def gguf_file(path, architecture: str):
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("architecture, named", [
+    ("bloom", "missing: transformer.h.0"),  # a readable architecture, most tensors absent
+    ("nonsense", "architecture nonsense is not supported"),
+])
+def test_f14_a_gguf_file_that_does_not_make_a_model_is_one_line(tmp_path, capsys, architecture, named):
+    path = gguf_file(tmp_path / f"{architecture}.gguf", architecture)
+    assert main(["eval", "--model", str(path), "--benchmarks", "arithmetic", "--limit", "1",
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # below the GGUF reader's own progress bar
+    assert line.startswith("nested-reft: error: ") and str(path) in line and named in line
+    assert "not a complete GGUF" not in line
