@@ -36,6 +36,8 @@ from nested_reft.rundir import (
 )
 from nested_reft.tasks import Task
 from nested_reft.tiny import tiny_model
+from test_rundir import PROBLEMS
+from test_rundir import config_for as run_config
 from nested_reft.trainer import ensure_trained, train
 
 
@@ -145,16 +147,6 @@ def test_f13_unknown_keys_of_mixed_types_are_named_not_a_type_error(tmp_path):
 # The run directory: taken before it is touched, created once the run can start, removed again if the run
 # fails before its first checkpoint; the data and settings a run started with are compared on resume
 # ----------------------------------------------------------------------------------------------------------
-
-PROBLEMS = generate_arithmetic(8, seed=1)
-
-
-def run_config(output, **overrides):
-    values = {"model": "tiny-llama", "output_dir": str(output), "rft_steps": 2, "batch_size": 2,
-              "micro_batch_size": 4, "grpo.num_generations": 2, "sampling.max_new_tokens": 4,
-              "sampling.min_new_tokens": 4, "sft.epochs": 0, "save_steps": 1}
-    return load_config(None, {**values, **overrides})
-
 
 def tiny_task(problems=PROBLEMS):
     return Task("tiny", list(problems), reward=lambda c, g: 0.5)
