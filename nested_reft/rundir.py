@@ -4,7 +4,7 @@
     OUTPUT/sft_metrics.jsonl    one line per SFT step          OUTPUT/summary.json       written at the end
     OUTPUT/checkpoint-N/        the newest resumable state     OUTPUT/model/             the final model
     OUTPUT/sft-model/           the reference (beta > 0 only)  OUTPUT/.nested-reft.lock  held while a run writes
-    OUTPUT/adapter/             LoRA runs: the adapters          OUTPUT/data.json          the training data's identity
+    OUTPUT/adapter/             LoRA runs: the adapters        OUTPUT/data.json          the training data's identity
 
 The rules that keep a week of training safe from a typo: a fresh run needs a directory without a run in
 it (one that stopped before its first checkpoint holds nothing to keep, and is cleared); `--resume` needs a
@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Iterator, Sequence
 from enum import Enum
@@ -27,7 +28,7 @@ from pathlib import Path
 from nested_reft.checkpoint import latest_checkpoint, remove_stale_staging
 from nested_reft.config import RESUMABLE_OPTIONS, ConfigError, TrainConfig, config_differences, load_config
 from nested_reft.files import (
-    LockHeldError, PathError, atomic_write_text, exclusive_lock, read_json, read_json_lines, removed_unless_used,
+    LockHeldError, PathError, atomic_write_text, exclusive_lock, read_json_lines, read_json_object, removed_unless_used,
 )
 from nested_reft.problems import Problem
 
@@ -41,6 +42,8 @@ ADAPTER_DIR = "adapter"  # LoRA runs: the trained adapters in PEFT's format (mod
 LOCK_FILE = ".nested-reft.lock"
 DATA_FILE = "data.json"  # which problems the run trains on (`data_identity`), compared on resume
 _STARTED_FILES = (CONFIG_FILE, METRICS_FILE, SFT_METRICS_FILE, DATA_FILE)
+
+logger = logging.getLogger(__name__)
 
 
 class RunState(Enum):
@@ -96,6 +99,9 @@ def checkpoint_to_resume(output: Path, resume: bool | None) -> Path | None:
         return None
     checkpoint = latest_checkpoint(output)
     if checkpoint is not None:
+        if state is RunState.FINISHED:
+            logger.warning("--resume: the run in %s is finished; resuming from %s trains nothing and writes %s/ and "
+                           "%s again", output, checkpoint.name, FINAL_MODEL_DIR, SUMMARY_FILE)
         return checkpoint
     if state is RunState.FINISHED:
         raise ConfigError(f"--resume: the run in {output} is finished and its checkpoints were removed: there is "
@@ -133,8 +139,8 @@ def data_identity(name: str, problems: Sequence[Problem]) -> dict:
 
 def check_resumed_data(output: Path, identity: dict) -> None:
     """Refuse to resume on other problems than the run's data.json records (runs from before it are not checked)."""
-    saved = read_json(output / DATA_FILE)
-    if saved and saved != identity:
+    saved = read_json_object(output / DATA_FILE) if (output / DATA_FILE).exists() else identity
+    if saved != identity:
         raise ConfigError(
             f"--resume: the run in {output} was trained on other data ({saved['dataset']}, {saved['problems']} "
             f"problems, sha256 {saved['sha256'][:12]}; now {identity['dataset']}, {identity['problems']} problems, "

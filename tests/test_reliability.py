@@ -644,3 +644,11 @@ def test_f14_a_gguf_file_that_does_not_make_a_model_is_one_line(tmp_path, capsys
     line = capsys.readouterr().err.strip().splitlines()[-1]  # below the GGUF reader's own progress bar
     assert line.startswith("nested-reft: error: ") and str(path) in line and named in line
     assert "not a complete GGUF" not in line
+
+
+def test_cosmetic_resume_of_a_finished_run_says_so(tmp_path, caplog):
+    output = tmp_path / "run"
+    train(run_config(output), tiny_task())
+    with caplog.at_level("WARNING"):
+        train(run_config(output), tiny_task(), resume=True)
+    assert f"the run in {output} is finished" in caplog.text
