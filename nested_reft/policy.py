@@ -29,18 +29,25 @@ def completion_logprobs(
     positions that predict completion tokens are turned into logits (`logits_to_keep`), and the
     log-softmax is taken in float32, a chunk of rows at a time, whatever the model's dtype.
     """
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return chosen_logprobs(logits, completion_ids, temperature or 1.0)
+
+
+def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor) -> torch.Tensor:
+    """The logits that predict each completion token, (N, T, V) in the model's dtype. Apart from
+    `completion_logprobs` for the warm-up's distillation, which compares whole distributions, not one token's."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     length = completion_ids.shape[1]
     with attention_for_training(input_ids.device):
-        logits = model(
+        return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             logits_to_keep=length + 1,
         ).logits[:, :-1]
-    return chosen_logprobs(logits, completion_ids, temperature or 1.0)
 
 
 TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # on CUDA
