@@ -109,5 +109,43 @@ class _ChosenLogprobs(torch.autograd.Function):
         return grad.reshape(logits.shape), None, None, None
 
 
+def kl_from_logits(target_logits: torch.Tensor, logits: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """KL(target || model) at each position, sum_v p(v) (log p(v) - log q(v)) with p = softmax(target_logits) and
+    q = softmax(logits), both (..., V) in any float dtype; returns (...) float32, differentiable with respect to
+    `logits` only (the target is what the model is pulled towards: the warm-up's sft.distill_nested).
+
+    In row chunks, as `chosen_logprobs`, for the same reason twice over: two float32 copies of the logits kept for
+    the backward would cost 2 x n x T x V x 4 bytes; autograd here keeps the two logit tensors as they are.
+    """
+    return _KLFromLogits.apply(target_logits.detach(), logits, int(chunk_rows))
+
+
+class _KLFromLogits(torch.autograd.Function):
+    """Forward: sum p (log p - log q) per row chunk in float32. Backward: d/dz KL = softmax(z) - p, recomputed
+    per chunk."""
+
+    @staticmethod
+    def forward(ctx, target_logits, logits, chunk_rows):
+        flat_target, flat = target_logits.reshape(-1, logits.shape[-1]), logits.reshape(-1, logits.shape[-1])
+        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        for rows in _chunks(flat.shape[0], chunk_rows):
+            log_p = torch.log_softmax(flat_target[rows].float(), dim=-1)
+            out[rows] = (log_p.exp() * (log_p - torch.log_softmax(flat[rows].float(), dim=-1))).sum(-1)
+        ctx.save_for_backward(target_logits, logits)
+        ctx.chunk_rows = chunk_rows
+        return out.reshape(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        target_logits, logits = ctx.saved_tensors
+        flat_target, flat = target_logits.reshape(-1, logits.shape[-1]), logits.reshape(-1, logits.shape[-1])
+        flat_grad = grad_output.reshape(-1).float()
+        grad = torch.empty_like(flat)
+        for rows in _chunks(flat.shape[0], ctx.chunk_rows):
+            difference = torch.softmax(flat[rows].float(), dim=-1) - torch.softmax(flat_target[rows].float(), dim=-1)
+            grad[rows] = (difference * flat_grad[rows, None]).to(grad.dtype)
+        return None, grad.reshape(logits.shape), None
+
+
 def _chunks(total: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, max(size, 1))]

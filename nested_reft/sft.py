@@ -31,7 +31,7 @@ from nested_reft.data import Problem
 from nested_reft.metrics import ModelShapes, rollout_flops
 from nested_reft.nesting import nested, num_decoder_layers
 from nested_reft.optim import lr_scheduler, trainable_parameters
-from nested_reft.policy import chosen_logprobs, completion_logits
+from nested_reft.policy import chosen_logprobs, completion_logits, kl_from_logits
 from nested_reft.prompts import build_prompt
 from nested_reft.seeding import step_generator
 from nested_reft.sharding import deferred_gradient_sync
@@ -114,13 +114,6 @@ class NestedWarmUp:
         return drop, self.distill.draw(step_generator(seed, step, f"sft-distill-{micro_batch}"))
 
 
-def nested_kl(full_logits: torch.Tensor, nested_logits: torch.Tensor) -> torch.Tensor:
-    """KL(full || nested) at each position, sum_v p_full(v) (log p_full(v) - log p_nested(v)): (N, T) from (N, T, V)
-    logits. The full model's side is detached: it is the target the nested model is pulled towards, not pulled back."""
-    full = torch.log_softmax(full_logits.detach().float(), dim=-1)
-    return (full.exp() * (full - torch.log_softmax(nested_logits.float(), dim=-1))).sum(dim=-1)
-
-
 def sft_loss(model, batch: SFTBatch, num_tokens: float, skip_set: Sequence[int] = (),
              distill: tuple[float, Sequence[int]] | None = None, policy=None) -> tuple[torch.Tensor, list[Forward]]:
     """The micro-batch's loss over the batch's token count, and the forwards it ran.
@@ -150,7 +143,7 @@ def sft_loss(model, batch: SFTBatch, num_tokens: float, skip_set: Sequence[int] 
     else:
         student = _logits(model, policy, batch, nested_set)
         forwards.append(Forward(tuple(nested_set), True))
-    return loss + alpha * (nested_kl(full, student) * mask).sum() / max(num_tokens, 1.0), forwards
+    return loss + alpha * (kl_from_logits(full, student) * mask).sum() / max(num_tokens, 1.0), forwards
 
 
 def _logits(model, policy, batch: SFTBatch, skip_set: Sequence[int]) -> torch.Tensor:
