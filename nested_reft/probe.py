@@ -142,6 +142,9 @@ def probe(model, tokenizer, task: Task, settings: ProbeSettings, model_name: str
         flops = rollout_flops(shapes, skip_set, rollouts.prompt_mask.sum(-1), rollouts.completion_mask.sum(-1))
         return _Draw(rollouts, task.score(completions, golds), flops)
 
+    # untimed: a process's first generation pays one-time costs (allocations, first kernel calls) that would
+    # count against the full model, which is timed first
+    generate_rollouts(model, tokenizer, prompts[:1], 1, settings.sampling, (), torch.Generator().manual_seed(0))
     full_draws, nested_draws = [], {x: [] for x in settings.skip_ratios}
     influence = None
     for draw in range(settings.draws):
