@@ -10,7 +10,8 @@ counts their FLOPs per token (`metrics.rollout_flops`, machine-independent).
 
 The recommendation is the largest x whose mean KL per token stays under `kl_threshold`, or none. Nothing trains.
 
-    nested-reft probe --model smollm2-135m-instruct --dataset arithmetic --skip-ratios 0.05 0.15 0.3 --output-dir runs/probe
+    nested-reft probe --model smollm2-135m-instruct --dataset arithmetic --skip-ratios 0.05 0.15 0.3 \
+        --output-dir runs/probe
 """
 
 from __future__ import annotations
