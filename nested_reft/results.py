@@ -5,8 +5,8 @@ far it got (status, error) and what it measured (the pass@1 accuracy on each ben
 and their average `accuracy`; token speed; total runtime), plus the study's columns where measured (accuracy
 before ReFT, i.e. of the SFT warm-up; the run's mean skipped layers, KL(behavior || target), ESS, truncated
 fraction; median generation tokens/s; total rollout FLOPs; the warm-up's label, runtime and training FLOPs).
-steps.csv: one row per ReFT step of each instance (the learning curves and off-policy diagnostics). problems.csv: one row per evaluated problem of each
-instance and warm-up (correct or not: what the bootstrap resamples).
+steps.csv: one row per ReFT step of each instance (the learning curves and off-policy diagnostics). problems.csv:
+one row per evaluated problem of each instance and warm-up (correct or not: what the bootstrap resamples).
 
 Its own module so that the report, which only reads numbers, imports nothing that trains (no torch, no
 transformers): this file needs the standard library alone.
