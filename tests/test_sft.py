@@ -179,6 +179,14 @@ def test_a_distilling_warm_up_costs_more_flops_than_the_plain_one():
     assert all(step.time_s > 0 for step in distilled_steps)
 
 
+def test_a_layer_drop_warm_up_draws_the_same_nested_models_every_time_it_runs():
+    config = SFTConfig(epochs=1, batch_size=4, learning_rate=1e-3, max_length=128, layer_drop=0.5)
+    first, _ = warm_up(config)
+    again, _ = warm_up(config)
+    plain, _ = warm_up(SFTConfig(epochs=1, batch_size=4, learning_rate=1e-3, max_length=128))
+    assert first == again and first != plain  # seeded by (seed, step, micro-batch), not by what ran before
+
+
 def test_distilling_without_a_nested_model_is_refused_naming_the_option():
     with pytest.raises(ConfigError, match=r"sft\.distill_ratio"):
         load_config(None, {"sft.distill_nested": 0.5})  # x = 0 and no layer_drop: nothing to distil into
