@@ -177,9 +177,28 @@ class SFTConfig:
     max_grad_norm: float = 1.0  # TRL SFTConfig (TrainingArguments)
     weight_decay: float = 0.0  # TRL SFTConfig (TrainingArguments)
     lr_scheduler: str = "linear"  # TRL SFTConfig lr_scheduler_type (TrainingArguments), no warm-up
+    # Past the paper (issue 22): a warm-up that teaches the nested models to agree with the full one. Both off by
+    # default, so the warm-up is the paper's. layer_drop: a skip ratio; each micro-batch's cross-entropy runs on
+    # the nested model of a skip set drawn as ReFT draws them (LayerDrop, Fan et al. 2019). distill_nested: a
+    # coefficient alpha; the loss adds alpha * KL(full || nested) per completion token, the full model's
+    # distribution detached. distill_ratio: the nested model's skip ratio for distill_nested; None = sft.layer_drop
+    # when it is set (the same nested forward serves both), else nesting.skip_ratio (the nested models ReFT samples).
+    layer_drop: float = 0.0
+    distill_nested: float = 0.0
+    distill_ratio: float | None = None
+
+    def nested_ratio(self, run_ratio: float) -> float:
+        """The skip ratio of distill_nested's nested model, given the run's nesting.skip_ratio."""
+        if self.distill_ratio is not None:
+            return self.distill_ratio
+        return self.layer_drop or run_ratio
 
     def __post_init__(self) -> None:
         check_types(self, "sft.")
+        check_option(0.0 <= self.layer_drop < 1.0, "sft.layer_drop", self.layer_drop, "in [0, 1) (0 = off)")
+        check_option(self.distill_nested >= 0, "sft.distill_nested", self.distill_nested, ">= 0 (0 = off)")
+        check_option(self.distill_ratio is None or 0.0 < self.distill_ratio < 1.0, "sft.distill_ratio",
+                     self.distill_ratio, "in (0, 1), or None for sft.layer_drop, else nesting.skip_ratio")
         check_option(self.epochs >= 0, "sft.epochs", self.epochs, ">= 0")
         check_option(self.learning_rate > 0, "sft.learning_rate", self.learning_rate, "> 0")
         check_option(self.max_grad_norm > 0, "sft.max_grad_norm", self.max_grad_norm, "> 0")
@@ -263,6 +282,10 @@ class TrainConfig:
                      True, f"false while sampling.min_new_tokens = sampling.max_new_tokens "
                      f"({self.sampling.max_new_tokens}): EOS is banned to the last token, so every completion is cut "
                      "and the loss masks them all (nothing trains); lower sampling.min_new_tokens")
+        distills = self.sft.epochs and self.sft.distill_nested
+        check_option(not distills or self.sft.nested_ratio(self.nesting.skip_ratio) > 0, "sft.distill_ratio",
+                     self.sft.distill_ratio, "set when sft.distill_nested > 0 and neither sft.layer_drop nor "
+                     "nesting.skip_ratio is: the distillation needs a nested model to distil into")
 
 
 # The names options take, declared here so that config imports none of the modules it configures (they import

@@ -302,6 +302,11 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) ->
     rows = read_results(sweep_dir / RESULTS_FILE)
     if not any(row["status"] == "done" for row in rows):
         raise ResultsError(f"{sweep_dir / RESULTS_FILE} has no finished instance yet")
+    warm_ups = sorted({row.get("warm_up") or "" for row in rows})
+    if len(warm_ups) > 1:  # each table below compares a run with the baselines of its (model, dataset) alone
+        raise ResultsError(f"{sweep_dir / RESULTS_FILE} holds runs from several warm-ups ({', '.join(warm_ups)}; "
+                           "'' is the grid's own), which this report would compare with each other's baselines: "
+                           "it does not separate warm-ups yet")
     baselines = baseline_summary(rows)
     deltas = compute_deltas(rows)
     points = instance_means(deltas)

@@ -163,7 +163,7 @@ def _train_model(
     model = fsdp2.shard(model) if fsdp2 is not None else accelerator.prepare_model(model)
     totals = RunTotals()
     if checkpoint is None and config.sft.epochs > 0:
-        totals.sft_runtime_s = _warm_up(config, model, tokenizer, task, accelerator)
+        totals.sft_runtime_s, totals.sft_flops = _warm_up(config, model, tokenizer, task, accelerator)
     policy = accelerator.unwrap_model(model)
     prepare_for_reft(policy, config)
     optimizer, scheduler = make_optimizer(policy, config.grpo, config.rft_steps * config.grpo.num_iterations)
@@ -270,17 +270,35 @@ def check_fits_model(config: TrainConfig, num_layers: int, world: int) -> None:
             f"nesting.border={config.nesting.border} protects the first and last {config.nesting.border} layers, "
             f"but the model has {num_layers}: the border must be at most {num_layers // 2}"
         )
-    skipped = num_skipped_layers(num_layers, config.nesting.skip_ratio)
     valid = len(valid_layers(num_layers, config.nesting.border))
-    if skipped > valid:
+    for option, ratio in _skip_ratios(config):
+        skipped = num_skipped_layers(num_layers, ratio)
+        if skipped > valid:
+            raise ConfigError(
+                f"{option}={ratio} skips {skipped} of the model's {num_layers} layers, but "
+                f"nesting.border={config.nesting.border} leaves only {valid} valid layers: lower one of them"
+            )
+    if config.sft.epochs and config.sft.layer_drop and world > 1:
         raise ConfigError(
-            f"nesting.skip_ratio={config.nesting.skip_ratio} skips {skipped} of the model's {num_layers} layers, but "
-            f"nesting.border={config.nesting.border} leaves only {valid} valid layers: lower one of them"
+            f"sft.layer_drop={config.sft.layer_drop} with {world} processes: the layers a micro-batch skips get no "
+            "gradient, which DDP waits for; warm up in one process, or use sft.distill_nested (its full forward "
+            "reaches every layer)"
         )
 
 
-def _warm_up(config: TrainConfig, model, tokenizer, task: Task, accelerator) -> float:
-    """Algorithm 1, step 1: the SFT warm-up, its steps logged to sft_metrics.jsonl; returns its runtime.
+def _skip_ratios(config: TrainConfig) -> list[tuple[str, float]]:
+    """Each skip ratio the run draws at, named by its option: ReFT's and, when it warms up, the warm-up's."""
+    ratios = [("nesting.skip_ratio", config.nesting.skip_ratio)]
+    if config.sft.epochs and config.sft.layer_drop:
+        ratios.append(("sft.layer_drop", config.sft.layer_drop))
+    if config.sft.epochs and config.sft.distill_nested:
+        ratios.append(("sft.distill_ratio", config.sft.nested_ratio(config.nesting.skip_ratio)))
+    return ratios
+
+
+def _warm_up(config: TrainConfig, model, tokenizer, task: Task, accelerator) -> tuple[float, float]:
+    """Algorithm 1, step 1: the SFT warm-up, its steps logged to sft_metrics.jsonl; returns its runtime and its
+    training FLOPs (what a nested-aware warm-up pays for its closeness: sft.layer_drop, sft.distill_nested).
 
     With beta > 0 the warmed-up model is also saved to OUTPUT/sft-model: it is the reference model,
     which a resumed run (that skips SFT) reloads from there.
@@ -294,12 +312,13 @@ def _warm_up(config: TrainConfig, model, tokenizer, task: Task, accelerator) -> 
             append_jsonl(output / SFT_METRICS_FILE, asdict(step))
 
     start = time.perf_counter()
-    sft_warmup(model, tokenizer, task.problems, config.sft, config.micro_batch_size, config.seed, accelerator, log)
+    steps = sft_warmup(model, tokenizer, task.problems, config.sft, config.micro_batch_size, config.seed, accelerator,
+                       log, config.nesting)
     elapsed = time.perf_counter() - start
     if config.grpo.beta > 0 and accelerator.is_main_process:
         save_model(output / SFT_MODEL_DIR, accelerator.unwrap_model(model), tokenizer)
     accelerator.wait_for_everyone()
-    return elapsed
+    return elapsed, sum(step.flops for step in steps)
 
 
 def prepare_for_reft(policy, config: TrainConfig) -> None:
