@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from nested_reft.config import ConfigError, ImportanceConfig, NestingConfig, SamplingConfig, check_option
-from nested_reft.files import atomic_write_json
+from nested_reft.files import atomic_write_json, check_output_directory
 from nested_reft.importance import importance_statistics
 from nested_reft.influence import InfluenceMeter
 from nested_reft.metrics import ModelShapes, rollout_flops
@@ -278,6 +278,7 @@ def probe_main(model: str, dataset: str, output_dir: str, settings: ProbeSetting
     from nested_reft.evaluate import usable_device
     from nested_reft.models import load_model
 
+    check_output_directory(output_dir, "--output-dir")
     task = Task.load(dataset, "train", data_dir, limit=settings.problems)
     if not task.problems:
         raise ConfigError(f"--dataset {dataset} has no training problems to probe")

@@ -239,6 +239,8 @@ def test_f18_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys, where):
     assert main(["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "1",
                  "--output-dir", str(target)]) == 2
     assert str(target) in error_line(capsys)
+    assert main(["probe", "--model", "tiny-llama", "--dataset", "arithmetic", "--output-dir", str(target)]) == 2
+    assert f"--output-dir {target}" in error_line(capsys)
 
 
 # ----------------------------------------------------------------------------------------------------------
