@@ -51,13 +51,15 @@ def locked_eval_directory(output_dir: Path) -> Iterator[None]:
 
 
 def read_records(path: Path) -> dict[str, dict]:
-    """The records already in a benchmark's JSONL file, by problem id (first one wins), in file order.
+    """The records in a benchmark's JSONL file, by problem id (first one wins), in file order; a torn last line
+    (a kill in the middle of a write, or a write under way) left out. A damaged line elsewhere, or a record
+    without the expected fields and types, is corruption that no reader may paper over: `EvalError`, naming
+    the file and line. Reads only: the evaluation that holds the directory repairs (`resumable_records`)."""
+    return _read_records(Path(path))[0]
 
-    A torn last line (a kill in the middle of a write) is dropped and the file rewritten without it
-    (atomically). A damaged line elsewhere, or a record without the expected fields and types, is corruption
-    that resuming must not paper over: `EvalError`, naming the file and line.
-    """
-    path = Path(path)
+
+def _read_records(path: Path) -> tuple[dict[str, dict], bool]:
+    """(`read_records`, whether the last line was torn)."""
     try:
         lines = read_json_lines(path)
     except PathError as error:
@@ -66,10 +68,7 @@ def read_records(path: Path) -> dict[str, dict]:
     for number, record in lines.records:
         _check_record(record, path, number)
         records.setdefault(record["id"], record)
-    if lines.torn:
-        logger.warning("%s: dropping a partial last line (an interrupted write)", path)
-        write_records(path, records.values())
-    return records
+    return records, lines.torn
 
 
 def _check_record(record: dict, path: Path, number: int) -> None:
@@ -95,8 +94,12 @@ def json_line(record: dict) -> str:
 def resumable_records(path: Path, problems: dict[str, tuple[str, str]]) -> dict[str, dict]:
     """The records of `path` (`read_records`), each checked to answer the problem its id names now: `problems`
     maps an id to its (prompt, gold answer). A record of another question or answer under the same id (other
-    data, a changed copy) is an EvalError naming the problem, never a result reused for the wrong problem."""
-    records = read_records(path)
+    data, a changed copy) is an EvalError naming the problem, never a result reused for the wrong problem.
+    A torn last line is dropped from the file (rewritten atomically) before the evaluation appends to it."""
+    records, torn = _read_records(path)
+    if torn:
+        logger.warning("%s: dropping a partial last line (an interrupted write)", path)
+        write_records(path, records.values())
     for problem_id, record in records.items():
         if problem_id in problems and (record["prompt"], record["gold"]) != problems[problem_id]:
             what = "prompt" if record["prompt"] != problems[problem_id][0] else "gold answer"

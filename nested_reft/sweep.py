@@ -277,7 +277,8 @@ def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None,
     in_use = f", {len(outcome.in_use)} in use by other processes" if outcome.in_use else ""
     log(f"{len(outcome.ran)} run, {len(outcome.skipped)} already done, {len(outcome.failed)} failed{in_use}; "
         f"results: {grid.root / RESULTS_FILE}")
-    unfinished = (("failed instances (see their status.json; rerun the sweep to retry them):", outcome.failed),
+    unfinished = (("failed instances (see their status.json; a rerun retries them, and fails the same way until "
+                   "the input or setting named is fixed):", outcome.failed),
                   ("instances other processes are running (rerun the sweep once they are done):", outcome.in_use))
     for heading, reasons in unfinished:
         if reasons:
