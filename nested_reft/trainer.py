@@ -88,7 +88,7 @@ from nested_reft.rundir import (
 )
 from nested_reft.seeding import step_generator
 from nested_reft.sharding import FSDP2, check_fits_fsdp2, fsdp2_of_launch, gathered_state, gathered_weights
-from nested_reft.sft import sft_warmup
+from nested_reft.sft import sft_examples, sft_warmup
 from nested_reft.skip_policy import SkipPolicy
 from nested_reft.tasks import Task
 from nested_reft.update import TrainingState, policy_update
@@ -125,6 +125,9 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
         task = task or Task.load(config.dataset, "train", config.data_dir)
         if not task.problems:
             raise DataError(f"training set {task.name!r} has 0 problems: nothing to train on")
+        if checkpoint is None and config.sft.epochs > 0 and not sft_examples(task.problems):
+            raise DataError(f"sft.epochs={config.sft.epochs}, but no problem of training set {task.name!r} has a "
+                            "solution to imitate: the warm-up would train nothing; set sft.epochs=0")
         task.check_fits(tokenizer, position_table_size(model), config.sampling.max_new_tokens, "sampling.max_new_tokens")
         identity = data_identity(task.name, task.problems)
         if checkpoint is not None:

@@ -654,3 +654,10 @@ def test_cosmetic_resume_of_a_finished_run_says_so(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         train(run_config(output), tiny_task(), resume=True)
     assert f"the run in {output} is finished" in caplog.text
+
+
+def test_f12_a_warm_up_without_a_solution_to_imitate_is_refused(tmp_path):
+    unsolved = [Problem(problem.id, problem.question, problem.answer, None) for problem in PROBLEMS]
+    with pytest.raises(DataError, match=r"sft\.epochs=1, but no problem of training set 'tiny' has a solution"):
+        train(run_config(tmp_path / "run", **{"sft.epochs": 1}), tiny_task(unsolved))
+    assert not (tmp_path / "run").exists()
