@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,9 +339,10 @@ def _expected_type(value: Any, annotation: str) -> str | None:
     if kind == "float":
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         return None if number and math.isfinite(value) else "a finite number"
-    wanted = {"str": str, "int": int, "bool": bool}[kind]
+    wanted, description = {"str": (str, "a string"), "int": (int, "an integer"), "bool": (bool, "true or false")}.get(
+        kind, (object, ""))  # another annotation (none so far) is not checked here
     right = isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool))
-    return None if right else {"str": "a string", "int": "an integer", "bool": "true or false"}[kind]
+    return None if right else description
 
 
 def to_dict(config: Any) -> dict:
@@ -430,10 +432,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if key in seen:
+            if isinstance(key, Hashable) and key in seen:  # an unhashable key is PyYAML's own error below
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
+            if isinstance(key, Hashable):
+                seen.add(key)
         return super().construct_mapping(node, deep)
 
 
@@ -484,7 +487,7 @@ def _check_dotted_name(dotted: str) -> None:
     *sections, key = dotted.split(".")
     if not all([*sections, key]):
         raise ConfigError(f"option {dotted!r} has an empty name; expected SECTION.OPTION or OPTION")
-    options = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
+    options = {spec.name for spec in dataclasses.fields(TrainConfig)}
     if sections and sections[0] in options and _dataclass_type(TrainConfig, sections[0]) is None:
         raise ConfigError(f"unknown option {dotted}: {sections[0]} is an option, not a section of options")
 
