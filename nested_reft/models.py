@@ -188,12 +188,27 @@ def _check_directory_files(path: Path) -> None:
 def _load_from_hub(name: str, dtype: torch.dtype) -> ModelAndTokenizer:
     """Try `name` as a Hub id; failing that, it was most likely a mistyped alias, so list them."""
     try:
+        _check_on_hub(name)
         return _load_pretrained(name, dtype)
     except OSError as error:
         raise ModelLoadError(
             f"{name!r} is not a model alias, an existing local path, nor loadable from the Hugging Face Hub "
-            f"({error}). Known aliases: {', '.join(sorted(MODEL_ALIASES))}"
-        ) from error
+            f"({str(error).splitlines()[0][:200]}). Known aliases: {', '.join(sorted(MODEL_ALIASES))}"
+        ) from None
+
+
+def _check_on_hub(name: str) -> None:
+    """An OSError at once where the Hub cannot give `name` (offline, unreachable, no such repository), rather than
+    after transformers has retried each of its files for most of a minute, printing every retry. A model in the
+    local Hub cache loads without asking the Hub."""
+    import huggingface_hub
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+            return
+        huggingface_hub.model_info(name, timeout=10)
+    except Exception as error:  # offline, DNS, HTTP 401/404, an invalid id: all mean "not from the Hub", named
+        raise OSError(str(error)) from None
 
 
 def _ready_for_generation(

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -661,3 +662,11 @@ def test_f12_a_warm_up_without_a_solution_to_imitate_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"sft\.epochs=1, but no problem of training set 'tiny' has a solution"):
         train(run_config(tmp_path / "run", **{"sft.epochs": 1}), tiny_task(unsolved))
     assert not (tmp_path / "run").exists()
+
+
+def test_cosmetic_an_unknown_model_name_is_one_line_at_once(tmp_path, capsys):
+    started = time.perf_counter()
+    assert main(["eval", "--model", "tiny-lama", "--benchmarks", "arithmetic", "--limit", "1",
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    assert "'tiny-lama' is not a model alias" in error_line(capsys)
+    assert time.perf_counter() - started < 15  # not a minute of the Hub's retries
