@@ -148,8 +148,8 @@ def check_every_weight_loaded(source: str | Path, loading: dict) -> None:
     named = [f"{what}: {', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''}"
              for what, keys in problems.items() if keys]
     if named:
-        raise ModelLoadError(f"the weights in {source} do not make the model its config describes ({'; '.join(named)}); "
-                             "copy or save the model again")
+        raise ModelLoadError(f"the weights in {source} do not make the model its config describes "
+                             f"({'; '.join(named)}); copy or save the model again")
 
 
 def _load_local_directory(path: Path, dtype: torch.dtype) -> ModelAndTokenizer:

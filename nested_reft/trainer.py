@@ -128,7 +128,8 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
         if checkpoint is None and config.sft.epochs > 0 and not sft_examples(task.problems):
             raise DataError(f"sft.epochs={config.sft.epochs}, but no problem of training set {task.name!r} has a "
                             "solution to imitate: the warm-up would train nothing; set sft.epochs=0")
-        task.check_fits(tokenizer, position_table_size(model), config.sampling.max_new_tokens, "sampling.max_new_tokens")
+        task.check_fits(tokenizer, position_table_size(model), config.sampling.max_new_tokens,
+                        "sampling.max_new_tokens")
         identity = data_identity(task.name, task.problems)
         if checkpoint is not None:
             check_resumed_data(output, identity)
