@@ -38,7 +38,7 @@ from nested_reft.evaldir import (
     EVAL_FILE, claim_output_dir, json_line, locked_eval_directory, resumable_records, write_records,
 )
 from nested_reft.files import atomic_write_json, check_output_directory
-from nested_reft.config import ENGINES, ConfigError, check_option
+from nested_reft.config import ENGINES, ConfigError, check_option, check_types
 from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
 from nested_reft.models import position_table_size
 from nested_reft.rewards import extract_answer
@@ -67,11 +67,11 @@ class EvalConfig:
     engine: str = "eager"  # the decoding engine (SamplingConfig.engine)
 
     def __post_init__(self) -> None:
+        check_types(self, "")  # integers where integers belong, finite numbers (an infinite temperature is uniform)
         check_option(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
         check_option(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        check_option(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
-        check_option(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        check_option(_is_int(self.seed), "seed", self.seed, "an integer")
+        check_option(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
+        check_option(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check_option(self.engine in ENGINES, "engine", self.engine, f"one of {ENGINES}")
 
     def sampling(self) -> SamplingConfig:

@@ -93,6 +93,11 @@ def test_f10_non_finite_values_are_refused_at_start_up(overrides, option):
         load_config(None, overrides)
 
 
+def test_f10_an_infinite_evaluation_temperature_is_refused():
+    with pytest.raises(ConfigError, match=r"^temperature must be a finite number"):
+        EvalConfig(temperature=float("inf"))
+
+
 def test_f10_cli_temperature_inf_exits_2_writing_nothing(tmp_path, capsys):
     assert main(["train", *TINY_RUN, "--temperature", "inf", "--output-dir", str(tmp_path / "o")]) == 2
     assert "sampling.temperature" in error_line(capsys)
