@@ -76,7 +76,7 @@ class EvalSettings:
         except (DataError, ConfigError) as error:
             raise ConfigError(f"eval: {error}") from None
         check_option(len(set(self.benchmarks)) == len(self.benchmarks), "eval.benchmarks", self.benchmarks, "distinct")
-        check_option(self.limit is None or _is_count(self.limit), "eval.limit", self.limit, "an integer >= 1, or null")
+        check_option(self.limit is None or self.limit >= 1, "eval.limit", self.limit, ">= 1 or null")
 
     def config(self, seed: int) -> EvalConfig:
         """The sampling settings of an instance's evaluation."""
@@ -166,8 +166,7 @@ class GridConfig:
             check_option(mitigation in MITIGATIONS, "mitigations", mitigation, f"one of {MITIGATIONS}")
         for ratio in self.skip_ratios:
             check_option(0.0 <= ratio < 1.0, "skip_ratios", ratio, "in [0, 1)")
-        check_option(isinstance(self.border, int) and not isinstance(self.border, bool) and self.border >= 0, "border",
-                     self.border, "an integer >= 0")
+        check_option(isinstance(self.border, int) and self.border >= 0, "border", self.border, "an integer >= 0")
         slugs = [model_slug(model) for model in self.models]
         check_option(len(set(slugs)) == len(slugs), "models", self.models, f"models with distinct slugs (got {slugs})")
         if not isinstance(self.train, dict):
@@ -237,11 +236,6 @@ def _check_distinct_ids(instances: list[Instance]) -> None:
                 f"two instances share the id {instance.id} (one run directory): skip_ratio {other.skip_ratio!r} "
                 f"and {instance.skip_ratio!r} ({instance.mitigation}); make the ratios differ in six digits"
             )
-
-
-def _is_count(value: Any) -> bool:
-    """An integer >= 1, and not a boolean (YAML's `true` is 1 to Python)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _variant(value: Any) -> Variant:

@@ -371,13 +371,10 @@ def test_f04_a_warm_up_trained_with_other_sft_options_is_not_reused(tmp_path, mo
     assert trained == ["sft-s0"]
 
 
-@pytest.mark.parametrize("options, option", [
-    ({"seeds": [True]}, "seeds"), ({"baseline_seeds": [True]}, "baseline_seeds"), ({"border": True}, "border"),
-    ({"eval": {"benchmarks": ["arithmetic"], "limit": True}}, "eval.limit"),
-])
-def test_f12_a_boolean_where_a_number_belongs_in_a_grid_is_refused(tmp_path, options, option):
-    with pytest.raises(ConfigError, match=rf"{option.replace('.', '[.]')} must be"):
-        load_grid(grid_file(tmp_path, **options))
+@pytest.mark.parametrize("option", ["seeds", "baseline_seeds"])
+def test_f12_a_boolean_seed_is_refused(tmp_path, option):
+    with pytest.raises(ConfigError, match=option):
+        load_grid(grid_file(tmp_path, **{option: [True]}))
 
 
 # ----------------------------------------------------------------------------------------------------------
