@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing
+import os
+import signal
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -163,8 +165,16 @@ def lanes(count: int) -> Iterator[Callable[[Callable, list[tuple]], list]]:
         yield lambda function, calls: [function(*arguments) for arguments in calls]
         return
     context = multiprocessing.get_context("spawn")  # no forked torch state
-    with ProcessPoolExecutor(count, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with ProcessPoolExecutor(count, mp_context=context, initializer=start_lane) as pool:
         yield lambda function, calls: list(pool.map(function, *zip(*calls)))
+
+
+def start_lane() -> None:
+    """A lane process: one torch thread, and Ctrl-C (which the terminal sends to every process of the demo) ends
+    it at once and quietly, as a kill would: the main process says "interrupted" once, not each lane with a
+    traceback, and what a lane leaves resumes on the rerun as after any kill."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 
 def trained_scores(config: TrainConfig, eval_dir: Path, settings: DemoSettings) -> list[float]:

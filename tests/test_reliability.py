@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -675,3 +676,11 @@ def test_cosmetic_an_unknown_model_name_is_one_line_at_once(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "out")]) == 2
     assert "'tiny-lama' is not a model alias" in error_line(capsys)
     assert time.perf_counter() - started < 15  # not a minute of the Hub's retries
+
+
+def test_cosmetic_ctrl_c_ends_a_demo_lane_quietly():
+    code = ("import os, signal, time\nfrom nested_reft.demo import start_lane\nstart_lane()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n")
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert finished.returncode == 128 + signal.SIGINT and finished.stderr == ""
