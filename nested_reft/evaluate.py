@@ -234,6 +234,7 @@ def evaluate_tasks(
     """pass@1 of a loaded model on `tasks` (a benchmark's, or any problems a script holds out), written and
     resumed in `output_dir` as `evaluate` does; `data_dir` and `limit` are only recorded in eval.json."""
     output_dir = Path(output_dir)
+    check_output_directory(output_dir, "--output-dir")  # again for callers of `evaluate` and this function
     for task in tasks:
         task.check_fits(tokenizer, position_table_size(model), config.max_new_tokens, "max_new_tokens")
     with locked_eval_directory(output_dir):
