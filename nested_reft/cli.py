@@ -7,6 +7,7 @@
     nested-reft eval --model runs/sft/model --benchmarks aime24 amc math500 minerva olympiadbench --limit 50
     nested-reft sweep configs/grids/smollm2-cpu.yaml        (--emit-commands jobs.txt, --only ID, --collect)
     nested-reft report runs/sweeps/smollm2-cpu
+    nested-reft probe --model smollm2-135m-instruct --dataset arithmetic --skip-ratios 0.05 0.15 0.3 --output-dir runs/probe
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--is-level": ("importance.level", str),
     "--sft-epochs": ("sft.epochs", int),
     "--sft-max-examples": ("sft.max_examples", int),
+    "--sft-layer-drop": ("sft.layer_drop", float),
+    "--sft-distill-nested": ("sft.distill_nested", float),
+    "--sft-distill-ratio": ("sft.distill_ratio", float),
     "--rft-steps": ("rft_steps", int),
     "--batch-size": ("batch_size", int),
     "--micro-batch-size": ("micro_batch_size", int),
@@ -63,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as error:
         print(f"nested-reft: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written is resumable (or was removed); no traceback
+        print("nested-reft: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("sweep_dir", help="the grid's output_dir (holding results.csv)")
     report.add_argument("--output-dir", default=None, help="default SWEEP_DIR/report")
     report.set_defaults(run=_report)
+
+    probe = commands.add_parser("probe", help="before ReFT: how far the nested models are from the model (KL, ESS, "
+                                              "rewards, speedup, Block Influence) and the largest x worth nesting")
+    probe.add_argument("--model", required=True, help="a model alias, local directory or hub id")
+    probe.add_argument("--dataset", required=True, help="a training set: its first --problems problems")
+    probe.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    probe.add_argument("--output-dir", required=True, help="where probe.json and probe.png go")
+    probe.add_argument("--skip-ratios", type=float, nargs="+", default=None, metavar="X", help="default 0.05 0.15 0.3")
+    for flag, kind, option in (("--skip-policy", str, "skip_policy"), ("--border", int, "border"),
+                               ("--influence-temperature", float, "influence_temperature")):
+        probe.add_argument(flag, type=kind, default=None, help=f"nesting.{option} of the draws (default: the config's)")
+    for flag, kind, default in (("--problems", int, 8), ("--draws", int, 3), ("--generations", int, 2),
+                                ("--max-new-tokens", int, 64), ("--temperature", float, 1.0),
+                                ("--kl-threshold", float, 1.0), ("--seed", int, 0)):
+        probe.add_argument(flag, type=kind, default=None, help=f"default {default}")
+    probe.add_argument("--dtype", default="float32", help="e.g. bfloat16 on a GPU")
+    probe.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    probe.set_defaults(run=_probe)
     return parser
 
 
@@ -222,6 +247,18 @@ def _report(args: argparse.Namespace) -> int:
     return report_main(args.sweep_dir, args.output_dir)
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from nested_reft.probe import probe_main, probe_settings
+
+    nesting = {"skip_policy": args.skip_policy, "border": args.border,
+               "influence_temperature": args.influence_temperature}
+    settings = probe_settings(args.skip_ratios, args.max_new_tokens, args.temperature, nesting, problems=args.problems,
+                              draws=args.draws, generations=args.generations, kl_threshold=args.kl_threshold,
+                              seed=args.seed)
+    probe_main(args.model, args.dataset, args.output_dir, settings, args.data_dir, args.dtype, args.device)
+    return 0
+
+
 def _data_show(args: argparse.Namespace) -> int:
     from nested_reft.data import TRAINING_SETS, load_problems
 
@@ -244,18 +281,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     ConfigError covers the trainer's refusals too (an output directory that holds a run, a bad launch);
     LockHeldError is a run directory, sweep or sweep instance that another process is writing (it names
-    that process); FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
+    that process); PathError is an output path that cannot be written, or a damaged file the project reads
+    back; FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
     """
     from nested_reft.checkpoint import CheckpointError
     from nested_reft.config import ConfigError
     from nested_reft.data import DataError
-    from nested_reft.evaluate import EvalError
-    from nested_reft.files import LockHeldError
+    from nested_reft.evaldir import EvalError
+    from nested_reft.files import LockHeldError, PathError
     from nested_reft.models import ModelLoadError
     from nested_reft.results import ResultsError
 
     return (ConfigError, DataError, ModelLoadError, CheckpointError, EvalError, ResultsError, LockHeldError,
-            FloatingPointError)
+            PathError, FloatingPointError)
 
 
 def _quiet_libraries() -> None:

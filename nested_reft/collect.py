@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from nested_reft.evaluate import EVAL_FILE, read_records
+from nested_reft.evaldir import EVAL_FILE, read_records
 from nested_reft.files import atomic_write_text, read_json
 from nested_reft.grid import GridConfig, Instance, enumerate_instances, run_directory, sft_directory
 from nested_reft.results import (
@@ -56,6 +56,9 @@ def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:
         row[accuracy_column(name)] = evaluation.get("benchmarks", {}).get(name, {}).get("accuracy")
     row["accuracy"] = evaluation.get("average")
     row["accuracy_before"] = read_json(sft_directory(grid, instance) / EVAL_DIR / EVAL_FILE).get("average")
+    row["warm_up"] = instance.warm_up.label if instance.warm_up else ""
+    warm_up = read_json(sft_directory(grid, instance) / SUMMARY_FILE)  # what the warm-up cost (issue 22)
+    row["sft_runtime_s"], row["sft_flops"] = warm_up.get("sft_runtime_s"), warm_up.get("sft_flops")
     summary = read_json(directory / SUMMARY_FILE)
     row["token_speed"] = summary.get("token_speed")
     row["total_runtime_s"] = summary.get("total_runtime_s")

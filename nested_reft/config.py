@@ -12,7 +12,9 @@ resolved into the run directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +49,14 @@ class NestingConfig:
     kl_retry_steps: int = 4
 
     def __post_init__(self) -> None:
+        check_types(self, "nesting.")
         check_option(0.0 <= self.skip_ratio < 1.0, "nesting.skip_ratio", self.skip_ratio, "in [0, 1)")
         check_option(self.border >= 0, "nesting.border", self.border, ">= 0")
         check_option(self.skip_policy in SKIP_POLICIES, "nesting.skip_policy", self.skip_policy, f"one of {SKIP_POLICIES}")
-        check_option(self.influence_temperature > 0, "nesting.influence_temperature", self.influence_temperature, "> 0")
+        # Block Influences span [0, 2]: below 1e-4 the draw is already the least influential layers, and much
+        # lower the softmax's logits overflow mid-run
+        check_option(self.influence_temperature >= 1e-4, "nesting.influence_temperature", self.influence_temperature,
+                     ">= 1e-4")
         check_option(0 <= self.smoothing < 1, "nesting.smoothing", self.smoothing, "in [0, 1)")
         check_option(self.kl_target > 0, "nesting.kl_target", self.kl_target, "> 0")
         check_option(self.kl_retry_steps >= 0, "nesting.kl_retry_steps", self.kl_retry_steps, ">= 0")
@@ -67,6 +73,7 @@ class ImportanceConfig:
     level: str = "token"  # token | sequence; TRL importance_sampling_level="token"
 
     def __post_init__(self) -> None:
+        check_types(self, "importance.")
         check_option(self.mitigation in MITIGATIONS, "importance.mitigation", self.mitigation, f"one of {MITIGATIONS}")
         check_option(0.0 <= self.retrace_lambda <= 1.0, "importance.retrace_lambda", self.retrace_lambda, "in [0, 1]")
         check_option(self.level in LEVELS, "importance.level", self.level, f"one of {LEVELS}")
@@ -90,6 +97,7 @@ class SamplingConfig:
     vllm_memory_fraction: float = 0.3
 
     def __post_init__(self) -> None:
+        check_types(self, "sampling.")
         check_option(self.temperature >= 0, "sampling.temperature", self.temperature, ">= 0 (0 = greedy)")
         check_option(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "in (0, 1]")
         check_option(self.top_k >= 0, "sampling.top_k", self.top_k, ">= 0 (0 = disabled)")
@@ -133,6 +141,7 @@ class GRPOConfig:
     disable_dropout: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self, "grpo.")
         check_option(self.num_generations >= 2, "grpo.num_generations", self.num_generations, ">= 2 (groups compare)")
         check_option(self.learning_rate > 0, "grpo.learning_rate", self.learning_rate, "> 0")
         check_option(self.beta >= 0, "grpo.beta", self.beta, ">= 0")
@@ -145,6 +154,10 @@ class GRPOConfig:
         check_option(self.max_grad_norm > 0, "grpo.max_grad_norm", self.max_grad_norm, "> 0")
         check_option(self.lr_scheduler in SCHEDULERS, "grpo.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
         check_option(0 <= self.warmup_ratio < 1, "grpo.warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        check_option(self.weight_decay >= 0, "grpo.weight_decay", self.weight_decay, ">= 0")
+        for name in ("adam_beta1", "adam_beta2"):  # torch's AdamW refuses these only once the run has started
+            check_option(0 <= getattr(self, name) < 1, f"grpo.{name}", getattr(self, name), "in [0, 1)")
+        check_option(self.adam_epsilon > 0, "grpo.adam_epsilon", self.adam_epsilon, "> 0")
 
         if self.num_iterations == 1:  # the clip in effect must be the default's: anything else would not act
             default = _default(GRPOConfig, "epsilon")
@@ -171,8 +184,28 @@ class SFTConfig:
     max_grad_norm: float = 1.0  # TRL SFTConfig (TrainingArguments)
     weight_decay: float = 0.0  # TRL SFTConfig (TrainingArguments)
     lr_scheduler: str = "linear"  # TRL SFTConfig lr_scheduler_type (TrainingArguments), no warm-up
+    # Past the paper (issue 22): a warm-up that teaches the nested models to agree with the full one. Both off by
+    # default, so the warm-up is the paper's. layer_drop: a skip ratio; each micro-batch's cross-entropy runs on
+    # the nested model of a skip set drawn as ReFT draws them (LayerDrop, Fan et al. 2019). distill_nested: a
+    # coefficient alpha; the loss adds alpha * KL(full || nested) per completion token, the full model's
+    # distribution detached. distill_ratio: the nested model's skip ratio for distill_nested; None = sft.layer_drop
+    # when it is set (the same nested forward serves both), else nesting.skip_ratio (the nested models ReFT samples).
+    layer_drop: float = 0.0
+    distill_nested: float = 0.0
+    distill_ratio: float | None = None
+
+    def nested_ratio(self, run_ratio: float) -> float:
+        """The skip ratio of distill_nested's nested model, given the run's nesting.skip_ratio."""
+        if self.distill_ratio is not None:
+            return self.distill_ratio
+        return self.layer_drop or run_ratio
 
     def __post_init__(self) -> None:
+        check_types(self, "sft.")
+        check_option(0.0 <= self.layer_drop < 1.0, "sft.layer_drop", self.layer_drop, "in [0, 1) (0 = off)")
+        check_option(self.distill_nested >= 0, "sft.distill_nested", self.distill_nested, ">= 0 (0 = off)")
+        check_option(self.distill_ratio is None or 0.0 < self.distill_ratio < 1.0, "sft.distill_ratio",
+                     self.distill_ratio, "in (0, 1), or None for sft.layer_drop, else nesting.skip_ratio")
         check_option(self.epochs >= 0, "sft.epochs", self.epochs, ">= 0")
         check_option(self.learning_rate > 0, "sft.learning_rate", self.learning_rate, "> 0")
         check_option(self.max_grad_norm > 0, "sft.max_grad_norm", self.max_grad_norm, "> 0")
@@ -180,6 +213,8 @@ class SFTConfig:
         check_option(self.lr_scheduler in SCHEDULERS, "sft.lr_scheduler", self.lr_scheduler, f"one of {SCHEDULERS}")
         check_option(self.batch_size >= 1, "sft.batch_size", self.batch_size, ">= 1")
         check_option(self.max_length >= 8, "sft.max_length", self.max_length, ">= 8")
+        check_option(self.max_examples is None or self.max_examples >= 1, "sft.max_examples", self.max_examples,
+                     ">= 1, or None for the whole training set")
 
 
 @dataclass(frozen=True)
@@ -195,6 +230,7 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = ("all-linear",)  # PEFT: every linear layer of the blocks, not the head
 
     def __post_init__(self) -> None:
+        check_types(self, "lora.")
         check_option(self.r >= 0, "lora.r", self.r, ">= 0 (0 = no adapters)")
         check_option(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
         check_option(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
@@ -235,7 +271,9 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
+        check_types(self, "")
         check_option(self.dataset in TRAINING_SETS, "dataset", self.dataset, f"one of {TRAINING_SETS}")
+        check_option(0 <= self.seed < 2**32, "seed", self.seed, "in [0, 2**32) (numpy's seeds)")
         check_option(self.rft_steps >= 0, "rft_steps", self.rft_steps, ">= 0")
         check_option(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check_option(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
@@ -251,6 +289,10 @@ class TrainConfig:
                      True, f"false while sampling.min_new_tokens = sampling.max_new_tokens "
                      f"({self.sampling.max_new_tokens}): EOS is banned to the last token, so every completion is cut "
                      "and the loss masks them all (nothing trains); lower sampling.min_new_tokens")
+        distills = self.sft.epochs and self.sft.distill_nested
+        check_option(not distills or self.sft.nested_ratio(self.nesting.skip_ratio) > 0, "sft.distill_ratio",
+                     self.sft.distill_ratio, "set when sft.distill_nested > 0 and neither sft.layer_drop nor "
+                     "nesting.skip_ratio is: the distillation needs a nested model to distil into")
 
 
 # The names options take, declared here so that config imports none of the modules it configures (they import
@@ -281,6 +323,34 @@ def check_option(ok: bool, option: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{option} must be {expected}, got {value!r}")
 
 
+def check_types(config: Any, prefix: str) -> None:
+    """Every option of a config dataclass holds its declared type, numbers finite: checked before the ranges, so
+    that a list where a name belongs, or an infinite learning rate, stops the run at start-up naming the option
+    (and never becomes a directory named "['a', 'b']", or a run that diverges at its first step)."""
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if not dataclasses.is_dataclass(value):
+            expected = _expected_type(value, str(spec.type))
+            check_option(expected is None, f"{prefix}{spec.name}", value, expected or "")
+
+
+def _expected_type(value: Any, annotation: str) -> str | None:
+    """What `value` should be for a field annotated `annotation` (str, int, float, bool, tuple[str, ...], each
+    optionally "| None"), or None when it is that."""
+    kind, _, optional = annotation.partition(" | ")
+    if value is None:
+        return None if optional == "None" else f"a {kind} (not null)"
+    if kind.startswith("tuple"):
+        return None if isinstance(value, tuple) and all(isinstance(item, str) for item in value) else "a list of names"
+    if kind == "float":
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) else "a finite number"
+    wanted, description = {"str": (str, "a string"), "int": (int, "an integer"), "bool": (bool, "true or false")}.get(
+        kind, (object, ""))  # another annotation (none so far) is not checked here
+    right = isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool))
+    return None if right else description
+
+
 def to_dict(config: Any) -> dict:
     """A plain, YAML-ready dict of a config dataclass (tuples become lists)."""
     return dataclasses.asdict(config, dict_factory=lambda items: {k: _plain(v) for k, v in items})
@@ -293,9 +363,9 @@ def _plain(value: Any) -> Any:
 def from_dict(cls: type, values: dict, where: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys by their full dotted name."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping of options, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(set(values) - set(fields), key=str)  # YAML keys may be numbers too
     if unknown:
         names = ", ".join(f"{where}{key}" for key in unknown)
         raise ConfigError(f"unknown option(s) {names}; valid options here: {', '.join(sorted(fields))}")
@@ -303,7 +373,7 @@ def from_dict(cls: type, values: dict, where: str = "") -> Any:
     for key, value in values.items():
         nested_type = _dataclass_type(cls, key)
         if nested_type is not None:
-            kwargs[key] = from_dict(nested_type, value or {}, f"{where}{key}.")
+            kwargs[key] = from_dict(nested_type, {} if value is None else value, f"{where}{key}.")
         else:
             kwargs[key] = _coerce(value, fields[key], f"{where}{key}")
     try:
@@ -327,10 +397,12 @@ def _coerce(value: Any, spec: dataclasses.Field, option: str) -> Any:
     if isinstance(value, dict) and not annotation.startswith("dict"):
         raise ConfigError(f"{option} is a single value, not a section of options; got {value!r}")
     try:
-        if value is None or annotation.startswith("str"):
-            return value if value is None or not annotation.startswith("str") else str(value)
+        if value is None or annotation.startswith("str"):  # a number may name a directory; a list may not
+            return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         if annotation.startswith("tuple"):
-            return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            if isinstance(value, (str, list)):  # anything else is left for `check_types` to name
+                return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            return value
         if annotation.startswith("bool"):
             return _as_bool(value)
         if isinstance(value, bool) and not annotation.startswith("bool"):
@@ -343,7 +415,7 @@ def _coerce(value: Any, spec: dataclasses.Field, option: str) -> Any:
             return int(value)
         if annotation.startswith("float"):
             return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ConfigError(f"{option} must be a {annotation}, got {value!r}") from None
     return value
 
@@ -358,10 +430,26 @@ def _as_bool(value: Any) -> bool:
     raise ValueError(value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last,
+    so `seed: 1` below `seed: 2` would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:  # an unhashable key is PyYAML's own error below
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            if isinstance(key, Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
     """The mapping a YAML file holds (empty for an empty file); a ConfigError naming `what` and `path` if not."""
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        values = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
     except IsADirectoryError:
@@ -370,6 +458,9 @@ def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
         raise ConfigError(f"{what} {path} cannot be read: {error.strerror}") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{what} {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    except yaml.MarkedYAMLError as error:  # one line: where, and what is wrong there
+        where = f", line {error.problem_mark.line + 1}" if error.problem_mark else ""
+        raise ConfigError(f"{what} {path}{where}: {error.problem} (not valid YAML)") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
     if values is None:
@@ -383,6 +474,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     """A TrainConfig from an optional YAML file plus dotted overrides ({"nesting.skip_ratio": 0.15})."""
     values: dict = read_yaml_mapping(path, "config file") if path is not None else {}
     for dotted, value in (overrides or {}).items():
+        _check_dotted_name(dotted)
         target = values
         *sections, key = dotted.split(".")
         for depth, section in enumerate(sections, start=1):
@@ -393,6 +485,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
                                   + (f" in config file {path}" if path is not None else ""))
         target[key] = value
     return from_dict(TrainConfig, values)
+
+
+def _check_dotted_name(dotted: str) -> None:
+    """Refuse an override whose name has an empty part (`--set =5`) or goes below a plain option
+    (`model.name`), naming the whole option rather than what the override would make of it."""
+    *sections, key = dotted.split(".")
+    if not all([*sections, key]):
+        raise ConfigError(f"option {dotted!r} has an empty name; expected SECTION.OPTION or OPTION")
+    options = {spec.name for spec in dataclasses.fields(TrainConfig)}
+    if sections and sections[0] in options and _dataclass_type(TrainConfig, sections[0]) is None:
+        raise ConfigError(f"unknown option {dotted}: {sections[0]} is an option, not a section of options")
 
 
 def config_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from nested_reft.arithmetic import arithmetic_split
+from nested_reft.files import read_text
 from nested_reft.problems import Problem
 
 TRAINING_SETS = ("svamp", "gsm8k", "math12k", "arithmetic")
@@ -56,6 +57,9 @@ LAYOUT = """\
   math/math12k/{train,test}-00000-of-00001.parquet   hiyouga/math12k, fields problem, answer
   math/MATH/{train,test}/<subject>/<n>.json      Hendrycks MATH files, fields problem, solution
   eval_suite/r1zero_suite/{aime,amc,math,minerva,olympiad_bench}/   datasets.save_to_disk, fields problem, answer"""
+
+# The layout in one line, for errors (one line each): the paths alone.
+LAYOUT_PATHS = ", ".join(line.split()[0] for line in LAYOUT.splitlines()[1:]) + " (see nested_reft/data.py)"
 
 SVAMP_TEST_FRACTION = 0.3  # 300 of 1000: the sizes of the hub's ChilleD/SVAMP test split
 HENDRYCKS_MATH = "EleutherAI/hendrycks_math"  # the hub copy of MATH with solutions, one config per subject
@@ -123,7 +127,7 @@ def clean_answer(value: Any) -> str:
 
 def _require(path: Path, root: Path) -> Path:
     if not path.exists():
-        raise DataError(f"missing {path}; expected this layout under {root}:\n{LAYOUT}")
+        raise DataError(f"missing {path}; expected this layout under {root}: {LAYOUT_PATHS}")
     return path
 
 
@@ -136,8 +140,7 @@ def _not_empty(rows: Sequence[Any], source: object) -> Sequence[Any]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as stream:
-        lines = [(number, line) for number, line in enumerate(stream, start=1) if line.strip()]
+    lines = [(number, line) for number, line in enumerate(read_text(path).split("\n"), start=1) if line.strip()]
     for number, line in _not_empty(lines, path):
         where = f"{path}, line {number}"
         try:
@@ -148,7 +151,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON at line {err.lineno} ({err.msg})") from err
 
@@ -183,7 +186,7 @@ def _hub_rows(path: str, config: str | None, split: str) -> Iterator[tuple[str, 
     except Exception as err:  # network, auth and schema errors all mean the same thing to the user
         raise DataError(
             f"could not load {label}: {err}. To use local files instead, pass data_dir= or set ${DATA_ENV} "
-            f"to a directory laid out as:\n{LAYOUT}"
+            f"to a directory laid out as: {LAYOUT_PATHS}"
         ) from err
     return ((f"{label}, row {i}", row) for i, row in enumerate(dataset))
 
@@ -200,8 +203,8 @@ def gsm8k_problem(row: Mapping[str, Any], where: str, index: int, split: str) ->
     question, worked = _field(row, "question", where), _field(row, "answer", where)
     body, marker, final = str(worked).rpartition("####")
     answer = final.strip().replace(",", "")
-    if not marker or not answer:
-        raise DataError(f"{where}: field 'answer' has no final line '#### N'")
+    if not marker or not re.fullmatch(r"-?\d+(\.\d+)?", answer):  # a gold answer of words would score nothing
+        raise DataError(f"{where}: field 'answer' must end in '#### N', N a number, got {final.strip()[:40]!r}")
     body = re.sub(r"<<[^>]*>>", "", body).rstrip()
     solution = f"{body}\nThe final answer is \\boxed{{{answer}}}"
     return Problem(f"gsm8k/{split}/{index}", str(question).strip(), answer, solution)
@@ -243,12 +246,13 @@ def svamp_problem(row: Mapping[str, Any], where: str) -> Problem:
     """
     problem_id, equation = _field(row, "ID", where), str(_field(row, "Equation", where))
     question = f"{str(_field(row, 'Body', where)).strip()} {str(_field(row, 'Question', where)).strip()}"
-    try:
-        tree = ast.parse(equation.strip(), mode="eval").body
-    except SyntaxError as err:
-        raise DataError(f"{where}: field 'Equation' is not an arithmetic expression: {equation!r}") from err
     steps: list[str] = []
-    answer = format_number(_evaluate_steps(tree, steps, where))
+    try:
+        answer = format_number(_evaluate_steps(ast.parse(equation.strip(), mode="eval").body, steps, where))
+    except SyntaxError as err:
+        raise DataError(f"{where}: field 'Equation' is not an arithmetic expression: {equation[:80]!r}") from err
+    except RecursionError:  # parsing or evaluating a chain of thousands of operations
+        raise DataError(f"{where}: field 'Equation' nests too deeply ({len(equation)} characters)") from None
     if len(steps) <= 1:  # one row (chal-555) has the bare equation '8.0': nothing to compute
         lines = [f"We compute {steps[0]}." if steps else "The problem states this number directly."]
     else:
@@ -330,7 +334,7 @@ def _math_files(root: Path) -> Rows:
     math_dir = _require(root / "math" / "MATH", root)
     paths = sorted(glob.glob(str(math_dir / "*" / "*" / "*.json")))
     if not paths:
-        raise DataError(f"{math_dir} holds no <split>/<subject>/<n>.json files; expected layout:\n{LAYOUT}")
+        raise DataError(f"{math_dir} holds no <split>/<subject>/<n>.json files; expected layout: {LAYOUT_PATHS}")
     return ((path, _read_json(Path(path))) for path in paths)
 
 
@@ -460,6 +464,6 @@ def load_problems(
     else:
         root = Path(root)
         if not root.is_dir():
-            raise DataError(f"data directory {root} does not exist; expected layout:\n{LAYOUT}")
+            raise DataError(f"data directory {root} does not exist; expected layout: {LAYOUT_PATHS}")
         problems = loader.local(root)
     return problems if limit is None else problems[:limit]

@@ -48,8 +48,9 @@ SYNC_EVERY = {"cpu": 1, "cuda": 8}  # tokens between looks at which rows have en
 
 def sync_every_for(device: torch.device) -> int:
     """How often a decoder asks the device which rows have ended (a host sync): on a CPU every token, where it
-    costs nothing and lets finished rows leave the batch at once; on a GPU every 8 tokens, so that the host
-    keeps queueing kernels (measured in bench/gpu.sh's eval-style rows; docs/benchmarks.md)."""
+    costs nothing and lets finished rows leave the batch at once (every 8 took 1.076x as long, SmolLM2); on a
+    GPU every 8 tokens, so that the host keeps queueing kernels (a sync per token cost an H200 12% of an
+    evaluation batch). bench/host_sync.py measures both; docs/benchmarks.md."""
     return SYNC_EVERY.get(device.type, SYNC_EVERY["cuda"])
 
 

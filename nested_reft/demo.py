@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import multiprocessing
+import os
+import signal
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -40,13 +41,14 @@ from nested_reft.config import (
     TrainConfig,
     check_option,
 )
-from nested_reft.evaluate import EvalConfig, evaluate_model, print_progress, read_records
+from nested_reft.evaldir import read_records
+from nested_reft.evaluate import EvalConfig, evaluate_model, print_progress
 from nested_reft.files import atomic_write_text
 from nested_reft.models import DEFAULT_MODEL, load_model
 from nested_reft.nesting import draw_uniform, num_skipped_layers
 from nested_reft.plots import pyplot, save_figure
 from nested_reft.rollout import generate_rollouts
-from nested_reft.rundir import FINAL_MODEL_DIR, METRICS_FILE
+from nested_reft.rundir import FINAL_MODEL_DIR, METRICS_FILE, read_metrics
 from nested_reft.study import Interval, bootstrap_delta
 from nested_reft.tasks import Task
 from nested_reft.trainer import ensure_trained
@@ -139,7 +141,7 @@ def run_demo(output_dir: str | Path = "runs/demo", model: str | None = None,
             *((config, output / name / "eval", settings) for name, config in arms.items())])
     results = {}
     for name, after in zip(arms, afters):
-        steps = [json.loads(line) for line in (output / name / METRICS_FILE).read_text().splitlines()]
+        steps = read_metrics(output / name / METRICS_FILE)
         results[name] = RunResult(steps, sum(after) / len(after), in_points(bootstrap_delta([after], [before])))
     speed = measure_speedups(warm, [step["skip_set"] for step in results["nested"].steps], settings)
     table = comparison_table(sum(before) / len(before), results, speed, settings)
@@ -163,8 +165,16 @@ def lanes(count: int) -> Iterator[Callable[[Callable, list[tuple]], list]]:
         yield lambda function, calls: [function(*arguments) for arguments in calls]
         return
     context = multiprocessing.get_context("spawn")  # no forked torch state
-    with ProcessPoolExecutor(count, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with ProcessPoolExecutor(count, mp_context=context, initializer=start_lane) as pool:
         yield lambda function, calls: list(pool.map(function, *zip(*calls)))
+
+
+def start_lane() -> None:
+    """A lane process: one torch thread, and Ctrl-C (which the terminal sends to every process of the demo) ends
+    it at once and quietly, as a kill would: the main process says "interrupted" once, not each lane with a
+    traceback, and what a lane leaves resumes on the rerun as after any kill."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 
 def trained_scores(config: TrainConfig, eval_dir: Path, settings: DemoSettings) -> list[float]:

@@ -5,17 +5,11 @@ paper reports the average of a_k over the 5 benchmarks of Liu et al. 2025 (aime2
 olympiadbench). Appendix F samples with temperature 0.6 and top-p 0.95, up to 32k new tokens; completions end at
 EOS. The score of a completion is `Task.score`, the very function that is the training reward.
 
-Files written to `output_dir`:
-
-* `<benchmark>.jsonl`: one line per problem, `{"id", "prompt", "completion", "extracted_answer", "gold",
-  "correct", "completion_tokens", "finished"}` (`finished`: the completion ended with EOS rather than at
-  `max_new_tokens`). Lines are appended and flushed batch by batch; once a benchmark is done the file is
-  rewritten (atomically) in the data set's order.
-* `eval.json`: `{"benchmarks": {name: {"accuracy", "n", "correct", "mean_completion_tokens",
-  "finished_fraction"}}, "average", "model", "config", "limit", "data_dir", "complete", "timing"}`, written
-  atomically at the end. Everything but `timing` is a function of the settings and the seed.
-* `eval_settings.json`: the model and `EvalConfig` the results were drawn with, so that a resumed evaluation
-  refuses to mix its samples with those of another model or other sampling settings.
+Files written to `output_dir` (their layout, the one-writer lock and the record store are `nested_reft.evaldir`):
+the per-problem records `<benchmark>.jsonl`, `eval_settings.json` (the model and `EvalConfig` they were drawn
+with) and `eval.json`: `{"benchmarks": {name: {"accuracy", "n", "correct", "mean_completion_tokens",
+"finished_fraction"}}, "average", "model", "config", "limit", "data_dir", "complete", "timing"}`, written
+atomically at the end. Everything but `timing` is a function of the settings, the data and the seed.
 
 Resuming: an interrupted evaluation started again with the same output directory reads the lines already
 written (a trailing partial line, from a kill in the middle of a write, is dropped and the file rewritten
@@ -28,7 +22,6 @@ resumed at a batch boundary therefore draws exactly what an uninterrupted one do
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -41,9 +34,13 @@ from typing import Any
 
 import torch
 
-from nested_reft.files import atomic_write_json, atomic_write_text
-from nested_reft.config import ENGINES, ConfigError, check_option
+from nested_reft.evaldir import (
+    EVAL_FILE, claim_output_dir, json_line, locked_eval_directory, resumable_records, write_records,
+)
+from nested_reft.files import atomic_write_json, check_output_directory
+from nested_reft.config import ENGINES, ConfigError, check_option, check_types
 from nested_reft.data import BENCHMARKS, DATA_ENV, DataError, Problem
+from nested_reft.models import position_table_size
 from nested_reft.rewards import extract_answer
 from nested_reft.rollout import SamplingConfig, generate_rollouts
 from nested_reft.seeding import seeded_generator
@@ -54,15 +51,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BENCHMARKS = ("aime24", "amc", "math500", "minerva", "olympiadbench")  # paper: the 5 of Liu et al. 2025
 # What `evaluate` accepts: the benchmarks, plus the generated arithmetic test set (the demo's task).
 EVALUATION_SETS = BENCHMARKS + ("arithmetic",)
-EVAL_FILE = "eval.json"
-SETTINGS_FILE = "eval_settings.json"
-RECORD_FIELDS = ("id", "prompt", "completion", "extracted_answer", "gold", "correct", "completion_tokens", "finished")
 
 Progress = Callable[[str, int, int], None]  # (benchmark, problems done, problems in the benchmark)
-
-
-class EvalError(ValueError):
-    """An output directory whose results cannot be resumed: corrupt lines or results of other settings."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +67,11 @@ class EvalConfig:
     engine: str = "eager"  # the decoding engine (SamplingConfig.engine)
 
     def __post_init__(self) -> None:
+        check_types(self, "")  # integers where integers belong, finite numbers (an infinite temperature is uniform)
         check_option(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
         check_option(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        check_option(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
-        check_option(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        check_option(_is_int(self.seed), "seed", self.seed, "an integer")
+        check_option(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
+        check_option(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check_option(self.engine in ENGINES, "engine", self.engine, f"one of {ENGINES}")
 
     def sampling(self) -> SamplingConfig:
@@ -135,11 +125,12 @@ def evaluate_model(
     from nested_reft.models import MODEL_ALIASES, load_model
 
     device = usable_device(device)
+    output_dir = default_output_dir(name_or_path) if output_dir is None else output_dir
+    check_output_directory(output_dir, "--output-dir")
     tasks = load_tasks(benchmarks, data_dir, limit)
     model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
     local = Path(name_or_path).expanduser()
     model_name = str(local.resolve()) if name_or_path not in MODEL_ALIASES and local.exists() else str(name_or_path)
-    output_dir = default_output_dir(name_or_path) if output_dir is None else output_dir
     return evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
 
 
@@ -150,6 +141,8 @@ def usable_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.empty(0, device=device)  # the one check that covers every device type and index
+        if torch.device(device).type == "meta":
+            raise RuntimeError("the meta device holds shapes, not numbers")
     except (RuntimeError, AssertionError) as error:  # torch's two ways of saying no (AssertionError: no CUDA)
         reason = str(error).splitlines()[0][:200]
         raise ConfigError(f"--device {device}: not usable on this machine ({reason}); leave --device unset "
@@ -241,8 +234,17 @@ def evaluate_tasks(
     """pass@1 of a loaded model on `tasks` (a benchmark's, or any problems a script holds out), written and
     resumed in `output_dir` as `evaluate` does; `data_dir` and `limit` are only recorded in eval.json."""
     output_dir = Path(output_dir)
+    check_output_directory(output_dir, "--output-dir")  # again for callers of `evaluate` and this function
+    for task in tasks:
+        task.check_fits(tokenizer, position_table_size(model), config.max_new_tokens, "max_new_tokens")
+    with locked_eval_directory(output_dir):
+        return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
+
+
+def _evaluate_tasks(model, tokenizer, tasks: list[Task], output_dir: Path, config: EvalConfig,
+                    data_dir: str | Path | None, limit: int | None, model_name: str, progress: Progress | None) -> dict:
     settings = {"model": model_name, "config": dataclasses.asdict(config)}
-    _claim_output_dir(output_dir, settings, [task.name for task in tasks])
+    claim_output_dir(output_dir, settings, [task.name for task in tasks])
     started = time.perf_counter()
     timing = {"generated_tokens": 0, "generation_time_s": 0.0, "generated_problems": 0, "resumed_problems": 0}
     summaries = {}
@@ -269,10 +271,10 @@ def _evaluate_task(
     model, tokenizer, task: Task, path: Path, config: EvalConfig, timing: dict, progress: Progress | None
 ) -> list[dict]:
     """Records for every problem of `task`, generating only those `path` does not hold yet."""
-    done = read_records(path)
+    prompts = dict(zip((p.id for p in task.problems), task.prompts(tokenizer, task.problems)))
+    done = resumable_records(path, {p.id: (prompts[p.id], p.answer) for p in task.problems})
     wanted = {problem.id for problem in task.problems}
     timing["resumed_problems"] += sum(1 for key in done if key in wanted)
-    prompts = dict(zip((p.id for p in task.problems), task.prompts(tokenizer, task.problems)))
     batches = _batches(task.problems, [prompts[p.id] for p in task.problems], tokenizer, config.batch_size)
     _warn_if_longer_than_context(model, tokenizer, batches, prompts, config.max_new_tokens)
     sampling = config.sampling()
@@ -286,7 +288,7 @@ def _evaluate_task(
                     model, tokenizer, [prompts[p.id] for p in pending], 1, sampling, generator=generator
                 )
                 records = _records(task, pending, [prompts[p.id] for p in pending], rollouts, tokenizer)
-                stream.write("".join(json.dumps(record) + "\n" for record in records))
+                stream.write("".join(json_line(record) for record in records))
                 stream.flush()
                 os.fsync(stream.fileno())
                 done.update((record["id"], record) for record in records)
@@ -298,7 +300,7 @@ def _evaluate_task(
     # Data set order, then any lines of problems outside this request (a larger --limit before), kept as they were.
     ordered = [done[problem.id] for problem in task.problems]
     ordered += [record for key, record in done.items() if key not in wanted]
-    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in ordered))
+    write_records(path, ordered)
     return [done[problem.id] for problem in task.problems]
 
 
@@ -354,96 +356,6 @@ def _warn_if_longer_than_context(model, tokenizer, batches, prompts, max_new_tok
             "generation may run past the positions the model was trained on",
             batches[0][0].id.split("/")[0], longest, max_new_tokens, limit,
         )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Result files: resuming
-# ----------------------------------------------------------------------------------------------------------
-
-
-def read_records(path: Path) -> dict[str, dict]:
-    """The records already in a benchmark's JSONL file, by problem id (first one wins), in file order.
-
-    A last line that is not valid JSON is what a kill in the middle of a write leaves: it is dropped and the
-    file rewritten without it (atomically). An invalid line elsewhere, or a record without the expected
-    fields, is corruption that resuming must not paper over: `EvalError`, naming the file and line.
-    """
-    path = Path(path)
-    if not path.exists():
-        return {}
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
-    trailing = lines.pop()  # "" when the file ends with a newline
-    records: dict[str, dict] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            message = f"{path}, line {number}: invalid JSON ({error.msg}); delete the file to start over"
-            raise EvalError(message) from None
-        _check_record(record, path, number)
-        records.setdefault(record["id"], record)
-    repaired = False
-    if trailing.strip():
-        try:
-            record = json.loads(trailing)
-            _check_record(record, path, len(lines) + 1)
-            records.setdefault(record["id"], record)  # complete, only the newline was lost
-        except (json.JSONDecodeError, EvalError):
-            logger.warning("%s: dropping a partial last line (an interrupted write)", path)
-        repaired = True
-    if repaired:
-        atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records.values()))
-    return records
-
-
-def _check_record(record: Any, path: Path, number: int) -> None:
-    missing = [key for key in RECORD_FIELDS if not isinstance(record, dict) or key not in record]
-    if missing:
-        raise EvalError(f"{path}, line {number}: not an evaluation record (missing {', '.join(missing)})")
-    if not isinstance(record["id"], str):
-        raise EvalError(f"{path}, line {number}: field 'id' must be a string")
-
-
-def _claim_output_dir(output_dir: Path, settings: dict, names: list[str]) -> None:
-    """Record the settings, or check them against those of the results already in `output_dir`.
-
-    `batch_size` may change between a run and its resumption (samples stay valid pass@1 draws, only no longer
-    the exact draws of an uninterrupted run); anything else is refused.
-    """
-    path = output_dir / SETTINGS_FILE
-    if path.exists():
-        try:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise EvalError(f"{path}: invalid JSON ({error.msg}); delete it to start over") from None
-        differences = _differences(previous, settings)
-        if differences:
-            raise EvalError(
-                f"{output_dir} holds results of another evaluation ({'; '.join(differences)}); "
-                "use another output directory, or delete this one to start over"
-            )
-    else:
-        unclaimed = [f"{name}.jsonl" for name in names if (output_dir / f"{name}.jsonl").exists()]
-        if unclaimed:
-            raise EvalError(
-                f"{output_dir} holds {', '.join(unclaimed)} but no {SETTINGS_FILE} saying how they were drawn; "
-                "use another output directory"
-            )
-    atomic_write_json(path, settings)
-
-
-def _differences(previous: dict, current: dict) -> list[str]:
-    def flat(settings: dict) -> dict:
-        config = dict(settings.get("config") or {})
-        for how in ("batch_size", "engine"):  # how the problems are batched and run, not what is drawn from
-            config.pop(how, None)
-        return {"model": settings.get("model"), **config}
-
-    before, now = flat(previous), flat(current)
-    return [f"{key} was {before.get(key)!r}, now {now[key]!r}" for key in now if before.get(key) != now[key]]
 
 
 def format_table(result: dict) -> str:

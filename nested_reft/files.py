@@ -1,5 +1,9 @@
 """Small file helpers every module that writes shares: atomic writes, JSON reads and one-writer locks.
 
+Reads of the files the project writes and reads back go through `read_text`, `read_json_object` and
+`read_json_lines`: UTF-8, JSON objects, a torn last line (a kill mid-append) left out, and any other damage a
+PathError that names the file and the line.
+
 Atomic writes go through a temporary sibling and a rename, so a reader (or a run killed mid-write) sees the
 old file or the new one, never half of one; they get the mode the umask gives a new file, as the files a
 plain `open` writes do. Locks are `flock` locks on a file beside what they guard: the kernel releases them
@@ -17,6 +21,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,54 @@ from typing import Any
 
 class LockHeldError(RuntimeError):
     """Another process holds the lock; the message names it (pid, host, command, since when)."""
+
+
+class PathError(ValueError):
+    """A path to write to that cannot be used (a file where a directory belongs, no write access); or a file the
+    project reads back that is damaged. The message names the path (and the line)."""
+
+
+def check_output_directory(path: str | os.PathLike, what: str) -> None:
+    """Refuse (PathError naming `what`) a directory that cannot be made or written into: it, or a path above it,
+    is a file, or the nearest existing directory is not writable. Checked before anything is written."""
+    reason = _unwritable(Path(path), Path(path))
+    if reason:
+        raise PathError(f"{what} {path} {reason}")
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> None:
+    """As `check_output_directory`, for a file to write: not a directory, in a directory that can be made."""
+    path = Path(path)
+    reason = "is a directory; give a file name" if path.is_dir() else _unwritable(path, path.parent)
+    if reason:
+        raise PathError(f"{what} {path} {reason}")
+
+
+def _unwritable(target: Path, directory: Path) -> str | None:
+    """Why `directory` (`target` or the one it goes in) cannot be made or written into, or None."""
+    existing = next(candidate for candidate in (directory, *directory.parents) if candidate.exists())
+    if not existing.is_dir():
+        return "is a file; give a directory" if existing == target else f"is under {existing}, which is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: {existing} is not writable"
+    return None
+
+
+@contextlib.contextmanager
+def removed_unless_used(path: str | os.PathLike, ignored: tuple[str, ...] = (), remove: bool = True) -> Iterator[None]:
+    """For the body, nothing; after it, the directories of `path` the body created are removed again where they
+    hold nothing but `ignored` files (a lock): a command refused or failed at start-up leaves no trace."""
+    path = Path(path)
+    created = [candidate for candidate in (path, *path.parents) if not candidate.exists()]  # deepest first
+    try:
+        yield
+    finally:
+        for directory in created if remove else ():
+            if not directory.is_dir() or any(item.name not in ignored for item in directory.iterdir()):
+                break
+            for name in ignored:
+                (directory / name).unlink(missing_ok=True)
+            directory.rmdir()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -54,6 +107,65 @@ def read_json(path: str | os.PathLike) -> dict:
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A file's UTF-8 text; a PathError naming the file and the byte where it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise PathError(f"{path} is not UTF-8 text (byte {error.start}); it was not written by nested-reft, "
+                        "or is damaged") from None
+    except IsADirectoryError:
+        raise PathError(f"{path} is a directory, where a file was expected") from None
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The mapping a JSON file the project wrote holds; a PathError naming the file where it is not one."""
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise PathError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise PathError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class JsonLines:
+    """The records of a JSON-lines file with the line each came from, and whether its last line was torn."""
+
+    records: list[tuple[int, dict]]
+    torn: bool  # the last line was cut short (a kill mid-write) and is not among the records
+
+
+def read_json_lines(path: str | os.PathLike) -> JsonLines:
+    """The one reader of the JSON-lines files the project appends to (metrics, evaluation records).
+
+    Blank lines are skipped; a last line without its newline that is not valid JSON is what a kill in the
+    middle of a write leaves, and is left out (`torn`); any other line that is not a JSON object is damage
+    that no reader may paper over: a PathError naming the file and the line. A missing file has no records.
+    """
+    path = Path(path)
+    if not path.exists():
+        return JsonLines([], False)
+    lines = read_text(path).split("\n")
+    last = len(lines) if lines[-1].strip() else None  # the number of a last line without its newline
+    records, torn = [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == last:
+                torn = True
+                continue
+            raise PathError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise PathError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        records.append((number, record))
+    return JsonLines(records, torn)
 
 
 def umask() -> int:

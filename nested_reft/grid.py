@@ -10,6 +10,11 @@ An instance's id is its run directory relative to the grid's `output_dir`, `<mod
 with <name> `baseline-s<seed>` or `x<x>-b<b>-<m>-s<seed>`; the SFT warm-up its (model, dataset, seed)
 shares is `<model-slug>/<dataset>/sft-s<seed>`. This module plans; running the instances is `sweep`'s work.
 
+Warm-ups beside the grid's own (`warm_ups`, issue 22: a nested-aware warm-up with other `sft` options) each repeat
+the grid's instances from their own model, under `<model-slug>/<dataset>/<label>/`: baseline, product and variants
+against the baseline of the same warm-up (the effect of nesting), and each baseline against the plain warm-up's
+(the warm-up's own effect).
+
 The SFT warm-up runs once per (model, dataset, seed) and every instance of that triple starts from its
 model with `sft.epochs = 0`. Two reasons: every instance, baseline included, then starts from the very
 same weights, so the deltas measure the ReFT stage alone and not the noise of 13 separate warm-ups;
@@ -107,6 +112,24 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class WarmUp:
+    """A warm-up beside the grid's own: `sft` options over `train.sft`'s (a nested-aware warm-up: layer_drop,
+    distill_nested), run at every seed; the grid's instances run again from its model, under a directory `label`."""
+
+    label: str
+    sft: dict[str, Any] = field(default_factory=dict)  # SFTConfig options, e.g. {layer_drop: 0.15}
+
+    def __post_init__(self) -> None:
+        check_option(bool(re.fullmatch(r"[\w.-]+", str(self.label))), "warm_ups.label", self.label,
+                     "a name of letters, digits, '.', '_' or '-'")
+        check_option(isinstance(self.sft, dict) and bool(self.sft), "warm_ups.sft", self.sft,
+                     "a non-empty mapping of sft options (what makes this warm-up another)")
+
+    def overrides(self) -> dict[str, Any]:
+        return {f"sft.{key}": value for key, value in self.sft.items()}
+
+
+@dataclass(frozen=True)
 class GridConfig:
     """A sweep: models x datasets x seeds x (1 baseline + skip_ratios x mitigations + variants) runs."""
 
@@ -125,6 +148,7 @@ class GridConfig:
     variants: tuple[Variant, ...] = ()  # instances past the paper's product (adaptive skip policies, ...)
     evaluate_warm_up: bool = False  # also evaluate each SFT warm-up: the accuracy before ReFT, per seed
     conditions: str = ""  # how the runs were timed (machine, lanes side by side): printed beside wall-clock times
+    warm_ups: tuple[WarmUp, ...] = ()  # warm-ups beside train.sft's, each with the grid's instances again
 
     def __post_init__(self) -> None:
         check_option(isinstance(self.name, str) and bool(re.fullmatch(r"[\w.-]+", self.name)), "name", self.name,
@@ -163,6 +187,20 @@ class GridConfig:
         for variant in self.variants:  # and every variant's nesting options
             self.base_config(self.models[0], self.datasets[0], self.seeds[0],
                              {"nesting.skip_ratio": variant.skip_ratio, **variant.overrides()})
+        self._check_warm_ups()
+        _check_distinct_ids(enumerate_instances(self))
+
+    def _check_warm_ups(self) -> None:
+        """Warm-ups with distinct labels, each a valid SFT config, in a grid that warms up at all."""
+        object.__setattr__(self, "warm_ups", tuple(_warm_up(value) for value in self.warm_ups or ()))
+        labels = [warm_up.label for warm_up in self.warm_ups]
+        check_option(len(set(labels)) == len(labels), "warm_ups.label", labels, "distinct")
+        check_option(not self.warm_ups or self.warm_up, "warm_ups", labels, "given only with train.sft.epochs > 0")
+        for warm_up in self.warm_ups:
+            try:
+                self.base_config(self.models[0], self.datasets[0], self.seeds[0], warm_up.overrides())
+            except ConfigError as error:
+                raise ConfigError(f"warm_ups {warm_up.label}: {error}") from None
 
     @property
     def root(self) -> Path:
@@ -187,12 +225,35 @@ class GridConfig:
         return self.base_config(self.models[0], self.datasets[0], self.seeds[0]).sft.epochs > 0
 
 
+def _check_distinct_ids(instances: list[Instance]) -> None:
+    """Refuse two instances with one id, so one run directory: ids print x with %g, so skip ratios equal to six
+    digits (0.1 and 0.1000001) collide, and the second would be taken for the first, done with its results."""
+    first: dict[str, Instance] = {}
+    for instance in instances:
+        other = first.setdefault(instance.id, instance)
+        if other is not instance:
+            raise ConfigError(
+                f"two instances share the id {instance.id} (one run directory): skip_ratio {other.skip_ratio!r} "
+                f"and {instance.skip_ratio!r} ({instance.mitigation}); make the ratios differ in six digits"
+            )
+
+
 def _variant(value: Any) -> Variant:
-    if isinstance(value, Variant):
+    return _entry(value, Variant, "variants")
+
+
+def _warm_up(value: Any) -> WarmUp:
+    return _entry(value, WarmUp, "warm_ups")
+
+
+def _entry(value: Any, cls: type, option: str) -> Any:
+    """One entry of a grid's list `option` of `cls` records, from a mapping of its fields."""
+    if isinstance(value, cls):
         return value
     if not isinstance(value, dict):
-        raise ConfigError(f"variants must be a list of mappings (label, skip_ratio, mitigation, nesting), got {value!r}")
-    return from_dict(Variant, value, "variants.")
+        fields = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{option} must be a list of mappings ({fields}), got {value!r}")
+    return from_dict(cls, value, f"{option}.")
 
 
 def load_grid(path: str | os.PathLike) -> GridConfig:
@@ -211,6 +272,8 @@ def _normalise(config: Any, option: str, kind: type) -> None:
         return
     if isinstance(values, (str, int, float)):
         values = (values,)
+    if any(isinstance(value, bool) for value in values):  # int(True) is 1: `seeds: [true]` would be seed 1
+        raise ConfigError(f"{option} must be a list of {kind.__name__}, got {values!r}")
     try:
         converted = tuple(kind(value) for value in values)
     except (TypeError, ValueError):
@@ -237,6 +300,7 @@ class Instance:
     mitigation: str
     role: str  # "baseline" | "nested"
     variant: Variant | None = None  # past the paper: its label names the run, its nesting options apply
+    warm_up: WarmUp | None = None  # None: the grid's own warm-up (train.sft); else one of warm_ups
 
     @property
     def group(self) -> str:
@@ -253,28 +317,35 @@ class Instance:
     @property
     def id(self) -> str:
         """Stable and unique in a grid; also the run directory relative to output_dir."""
-        return f"{self.group}/{self.name}"
+        return f"{self._warm_up_group}/{self.name}"
 
     @property
     def sft_id(self) -> str:
-        return f"{self.group}/sft-s{self.seed}"
+        return f"{self._warm_up_group}/sft-s{self.seed}"
+
+    @property
+    def _warm_up_group(self) -> str:
+        """<model-slug>/<dataset>, and /<label> for a warm-up of `warm_ups`: its warm-ups and instances."""
+        return f"{self.group}/{self.warm_up.label}" if self.warm_up else self.group
 
 
 def enumerate_instances(grid: GridConfig) -> list[Instance]:
-    """Per (model, dataset): baselines at every baseline seed, then per seed the skip_ratios x mitigations and
-    the variants."""
+    """Per (model, dataset) and warm-up (the grid's own, then `warm_ups`): baselines at every baseline seed, then
+    per seed the skip_ratios x mitigations and the variants."""
     instances = []
     for model in grid.models:
         for dataset in grid.datasets:
-            for seed in grid.all_baseline_seeds:
-                instances.append(Instance(model, dataset, seed, role="baseline", **BASELINE))
-            for seed in grid.seeds:
-                for ratio in grid.skip_ratios:
-                    for mitigation in grid.mitigations:
-                        instances.append(Instance(model, dataset, seed, ratio, grid.border, mitigation, "nested"))
-                for variant in grid.variants:
-                    instances.append(Instance(model, dataset, seed, variant.skip_ratio, grid.border,
-                                              variant.mitigation, "nested", variant))
+            for warm_up in (None, *grid.warm_ups):
+                for seed in grid.all_baseline_seeds:
+                    instances.append(Instance(model, dataset, seed, role="baseline", warm_up=warm_up, **BASELINE))
+                for seed in grid.seeds:
+                    for ratio in grid.skip_ratios:
+                        for mitigation in grid.mitigations:
+                            instances.append(Instance(model, dataset, seed, ratio, grid.border, mitigation, "nested",
+                                                      warm_up=warm_up))
+                    for variant in grid.variants:
+                        instances.append(Instance(model, dataset, seed, variant.skip_ratio, grid.border,
+                                                  variant.mitigation, "nested", variant, warm_up))
     return instances
 
 
@@ -288,7 +359,8 @@ def sft_directory(grid: GridConfig, instance: Instance) -> Path:
 
 def sft_config(grid: GridConfig, instance: Instance) -> TrainConfig:
     """The warm-up shared by `instance`'s (model, dataset, seed): the train options with no ReFT step."""
-    overrides = {"output_dir": str(sft_directory(grid, instance)), "rft_steps": 0}
+    overrides = {"output_dir": str(sft_directory(grid, instance)), "rft_steps": 0,
+                 **(instance.warm_up.overrides() if instance.warm_up else {})}
     return grid.base_config(instance.model, instance.dataset, instance.seed, overrides)
 
 

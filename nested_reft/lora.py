@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
-from nested_reft.config import LoRAConfig
+from nested_reft.config import ConfigError, LoRAConfig
 
 
 def add_adapters(model: torch.nn.Module, config: LoRAConfig) -> PeftModel:
@@ -20,7 +20,11 @@ def add_adapters(model: torch.nn.Module, config: LoRAConfig) -> PeftModel:
     targets = config.target_modules[0] if config.target_modules == ("all-linear",) else list(config.target_modules)
     peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets,
                              task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_config)
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as error:  # PEFT's NoMatchingPeftModuleError: no module has one of these names
+        raise ConfigError(f"lora.target_modules {config.target_modules!r} match no module of the model "
+                          f"({str(error).splitlines()[0][:200]})") from None
 
 
 def has_adapters(model: torch.nn.Module) -> bool:

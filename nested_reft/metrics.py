@@ -78,6 +78,7 @@ class RunTotals:
     tokens_generated: int = 0
     nonfinite_updates: int = 0
     sft_runtime_s: float = 0.0
+    sft_flops: float = 0.0  # the warm-up's training FLOPs, its second forwards included (`sft.warm_up_flops`)
 
     def add(self, metrics: StepMetrics) -> None:
         self.runtime_s += metrics.step_time_s
@@ -221,7 +222,8 @@ def summarize(rows: list[dict], totals: RunTotals, config: TrainConfig) -> dict:
     """The run's headline numbers from its metrics records and totals, as written to summary.json.
 
     total_runtime_s: the ReFT stage's runtime, the sum of the steps' step_time_s (the paper's runtime);
-    SFT is apart (sft_runtime_s), model loading and checkpoint writing are in neither.
+    SFT is apart (sft_runtime_s, and its training FLOPs sft_flops), model loading and checkpoint writing are in
+    neither.
     token_speed: tokens processed (prompt + completion, all ranks) / total_runtime_s (the paper's metric).
     final_reward: the mean of reward_mean over the last 10% of the steps (at least one step), which
     smooths the step-to-step noise of a single batch.
@@ -237,6 +239,7 @@ def summarize(rows: list[dict], totals: RunTotals, config: TrainConfig) -> dict:
         "final_reward": sum(r["reward_mean"] for r in tail) / len(tail) if tail else None,
         "nonfinite_updates": totals.nonfinite_updates,
         "sft_runtime_s": totals.sft_runtime_s,
+        "sft_flops": totals.sft_flops,
         "skip_ratio": config.nesting.skip_ratio,
         "border": config.nesting.border,
         "mitigation": config.importance.mitigation,

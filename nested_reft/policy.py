@@ -29,18 +29,25 @@ def completion_logprobs(
     positions that predict completion tokens are turned into logits (`logits_to_keep`), and the
     log-softmax is taken in float32, a chunk of rows at a time, whatever the model's dtype.
     """
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return chosen_logprobs(logits, completion_ids, temperature or 1.0)
+
+
+def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor) -> torch.Tensor:
+    """The logits that predict each completion token, (N, T, V) in the model's dtype. Apart from
+    `completion_logprobs` for the warm-up's distillation, which compares whole distributions, not one token's."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     length = completion_ids.shape[1]
     with attention_for_training(input_ids.device):
-        logits = model(
+        return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             logits_to_keep=length + 1,
         ).logits[:, :-1]
-    return chosen_logprobs(logits, completion_ids, temperature or 1.0)
 
 
 TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # on CUDA
@@ -100,6 +107,44 @@ class _ChosenLogprobs(torch.autograd.Function):
             chunk.scatter_add_(-1, flat_tokens[rows, None], torch.ones_like(chunk[:, :1]))
             grad[rows] = (chunk * flat_grad[rows, None]).to(grad.dtype)
         return grad.reshape(logits.shape), None, None, None
+
+
+def kl_from_logits(target_logits: torch.Tensor, logits: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """KL(target || model) at each position, sum_v p(v) (log p(v) - log q(v)) with p = softmax(target_logits) and
+    q = softmax(logits), both (..., V) in any float dtype; returns (...) float32, differentiable with respect to
+    `logits` only (the target is what the model is pulled towards: the warm-up's sft.distill_nested).
+
+    In row chunks, as `chosen_logprobs`, for the same reason twice over: two float32 copies of the logits kept for
+    the backward would cost 2 x n x T x V x 4 bytes; autograd here keeps the two logit tensors as they are.
+    """
+    return _KLFromLogits.apply(target_logits.detach(), logits, int(chunk_rows))
+
+
+class _KLFromLogits(torch.autograd.Function):
+    """Forward: sum p (log p - log q) per row chunk in float32. Backward: d/dz KL = softmax(z) - p, recomputed
+    per chunk."""
+
+    @staticmethod
+    def forward(ctx, target_logits, logits, chunk_rows):
+        flat_target, flat = target_logits.reshape(-1, logits.shape[-1]), logits.reshape(-1, logits.shape[-1])
+        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        for rows in _chunks(flat.shape[0], chunk_rows):
+            log_p = torch.log_softmax(flat_target[rows].float(), dim=-1)
+            out[rows] = (log_p.exp() * (log_p - torch.log_softmax(flat[rows].float(), dim=-1))).sum(-1)
+        ctx.save_for_backward(target_logits, logits)
+        ctx.chunk_rows = chunk_rows
+        return out.reshape(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        target_logits, logits = ctx.saved_tensors
+        flat_target, flat = target_logits.reshape(-1, logits.shape[-1]), logits.reshape(-1, logits.shape[-1])
+        flat_grad = grad_output.reshape(-1).float()
+        grad = torch.empty_like(flat)
+        for rows in _chunks(flat.shape[0], ctx.chunk_rows):
+            difference = torch.softmax(flat[rows].float(), dim=-1) - torch.softmax(flat_target[rows].float(), dim=-1)
+            grad[rows] = (difference * flat_grad[rows, None]).to(grad.dtype)
+        return None, grad.reshape(logits.shape), None
 
 
 def _chunks(total: int, size: int) -> list[slice]:

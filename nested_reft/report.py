@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nested_reft.files import atomic_write_text
+from nested_reft.files import atomic_write_text, check_output_directory
 from nested_reft import study
 from nested_reft.plots import pyplot, save_figure
 from nested_reft.results import (
@@ -298,9 +298,15 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) ->
     """Read SWEEP_DIR/results.csv only; write deltas.csv, the Figure 1 PNGs and report.md; return report.md."""
     sweep_dir = Path(sweep_dir)
     output = Path(output_dir) if output_dir is not None else sweep_dir / REPORT_DIR
+    check_output_directory(output, "--output-dir")
     rows = read_results(sweep_dir / RESULTS_FILE)
     if not any(row["status"] == "done" for row in rows):
         raise ResultsError(f"{sweep_dir / RESULTS_FILE} has no finished instance yet")
+    warm_ups = sorted({row.get("warm_up") or "" for row in rows})
+    if len(warm_ups) > 1:  # each table below compares a run with the baselines of its (model, dataset) alone
+        raise ResultsError(f"{sweep_dir / RESULTS_FILE} holds runs from several warm-ups ({', '.join(warm_ups)}; "
+                           "'' is the grid's own), which this report would compare with each other's baselines: "
+                           "it does not separate warm-ups yet")
     baselines = baseline_summary(rows)
     deltas = compute_deltas(rows)
     points = instance_means(deltas)

@@ -4,9 +4,9 @@ results.csv: one row per instance of a grid: what the instance is (model, datase
 far it got (status, error) and what it measured (the pass@1 accuracy on each benchmark, `accuracy_<benchmark>`,
 and their average `accuracy`; token speed; total runtime), plus the study's columns where measured (accuracy
 before ReFT, i.e. of the SFT warm-up; the run's mean skipped layers, KL(behavior || target), ESS, truncated
-fraction; median generation tokens/s; total rollout FLOPs). steps.csv: one row per ReFT step of each instance
-(the learning curves and off-policy diagnostics). problems.csv: one row per evaluated problem of each
-instance and warm-up (correct or not: what the bootstrap resamples).
+fraction; median generation tokens/s; total rollout FLOPs; the warm-up's label, runtime and training FLOPs).
+steps.csv: one row per ReFT step of each instance (the learning curves and off-policy diagnostics). problems.csv:
+one row per evaluated problem of each instance and warm-up (correct or not: what the bootstrap resamples).
 
 Its own module so that the report, which only reads numbers, imports nothing that trains (no torch, no
 transformers): this file needs the standard library alone.
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nested_reft.files import atomic_write_text
+from nested_reft.files import atomic_write_text, read_text
 
 RESULTS_FILE = "results.csv"
 STEPS_FILE = "steps.csv"
@@ -33,7 +34,8 @@ RESULT_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border"
                   "accuracy", "token_speed", "total_runtime_s", "error"]
 # The study's columns: optional (a results.csv written before them still reads), empty where not measured.
 STUDY_COLUMNS = ["variant", "accuracy_before", "skipped_layers", "kl_behavior_target", "h_ess", "h_truncated",
-                 "gen_tokens_per_s", "rollout_flops"]
+                 "gen_tokens_per_s", "rollout_flops", "warm_up", "sft_runtime_s", "sft_flops"]
+TEXT_STUDY_COLUMNS = ("variant", "warm_up")  # the others are numbers; warm_up: the label of a grid's warm_ups entry
 REQUIRED_COLUMNS = [column for column in RESULT_COLUMNS if column != "error"]
 STEP_COLUMNS = ["instance", "step", "reward_mean", "skipped_layers", "rollout_flops", "kl_behavior_target", "h_ess",
                 "h_truncated", "gen_tokens_per_s", "step_time_s", "grad_norm"]
@@ -103,7 +105,7 @@ def read_results(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"{path} does not exist; run `nested-reft sweep GRID.yaml` (or `--collect`) first")
-    return parse_results(path.read_text(), str(path))
+    return parse_results(read_text(path), str(path))
 
 
 def parse_results(text: str, source: str = RESULTS_FILE) -> list[dict]:
@@ -124,7 +126,7 @@ def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str]
     path = Path(path)
     if not path.is_file():
         return []
-    reader = csv.DictReader(io.StringIO(path.read_text()))
+    reader = csv.DictReader(io.StringIO(read_text(path)))
     missing = [column for column in columns if column not in (reader.fieldnames or []) and column not in optional]
     if missing:
         raise ResultsError(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(columns)}")
@@ -141,12 +143,14 @@ def _optional_number(value: str, column: str, where: str) -> float | None:
 
 
 def _parse_row(row: dict, where: str) -> dict:
+    if None in row:  # csv.DictReader files the cells past the header's columns under None
+        raise ResultsError(f"{where}: more fields than the header has columns ({len(row[None])} over)")
     parsed: dict[str, Any] = dict(row)
     for column, kind in NUMERIC.items():
         parsed[column] = _number(row[column], column, where, kind)
-    parsed["variant"] = row.get("variant") or ""
-    for column in STUDY_COLUMNS[1:]:
-        parsed[column] = _optional_number(row.get(column), column, where)
+    for column in STUDY_COLUMNS:
+        text = column in TEXT_STUDY_COLUMNS
+        parsed[column] = (row.get(column) or "") if text else _optional_number(row.get(column), column, where)
     done = row["status"] == "done"
     for column in [*METRIC_COLUMNS, *(c for c in row if c.startswith(accuracy_column("")))]:
         value = row.get(column)
@@ -163,6 +167,9 @@ def _parse_row(row: dict, where: str) -> dict:
 
 def _number(value: str, column: str, where: str, kind: type) -> float | int:
     try:
-        return kind(float(value)) if kind is int else kind(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ResultsError(f"{where}: column {column} must be a number, got {value!r}") from None
+    if not math.isfinite(number):  # an accuracy of nan would print as "+nan" in Table 2
+        raise ResultsError(f"{where}: column {column} must be a finite number, got {value!r}")
+    return kind(number)

@@ -18,6 +18,7 @@ a resumed run draws what the uninterrupted one drew.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 import torch
@@ -112,3 +113,16 @@ class SkipPolicy:
 
     def _smooth(self, old: float, new: float) -> float:
         return self.smoothing * old + (1.0 - self.smoothing) * new
+
+
+def fixed_ratio_policy(config: NestingConfig, ratio: float, num_layers: int) -> SkipPolicy:
+    """The run's skip policy (its border, its way of choosing layers) drawing U layers at `ratio` every time, for
+    the draws made outside ReFT's loop: the warm-up's nested models (`sft.layer_drop`, `sft.distill_nested`) and
+    the probe's. So "the nested model the warm-up trained for" and "the one ReFT samples from" are one definition.
+
+    kl_target's count follows the KL of ReFT's rollouts, which these draws never see: they take its upper bound
+    U_x at `ratio`, the layers chosen as `nesting.kl_target_layers` says. influence draws uniformly until its
+    `influence` is set, as ReFT's does before its first measurement.
+    """
+    layers = SkipPolicy.from_config(config, num_layers).layer_choice
+    return SkipPolicy.from_config(dataclasses.replace(config, skip_ratio=ratio, skip_policy=layers), num_layers)

@@ -39,10 +39,13 @@ from typing import Any
 import torch
 
 from nested_reft.checkpoint import checkpoints
-from nested_reft.config import ConfigError, TrainConfig, load_config
+from nested_reft.config import ConfigError, TrainConfig, config_differences, load_config
 from nested_reft.collect import EVAL_DIR, collect_results
-from nested_reft.evaluate import EVAL_FILE, evaluate_model, print_progress
-from nested_reft.files import LockHeldError, atomic_write_json, atomic_write_text, exclusive_lock, read_json
+from nested_reft.evaldir import EVAL_FILE
+from nested_reft.evaluate import evaluate_model, print_progress
+from nested_reft.files import (
+    LockHeldError, atomic_write_json, atomic_write_text, check_output_file, exclusive_lock, read_json,
+)
 from nested_reft.grid import (
     EvalSettings, GridConfig, Instance, changed_settings, enumerate_instances, eval_record, instance_config, load_grid,
     run_directory, select_instances, sft_config, sft_directory,
@@ -201,6 +204,7 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
     """
     directory = sft_directory(grid, instance)
     with exclusive_lock(_lock_file(directory), f"SFT warm-up {instance.sft_id}", wait=True):
+        _check_warm_up_settings(grid, instance)
         if read_status(directory).get("status") != "done" or not (directory / FINAL_MODEL_DIR).is_dir():
             write_status(directory, "running", instance=instance.sft_id)
             try:
@@ -213,6 +217,18 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
             evaluate_instance(directory / FINAL_MODEL_DIR, directory / EVAL_DIR, grid.eval, sft_config(grid, instance),
                               instance.seed)
     return directory / FINAL_MODEL_DIR
+
+
+def _check_warm_up_settings(grid: GridConfig, instance: Instance) -> None:
+    """Refuse a warm-up trained with other settings than the grid's now (its config.yaml against `sft_config`):
+    instances started from it would record the new options and train from the old model."""
+    directory = sft_directory(grid, instance)
+    saved = directory / CONFIG_FILE
+    if saved.is_file():
+        differences = config_differences(load_config(saved), sft_config(grid, instance))
+        if differences:
+            raise ConfigError(f"SFT warm-up {instance.sft_id} was trained with other settings than the grid's now "
+                              f"({'; '.join(differences)}); delete {directory} to train it again")
 
 
 def _free_memory() -> None:
@@ -239,6 +255,7 @@ def emit_commands(grid: GridConfig, grid_path: str | os.PathLike, path: str | os
     """
     prefix = f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m nested_reft.cli sweep"
     grid_file = shlex.quote(str(Path(grid_path).resolve()))
+    check_output_file(path, "--emit-commands")
     lines = [f"{prefix} {grid_file} --only {shlex.quote(instance.id)}" for instance in enumerate_instances(grid)]
     atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
     return lines
@@ -260,7 +277,8 @@ def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None,
     in_use = f", {len(outcome.in_use)} in use by other processes" if outcome.in_use else ""
     log(f"{len(outcome.ran)} run, {len(outcome.skipped)} already done, {len(outcome.failed)} failed{in_use}; "
         f"results: {grid.root / RESULTS_FILE}")
-    unfinished = (("failed instances (see their status.json; rerun the sweep to retry them):", outcome.failed),
+    unfinished = (("failed instances (see their status.json; a rerun retries them, and fails the same way until "
+                   "the input or setting named is fixed):", outcome.failed),
                   ("instances other processes are running (rerun the sweep once they are done):", outcome.in_use))
     for heading, reasons in unfinished:
         if reasons:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import LoggerType, gather_object, set_seed
 
 from nested_reft.checkpoint import (
     checkpoint_path,
@@ -57,11 +57,11 @@ from nested_reft.checkpoint import (
 from nested_reft.config import ConfigError, TrainConfig, flat_options, save_config, to_dict
 from nested_reft.data import DataError, Problem
 from nested_reft.decoding import decoder_closed_after
-from nested_reft.files import atomic_write_json, atomic_write_text, read_json
+from nested_reft.files import atomic_write_json, atomic_write_text, check_output_directory, read_json
 from nested_reft.grpo import group_advantages
 from nested_reft.lora import add_adapters, has_adapters, merge
 from nested_reft.metrics import ModelShapes, RunTotals, StepMetrics, StepResult, StepTimes, step_metrics, summarize
-from nested_reft.models import load_model
+from nested_reft.models import load_model, position_table_size
 from nested_reft.influence import InfluenceMeter
 from nested_reft.nesting import num_decoder_layers, num_skipped_layers, valid_layers
 from nested_reft.optim import make_optimizer
@@ -69,6 +69,7 @@ from nested_reft.rollout import generate_rollouts
 from nested_reft.rundir import (
     ADAPTER_DIR,
     CONFIG_FILE,
+    DATA_FILE,
     FINAL_MODEL_DIR,
     METRICS_FILE,
     SFT_METRICS_FILE,
@@ -77,16 +78,18 @@ from nested_reft.rundir import (
     RunState,
     append_jsonl,
     check_resumed_config,
+    check_resumed_data,
     checkpoint_to_resume,
+    claimed_run_directory,
     clear_started_run,
+    data_identity,
     keep_metrics_up_to,
-    locked_run_directory,
     read_metrics,
     run_state,
 )
 from nested_reft.seeding import step_generator
 from nested_reft.sharding import FSDP2, check_fits_fsdp2, fsdp2_of_launch, gathered_state, gathered_weights
-from nested_reft.sft import sft_warmup
+from nested_reft.sft import sft_examples, sft_warmup
 from nested_reft.skip_policy import SkipPolicy
 from nested_reft.tasks import Task
 from nested_reft.update import TrainingState, policy_update
@@ -95,22 +98,27 @@ from nested_reft.vllm_engine import check_vllm_supports
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # config.dtype -> accelerate
 
 
-def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -> dict:
+def train(config: TrainConfig, task: Task | None = None, resume: bool | None = False) -> dict:
     """Run SFT (if sft.epochs > 0) and ReFT for `config`; return the summary written to summary.json.
 
-    Nothing is written before the inputs are checked: the run directory's state, the model, the data and
-    their fit; and only one process at a time may write a run directory.
+    `resume`: continue the run's checkpoint (True), start a fresh run (False), or whatever the directory holds
+    (None, `ensure_trained`). Nothing is written before the inputs are checked: the output directory, its
+    state, the model, the data and their fit; only one process at a time may write a run directory, and it
+    takes the lock before it touches anything. A run that fails before its first checkpoint is removed again.
     """
     accelerator = _accelerator(config)
     set_seed(config.seed)
     output = Path(config.output_dir)
     _check_world(accelerator)
+    check_output_directory(output, "output_dir")
     fsdp2 = fsdp2_of_launch()
     if fsdp2 is not None:
         check_fits_fsdp2(config, accelerator.num_processes)
-    with locked_run_directory(output, accelerator), decoder_closed_after(config.sampling.engine):
+    with claimed_run_directory(output, accelerator), decoder_closed_after(config.sampling.engine):
+        if resume is None and run_state(output) is RunState.FINISHED:
+            return read_json(output / SUMMARY_FILE)
         checkpoint = checkpoint_to_resume(output, resume)
-        if resume:
+        if checkpoint is not None:
             check_resumed_config(config, output)
         model, tokenizer = load_model(config.model, dtype=torch.float32, device=accelerator.device)  # fp32 master weights
         if config.lora.r:
@@ -121,10 +129,25 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
         task = task or Task.load(config.dataset, "train", config.data_dir)
         if not task.problems:
             raise DataError(f"training set {task.name!r} has 0 problems: nothing to train on")
+        if checkpoint is None and config.sft.epochs > 0 and not sft_examples(task.problems):
+            raise DataError(f"sft.epochs={config.sft.epochs}, but no problem of training set {task.name!r} has a "
+                            "solution to imitate: the warm-up would train nothing; set sft.epochs=0")
+        task.check_fits(tokenizer, position_table_size(model), config.sampling.max_new_tokens,
+                        "sampling.max_new_tokens")
+        identity = data_identity(task.name, task.problems)
+        if checkpoint is not None:
+            check_resumed_data(output, identity)
         accelerator.wait_for_everyone()  # every rank has decided and checked before the main process writes
         if accelerator.is_main_process:
+            clear_started_run(output)  # what a run killed before its first checkpoint left
             save_config(config, output / CONFIG_FILE)
-        summary = _train_model(config, task, model, tokenizer, accelerator, checkpoint, fsdp2)
+            atomic_write_json(output / DATA_FILE, identity)
+        try:
+            summary = _train_model(config, task, model, tokenizer, accelerator, checkpoint, fsdp2)
+        except BaseException:
+            if accelerator.is_main_process:  # no checkpoint yet: nothing to resume, so nothing is kept
+                clear_started_run(output)
+            raise
     accelerator.end_training()
     return summary
 
@@ -132,14 +155,9 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool = False) -
 def ensure_trained(config: TrainConfig, task: Task | None = None) -> dict:
     """Bring the run in `config.output_dir` to its end, for callers that own the directory (sweeps, the demo):
     a finished run is left as it is (its summary is returned), one with a checkpoint resumes, one that stopped
-    before its first checkpoint is cleared and started again, and an empty directory starts a run."""
-    output = Path(config.output_dir)
-    state = run_state(output)
-    if state is RunState.FINISHED:
-        return read_json(output / SUMMARY_FILE)
-    if state is RunState.STARTED:
-        clear_started_run(output)
-    return train(config, task, resume=state is RunState.RESUMABLE)
+    before its first checkpoint is cleared and started again, and an empty directory starts a run; all of it
+    decided under the run directory's lock, so a second caller is refused before it clears anything."""
+    return train(config, task, resume=None)
 
 
 def _train_model(
@@ -153,7 +171,7 @@ def _train_model(
     model = fsdp2.shard(model) if fsdp2 is not None else accelerator.prepare_model(model)
     totals = RunTotals()
     if checkpoint is None and config.sft.epochs > 0:
-        totals.sft_runtime_s = _warm_up(config, model, tokenizer, task, accelerator)
+        totals.sft_runtime_s, totals.sft_flops = _warm_up(config, model, tokenizer, task, accelerator)
     policy = accelerator.unwrap_model(model)
     prepare_for_reft(policy, config)
     optimizer, scheduler = make_optimizer(policy, config.grpo, config.rft_steps * config.grpo.num_iterations)
@@ -234,6 +252,10 @@ def reft(
 
 def _accelerator(config: TrainConfig) -> Accelerator:
     """The run's Accelerator, its mixed precision set by `config.dtype` (the one place that decides it)."""
+    trackers = [tracker.value for tracker in LoggerType]
+    unknown = [name for name in config.report_to if name not in trackers]
+    if unknown:  # accelerate's own refusal reads like one of the precision below
+        raise ConfigError(f"report_to must name trackers among {', '.join(trackers)}; got {', '.join(unknown)}")
     try:
         return Accelerator(
             mixed_precision=MIXED_PRECISION[config.dtype], log_with=list(config.report_to) or None,
@@ -256,17 +278,35 @@ def check_fits_model(config: TrainConfig, num_layers: int, world: int) -> None:
             f"nesting.border={config.nesting.border} protects the first and last {config.nesting.border} layers, "
             f"but the model has {num_layers}: the border must be at most {num_layers // 2}"
         )
-    skipped = num_skipped_layers(num_layers, config.nesting.skip_ratio)
     valid = len(valid_layers(num_layers, config.nesting.border))
-    if skipped > valid:
+    for option, ratio in _skip_ratios(config):
+        skipped = num_skipped_layers(num_layers, ratio)
+        if skipped > valid:
+            raise ConfigError(
+                f"{option}={ratio} skips {skipped} of the model's {num_layers} layers, but "
+                f"nesting.border={config.nesting.border} leaves only {valid} valid layers: lower one of them"
+            )
+    if config.sft.epochs and config.sft.layer_drop and world > 1:
         raise ConfigError(
-            f"nesting.skip_ratio={config.nesting.skip_ratio} skips {skipped} of the model's {num_layers} layers, but "
-            f"nesting.border={config.nesting.border} leaves only {valid} valid layers: lower one of them"
+            f"sft.layer_drop={config.sft.layer_drop} with {world} processes: the layers a micro-batch skips get no "
+            "gradient, which DDP waits for; warm up in one process, or use sft.distill_nested (its full forward "
+            "reaches every layer)"
         )
 
 
-def _warm_up(config: TrainConfig, model, tokenizer, task: Task, accelerator) -> float:
-    """Algorithm 1, step 1: the SFT warm-up, its steps logged to sft_metrics.jsonl; returns its runtime.
+def _skip_ratios(config: TrainConfig) -> list[tuple[str, float]]:
+    """Each skip ratio the run draws at, named by its option: ReFT's and, when it warms up, the warm-up's."""
+    ratios = [("nesting.skip_ratio", config.nesting.skip_ratio)]
+    if config.sft.epochs and config.sft.layer_drop:
+        ratios.append(("sft.layer_drop", config.sft.layer_drop))
+    if config.sft.epochs and config.sft.distill_nested:
+        ratios.append(("sft.distill_ratio", config.sft.nested_ratio(config.nesting.skip_ratio)))
+    return ratios
+
+
+def _warm_up(config: TrainConfig, model, tokenizer, task: Task, accelerator) -> tuple[float, float]:
+    """Algorithm 1, step 1: the SFT warm-up, its steps logged to sft_metrics.jsonl; returns its runtime and its
+    training FLOPs (what a nested-aware warm-up pays for its closeness: sft.layer_drop, sft.distill_nested).
 
     With beta > 0 the warmed-up model is also saved to OUTPUT/sft-model: it is the reference model,
     which a resumed run (that skips SFT) reloads from there.
@@ -280,12 +320,13 @@ def _warm_up(config: TrainConfig, model, tokenizer, task: Task, accelerator) -> 
             append_jsonl(output / SFT_METRICS_FILE, asdict(step))
 
     start = time.perf_counter()
-    sft_warmup(model, tokenizer, task.problems, config.sft, config.micro_batch_size, config.seed, accelerator, log)
+    steps = sft_warmup(model, tokenizer, task.problems, config.sft, config.micro_batch_size, config.seed, accelerator,
+                       log, config.nesting)
     elapsed = time.perf_counter() - start
     if config.grpo.beta > 0 and accelerator.is_main_process:
         save_model(output / SFT_MODEL_DIR, accelerator.unwrap_model(model), tokenizer)
     accelerator.wait_for_everyone()
-    return elapsed
+    return elapsed, sum(step.flops for step in steps)
 
 
 def prepare_for_reft(policy, config: TrainConfig) -> None:

@@ -140,7 +140,8 @@ def run_reft(args, seed: int, task: Task, sft_model: Path, out: Path) -> Path:
 def run_eval(args, model_dir: Path, held_out: Task, out: Path) -> dict:
     """pass@1 on the held-out problems through the library's evaluation loop (the one `nested-reft eval`
     runs), which takes Task objects; resumable like it."""
-    from nested_reft.evaluate import EVAL_FILE, evaluate_tasks
+    from nested_reft.evaldir import EVAL_FILE
+    from nested_reft.evaluate import evaluate_tasks
 
     done = out / EVAL_FILE
     if done.exists():

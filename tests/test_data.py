@@ -20,7 +20,7 @@ from nested_reft.arithmetic import ARITHMETIC_SIZES
 from nested_reft.data import (
     BENCHMARKS,
     DATA_ENV,
-    LAYOUT,
+    LAYOUT_PATHS,
     TRAINING_SETS,
     DataError,
     Problem,
@@ -188,7 +188,7 @@ def test_an_empty_svamp_file_is_an_error_naming_it(tmp_path):
 
 def test_gsm8k_answer_without_final_line(tmp_path):
     write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [{"question": "Q?", "answer": "It is 4."}])
-    with pytest.raises(DataError, match=r"line 1: field 'answer' has no final line '#### N'"):
+    with pytest.raises(DataError, match=r"line 1: field 'answer' must end in '#### N'"):
         load_problems("gsm8k", "train", data_dir=tmp_path)
 
 
@@ -367,7 +367,7 @@ def test_missing_file_shows_the_expected_layout(tmp_path):
     with pytest.raises(DataError) as error:
         load_problems("gsm8k", "train", data_dir=tmp_path)
     message = str(error.value)
-    assert str(tmp_path / "gsm8k" / "train.jsonl") in message and LAYOUT in message
+    assert str(tmp_path / "gsm8k" / "train.jsonl") in message and LAYOUT_PATHS in message
     with pytest.raises(DataError, match="r1zero_suite"):
         load_problems("aime24", "test", data_dir=tmp_path)
 

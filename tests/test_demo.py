@@ -69,7 +69,7 @@ def test_demo_compares_baseline_and_nested_from_one_warm_up(tmp_path, lanes, cap
 
 def test_a_rerun_of_the_demo_resumes_without_training_or_evaluating_again(tmp_path, monkeypatch):
     first = run_demo(output_dir=tmp_path, model="tiny-llama", settings=SETTINGS)
-    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(trainer, "_train_model", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(evaluate, "generate_rollouts", lambda *a, **k: pytest.fail("a finished evaluation ran again"))
     second = run_demo(output_dir=tmp_path, model="tiny-llama", settings=SETTINGS)
     strip_speed = lambda table: [line for line in table.splitlines() if "speedup" not in line]  # noqa: E731

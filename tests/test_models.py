@@ -76,7 +76,7 @@ def test_dtype_is_honoured(tmp_path, dtype):
 
 
 def test_unknown_dtype_is_rejected():
-    with pytest.raises(ModelLoadError, match="unknown dtype 'float33'"):
+    with pytest.raises(ModelLoadError, match="dtype 'float33' is not a floating-point"):
         load_model("tiny-llama", dtype="float33")
 
 

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from nested_reft.policy import chosen_logprobs
+from nested_reft.policy import chosen_logprobs, kl_from_logits
 
 
 def reference(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -61,3 +61,24 @@ def test_training_forwards_attend_without_cudnn_on_cuda_and_as_before_elsewhere(
     assert torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION in chosen[0]  # masks need a backend that takes them
     assert isinstance(policy.attention_for_training(torch.device("cpu")), contextlib.nullcontext)
     assert len(chosen) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
+def test_chunked_kl_and_its_gradient_equal_a_whole_float64_kl_and_only_the_model_side_moves(dtype, chunk_rows):
+    generator = torch.Generator().manual_seed(chunk_rows)
+    target, logits = ((3 * torch.randn(2, 3, 5, 40, generator=generator)).to(dtype) for _ in range(2))
+    weights = torch.randn(2, 3, 5, generator=generator)
+    target_in, ours_in = target.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    theirs_in = logits.double().requires_grad_(True)
+    ours = kl_from_logits(target_in, ours_in, chunk_rows)
+    log_p = torch.log_softmax(target.double(), dim=-1)
+    theirs = (log_p.exp() * (log_p - torch.log_softmax(theirs_in, dim=-1))).sum(-1)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    assert ours.dtype == torch.float32 and ours.shape == (2, 3, 5) and (ours >= -1e-6).all()
+    torch.testing.assert_close(ours.double(), theirs.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_in.grad.double(), theirs_in.grad, atol=1e-5 if dtype == torch.float32 else 1e-2,
+                               rtol=0)
+    assert target_in.grad is None  # the target is detached: the full model is not pulled towards the nested one
+    assert kl_from_logits(logits, logits).abs().max() < 1e-5

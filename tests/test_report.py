@@ -210,6 +210,22 @@ def test_done_row_without_a_metric_or_with_a_non_number_is_an_error():
         parse_results(to_csv([baseline(speed="fast")]))
 
 
+def test_a_report_refuses_to_compare_runs_of_several_warm_ups_with_each_others_baselines(tmp_path, capsys):
+    rows = [baseline(), row(), dict(baseline(), instance="M/d/distill/baseline-s0"),
+            dict(row(), instance="M/d/distill/x0.05-b1-retrace-s0")]
+    for entry in rows[2:]:
+        entry["warm_up"] = "distill"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*RESULT_COLUMNS, "warm_up"], extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    (tmp_path / "results.csv").write_text(buffer.getvalue())
+    assert main(["report", str(tmp_path)]) == 2
+    assert "several warm-ups (, distill" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
 def test_missing_results_file(tmp_path):
     with pytest.raises(ResultsError, match="does not exist"):
         read_results(tmp_path / "results.csv")

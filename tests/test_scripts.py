@@ -1,5 +1,5 @@
-"""The study's scripts on tiny models, so that the commands docs/ cite cannot rot: the skip-set probe, the
-calibration, and the vLLM reload arithmetic."""
+"""The study's scripts on tiny models, so that the commands docs/ cite cannot rot: the calibration and the vLLM
+reload arithmetic. (The skip-set probe became `nested-reft probe`: tests/test_probe.py.)"""
 
 from __future__ import annotations
 
@@ -19,28 +19,6 @@ def script(name: str):
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
-
-
-def table_rows(printed: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in printed.splitlines()
-            if line.startswith("| ") and not line.startswith("| draw")]
-
-
-def test_the_probe_measures_every_policy_and_only_draws_valid_layers(capsys):
-    probe = script("probe_skip_sets")
-    probe.main(["tiny-llama", "--ratios", "0.3", "0.5", "--temperatures", "0.05", "100", "--draws", "2",
-                "--prompts", "2", "--max-new-tokens", "4"])
-    printed = capsys.readouterr().out
-    influence = [float(value) for value in printed.split("BI per layer:")[1].splitlines()[0].split()]
-    assert len(influence) == 6 and all(0 <= value <= 2 for value in influence)
-    rows = table_rows(printed)
-    assert [row[0] for row in rows] == ["uniform x=0.3", "uniform x=0.5", "influence x=0.3 tau=0.05",
-                                        "influence x=0.3 tau=100"]
-    for name, count, kl, ess, truncated, sets in rows:
-        assert float(kl) > 0 and 0 < float(ess) <= 1 and 0 <= float(truncated) <= 1  # nested: off-policy
-        for skip_set in sets.split("; "):
-            layers = [int(layer) for layer in skip_set.split(",")]
-            assert len(layers) == int(count) and all(1 <= layer <= 4 for layer in layers)  # border 1 of 6
 
 
 def test_the_calibration_reports_the_gain_of_its_own_evaluations(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -133,6 +134,10 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
     assert results["x0.3-b1-retrace-influence-s0"]["variant"] == "influence"
     assert float(results["x0.3-b1-retrace-s0"]["skipped_layers"]) == 2  # 30% of 6 layers
     assert results["baseline-s0"]["accuracy_before"] == results["x0.3-b1-retrace-s0"]["accuracy_before"] != ""
+    warm_up = json.loads((root / "tiny-llama" / "arithmetic" / "sft-s0" / "summary.json").read_text())
+    for row in results.values():  # the warm-up's label ("" = the grid's own) and cost, beside every run it started
+        assert row["warm_up"] == "" and float(row["sft_flops"]) == warm_up["sft_flops"] > 0
+        assert float(row["sft_runtime_s"]) == pytest.approx(warm_up["sft_runtime_s"]) and warm_up["sft_runtime_s"] > 0
     with open(root / STEPS_FILE) as stream:
         steps = list(csv.DictReader(stream))
     assert len(steps) == 3 * 2 and all(float(step["rollout_flops"]) > 0 for step in steps)

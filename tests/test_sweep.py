@@ -59,6 +59,12 @@ def write_grid(tmp_path: Path, **options) -> Path:
         ({"eval": {"benchmarks": ["arithmetic"], "max_new_tokens": 0}}, "max_new_tokens"),
         ({"eval": {"benchmarks": ["arithmetic"], "limit": 0}}, "eval.limit"),
         ({"eval": {"benchmarks": ["arithmetic", "arithmetic"]}}, "eval.benchmarks"),
+        ({"warm_ups": [{"label": "a", "sft": {"layer_drop": 0.1}}] * 2}, "warm_ups.label"),
+        ({"warm_ups": [{"label": "a/b", "sft": {"layer_drop": 0.1}}]}, "warm_ups.label"),
+        ({"warm_ups": [{"label": "a", "sft": {}}]}, "warm_ups.sft"),
+        ({"warm_ups": [{"label": "a", "sft": {"layer_dorp": 0.1}}]}, "sft.layer_dorp"),
+        ({"warm_ups": [{"label": "a", "sft": {"distill_nested": 1.0}}]}, "sft.distill_ratio"),  # x = 0 in a warm-up
+        ({"warm_ups": [{"label": "a", "sft": {"layer_drop": 0.1}}], "train": {"sft": {"epochs": 0}}}, "warm_ups"),
     ],
 )
 def test_bad_grid_is_rejected_naming_the_option(tmp_path, options, named):
@@ -122,6 +128,26 @@ def test_shipped_grids_load():
     cpu = load_grid(REPO / "configs" / "grids" / "smollm2-cpu.yaml")
     assert len(enumerate_instances(cpu)) == 2 * (2 + 12)
     assert cpu.eval.limit >= 300
+
+
+def test_the_nested_warm_up_study_repeats_its_instances_from_each_warm_up_at_the_first_studys_budget():
+    grid = load_grid(REPO / "configs" / "grids" / "study-nested-warmup.yaml")
+    instances = enumerate_instances(grid)
+    group = "smollm2-135m-instruct/arithmetic"
+    runs = ("baseline", "x0.05-b1-retrace", "x0.15-b1-retrace", "x0.3-b1-retrace", "x0.3-b1-retrace-kl-target")
+    expected = {f"{group}/{prefix}{run}-s{seed}" for prefix in ("", "layer-drop/", "distill/") for run in runs
+                for seed in (0, 1, 2)}
+    assert len(instances) == len(expected) == 45 and {i.id for i in instances} == expected
+    assert len({i.sft_id for i in instances}) == 9  # one warm-up per seed and label
+    by_label = {i.warm_up.label if i.warm_up else "plain": i for i in instances if i.seed == 1}
+    sft = {label: sft_config(grid, instance).sft for label, instance in by_label.items()}
+    assert (sft["plain"].layer_drop, sft["plain"].distill_nested) == (0.0, 0.0)  # the paper's warm-up
+    assert (sft["layer-drop"].layer_drop, sft["layer-drop"].distill_nested) == (0.15, 0.0)
+    assert (sft["distill"].distill_nested, sft["distill"].nested_ratio(0.0)) == (1.0, 0.15)
+    config = instance_config(grid, by_label["distill"])
+    assert config.model.endswith(f"{group}/distill/sft-s1/model") and config.sft.epochs == 0
+    first = load_grid(REPO / "configs" / "grids" / "study-smollm2.yaml")
+    assert grid.train == first.train and grid.eval == first.eval  # the same calibrated task and ReFT budget
 
 
 def test_emit_commands_one_per_instance(tmp_path):
@@ -278,6 +304,28 @@ def test_only_runs_one_instance_and_its_warm_up(tmp_path, monkeypatch):
     table = results(load_grid(grid_path))
     assert table["x0.2-b1-base-s0"]["status"] == "done" and table["baseline-s0"]["status"] == "pending"
     assert main(["sweep", str(grid_path), "--only", "tiny-llama/arithmetic/nope"]) == 2
+
+
+def test_each_warm_up_trains_once_per_seed_and_its_instances_start_from_its_model(tmp_path, monkeypatch):
+    trained = []
+    fake = FakeRuns(monkeypatch)
+    monkeypatch.setattr(sweep, "ensure_trained", lambda config: (
+        trained.append((Path(config.output_dir).relative_to(tmp_path / "sweep").as_posix(), config.model,
+                        config.sft.layer_drop if config.rft_steps == 0 else None)),
+        fake.train(config))[1])
+    grid = load_grid(write_grid(tmp_path, warm_ups=[{"label": "drop", "sft": {"layer_drop": 0.3}}]))
+    assert not run_sweep(grid, log=lambda line: None).failed
+    runs = {path: (model, layer_drop) for path, model, layer_drop in trained}
+    group = "tiny-llama/arithmetic"
+    assert runs[f"{group}/sft-s0"] == ("tiny-llama", 0.0) and runs[f"{group}/drop/sft-s0"] == ("tiny-llama", 0.3)
+    for prefix in ("", "drop/"):
+        for run in ("baseline-s0", "x0.2-b1-retrace-s0"):
+            assert runs[f"{group}/{prefix}{run}"][0] == str(tmp_path / "sweep" / group / f"{prefix}sft-s0" / "model")
+    assert len(trained) == 6  # 2 warm-ups, each once, and 2 runs from each
+    with (grid.root / "results.csv").open() as stream:
+        assert {row["instance"] for row in csv.DictReader(stream)} == {
+            f"{group}/baseline-s0", f"{group}/x0.2-b1-retrace-s0", f"{group}/drop/baseline-s0",
+            f"{group}/drop/x0.2-b1-retrace-s0"}
 
 
 def test_no_warm_up_when_sft_epochs_is_zero(tmp_path, monkeypatch):
