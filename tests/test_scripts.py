@@ -62,3 +62,21 @@ def test_the_study_runner_orders_every_instance_of_the_study_grid_once():
     instances = [instance.id.rsplit("/", 1)[-1] for instance in enumerate_instances(grid)]
     assert len(listed) == len(set(listed))
     assert sorted(listed) == sorted(instances)
+
+
+def test_the_nested_warm_up_calibration_tables_what_its_probes_and_evaluations_measured(tmp_path):
+    calibrate = script("calibrate_nested_warmup")
+    docs = tmp_path / "docs"
+    calibrate.main(["--model", "tiny-llama", "--only", "plain-64", "distill1-64", "--output-dir", str(tmp_path / "runs"),
+                    "--docs", str(docs)])
+    rows = json.loads((docs / "calibration.json").read_text())
+    assert [row["warm_up"] for row in rows] == ["plain-64", "distill1-64"]
+    plain, distill = rows
+    assert distill["sft_flops"] > plain["sft_flops"] > 0  # distillation's second forward is counted
+    table = (docs / "calibration.md").read_text().splitlines()
+    kl_15 = [float(line.split("|")[8]) for line in table[2:]]
+    assert kl_15 == [round(next(x["kl_behavior_target"] for x in row["probe"]["ratios"] if x["skip_ratio"] == 0.15), 2)
+                     for row in rows]
+    config = calibrate.config_for("distill1-64", {"train": {"sft": {"epochs": 1}}, "models": ["m"],
+                                                  "datasets": ["d"]}, tmp_path)
+    assert config["sft"] == {"epochs": 1, "distill_nested": 1.0, "distill_ratio": 0.15} and config["rft_steps"] == 0
