@@ -95,6 +95,9 @@ class SamplingConfig:
     # vllm only: the share of the device's memory vLLM may hold, weights and KV cache (of the CPU's memory on a
     # CPU); TRL's vllm_gpu_memory_utilization default, which leaves the rest to the colocated training
     vllm_memory_fraction: float = 0.3
+    # vllm only: the longest prompt + completion the engine takes, which sizes its KV cache blocks per sequence;
+    # None = the model's own context (TRL's vllm_max_model_length default, None)
+    vllm_max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         check_types(self, "sampling.")
@@ -107,6 +110,9 @@ class SamplingConfig:
         check_option(self.engine in ENGINES, "sampling.engine", self.engine, f"one of {ENGINES}")
         check_option(0 < self.vllm_memory_fraction <= 1, "sampling.vllm_memory_fraction", self.vllm_memory_fraction,
                      "in (0, 1]")
+        check_option(self.vllm_max_model_len is None or self.vllm_max_model_len > self.max_new_tokens,
+                     "sampling.vllm_max_model_len", self.vllm_max_model_len,
+                     f"None (the model's context) or more than sampling.max_new_tokens={self.max_new_tokens}")
 
 
 @dataclass(frozen=True)

@@ -91,10 +91,10 @@ class VLLMEngine:
     def _llm_for(self, model, config: SamplingConfig):
         """The engine for `model` in the sampling forward's dtype, built the first time they are seen."""
         dtype = _sampling_dtype(model)
-        key = (model.config.to_json_string(), dtype, config.vllm_memory_fraction)
+        key = (model.config.to_json_string(), dtype, config.vllm_memory_fraction, config.vllm_max_model_len)
         if self._llm is None or key != self._key:
             self.close()  # the old engine's memory is freed before the new one sizes its KV cache
-            self._llm = self._build(model, dtype, config.vllm_memory_fraction)
+            self._llm = self._build(model, dtype, config)
             self._key = key
         return self._llm
 
@@ -109,11 +109,12 @@ class VLLMEngine:
         cleanup_dist_env_and_memory()
         self._config_dir.cleanup()
 
-    def _build(self, model, dtype: torch.dtype, memory_fraction: float):
+    def _build(self, model, dtype: torch.dtype, config: SamplingConfig):
         """A new engine of `model`'s architecture and config (its weights come with the first push).
 
-        `max_model_len` is the model's own context: the engine is built before any prompt is seen, and the
-        sampling config fixes only the new tokens (TRL's default too, vllm_max_model_length = None)."""
+        `max_model_len` is `sampling.vllm_max_model_len`, by default the model's own context: the engine is built
+        before any prompt is seen, and the rest of the sampling config fixes only the new tokens (TRL's
+        vllm_max_model_length, None by default)."""
         # vLLM's engine core in this process, not a spawned one: it shares the training model's process (and on a
         # GPU its device), as TRL's colocate mode does; spawning would also re-import the caller's __main__.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -129,8 +130,8 @@ class VLLMEngine:
             skip_tokenizer_init=True,  # token ids in and out: the tokenizer stays ours
             generation_config="vllm",  # our SamplingParams only, never the model's generation_config defaults
             dtype=DTYPE_NAMES[dtype],
-            max_model_len=text_config.max_position_embeddings,
-            gpu_memory_utilization=memory_fraction,
+            max_model_len=config.vllm_max_model_len or text_config.max_position_embeddings,
+            gpu_memory_utilization=config.vllm_memory_fraction,
             enforce_eager=True,
             logprobs_mode="processed_logprobs",
             seed=0,  # each request carries its own seed, drawn from the run's generator

@@ -24,7 +24,7 @@ pytest.importorskip("vllm")
 from nested_reft.arithmetic import generate_arithmetic  # noqa: E402
 from nested_reft.cli import main  # noqa: E402
 from nested_reft.config import ConfigError, SamplingConfig, load_config  # noqa: E402
-from nested_reft.decoding import EagerDecoder, decoder_closed_after  # noqa: E402
+from nested_reft.decoding import EagerDecoder, decoder_closed_after, decoder_for  # noqa: E402
 from nested_reft.models import load_model  # noqa: E402
 from nested_reft.nesting import nested  # noqa: E402
 from nested_reft.policy import completion_logprobs  # noqa: E402
@@ -115,6 +115,15 @@ def test_the_skip_sets_change_the_completions():
     completions = {skip_set: both_engines(model, tokenizer, sampling(), skip_set)[0].completion_ids
                    for skip_set in SKIP_SETS}
     assert len({tuple(ids.flatten().tolist()) for ids in completions.values()}) == len(SKIP_SETS)
+
+
+def test_the_engine_takes_its_length_from_the_sampling_config():
+    """sampling.vllm_max_model_len sizes the engine (a new engine when it changes); None is the model's context."""
+    model, tokenizer = tiny_model("llama")
+    for length, expected in ((96, 96), (None, model.config.max_position_embeddings)):
+        theirs, ours = both_engines(model, tokenizer, sampling(vllm_max_model_len=length), (1,))
+        assert decoder_for("vllm")._llm.llm_engine.model_config.max_model_len == expected
+        assert torch.equal(theirs.completion_ids, ours.completion_ids)
 
 
 @pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.0, 1.0)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nested_reft.arithmetic import generate_arithmetic
-from nested_reft.config import ConfigError, load_config
+from nested_reft.config import ConfigError, SamplingConfig, load_config
 from nested_reft.rundir import CONFIG_FILE
 from nested_reft.tasks import Task
 from nested_reft.tiny import tiny_model
@@ -33,3 +33,8 @@ def test_hybrid_attention_models_are_refused_and_single_type_ones_pass():
         check_vllm_supports(tiny_model("gemma2")[0])
     for architecture in ("llama", "qwen2", "qwen3"):  # layer_types of one kind, or none
         check_vllm_supports(tiny_model(architecture)[0])
+
+
+def test_an_engine_length_that_leaves_no_room_for_the_completion_is_refused_naming_it():
+    with pytest.raises(ConfigError, match=r"sampling\.vllm_max_model_len .*max_new_tokens=64, got 64"):
+        SamplingConfig(max_new_tokens=64, min_new_tokens=0, vllm_max_model_len=64)
