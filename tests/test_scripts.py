@@ -48,18 +48,19 @@ def test_the_reload_moves_the_kept_layers_and_scales_with_them():
     assert nested.generation_s < full.generation_s
 
 
-def test_the_study_runner_orders_every_instance_of_the_study_grid_once():
-    """scripts/study-smollm2.sh lists the grid's instances by name (its run order); a variant added to the grid
-    and not to the script would stop the study at its start, so the two are checked here."""
+@pytest.mark.parametrize("study", ["study-smollm2", "study-nested-warmup"])
+def test_the_study_runner_orders_every_instance_of_the_study_grid_once(study):
+    """scripts/<study>.sh lists the grid's instances by name (its run order); a variant added to the grid and not to
+    the script would stop the study at its start, so the two are checked here."""
     import re
 
     from nested_reft.grid import enumerate_instances, load_grid
 
-    runner = (SCRIPTS / "study-smollm2.sh").read_text().replace("\\\n", " ")
+    runner = (SCRIPTS / f"{study}.sh").read_text().replace("\\\n", " ")
     blocks = re.findall(r"for seed in ([\d ]+); do\s+for run in ([^;]+); do", runner)
     listed = [f"{run}-s{seed}" for seeds, runs in blocks for seed in seeds.split() for run in runs.split()]
-    grid = load_grid(SCRIPTS.parent / "configs" / "grids" / "study-smollm2.yaml")
-    instances = [instance.id.rsplit("/", 1)[-1] for instance in enumerate_instances(grid)]
+    grid = load_grid(SCRIPTS.parent / "configs" / "grids" / f"{study}.yaml")
+    instances = [instance.id.split("/", 2)[-1] for instance in enumerate_instances(grid)]  # past model/dataset/
     assert len(listed) == len(set(listed))
     assert sorted(listed) == sorted(instances)
 

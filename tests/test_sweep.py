@@ -135,17 +135,17 @@ def test_the_nested_warm_up_study_repeats_its_instances_from_each_warm_up_at_the
     instances = enumerate_instances(grid)
     group = "smollm2-135m-instruct/arithmetic"
     runs = ("baseline", "x0.05-b1-retrace", "x0.15-b1-retrace", "x0.3-b1-retrace", "x0.3-b1-retrace-kl-target")
-    expected = {f"{group}/{prefix}{run}-s{seed}" for prefix in ("", "layer-drop/", "distill/") for run in runs
+    expected = {f"{group}/{prefix}{run}-s{seed}" for prefix in ("", "distill-256/") for run in runs
                 for seed in (0, 1, 2)}
-    assert len(instances) == len(expected) == 45 and {i.id for i in instances} == expected
-    assert len({i.sft_id for i in instances}) == 9  # one warm-up per seed and label
+    assert len(instances) == len(expected) == 30 and {i.id for i in instances} == expected
+    assert len({i.sft_id for i in instances}) == 6  # one warm-up per seed and label
     by_label = {i.warm_up.label if i.warm_up else "plain": i for i in instances if i.seed == 1}
     sft = {label: sft_config(grid, instance).sft for label, instance in by_label.items()}
-    assert (sft["plain"].layer_drop, sft["plain"].distill_nested) == (0.0, 0.0)  # the paper's warm-up
-    assert (sft["layer-drop"].layer_drop, sft["layer-drop"].distill_nested) == (0.15, 0.0)
-    assert (sft["distill"].distill_nested, sft["distill"].nested_ratio(0.0)) == (1.0, 0.15)
-    config = instance_config(grid, by_label["distill"])
-    assert config.model.endswith(f"{group}/distill/sft-s1/model") and config.sft.epochs == 0
+    assert (sft["plain"].layer_drop, sft["plain"].distill_nested, sft["plain"].max_examples) == (0.0, 0.0, 64)
+    distill = sft["distill-256"]
+    assert (distill.distill_nested, distill.nested_ratio(0.0), distill.max_examples) == (1.0, 0.15, 256)
+    config = instance_config(grid, by_label["distill-256"])
+    assert config.model.endswith(f"{group}/distill-256/sft-s1/model") and config.sft.epochs == 0
     first = load_grid(REPO / "configs" / "grids" / "study-smollm2.yaml")
     assert grid.train == first.train and grid.eval == first.eval  # the same calibrated task and ReFT budget
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The study of docs/study-nested-warmup/ (configs/grids/study-nested-warmup.yaml): its 30 runs in two lanes, one core
+# and one torch thread each, seed by seed: first the pair that answers issue 22's target (each warm-up's baseline and
+# x = 15% retrace), then x = 5%, 30% and kl_target from both warm-ups; then the results (never weights) are copied to
+# docs/study-nested-warmup. Resumable: finished runs are skipped, a killed run resumes from its last checkpoint, a
+# failed one is retried; rerun it in a later session to continue.
+# Usage: bash scripts/study-nested-warmup.sh [LANES]   (default 2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grid=configs/grids/study-nested-warmup.yaml
+sweep_dir=runs/sweeps/study-nested-warmup
+study_dir=docs/study-nested-warmup
+lanes=${1:-2}
+jobs=$(mktemp)
+trap 'rm -f "$jobs" "$jobs.ordered"' EXIT
+.venv/bin/nested-reft sweep "$grid" --emit-commands "$jobs"
+{
+    for seed in 0 1 2; do
+        for run in baseline distill-256/baseline x0.15-b1-retrace distill-256/x0.15-b1-retrace; do
+            grep -- "/arithmetic/$run-s$seed\$" "$jobs"
+        done
+    done
+    for seed in 0 1 2; do
+        for run in x0.05-b1-retrace distill-256/x0.05-b1-retrace x0.3-b1-retrace distill-256/x0.3-b1-retrace \
+            x0.3-b1-retrace-kl-target distill-256/x0.3-b1-retrace-kl-target; do
+            grep -- "/arithmetic/$run-s$seed\$" "$jobs"
+        done
+    done
+} > "$jobs.ordered"
+[ "$(wc -l < "$jobs.ordered")" -eq "$(wc -l < "$jobs")" ] || { echo "study-nested-warmup.sh: the run order misses runs of $grid" >&2; exit 1; }
+# a failed run is recorded in its status.json and its lane goes on (|| true)
+OMP_NUM_THREADS=1 xargs -P "$lanes" -d '\n' -I{} sh -c '{} || true' < "$jobs.ordered"
+.venv/bin/nested-reft sweep "$grid" --collect
+mkdir -p "$study_dir"
+cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$study_dir"/
