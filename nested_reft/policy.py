@@ -83,7 +83,9 @@ def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
 
 class _ChosenLogprobs(torch.autograd.Function):
     """Forward: chosen logit minus logsumexp, per row chunk in float32. Backward: d/dz log p(k) =
-    (onehot(k) - softmax(z)) / temperature, with the softmax recomputed per chunk."""
+    (onehot(k) - softmax(z)) / temperature, the softmax recomputed per chunk as exp(z - logsumexp(z)), and every
+    operation in the order autograd runs the whole-vocabulary computation's: the same bits (tests/test_policy.py),
+    so runs reproduce what they did before the chunks."""
 
     @staticmethod
     def forward(ctx, logits, tokens, temperature, chunk_rows):
@@ -100,12 +102,15 @@ class _ChosenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, tokens = ctx.saved_tensors
         flat, flat_tokens = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
-        flat_grad = grad_output.reshape(-1).float() / ctx.temperature
+        flat_grad = grad_output.reshape(-1).float()
         grad = torch.empty_like(flat)
         for rows in _chunks(flat.shape[0], ctx.chunk_rows):
-            chunk = -torch.softmax(flat[rows].float() / ctx.temperature, dim=-1)
-            chunk.scatter_add_(-1, flat_tokens[rows, None], torch.ones_like(chunk[:, :1]))
-            grad[rows] = (chunk * flat_grad[rows, None]).to(grad.dtype)
+            scaled = flat[rows].float() / ctx.temperature
+            chosen_grad = flat_grad[rows, None]
+            # logsumexp's backward, then gather's (a scatter of the chosen tokens' gradients), then the division's
+            chunk = -chosen_grad * (scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)).exp()
+            chunk.scatter_add_(-1, flat_tokens[rows, None], chosen_grad)
+            grad[rows] = (chunk / ctx.temperature).to(grad.dtype)
         return grad.reshape(logits.shape), None, None, None
 
 
