@@ -7,6 +7,7 @@
 # Usage: bash scripts/study-nested-warmup.sh [LANES]   (default 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/study-lanes.sh
 grid=configs/grids/study-nested-warmup.yaml
 sweep_dir=runs/sweeps/study-nested-warmup
 study_dir=docs/study-nested-warmup
@@ -27,9 +28,4 @@ trap 'rm -f "$jobs" "$jobs.ordered"' EXIT
         done
     done
 } > "$jobs.ordered"
-[ "$(wc -l < "$jobs.ordered")" -eq "$(wc -l < "$jobs")" ] || { echo "study-nested-warmup.sh: the run order misses runs of $grid" >&2; exit 1; }
-# a failed run is recorded in its status.json and its lane goes on (|| true)
-OMP_NUM_THREADS=1 xargs -P "$lanes" -d '\n' -I{} sh -c '{} || true' < "$jobs.ordered"
-.venv/bin/nested-reft sweep "$grid" --collect
-mkdir -p "$study_dir"
-cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$study_dir"/
+run_in_lanes "$grid" "$jobs" "$jobs.ordered" "$lanes" "$sweep_dir" "$study_dir"
