@@ -67,6 +67,17 @@ def attention_for_training(device: torch.device) -> contextlib.AbstractContextMa
     return sdpa_kernel(TRAINING_ATTENTION)
 
 
+def training_backward(accelerator, loss: torch.Tensor) -> None:
+    """`accelerator.backward(loss)` under the forward's attention kernels (`attention_for_training`).
+
+    Why: with activation checkpointing the backward pass recomputes each layer's forward, and that recomputation
+    must choose the kernels the first forward chose: on an H200 it chose cuDNN's again outside the context, whose
+    saved tensors differ in shape from the efficient kernel's, and torch refused the step (CheckpointError).
+    """
+    with attention_for_training(loss.device):
+        accelerator.backward(loss)
+
+
 def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
                     chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`: logits (..., V) in any float dtype, tokens (...) long;

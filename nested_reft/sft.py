@@ -31,7 +31,7 @@ from nested_reft.data import Problem
 from nested_reft.metrics import ModelShapes, rollout_flops
 from nested_reft.nesting import nested, num_decoder_layers
 from nested_reft.optim import lr_scheduler, trainable_parameters
-from nested_reft.policy import chosen_logprobs, completion_logits, kl_from_logits
+from nested_reft.policy import chosen_logprobs, completion_logits, kl_from_logits, training_backward
 from nested_reft.prompts import build_prompt
 from nested_reft.seeding import step_generator
 from nested_reft.sharding import deferred_gradient_sync
@@ -256,7 +256,7 @@ def _sft_step(model, tokenizer, batch: Sequence[Problem], config: SFTConfig, mic
             with accelerator.autocast():
                 loss, forwards = sft_loss(model, micro_batch, num_tokens, skip_set, distill, policy)
                 loss = weight * loss
-            accelerator.backward(loss)
+            training_backward(accelerator, loss)
         total += loss.item()
         flops += weight * warm_up_flops(shapes, forwards, micro_batch)
     summed = accelerator.reduce(torch.tensor([total, flops], dtype=torch.float64, device=device), reduction="sum")

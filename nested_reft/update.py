@@ -21,7 +21,7 @@ from nested_reft.config import GRPOConfig, TrainConfig
 from nested_reft.grpo import LossScale, clipped_tokens, grpo_loss, kl_to_reference
 from nested_reft.importance import importance_weights
 from nested_reft.influence import InfluenceMeter
-from nested_reft.policy import completion_logprobs
+from nested_reft.policy import completion_logprobs, training_backward
 from nested_reft.rollout import Rollouts
 from nested_reft.sharding import FSDP2, deferred_gradient_sync
 
@@ -156,7 +156,7 @@ def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old
                 epsilon_low=config.grpo.epsilon, epsilon_high=config.grpo.clip_high, loss_type=config.grpo.loss_type,
                 scale=batch.scale, ref_logp=ref_logp, beta=config.grpo.beta,
             )
-            accelerator.backward(loss)
+            training_backward(accelerator, loss)
         total_loss += loss.item()
         clipped += float(clipped_tokens(logp.detach(), old, batch.advantages[rows], batch.mask[rows],
                                         config.grpo.epsilon, config.grpo.clip_high))

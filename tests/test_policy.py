@@ -85,3 +85,37 @@ def test_chunked_kl_and_its_gradient_equal_a_whole_float64_kl_and_only_the_model
                                rtol=0)
     assert target_in.grad is None  # the target is detached: the full model is not pulled towards the nested one
     assert kl_from_logits(logits, logits).abs().max() < 1e-5
+
+
+def test_recomputed_forwards_attend_as_the_first_forward_did(monkeypatch):
+    """Activation checkpointing reruns each layer's forward inside the backward pass; that rerun must choose the
+    attention kernels the first forward chose (on an H200 it chose cuDNN's and torch refused the step)."""
+    import transformers
+    from accelerate import Accelerator
+
+    import nested_reft.policy as policy
+
+    inside = []
+
+    @contextlib.contextmanager
+    def recording_choice(device):
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(policy, "attention_for_training", recording_choice)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    seen = []
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(lambda *_: seen.append(bool(inside)))
+    prompt = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(0))
+    completion = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(1))
+    logp = policy.completion_logprobs(model, prompt, torch.ones_like(prompt), completion, torch.ones_like(completion))
+    policy.training_backward(Accelerator(cpu=True), logp.sum())
+    assert seen == [True] * 4  # two layers' forwards, then their two recomputations

@@ -77,3 +77,12 @@ def saved_bytes(model, length: int, batch: int = 2) -> int:
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         model.model(input_ids=ids, attention_mask=mask)
     return sum(storages.values())
+
+
+def test_a_step_fits_only_with_the_measured_margin_to_spare(scaling):
+    """The modelled peaks undercount a GPU's by up to 22% (H200): 70 GB modelled is too much for 80 GB."""
+    peak = {"generation": 20 * scaling.GB, "training, no checkpointing": 70 * scaling.GB,
+            "training, checkpointing": 30 * scaling.GB}
+    assert scaling.verdict(peak, 80 * scaling.GB, margin=1.0) == "fits"
+    assert scaling.verdict(peak, 80 * scaling.GB) == "fits with gradient checkpointing"
+    assert scaling.verdict(peak, 30 * scaling.GB) == "does not fit"
