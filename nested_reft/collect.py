@@ -7,6 +7,7 @@ per-problem JSONL files (`evaluate`), and its warm-up's evaluation for the accur
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,17 @@ def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:
     row["total_runtime_s"] = summary.get("total_runtime_s")
     steps = read_metrics(directory / METRICS_FILE)
     if steps:
-        row.update({name: statistics.fmean(step[name] for step in steps) for name in RUN_MEANS})
+        row.update({name: _mean_of_measured(step[name] for step in steps) for name in RUN_MEANS})
         row["gen_tokens_per_s"] = statistics.median(step["gen_tokens_per_s"] for step in steps)
         row["rollout_flops"] = sum(step.get("rollout_flops") or 0.0 for step in steps) or None
     return row
+
+
+def _mean_of_measured(values: Iterable[float | None]) -> float | None:
+    """The mean over the steps that measured the value (h's statistics are None on a step whose loss counted no
+    token); None if none did."""
+    measured = [value for value in values if value is not None]
+    return statistics.fmean(measured) if measured else None
 
 
 def step_rows(grid: GridConfig, instance: Instance) -> list[dict[str, Any]]:

@@ -77,20 +77,20 @@ def importance_weights(
 
 @dataclass(frozen=True)
 class ImportanceStats:
-    """How far the behavior model is from the target, and what the weights did about it.
+    """What the weights did: mean/min/max of h over valid positions; truncated: fraction of positions where the
+    weight function cut the ratio (retrace: r > 1; base: r beyond exp(MAX_LOG_WEIGHT)); ess: effective sample
+    size of the raw ratios r as a fraction of the positions, (sum r)^2 / (n sum r^2), 1 when on-policy.
+    Every field None when no position is valid (a step whose loss counts no token): nothing was weighted, and
+    a made-up 1.0 would pull a run's mean towards on-policy."""
 
-    mean/min/max: of h over valid positions; truncated: fraction of positions where the weight
-    function cut the ratio (retrace: r > 1; base: r beyond exp(MAX_LOG_WEIGHT)); ess: effective sample
-    size of the raw ratios r as a fraction of the positions, (sum r)^2 / (n sum r^2), 1 when on-policy;
-    kl_behavior_target: the k3 estimate of KL(eta || pi_theta) per token, E_eta[r - 1 - log r].
-    """
+    mean: float | None
+    min: float | None
+    max: float | None
+    truncated: float | None
+    ess: float | None
 
-    mean: float
-    min: float
-    max: float
-    truncated: float
-    ess: float
-    kl_behavior_target: float
+
+NOT_WEIGHTED = ImportanceStats(None, None, None, None, None)
 
 
 def importance_statistics(
@@ -102,19 +102,30 @@ def importance_statistics(
         log_ratio = log_importance_ratio(logp_old, logp_behavior, mask, config.level)
         valid = mask.bool() if config.level == "token" else mask.sum(-1, keepdim=True) > 0
         if not valid.any():
-            return ImportanceStats(1.0, 1.0, 1.0, 0.0, 1.0, 0.0)
+            return NOT_WEIGHTED
         h, log_r = weights[valid], log_ratio[valid]
         ratio = torch.exp(log_r.clamp(max=MAX_LOG_WEIGHT))
-        token_log_ratio = log_importance_ratio(logp_old, logp_behavior, mask, "token")[mask.bool()]
-        kl = torch.expm1(token_log_ratio.clamp(max=MAX_LOG_WEIGHT)) - token_log_ratio
         return ImportanceStats(
             mean=h.mean().item(),
             min=h.min().item(),
             max=h.max().item(),
             truncated=_truncated_fraction(log_r, config.mitigation),
             ess=(ratio.sum() ** 2 / (ratio.numel() * (ratio**2).sum())).item(),
-            kl_behavior_target=kl.mean().item(),
         )
+
+
+def behavior_target_kl(logp_target: torch.Tensor, logp_behavior: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """KL(eta || pi_theta) per token over the masked tokens: the k3 estimate E_eta[r - 1 - log r] on the behavior
+    model's own samples, r = pi_theta / eta. None without a token.
+
+    A distance between the two models, not a statistic of the loss: it reads every sampled token, cut
+    completions too (they are samples of eta like any other), so a step whose loss masks all its completions
+    still measures it and the kl_target policy never sees a made-up 0."""
+    with torch.no_grad():
+        token_log_ratio = log_importance_ratio(logp_target, logp_behavior, mask, "token")[mask.bool()]
+        if token_log_ratio.numel() == 0:
+            return None
+        return (torch.expm1(token_log_ratio.clamp(max=MAX_LOG_WEIGHT)) - token_log_ratio).mean().item()
 
 
 def _truncated_fraction(log_ratio: torch.Tensor, method: str) -> float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from nested_reft.config import TrainConfig
-from nested_reft.importance import importance_statistics
+from nested_reft.importance import behavior_target_kl, importance_statistics
 from nested_reft.nesting import decoder_layers
 from nested_reft.rollout import Rollouts
 from nested_reft.update import UpdateResult, loss_mask
@@ -25,8 +25,9 @@ class StepMetrics:
 
     gen_tokens_per_s = all ranks' generated tokens / the longest generation time of any rank.
     `kl` is the masked mean of TRL's k3 estimate of KL(pi_theta || pi_ref), None when beta = 0 (no reference).
-    The h statistics and kl_behavior_target cover the loss's tokens (`update.loss_mask`): with
-    grpo.mask_truncated_completions, not those of cut completions.
+    The h statistics cover the loss's tokens (`update.loss_mask`): with grpo.mask_truncated_completions, not those
+    of cut completions, and they are None on a step whose loss counts no token. kl_behavior_target, a distance
+    between the models rather than a statistic of the loss, covers every sampled token.
     """
 
     step: int
@@ -44,12 +45,12 @@ class StepMetrics:
     tokens_processed: int
     rollout_flops: float  # the rollout's forward FLOPs over all ranks, from the model's shapes (see `rollout_flops`)
     gen_tokens_per_s: float
-    h_mean: float
-    h_min: float
-    h_max: float
-    h_truncated: float
-    h_ess: float
-    kl_behavior_target: float
+    h_mean: float | None
+    h_min: float | None
+    h_max: float | None
+    h_truncated: float | None
+    h_ess: float | None
+    kl_behavior_target: float | None
     kl: float | None
     loss: float
     grad_norm: float
@@ -160,10 +161,10 @@ def step_metrics(result: StepResult, config: TrainConfig, accelerator, shapes: M
                       times.updated - times.started],
     )
     mask = _gather_rows(accelerator, rollouts.completion_mask.float())
+    logp_old = _gather_rows(accelerator, update.logp_old)
+    logp_behavior = _gather_rows(accelerator, rollouts.behavior_logprobs)
     stats = importance_statistics(  # over the loss's tokens: masked cut completions are not weighted
-        _gather_rows(accelerator, update.logp_old), _gather_rows(accelerator, rollouts.behavior_logprobs),
-        _gather_rows(accelerator, loss_mask(rollouts, config.grpo)), config.importance,
-    )
+        logp_old, logp_behavior, _gather_rows(accelerator, loss_mask(rollouts, config.grpo)), config.importance)
     return StepMetrics(
         step=result.step,
         skip_set=list(rollouts.skip_set),
@@ -185,7 +186,7 @@ def step_metrics(result: StepResult, config: TrainConfig, accelerator, shapes: M
         h_max=stats.max,
         h_truncated=stats.truncated,
         h_ess=stats.ess,
-        kl_behavior_target=stats.kl_behavior_target,
+        kl_behavior_target=behavior_target_kl(logp_old, logp_behavior, mask),
         kl=update.kl,
         loss=update.loss,
         grad_norm=update.grad_norm,

@@ -26,7 +26,7 @@ import torch
 
 from nested_reft.config import ConfigError, ImportanceConfig, NestingConfig, SamplingConfig, check_option
 from nested_reft.files import atomic_write_json, check_output_directory
-from nested_reft.importance import importance_statistics
+from nested_reft.importance import ImportanceStats, behavior_target_kl, importance_statistics
 from nested_reft.influence import InfluenceMeter
 from nested_reft.metrics import ModelShapes, rollout_flops
 from nested_reft.nesting import num_decoder_layers, num_skipped_layers, valid_layers
@@ -175,12 +175,13 @@ def block_influence(model, rollouts: Rollouts) -> list[float]:
 def _ratio_result(x: float, count: int, nested_draws: list[_Draw], full_draws: list[_Draw], model,
                   settings: ProbeSettings) -> RatioResult:
     """Means over the draws at x: KL, ESS and truncation of the nested completions under the full model."""
-    stats = [_distance(model, draw.rollouts, settings.sampling.temperature) for draw in nested_draws]
+    distances = [_distance(model, draw.rollouts, settings.sampling.temperature) for draw in nested_draws]
+    stats = [stat for stat, _ in distances]
     return RatioResult(
         skip_ratio=x,
         skipped_layers=count,
         skip_sets=[list(draw.rollouts.skip_set) for draw in nested_draws],
-        kl_behavior_target=statistics.mean(s.kl_behavior_target for s in stats),
+        kl_behavior_target=statistics.mean(kl for _, kl in distances),
         ess=statistics.mean(s.ess for s in stats),
         truncated=statistics.mean(s.truncated for s in stats),
         nested_reward=_mean_reward(nested_draws),
@@ -190,13 +191,15 @@ def _ratio_result(x: float, count: int, nested_draws: list[_Draw], full_draws: l
     )
 
 
-def _distance(model, rollouts: Rollouts, temperature: float):
-    """The importance statistics (retrace) of the nested completions: the full model scores them."""
+def _distance(model, rollouts: Rollouts, temperature: float) -> tuple[ImportanceStats, float]:
+    """The importance statistics (retrace) and KL per token of the nested completions: the full model scores
+    them (every completion has a token, so neither is None)."""
     with torch.no_grad():
         target = completion_logprobs(model, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.completion_ids,
                                      rollouts.completion_mask, temperature)
-    return importance_statistics(target, rollouts.behavior_logprobs, rollouts.completion_mask.float(),
-                                 ImportanceConfig(mitigation="retrace"))
+    mask = rollouts.completion_mask.float()
+    return (importance_statistics(target, rollouts.behavior_logprobs, mask, ImportanceConfig(mitigation="retrace")),
+            behavior_target_kl(target, rollouts.behavior_logprobs, mask))
 
 
 def _mean_reward(draws: list[_Draw]) -> float:

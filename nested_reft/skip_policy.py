@@ -81,12 +81,13 @@ class SkipPolicy:
             return draw_weighted(probabilities, count, generator)
         return draw_uniform(self.num_layers, count, self.border, generator)
 
-    def observe(self, skip_set: Sequence[int], layer_influence: Sequence[float] | None, kl: float) -> None:
-        """Fold in the step's measurements: the layers' influence (if measured) and the KL of its skip set."""
+    def observe(self, skip_set: Sequence[int], layer_influence: Sequence[float] | None, kl: float | None) -> None:
+        """Fold in the step's measurements: the layers' influence (if measured) and the KL of its skip set (None:
+        not measured, no token sampled; nothing to fold in)."""
         if layer_influence is not None:
             previous = self.influence or list(layer_influence)
             self.influence = [self._smooth(old, new) for old, new in zip(previous, layer_influence)]
-        if self.name == "kl_target":
+        if self.name == "kl_target" and kl is not None:
             used = len(skip_set)
             self.kl_by_count[used] = self._smooth(self.kl_by_count.get(used, kl), kl)
             self._age_measurements(used)

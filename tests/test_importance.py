@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nested_reft.config import ImportanceConfig
-from nested_reft.importance import MAX_LOG_WEIGHT, importance_statistics, importance_weights
+from nested_reft.importance import MAX_LOG_WEIGHT, behavior_target_kl, importance_statistics, importance_weights
 
 
 def random_logps(seed: int = 0, shape=(4, 7)):
@@ -98,11 +98,21 @@ def test_statistics_describe_the_weights():
     assert stats.ess == pytest.approx((ratio.sum() ** 2 / (len(ratio) * (ratio**2).sum())).item(), rel=1e-5)
     assert 0 < stats.ess < 1
     expected_kl = (ratio - 1 - torch.log(ratio)).mean().item()
-    assert stats.kl_behavior_target == pytest.approx(expected_kl, rel=1e-4)
+    assert behavior_target_kl(logp_old, logp_behavior, mask) == pytest.approx(expected_kl, rel=1e-4)
 
 
 def test_statistics_on_policy():
     logp, _, mask = random_logps(5)
     stats = importance_statistics(logp, logp, mask, ImportanceConfig("base"))
-    assert stats.ess == pytest.approx(1.0) and stats.kl_behavior_target == pytest.approx(0.0, abs=1e-7)
+    assert stats.ess == pytest.approx(1.0) and behavior_target_kl(logp, logp, mask) == pytest.approx(0.0, abs=1e-7)
     assert stats.mean == pytest.approx(1.0) and stats.truncated == 0.0
+
+
+def test_nothing_to_weight_is_not_reported_as_on_policy():
+    """A step whose loss counts no token (every completion cut and masked) weighted nothing: no statistic, rather
+    than an ESS of 1 that would pull a run's mean towards on-policy; the KL reads the same tokens, so None too."""
+    logp_old, logp_behavior, mask = random_logps(6)
+    nothing = torch.zeros_like(mask)
+    stats = importance_statistics(logp_old, logp_behavior, nothing, ImportanceConfig("retrace"))
+    assert (stats.mean, stats.min, stats.max, stats.truncated, stats.ess) == (None,) * 5
+    assert behavior_target_kl(logp_old, logp_behavior, nothing) is None

@@ -3,6 +3,8 @@ a step's importance-weight statistics over the tokens of its loss."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -58,3 +60,23 @@ def test_importance_statistics_cover_the_tokens_of_the_loss(mask_truncated, h_ma
     assert metrics.h_max == pytest.approx(h_max) and metrics.h_min == pytest.approx(1.0)
     assert metrics.h_ess == pytest.approx(1.0 if mask_truncated else 0.9)  # (1.5)^2 / 2.5 over mixed rows
     assert metrics.completion_length == 3.0  # the cut completions still count in the length
+    # the KL is a distance between the models, not a statistic of the loss: it reads the cut completions too
+    assert metrics.kl_behavior_target == pytest.approx(0.5 * (2 - 1 - math.log(2)), rel=1e-5)
+
+
+def test_a_step_whose_loss_counts_no_token_still_measures_the_distance():
+    """Every completion cut and masked: h's statistics are None (nothing weighted), the KL is measured on the
+    sampled tokens (before, both read the loss's empty mask and a study logged KL 0 and ESS 1 on such steps,
+    and the kl_target policy would have taken the 0 for a close skip set)."""
+    finished = torch.zeros(2, dtype=torch.bool)
+    behavior = torch.full((2, 3), -1.0)
+    rollouts = Rollouts(prompt_ids=torch.ones(2, 2, dtype=torch.long), prompt_mask=torch.ones(2, 2),
+                        completion_ids=torch.ones(2, 3, dtype=torch.long), completion_mask=torch.ones(2, 3),
+                        behavior_logprobs=behavior, finished=finished, skip_set=(1,), generation_time_s=1.0)
+    config = load_config(None, {"grpo.mask_truncated_completions": True, "sampling.max_new_tokens": 3,
+                                "sampling.min_new_tokens": 0})
+    update = UpdateResult(loss=0.0, grad_norm=0.0, finite=True, logp_old=behavior + math.log(2))
+    result = StepResult(1, rollouts, torch.zeros(2), update, 1e-6, StepTimes(0.0, 1.0, 2.0, 3.0))
+    metrics = step_metrics(result, config, Accelerator(cpu=True), ModelShapes((1,), 1, 1))
+    assert (metrics.h_mean, metrics.h_ess, metrics.h_truncated) == (None, None, None)
+    assert metrics.kl_behavior_target == pytest.approx(2 - 1 - math.log(2), rel=1e-5)

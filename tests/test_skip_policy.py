@@ -242,3 +242,15 @@ def test_the_policy_state_survives_a_json_round_trip():
     generator = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     assert restored.draw(generator()) == policy.draw(generator())
     assert not math.isnan(sum(restored.influence))
+
+
+def test_kl_target_policy_ignores_a_step_that_measured_no_kl():
+    """kl None (no sampled token) is no measurement: the count stays and nothing is recorded, where a 0 would
+    have read as a perfectly close skip set."""
+    config = NestingConfig(skip_ratio=0.3, border=1, skip_policy="kl_target", kl_target=0.1, smoothing=0.0,
+                           kl_retry_steps=0)
+    policy = SkipPolicy.from_config(config, num_layers=30)
+    policy.observe(policy.draw(torch.Generator().manual_seed(0)), None, kl=None)
+    assert policy.count == 4 and policy.kl_by_count == {}
+    policy.observe(policy.draw(torch.Generator().manual_seed(1)), None, kl=0.0)
+    assert policy.kl_by_count == {4: 0.0}
