@@ -10,8 +10,10 @@ warm-ups in parallel, one torch thread each.
 
     python scripts/calibrate_nested_warmup.py --lanes 2        # runs/calibrate-nested-warmup, then the table
     python scripts/calibrate_nested_warmup.py --only plain-64  # one warm-up
+    python scripts/calibrate_nested_warmup.py --figure-only    # the figure again, from calibration.json
 
-The table (Markdown, and calibration.json) goes to docs/study-nested-warmup/calibration/.
+The table (Markdown, and calibration.json) and the figure (KL and pass@1 against the warm-up's cost) go to
+docs/study-nested-warmup/calibration/.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from pathlib import Path
 
 import yaml
 
+from nested_reft.plots import pyplot, save_figure
+
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "configs/grids/study-nested-warmup.yaml"
 RATIOS = ("0.05", "0.15", "0.3")
+FIGURE = "kl-against-warm-up-cost.png"
 WARM_UPS = {  # label -> sft options over the grid's (1 epoch, batch 8); order: what decides most first
     "plain-64": {},
     "distill1-64": {"distill_nested": 1.0, "distill_ratio": 0.15},
@@ -103,6 +108,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def figure(rows: list[dict], path: Path) -> Path:
+    """KL per token at each x, and the full model's pass@1, against the warm-up's FLOPs: how far each option
+    moved the closeness, and what it cost the model."""
+    plt = pyplot()
+    fig, (distance, accuracy) = plt.subplots(1, 2, figsize=(11, 4.2))
+    cost = [r["sft_flops"] / 1e12 for r in rows]
+    kl = {x: [next(p for p in r["probe"]["ratios"] if f"{p['skip_ratio']:g}" == x)["kl_behavior_target"]
+              for r in rows] for x in RATIOS}
+    for x, marker in zip(RATIOS, "o^s"):
+        distance.scatter(cost, kl[x], marker=marker, label=f"x = {float(x):.0%}")
+    distance.axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="target at x = 15%")
+    passed = [100 * next(iter(r["eval"]["benchmarks"].values()))["accuracy"] for r in rows]
+    accuracy.scatter(cost, passed, color="black")
+    for axis, ys in ((distance, kl["0.15"]), (accuracy, passed)):
+        for index, (r, x, y) in enumerate(zip(rows, cost, ys)):
+            same_cost = sum(round(c) == round(x) for c in cost[:index])  # warm-ups of one cost: labels stacked
+            axis.annotate(r["warm_up"], (x, y), textcoords="offset points", xytext=(4, 4 - 11 * same_cost),
+                          fontsize=8)
+        axis.set_xlabel("warm-up TFLOPs")
+    distance.set_ylabel("KL(behavior || target), nats per token")
+    distance.set_title("closeness bought by the warm-up (probe, seed 0)")
+    distance.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.76, 0.84))
+    accuracy.set_ylabel("full model's pass@1 on 300 problems (%)")
+    accuracy.set_title("what it cost the full model")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lanes", type=int, default=1)
@@ -110,7 +143,11 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", type=Path, default=ROOT / "runs/calibrate-nested-warmup")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs/study-nested-warmup/calibration")
     parser.add_argument("--model", default=None, help="instead of the grid's (a quick look: tiny-llama)")
+    parser.add_argument("--figure-only", action="store_true", help="redraw the figure from the docs' calibration.json")
     args = parser.parse_args(argv)
+    if args.figure_only:
+        print(figure(json.loads((args.docs / "calibration.json").read_text()), args.docs / FIGURE))
+        return
     grid = yaml.safe_load(GRID.read_text())
     grid["models"] = [args.model] if args.model else grid["models"]
     with concurrent.futures.ThreadPoolExecutor(args.lanes) as lanes:
@@ -125,6 +162,7 @@ def main(argv=None) -> None:
     (args.docs / "calibration.json").write_text(json.dumps(rows, indent=1))
     (args.docs / "calibration.md").write_text(table(rows) + "\n")
     print(table(rows))
+    figure(rows, args.docs / FIGURE)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def test_the_nested_warm_up_calibration_tables_what_its_probes_and_evaluations_m
     kl_15 = [float(line.split("|")[8]) for line in table[2:]]
     assert kl_15 == [round(next(x["kl_behavior_target"] for x in row["probe"]["ratios"] if x["skip_ratio"] == 0.15), 2)
                      for row in rows]
+    assert (docs / calibrate.FIGURE).stat().st_size > 0
+    (docs / calibrate.FIGURE).unlink()
+    calibrate.main(["--figure-only", "--docs", str(docs)])  # redrawn from calibration.json alone
+    assert (docs / calibrate.FIGURE).stat().st_size > 0
     config = calibrate.config_for("distill1-64", {"train": {"sft": {"epochs": 1}}, "models": ["m"],
                                                   "datasets": ["d"]}, tmp_path)
     assert config["sft"] == {"epochs": 1, "distill_nested": 1.0, "distill_ratio": 0.15} and config["rft_steps"] == 0
