@@ -4,18 +4,21 @@
 writes into SWEEP_DIR/report/:
 
 * `deltas.csv`: per finished instance, each metric z (average accuracy a, token speed, total runtime), the
-  baseline's z (the mean over the baseline seeds of the same model and dataset) and its spread, and
-  Delta(z) = 100 (z - z_base) / z_base and Delta_abs(z) = z - z_base;
-* `figure1-<model>-<dataset>.png`: Figure 1, three panels (Delta accuracy %, Delta tok/s %, Delta runtime %)
-  against the skip ratio x, one line per mitigation, the baseline's seed spread as a grey band; the smallest
-  value of a panel is annotated in red, the largest in green, as in the paper;
+  baseline's z (the mean over the baseline seeds of the same model, dataset and warm-up) and its spread, and
+  Delta(z) = 100 (z - z_base) / z_base and Delta_abs(z) = z - z_base; then the accuracy of the baseline of its own
+  seed and warm-up, Delta_abs to it, and over its configuration's seeds the mean of those with its t interval
+  (`study.SEED_COLUMNS`);
+* `figure1-<model>-<dataset>[-<warm-up>].png`: Figure 1, three panels (Delta accuracy %, Delta tok/s %, Delta
+  runtime %) against the skip ratio x, one line per mitigation, the baseline's seed spread as a grey band; the
+  smallest value of a panel is annotated in red, the largest in green, as in the paper;
 * `report.md`: the baselines and their spread, Table 2 (best and worst Delta_abs accuracy per dataset and
   their mean absolute value per model), the best/worst/neutral counts per mitigation, the linear fits of
   Delta tok/s and Delta runtime against x with R^2, the per-instance deltas, and links to the figures.
 
 Instances that differ only by seed are averaged before Table 2, the counts, the fits and the figure (an
-"instance" of the paper is a configuration (x, b, m); seeds replicate it). The computations are small pure
-functions over rows (dicts), so they test without files.
+"instance" of the paper is a configuration (x, b, m); seeds replicate it). Runs from different warm-ups (a grid's
+`warm_ups`) are kept apart: each compares with its own warm-up's baselines, and the tables name the warm-up where
+there are several. The computations are small pure functions over rows (dicts), so they test without files.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 
 from nested_reft.files import atomic_write_text, check_output_directory
 from nested_reft import study
-from nested_reft.plots import pyplot, save_figure
+from nested_reft.plots import pyplot, save_figure, series_style
 from nested_reft.results import (
     CONDITIONS_FILE, METRIC_COLUMNS, OPTIONAL_STEP_COLUMNS, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS,
     STEPS_FILE, ResultsError, csv_text, model_slug, read_results, read_table,
@@ -52,12 +55,12 @@ def relative_delta(value: float, baseline: float) -> float | None:
     return None if baseline == 0 else 100.0 * (value - baseline) / baseline
 
 
-def baseline_summary(rows: Iterable[dict]) -> dict[tuple[str, str], dict]:
-    """Per (model, dataset): the number of finished baseline seeds and each metric's mean, std, min, max."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+def baseline_summary(rows: Iterable[dict]) -> dict[tuple[str, str, str], dict]:
+    """Per (model, dataset, warm-up): the number of finished baseline seeds and each metric's mean, std, min, max."""
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for row in rows:
         if row["role"] == "baseline" and row["status"] == "done":
-            groups[(row["model"], row["dataset"])].append(row)
+            groups[study.group_key(row)].append(row)
     summary = {}
     for key, members in groups.items():
         entry: dict[str, Any] = {"n": len(members), "seeds": sorted(row["seed"] for row in members)}
@@ -71,19 +74,22 @@ def baseline_summary(rows: Iterable[dict]) -> dict[tuple[str, str], dict]:
 
 
 def compute_deltas(rows: Sequence[dict]) -> list[dict]:
-    """Every finished instance (baselines too) against the mean of its group's finished baselines.
+    """Every finished instance (baselines too) against the mean of its group's finished baselines (same model,
+    dataset and warm-up), and against the baseline of its own seed in that group (`seed_deltas`).
 
-    Instances of a (model, dataset) with no finished baseline are left out (the report lists them).
+    Instances of a group with no finished baseline are left out (the report lists them).
     """
     baselines = baseline_summary(rows)
+    paired = seed_deltas(rows)
     deltas = []
     for row in rows:
-        base = baselines.get((row["model"], row["dataset"]))
+        base = baselines.get(study.group_key(row))
         if row["status"] != "done" or base is None:
             continue
         entry = {key: row[key] for key in ("model", "dataset", "instance", "role", "skip_ratio", "border",
                                            "mitigation", "seed")}
         entry["variant"] = row.get("variant", "")  # optional: results.csv files from before variants have none
+        entry["warm_up"] = study.warm_up(row)
         entry["baseline_n"] = base["n"]
         for metric in METRICS:
             entry[metric] = row[metric]
@@ -91,8 +97,23 @@ def compute_deltas(rows: Sequence[dict]) -> list[dict]:
             entry[f"{metric}_baseline_std"] = base[f"{metric}_std"]
             entry[f"delta_{metric}"] = relative_delta(row[metric], base[metric])
             entry[f"delta_abs_{metric}"] = row[metric] - base[metric]
-        deltas.append(entry)
+        deltas.append({**entry, **paired[row["instance"]]})
     return deltas
+
+
+def seed_deltas(rows: Sequence[dict]) -> dict[str, dict]:
+    """Per finished instance: the accuracy of its group's baseline of the same seed (the one that started from the
+    same warm-up), its Delta_abs accuracy to it (None where that baseline did not finish), and its configuration's
+    SEED_COLUMNS: the mean of its seeds' such deltas and their t interval."""
+    paired = {}
+    for runs, baselines in study.configurations(rows):
+        deltas = study.paired_deltas(runs, baselines)
+        summary = study.seed_summary(list(deltas.values()))
+        reference = {row["seed"]: row["accuracy"] for row in baselines}
+        for row in runs:
+            paired[row["instance"]] = {"accuracy_seed_baseline": reference.get(row["seed"]),
+                                       "delta_abs_accuracy_seed": deltas.get(row["seed"]), **summary}
+    return paired
 
 
 def series(row: dict) -> str:
@@ -101,17 +122,18 @@ def series(row: dict) -> str:
 
 
 def instance_means(deltas: Iterable[dict]) -> list[dict]:
-    """Nested instances averaged over seeds: one point per (model, dataset, x, b, m and variant), in first-seen
-    order; a variant's mitigation is reported as `series` names it."""
+    """Nested instances averaged over seeds: one point per (model, dataset, warm-up, x, b, m and variant), in
+    first-seen order, with its seeds' SEED_COLUMNS; a variant's mitigation is reported as `series` names it."""
     groups: dict[tuple, list[dict]] = {}
     for row in deltas:
         if row["role"] == "nested":
-            key = (row["model"], row["dataset"], row["skip_ratio"], row["border"], series(row))
-            groups.setdefault(key, []).append(row)
+            groups.setdefault(study.configuration_key(row), []).append(row)
     points = []
-    for (model, dataset, ratio, border, mitigation), members in groups.items():
-        point: dict[str, Any] = dict(model=model, dataset=dataset, skip_ratio=ratio, border=border,
-                                     mitigation=mitigation, n_seeds=len(members))
+    for members in groups.values():
+        first = members[0]
+        point: dict[str, Any] = dict(model=first["model"], dataset=first["dataset"], warm_up=study.warm_up(first),
+                                     skip_ratio=first["skip_ratio"], border=first["border"], mitigation=series(first),
+                                     n_seeds=len(members), **{column: first[column] for column in study.SEED_COLUMNS})
         for metric in METRICS:
             for prefix in ("delta_", "delta_abs_"):
                 values = [row[prefix + metric] for row in members if row[prefix + metric] is not None]
@@ -125,20 +147,28 @@ def instance_means(deltas: Iterable[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _configurations(points: Iterable[dict]) -> dict[tuple[str, str], list[dict]]:
-    groups: dict[tuple[str, str], list[dict]] = {}
+def _configurations(points: Iterable[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """The points by group (model, dataset, warm-up): each group's deltas are to its own baseline."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for point in points:
-        groups.setdefault((point["model"], point["dataset"]), []).append(point)
+        groups.setdefault(study.group_key(point), []).append(point)
     return groups
 
 
+def _scope(dataset: str, warm_up: str, points: Iterable[dict]) -> str:
+    """A group's column or row name in the tables: its dataset, after its warm-up where `points` have several."""
+    return study.named(dataset, warm_up, study.several_warm_ups(study.warm_up(point) for point in points))
+
+
 def table2(points: Sequence[dict]) -> dict[str, dict]:
-    """Per model: the best and worst Delta_abs accuracy per dataset, and the mean of their absolute values.
+    """Per model: the best and worst Delta_abs accuracy per dataset (per dataset and warm-up where there are
+    several, `warm-up/dataset`), and the mean of their absolute values.
 
     {model: {"datasets": [...], "best": {dataset: value}, "worst": {...}, "best_mean_abs": v, "worst_mean_abs": v}}
     """
     table: dict[str, dict] = {}
-    for (model, dataset), members in _configurations(points).items():
+    for (model, dataset, warm_up), members in _configurations(points).items():
+        dataset = _scope(dataset, warm_up, points)
         values = [point["delta_abs_accuracy"] for point in members]
         entry = table.setdefault(model, {"datasets": [], "best": {}, "worst": {}})
         entry["datasets"].append(dataset)
@@ -218,8 +248,9 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
 
 
 def efficiency_fits(points: Sequence[dict]) -> list[dict]:
-    """Delta tok/s % and Delta runtime % against x: per (model, dataset), then pooled over all of them."""
-    scopes = [((model, dataset), members) for (model, dataset), members in _configurations(points).items()]
+    """Delta tok/s % and Delta runtime % against x: per (model, dataset, warm-up), then pooled over all of them."""
+    scopes = [((model, _scope(dataset, warm_up, points)), members)
+              for (model, dataset, warm_up), members in _configurations(points).items()]
     scopes.append((("all", "all"), list(points)))
     fits = []
     for (model, dataset), members in scopes:
@@ -236,24 +267,26 @@ def efficiency_fits(points: Sequence[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def figure_name(model: str, dataset: str) -> str:
-    """`figure1-<model-slug>-<dataset>.png`, the model named as the sweep names its directories."""
-    return f"figure1-{model_slug(model)}-{dataset}.png"
+def figure_name(model: str, dataset: str, warm_up: str = "") -> str:
+    """`figure1-<model-slug>-<dataset>.png`, the model named as the sweep names its directories, and
+    `-<warm-up>` before `.png` for a named warm-up's runs, as their directories are named."""
+    return f"figure1-{model_slug(model)}-{dataset}{f'-{warm_up}' if warm_up else ''}.png"
 
 
-def plot_figure1(points: Sequence[dict], baselines: dict[tuple[str, str], dict], output_dir: Path) -> list[Path]:
-    """One PNG per (model, dataset): Delta accuracy %, Delta tok/s %, Delta runtime % against x."""
+def plot_figure1(points: Sequence[dict], baselines: dict[tuple[str, str, str], dict], output_dir: Path) -> list[Path]:
+    """One PNG per (model, dataset, warm-up): Delta accuracy %, Delta tok/s %, Delta runtime % against x."""
     plt = pyplot()
     paths = []
-    for (model, dataset), members in _configurations(points).items():
+    for (model, dataset, warm_up), members in _configurations(points).items():
         figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-        base = baselines.get((model, dataset), {})
+        base = baselines.get((model, dataset, warm_up), {})
         for axis, metric in zip(axes, METRICS):
             _panel(axis, members, metric, base)
         axes[0].legend(title="mitigation", fontsize=8)
-        figure.suptitle(f"{model} fine-tuned on {dataset}: deltas to the baseline (x = 0, b = 0, base)")
+        start = f" from the {warm_up} warm-up" if warm_up else ""
+        figure.suptitle(f"{model} fine-tuned on {dataset}{start}: deltas to the baseline (x = 0, b = 0, base)")
         figure.tight_layout()
-        paths.append(save_figure(figure, Path(output_dir) / figure_name(model, dataset)))
+        paths.append(save_figure(figure, Path(output_dir) / figure_name(model, dataset, warm_up)))
     return paths
 
 
@@ -264,11 +297,11 @@ def _panel(axis, members: Sequence[dict], metric: str, base: dict) -> None:
     if spread and base.get(metric):
         band = 100.0 * spread / abs(base[metric])
         axis.axhspan(-band, band, color="grey", alpha=0.2, label=f"baseline ±1 sd ({base['n']} seeds)")
-    for mitigation in dict.fromkeys(point["mitigation"] for point in members):
+    for index, mitigation in enumerate(dict.fromkeys(point["mitigation"] for point in members)):
         line = sorted((p["skip_ratio"], p[key]) for p in members if p["mitigation"] == mitigation)
         xs = [100 * x for x, _ in line]
         ys = [math.nan if y is None else y for _, y in line]
-        axis.plot(xs, ys, marker="o", label=mitigation)
+        axis.plot(xs, ys, marker="o", label=mitigation, **series_style(index))
     values = [(100 * p["skip_ratio"], p[key]) for p in members if p[key] is not None]
     if values:
         for (x, y), colour in ((min(values, key=lambda v: v[1]), "red"), (max(values, key=lambda v: v[1]), "green")):
@@ -282,12 +315,12 @@ def _panel(axis, members: Sequence[dict], metric: str, base: dict) -> None:
 # Files: deltas.csv and report.md
 # ----------------------------------------------------------------------------------------------------------
 
-DELTA_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border", "mitigation", "variant", "seed",
-                 "baseline_n"] + [
+DELTA_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border", "mitigation", "variant",
+                 "warm_up", "seed", "baseline_n"] + [
     f"{prefix}{metric}{suffix}"
     for metric in METRICS
     for prefix, suffix in (("", ""), ("", "_baseline"), ("", "_baseline_std"), ("delta_", ""), ("delta_abs_", ""))
-]
+] + ["accuracy_seed_baseline", "delta_abs_accuracy_seed", *study.SEED_COLUMNS]
 
 
 def deltas_csv(deltas: Sequence[dict]) -> str:
@@ -302,11 +335,6 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) ->
     rows = read_results(sweep_dir / RESULTS_FILE)
     if not any(row["status"] == "done" for row in rows):
         raise ResultsError(f"{sweep_dir / RESULTS_FILE} has no finished instance yet")
-    warm_ups = sorted({row.get("warm_up") or "" for row in rows})
-    if len(warm_ups) > 1:  # each table below compares a run with the baselines of its (model, dataset) alone
-        raise ResultsError(f"{sweep_dir / RESULTS_FILE} holds runs from several warm-ups ({', '.join(warm_ups)}; "
-                           "'' is the grid's own), which this report would compare with each other's baselines: "
-                           "it does not separate warm-ups yet")
     baselines = baseline_summary(rows)
     deltas = compute_deltas(rows)
     points = instance_means(deltas)
@@ -323,12 +351,13 @@ def study_section(sweep_dir: Path, rows: Sequence[dict], output: Path) -> str:
     problems = read_table(sweep_dir / PROBLEMS_FILE, PROBLEM_COLUMNS)
     if not steps and not problems:
         return ""
-    table = study.study_rows(rows, problems)
+    table = study.study_rows(rows, problems, steps)
     figures = study.plot_learning_curves(study.learning_curves(steps, rows), output)
     figures += study.plot_diagnostics(table, output)
     conditions = (sweep_dir / CONDITIONS_FILE).read_text().strip() if (sweep_dir / CONDITIONS_FILE).is_file() else ""
     runs = study.run_rows(rows, steps)
-    return "\n" + study.render_study(table, runs, [path.name for path in figures], conditions)
+    warm_ups = study.warm_up_rows(rows, problems)
+    return "\n" + study.render_study(table, runs, [path.name for path in figures], conditions, warm_ups)
 
 
 def render_markdown(rows, baselines, deltas, points, figure_files: Sequence[str]) -> str:
@@ -336,9 +365,11 @@ def render_markdown(rows, baselines, deltas, points, figure_files: Sequence[str]
     parts = [
         "# Nested-ReFT sweep report\n",
         f"From `results.csv`: {len(rows)} instances, {done} done. Deltas are to the baseline (x = 0, b = 0, "
-        "m = base) of the same model and dataset, averaged over its seeds: Δ(z) = 100 (z − z_base) / z_base, "
-        "Δ_abs(z) = z − z_base; accuracy is the average over the benchmarks (a fraction). Seeds of one "
-        "configuration are averaged. Per-instance values: [deltas.csv](deltas.csv).\n",
+        "m = base) of the same model, dataset and warm-up, averaged over its seeds: Δ(z) = 100 (z − z_base) / "
+        "z_base, Δ_abs(z) = z − z_base; accuracy is the average over the benchmarks (a fraction). Seeds of one "
+        "configuration are averaged; Δ_abs acc, seeds: the mean of each seed's Δ_abs accuracy to the baseline of "
+        "its own seed, with its 95% Student t interval over the seeds (– for one seed). Per-instance values: "
+        "[deltas.csv](deltas.csv).\n",
         _not_done_section(rows, baselines),
         "## Baselines and their seed spread\n",
         _baseline_table(baselines),
@@ -367,9 +398,12 @@ def _not_done_section(rows: Sequence[dict], baselines: dict) -> str:
         lines.append(f"Not done ({len(pending)}), left out:\n")
         lines += [f"- `{row['instance']}`: {row['status']}" + (f" ({row['error']})" if row.get("error") else "")
                   for row in pending]
-    orphans = sorted({(row["model"], row["dataset"]) for row in rows if row["status"] == "done"} - set(baselines))
+    groups = {study.group_key(row) for row in rows if row["status"] == "done"}
+    several = study.several_warm_ups(warm_up for _, _, warm_up in groups)
+    orphans = sorted(groups - set(baselines))
     if orphans:
-        lines.append("\nNo finished baseline, so no deltas, for: " + ", ".join(f"{m} / {d}" for m, d in orphans))
+        lines.append("\nNo finished baseline, so no deltas, for: "
+                     + ", ".join(f"{m} / {study.named(d, w, several)}" for m, d, w in orphans))
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -380,7 +414,9 @@ def _format(value: float | None, spec: str) -> str:
 def _baseline_table(baselines: dict) -> str:
     lines = ["| model | dataset | seeds | accuracy mean ± sd (min–max) | tok/s mean ± sd (rel. sd) | "
              "runtime s mean ± sd (rel. sd) |", "|---|---|---|---|---|---|"]
-    for (model, dataset), entry in baselines.items():
+    several = study.several_warm_ups(warm_up for _, _, warm_up in baselines)
+    for (model, dataset, warm_up), entry in baselines.items():
+        dataset = study.named(dataset, warm_up, several)
         cells = [f"{_format(entry['accuracy'], '.4f')} ± {_format(entry['accuracy_std'], '.4f')} "
                  f"({entry['accuracy_min']:.4f}–{entry['accuracy_max']:.4f})"]
         for metric in ("token_speed", "total_runtime_s"):
@@ -410,13 +446,15 @@ def _fits_table(fits: Sequence[dict]) -> str:
 
 
 def _points_table(points: Sequence[dict]) -> str:
-    lines = ["| model | dataset | x | b | mitigation | seeds | Δ acc % | Δ_abs acc | Δ tok/s % | Δ runtime % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | dataset | x | b | mitigation | seeds | Δ acc % | Δ_abs acc | Δ_abs acc, seeds [95% t CI] "
+             "| Δ tok/s % | Δ runtime % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(
-            f"| {p['model']} | {p['dataset']} | {p['skip_ratio']:g} | {p['border']} | {p['mitigation']} "
-            f"| {p['n_seeds']} "
+            f"| {p['model']} | {_scope(p['dataset'], study.warm_up(p), points)} | {p['skip_ratio']:g} "
+            f"| {p['border']} | {p['mitigation']} | {p['n_seeds']} "
             f"| {_format(p['delta_accuracy'], '+.2f')} | {_format(p['delta_abs_accuracy'], '+.4f')} "
+            f"| {study.seeds_text(p, '+.4f', 1)} "
             f"| {_format(p['delta_token_speed'], '+.2f')} | {_format(p['delta_total_runtime_s'], '+.2f')} |"
         )
     return "\n".join(lines) + "\n"

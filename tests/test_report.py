@@ -40,8 +40,8 @@ def baseline(model="M", dataset="d", seed=0, acc=0.5, speed=100.0, runtime=50.0)
     return row(model, dataset, x=0.0, b=0, m="base", seed=seed, acc=acc, speed=speed, runtime=runtime, role="baseline")
 
 
-def to_csv(rows: list[dict], drop: str | None = None) -> str:
-    columns = [c for c in RESULT_COLUMNS if c != drop]
+def to_csv(rows: list[dict], drop: str | None = None, extra: tuple[str, ...] = ()) -> str:
+    columns = [c for c in RESULT_COLUMNS if c != drop] + list(extra)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -210,20 +210,73 @@ def test_done_row_without_a_metric_or_with_a_non_number_is_an_error():
         parse_results(to_csv([baseline(speed="fast")]))
 
 
-def test_a_report_refuses_to_compare_runs_of_several_warm_ups_with_each_others_baselines(tmp_path, capsys):
-    rows = [baseline(), row(), dict(baseline(), instance="M/d/distill/baseline-s0"),
-            dict(row(), instance="M/d/distill/x0.05-b1-retrace-s0")]
-    for entry in rows[2:]:
-        entry["warm_up"] = "distill"
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*RESULT_COLUMNS, "warm_up"], extrasaction="ignore",
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    (tmp_path / "results.csv").write_text(buffer.getvalue())
-    assert main(["report", str(tmp_path)]) == 2
-    assert "several warm-ups (, distill" in capsys.readouterr().err
-    assert not (tmp_path / "report").exists()
+def warm_up_runs(label: str, baselines: list[float], nested: list[float]) -> list[dict]:
+    """Per seed (0, 1, ...) a baseline and an x = 0.15 retrace run from the warm-up `label` ("" the plain one), with
+    the accuracies given, named as the sweep names them (`M/d/<label>/...`)."""
+    rows = []
+    for seed, (base, run) in enumerate(zip(baselines, nested)):
+        for entry in (baseline(seed=seed, acc=base), row(x=0.15, seed=seed, acc=run)):
+            entry["warm_up"] = label
+            entry["instance"] = entry["instance"].replace("M/d/", f"M/d/{label}/" if label else "M/d/")
+            rows.append(entry)
+    return rows
+
+
+# The plain warm-up's baselines score 0.5, 0.6, 0.7 and its nested runs 0.45, 0.58, 0.62 (seed deltas -0.05, -0.02,
+# -0.08); distill-256's baselines 0.8, 0.7, 0.9 and nested 0.75, 0.72, 0.83 (seed deltas -0.05, +0.02, -0.07). Against
+# the plain baselines the distilled runs would gain; against the mean of their own, seed 1 would lose.
+TWO_WARM_UPS = warm_up_runs("", [0.5, 0.6, 0.7], [0.45, 0.58, 0.62]) + \
+    warm_up_runs("distill-256", [0.8, 0.7, 0.9], [0.75, 0.72, 0.83])
+
+
+def test_deltas_are_to_the_baselines_of_the_same_warm_up_and_seed():
+    deltas = {(d["warm_up"], d["role"], d["seed"]): d for d in compute_deltas(TWO_WARM_UPS)}
+    distilled = deltas[("distill-256", "nested", 1)]
+    assert distilled["accuracy_baseline"] == pytest.approx(0.8)  # the mean of distill-256's baselines only
+    assert distilled["delta_abs_accuracy"] == pytest.approx(0.72 - 0.8)
+    assert distilled["accuracy_seed_baseline"] == pytest.approx(0.7)  # distill-256's baseline of seed 1
+    assert distilled["delta_abs_accuracy_seed"] == pytest.approx(0.02)
+    assert deltas[("", "nested", 1)]["accuracy_baseline"] == pytest.approx(0.6)
+    assert deltas[("", "nested", 1)]["delta_abs_accuracy_seed"] == pytest.approx(-0.02)
+    # the t interval of the plain configuration by hand: mean -0.05, sd 0.03, t_{0.975, 2} = 4.302652729911275
+    plain = deltas[("", "nested", 0)]
+    half = 4.302652729911275 * 0.03 / math.sqrt(3)
+    assert plain["seeds_paired"] == 3 and plain["delta_abs_accuracy_seeds_mean"] == pytest.approx(-0.05)
+    assert plain["delta_abs_accuracy_seeds_t_low"] == pytest.approx(-0.05 - half)
+    assert plain["delta_abs_accuracy_seeds_t_high"] == pytest.approx(-0.05 + half)
+    assert distilled["delta_abs_accuracy_seeds_mean"] == pytest.approx(-0.1 / 3)
+    points = {p["warm_up"]: p for p in instance_means(compute_deltas(TWO_WARM_UPS))}
+    assert points["distill-256"]["delta_abs_accuracy"] == pytest.approx((0.75 + 0.72 + 0.83) / 3 - 0.8)
+    assert points[""]["delta_abs_accuracy_seeds_t_high"] == pytest.approx(-0.05 + half)
+
+
+def test_one_seed_gives_a_seed_delta_but_no_interval():
+    deltas = compute_deltas(warm_up_runs("", [0.5], [0.4]))
+    assert deltas[-1]["seeds_paired"] == 1 and deltas[-1]["delta_abs_accuracy_seeds_mean"] == pytest.approx(-0.1)
+    assert deltas[-1]["delta_abs_accuracy_seeds_t_low"] is None and deltas[-1]["delta_abs_accuracy_seeds_t_high"] is None
+    assert "| -0.1000 [–] |" in report._points_table(instance_means(deltas))
+
+
+def test_a_report_of_several_warm_ups_keeps_them_apart(tmp_path):
+    (tmp_path / "results.csv").write_text(to_csv(TWO_WARM_UPS, extra=("warm_up",)))
+    text = write_report(tmp_path).read_text()
+    output = tmp_path / "report"
+    assert (output / "figure1-m-d.png").is_file() and (output / "figure1-m-d-distill-256.png").is_file()
+    assert "| M | plain/d | 3 |" in text and "| M | distill-256/d | 3 |" in text  # the baselines, one row each
+    assert "| Model | Instance | plain/d | distill-256/d | mean abs |" in text  # Table 2
+    assert "| M | distill-256/d | 0.15 | 1 | retrace | 3 |" in text
+    deltas = list(csv.DictReader((output / "deltas.csv").open()))
+    assert len(deltas) == 12 and {d["warm_up"] for d in deltas} == {"", "distill-256"}
+    seed_1 = next(d for d in deltas if d["instance"] == "M/d/distill-256/x0.15-b1-retrace-s1")
+    assert float(seed_1["accuracy_seed_baseline"]) == pytest.approx(0.7)
+    assert float(seed_1["delta_abs_accuracy_seed"]) == pytest.approx(0.02)
+
+
+def test_a_report_of_one_warm_up_does_not_name_it():
+    rows = TWO_WARM_UPS[:6]  # the plain warm-up's
+    deltas = compute_deltas(rows)
+    text = report.render_markdown(rows, report.baseline_summary(rows), deltas, instance_means(deltas), [])
+    assert "plain/" not in text and "| M | d | 3 |" in text and "| M | d | 0.15 | 1 | retrace | 3 |" in text
 
 
 def test_missing_results_file(tmp_path):

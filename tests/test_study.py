@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import statistics
 
 import numpy as np
 import pytest
@@ -12,8 +14,12 @@ import yaml
 from nested_reft.grid import enumerate_instances, load_grid, run_directory
 from nested_reft.report import write_report
 from nested_reft.results import OPTIONAL_STEP_COLUMNS, PROBLEMS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError, read_table
+from nested_reft import study
+from nested_reft.plots import series_style
 from nested_reft.study import (
-    Interval, bootstrap_delta, bootstrap_replicates, learning_curves, render_runs, run_rows, study_rows,
+    SEED_COLUMNS, Interval, bootstrap_delta, bootstrap_replicates, kl_quarters, learning_curves, quarter_means,
+    render_runs, render_study, render_warm_ups, run_rows, seed_summary, study_rows, t_interval, t_quantile,
+    warm_up_rows,
 )
 from nested_reft.rundir import METRICS_FILE, read_metrics
 from nested_reft.sweep import sweep_main
@@ -50,21 +56,32 @@ def test_bootstrap_refuses_arms_scored_on_different_problems():
         bootstrap_delta([[1, 0, 1]], [[0, 0]])
 
 
-def rows_and_problems():
-    """Two seeds of a baseline and of a nested configuration, scored on four problems."""
+def rows_and_problems(scores: dict | None = None, warm_up: str = "", before: float = 0.25):
+    """Runs scored on four problems, by (role, seed): by default two seeds of a baseline and of a nested
+    configuration, from the plain warm-up ("") or the one named `warm_up` (then under `m/d/<warm_up>/`)."""
     rows, problems = [], []
-    scores = {("baseline", 0): [1, 0, 0, 0], ("baseline", 1): [1, 1, 0, 0],
-              ("nested", 0): [1, 1, 1, 0], ("nested", 1): [1, 1, 0, 1]}
+    scores = scores or {("baseline", 0): [1, 0, 0, 0], ("baseline", 1): [1, 1, 0, 0],
+                        ("nested", 0): [1, 1, 1, 0], ("nested", 1): [1, 1, 0, 1]}
     for (role, seed), correct in scores.items():
-        instance = f"m/d/{role}-s{seed}"
+        instance = f"m/d/{warm_up + '/' if warm_up else ''}{role}-s{seed}"
         rows.append({"model": "m", "dataset": "d", "instance": instance, "role": role, "status": "done",
                      "skip_ratio": 0.0 if role == "baseline" else 0.3, "border": 0 if role == "baseline" else 1,
                      "mitigation": "base" if role == "baseline" else "retrace", "variant": "", "seed": seed,
-                     "accuracy": sum(correct) / 4, "accuracy_before": 0.25, "skipped_layers": 0 if role == "baseline" else 9,
+                     "accuracy": sum(correct) / 4, "accuracy_before": before, "skipped_layers": 0 if role == "baseline" else 9,
                      "kl_behavior_target": 0.0, "h_ess": 1.0, "h_truncated": 0.0, "gen_tokens_per_s": 10.0,
-                     "rollout_flops": 1e12})
+                     "rollout_flops": 1e12, "warm_up": warm_up})
         problems += [{"instance": instance, "benchmark": "b", "problem": str(i), "correct": c} for i, c in enumerate(correct)]
     return rows, problems
+
+
+def two_warm_ups():
+    """rows_and_problems' plain runs (nested - baseline: +0.5 at seed 0, +0.25 at seed 1) and distill's, which start
+    higher (before 0.5) and whose baselines score 1.0 and 0.75, their nested runs 0.5 and 0.25 (-0.5 at both seeds)."""
+    plain_rows, plain_problems = rows_and_problems()
+    distill_rows, distill_problems = rows_and_problems(
+        {("baseline", 0): [1, 1, 1, 1], ("baseline", 1): [1, 1, 1, 0],
+         ("nested", 0): [1, 1, 0, 0], ("nested", 1): [1, 0, 0, 0]}, warm_up="distill", before=0.5)
+    return plain_rows + distill_rows, plain_problems + distill_problems
 
 
 def test_study_rows_average_seeds_and_give_the_delta_against_the_baseline():
@@ -75,6 +92,90 @@ def test_study_rows_average_seeds_and_give_the_delta_against_the_baseline():
     delta = table["nested"]["delta"]
     assert delta.mean == pytest.approx(0.375) and delta.low <= delta.mean <= delta.high
     assert table["baseline"]["delta"].mean == 0.0  # the baseline against itself
+
+
+def test_t_quantile_matches_the_published_table():
+    for df, value in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706), (10, 2.2281), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(value, abs=1e-4)
+    assert t_quantile(0.95, 1) == pytest.approx(6.3138, abs=1e-4) and t_quantile(0.5, 7) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        t_quantile(0.975, 0)
+
+
+def test_t_interval_against_a_hand_computation():
+    """1, 2, 6: mean 3, sd sqrt(7), so 3 +- t_{0.975, 2} sqrt(7) / sqrt(3); one value has no interval."""
+    half = 4.302652729911275 * math.sqrt(7) / math.sqrt(3)
+    interval = t_interval([1.0, 2.0, 6.0])
+    assert interval.mean == pytest.approx(3.0)
+    assert (interval.low, interval.high) == pytest.approx((3.0 - half, 3.0 + half))
+    assert t_interval([1.0]) is None
+    assert seed_summary([0.5]) == dict(zip(SEED_COLUMNS, (1, 0.5, None, None)))
+
+
+def test_study_rows_compare_each_warm_up_with_its_own_baselines():
+    rows, problems = two_warm_ups()
+    table = {entry["label"]: entry for entry in study_rows(rows, problems)}
+    assert list(table) == ["plain/baseline (x = 0, b = 0)", "plain/x = 30%, retrace",
+                           "distill/baseline (x = 0, b = 0)", "distill/x = 30%, retrace"]
+    distilled, plain = table["distill/x = 30%, retrace"], table["plain/x = 30%, retrace"]
+    assert distilled["delta"].mean == pytest.approx(0.375 - 0.875)  # against all baselines it would be -0.25
+    assert plain["delta"].mean == pytest.approx(0.375)
+    assert distilled["delta_abs_accuracy_seeds_mean"] == pytest.approx(-0.5)
+    assert (distilled["delta_abs_accuracy_seeds_t_low"], distilled["delta_abs_accuracy_seeds_t_high"]) == \
+        pytest.approx((-0.5, -0.5))  # the same delta at both seeds
+    half = 12.706204736174707 * statistics.stdev([0.5, 0.25]) / math.sqrt(2)  # t_{0.975, 1}
+    assert plain["delta_abs_accuracy_seeds_t_low"] == pytest.approx(0.375 - half)
+    assert "| +37.5 [" in render_study(list(table.values()), [], [], "") and f"{100 * (0.375 + half):+.1f}]" in \
+        render_study(list(table.values()), [], [], "")
+
+
+def test_warm_up_rows_pair_the_baselines_by_seed():
+    rows, problems = two_warm_ups()
+    comparison = warm_up_rows(rows, problems)
+    assert [entry["seeds"] for entry in comparison] == ["0", "1", "mean of 2"]
+    seed_0, seed_1, both = comparison
+    assert seed_0["delta"].mean == pytest.approx(1.0 - 0.25) and seed_1["delta"].mean == pytest.approx(0.75 - 0.5)
+    assert seed_0["delta"].low <= 0.75 <= seed_0["delta"].high  # over the problems alone
+    assert (seed_0["accuracy_before_plain"], seed_0["accuracy_before"]) == (0.25, 0.5)
+    assert both["delta"].mean == pytest.approx(0.5) and both["delta_abs_accuracy_seeds_mean"] == pytest.approx(0.5)
+    half = 12.706204736174707 * statistics.stdev([0.75, 0.25]) / math.sqrt(2)
+    assert both["delta_abs_accuracy_seeds_t_high"] == pytest.approx(0.5 + half)
+    assert seed_0["delta_abs_accuracy_seeds_t_low"] is None
+    text = "\n".join(render_warm_ups(comparison))
+    assert "| m | d | distill | mean of 2 | 25.0% → 50.0% | 37.5% → 87.5% | +50.0 [" in text
+    assert warm_up_rows(rows_and_problems()[0], []) == []  # no named warm-up, nothing to compare
+
+
+def test_kl_quarter_means_leave_out_steps_that_measured_none():
+    """Eight steps: quarters of two. Step 2's loss kept no token (KL 0 at U = 5, the placeholder): step 1 alone is
+    the first quarter. At U = 0 a KL of 0 is a measurement."""
+    kls = [4.0, 0.0, 3.0, 3.0, 2.0, 2.0, 1.0, 2.0]
+    steps = [{"instance": "m/d/nested-s0", "step": step, "kl_behavior_target": kl, "skipped_layers": 5}
+             for step, kl in zip(range(8, 0, -1), reversed(kls))]  # in any order
+    steps += [{"instance": "m/d/baseline-s0", "step": step, "kl_behavior_target": 0.0, "skipped_layers": 0}
+              for step in (1, 2, 3, 4)]
+    assert kl_quarters(steps) == {"m/d/nested-s0": (4.0, 1.5), "m/d/baseline-s0": (0.0, 0.0)}
+    assert quarter_means([1.0, None, 3.0]) == (1.0, 3.0) and quarter_means([]) == (None, None)
+    rows, problems = rows_and_problems()
+    nested = {entry["role"]: entry for entry in study_rows(rows, problems, steps)}["nested"]
+    assert (nested["kl_first_quarter"], nested["kl_last_quarter"]) == (4.0, 1.5)  # seed 1 has no steps
+
+
+def test_every_series_gets_its_own_colour(tmp_path, monkeypatch):
+    import matplotlib
+
+    styles = [series_style(index) for index in range(40)]
+    assert len({style["color"] for style in styles[:13]}) == 13
+    assert len({(style["color"], style["linestyle"]) for style in styles}) == 40
+    assert [style["color"] for style in styles[:10]] == list(matplotlib.colormaps["tab10"].colors)  # as before
+    plotted = []
+    save = study.save_figure
+    monkeypatch.setattr(study, "save_figure", lambda figure, path: plotted.append(
+        [(line.get_color(), line.get_linestyle()) for line in figure.axes[0].get_lines()]) or save(figure, path))
+    curves = {f"configuration {index}": {"step": [1, 2], "reward": [0.0, 1.0], "flops": [1.0, 2.0]}
+              for index in range(13)}
+    study.plot_learning_curves({("m", "d"): curves}, tmp_path)
+    assert len(plotted[0]) == 13 and len({colour for colour, _ in plotted[0]}) == 13
 
 
 def test_learning_curves_average_seeds_on_the_steps_all_reached():
@@ -150,7 +251,7 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
         problems = list(csv.DictReader(stream))
     assert len(problems) == 4 * 3  # three instances and the warm-up, three problems each
     report = write_report(root).read_text()
-    assert "## The study" in report and "a CI runner, one process" in report
+    assert "## The study" in report and "a CI runner, one process" in report and "| KL first ¼ | KL last ¼ |" in report
     assert "x = 30%, retrace influence" in report
     runs = report[report.index("### The runs"):].splitlines()
     assert sum(line.startswith("| tiny-llama | arithmetic | 0 |") for line in runs) == 3  # one row per run
