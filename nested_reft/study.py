@@ -216,17 +216,9 @@ def study_rows(rows: Sequence[dict], problems: Sequence[dict], steps: Sequence[d
 
 def kl_quarters(steps: Sequence[dict]) -> dict[str, tuple[float | None, float | None]]:
     """Per run: its mean KL(behavior || target) over the first and over the last quarter of its steps, of the steps
-    that measured it (`measured_kl`)."""
+    that measured it (None where a step sampled no token)."""
     runs = _steps_by_run(steps)
-    return {instance: quarter_means([measured_kl(step) for step in run]) for instance, run in runs.items()}
-
-
-def measured_kl(step: dict) -> float | None:
-    """A step's KL(behavior || target), None where it measured none: a step whose loss kept no token (every
-    completion cut, under grpo.mask_truncated_completions) logs `importance_statistics`' placeholder 0, which a
-    nested model (U > 0) never measures exactly; at U = 0 the KL is 0 whether measured or not."""
-    kl = step.get("kl_behavior_target")
-    return None if kl == 0 and (step.get("skipped_layers") or 0) > 0 else kl
+    return {instance: quarter_means([step.get("kl_behavior_target") for step in run]) for instance, run in runs.items()}
 
 
 def quarter_means(values: Sequence[float | None]) -> tuple[float | None, float | None]:

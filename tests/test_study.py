@@ -147,9 +147,9 @@ def test_warm_up_rows_pair_the_baselines_by_seed():
 
 
 def test_kl_quarter_means_leave_out_steps_that_measured_none():
-    """Eight steps: quarters of two. Step 2's loss kept no token (KL 0 at U = 5, the placeholder): step 1 alone is
-    the first quarter. At U = 0 a KL of 0 is a measurement."""
-    kls = [4.0, 0.0, 3.0, 3.0, 2.0, 2.0, 1.0, 2.0]
+    """Eight steps: quarters of two. Step 2 measured no KL (None): step 1 alone is the first quarter. At U = 0 a KL
+    of 0 is a measurement."""
+    kls = [4.0, None, 3.0, 3.0, 2.0, 2.0, 1.0, 2.0]
     steps = [{"instance": "m/d/nested-s0", "step": step, "kl_behavior_target": kl, "skipped_layers": 5}
              for step, kl in zip(range(8, 0, -1), reversed(kls))]  # in any order
     steps += [{"instance": "m/d/baseline-s0", "step": step, "kl_behavior_target": 0.0, "skipped_layers": 0}
