@@ -427,8 +427,7 @@ def render_study(table: Sequence[dict], runs: Sequence[dict], figures: Sequence[
         f"run minus the baseline of its seed), with its {CONFIDENCE:.0%} Student t interval over the seeds (n − 1 "
         "degrees of freedom; – for one seed). Before: pass@1 of the SFT warm-ups the runs start from. U, KL, ESS "
         "and truncated are means over the runs' steps; KL first/last ¼: over the first and the last quarter of "
-        "the steps, leaving out those whose loss kept no token (every completion cut), which log KL 0 at any U "
-        "(the KL column's run means count them).\n",
+        "the steps (does the closeness a run starts with last?).\n",
         "| model | dataset | configuration | seeds | before | after | Δ acc [95% CI] | Δ acc, seeds [95% t CI] | U "
         "| KL | KL first ¼ | KL last ¼ | ESS | truncated | gen tok/s | rollout TFLOPs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
