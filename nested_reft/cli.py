@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
         command.set_defaults(run=run)
 
-    demo = commands.add_parser("demo", help="baseline vs Nested-ReFT on SmolLM2-135M and arithmetic problems")
+    demo = commands.add_parser("demo", help="baseline vs Nested-ReFT (uniform x = 15%%, retrace) on SmolLM2-135M and "
+                                            "arithmetic problems: the saving and what it costs")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     demo.add_argument("--steps", type=int, default=None, help="ReFT steps per run (default 24, the study's)")
@@ -113,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lanes", type=int, default=None,
                       help="processes side by side, one torch thread each (default 3: the two runs and the "
                            "warm-up's evaluation); 1: in turn")
-    demo.add_argument("--skip-ratio", type=float, default=None, help="x of the nested run (default 0.3)")
+    demo.add_argument("--skip-ratio", type=float, default=None,
+                      help="x of the nested run (default 0.15, the paper's largest; U_x = 5 of SmolLM2's 30 layers)")
     demo.add_argument("--skip-policy", default=None,
-                      help="the nested run's skip policy: uniform | influence | kl_target (default, bounded by x)")
+                      help="the nested run's skip policy: uniform (default, the paper's f_{x,b}) | influence | "
+                           "kl_target (adaptive, bounded by x, with the study's options)")
     demo.set_defaults(run=_demo)
 
     evaluation = commands.add_parser(
