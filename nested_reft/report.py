@@ -357,7 +357,8 @@ def study_section(sweep_dir: Path, rows: Sequence[dict], output: Path) -> str:
     conditions = (sweep_dir / CONDITIONS_FILE).read_text().strip() if (sweep_dir / CONDITIONS_FILE).is_file() else ""
     runs = study.run_rows(rows, steps)
     warm_ups = study.warm_up_rows(rows, problems)
-    return "\n" + study.render_study(table, runs, [path.name for path in figures], conditions, warm_ups)
+    break_even = study.break_even_rows(rows, steps)
+    return "\n" + study.render_study(table, runs, [path.name for path in figures], conditions, warm_ups, break_even)
 
 
 def render_markdown(rows, baselines, deltas, points, figure_files: Sequence[str]) -> str:

@@ -265,6 +265,31 @@ def _comparison(seeds: str, runs: list[dict], plain: list[dict], scores: dict) -
     return entry
 
 
+def break_even_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
+    """Per nested configuration of a named warm-up: what the warm-up cost beyond the plain one (FLOPs, the seeds
+    both have), the rollout FLOPs its runs saved per ReFT step against their own baselines (same seeds; measured,
+    so completions a nested model runs longer cost what they cost), and after how many ReFT steps that saving
+    pays the extra warm-up back (None where the runs saved nothing)."""
+    steps_per_run = {instance: len(run) for instance, run in _steps_by_run(steps).items()}
+    groups = configurations(rows)
+    plain = {group_key(runs[0]): runs for runs, _ in groups if runs[0]["role"] == "baseline" and not warm_up(runs[0])}
+    table = []
+    for members, baselines in groups:
+        first = members[0]
+        if first["role"] == "baseline" or not warm_up(first):
+            continue
+        plain_baselines = plain.get((first["model"], first["dataset"], ""), [])
+        extra = _mean(paired_deltas(members, plain_baselines, "sft_flops").values())
+        runs = {row["seed"]: row for row in members}
+        saving = _mean(-delta / steps_per_run[runs[seed]["instance"]]
+                       for seed, delta in paired_deltas(members, baselines, "rollout_flops").items()
+                       if steps_per_run.get(runs[seed]["instance"]))
+        table.append({"model": first["model"], "dataset": first["dataset"], "label": configuration_label(first, True),
+                      "extra_warm_up_flops": extra, "saving_per_step": saving,
+                      "break_even_steps": extra / saving if extra is not None and saving and saving > 0 else None})
+    return table
+
+
 def run_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
     """One row per finished run, by model, dataset and seed: its configuration, pass@1 before and after, its
     mean diagnostics, in how many of its ReFT steps the batch reward was 0 (every advantage 0), and in how many
@@ -416,9 +441,9 @@ def plot_diagnostics(table: Sequence[dict], output_dir: Path) -> list[Path]:
 
 
 def render_study(table: Sequence[dict], runs: Sequence[dict], figures: Sequence[str], conditions: str,
-                 warm_ups: Sequence[dict] = ()) -> str:
+                 warm_ups: Sequence[dict] = (), break_even: Sequence[dict] = ()) -> str:
     """The study's Markdown section: the table of configurations, the figures, the timing conditions, the warm-ups'
-    own effect (where there are named warm-ups), the runs."""
+    own effect and their break-even (where there are named warm-ups), the runs."""
     lines = [
         "## The study: accuracy with confidence intervals, diagnostics, learning curves\n",
         f"Δ acc is pass@1 minus the baseline's (of the same warm-up), in points, with a {CONFIDENCE:.0%} percentile "
@@ -440,13 +465,14 @@ def render_study(table: Sequence[dict], runs: Sequence[dict], figures: Sequence[
             f"| {_number(e['kl_first_quarter'], '.3f')} | {_number(e['kl_last_quarter'], '.3f')} "
             f"| {_number(e['h_ess'], '.3f')} | {_number(e['h_truncated'], '.3f')} "
             f"| {_number(e['gen_tokens_per_s'], '.1f')} "
-            f"| {_number(None if e['rollout_flops'] is None else e['rollout_flops'] / 1e12, '.1f')} |"
+            f"| {_tera(e['rollout_flops'], '.1f')} |"
         )
     lines.append("")
     lines.append(f"Wall-clock figures (gen tok/s) were measured under: {conditions or 'conditions not stated'}. "
                  "Rollout FLOPs come from the model's shapes and the skipped layers and do not depend on the load.\n")
     lines += [f"![{name}]({name})\n" for name in figures]
     lines += render_warm_ups(warm_ups) if warm_ups else []
+    lines += render_break_even(break_even) if break_even else []
     lines += render_runs(runs)
     return "\n".join(lines) + "\n"
 
@@ -470,6 +496,25 @@ def render_warm_ups(rows: Sequence[dict]) -> list[str]:
             f"| {_percent(r['accuracy_plain'])} → {_percent(r['accuracy'])} | {bootstrap_text(r['delta'])} "
             f"| {seeds_text(r)} |"
         )
+    return lines + [""]
+
+
+def render_break_even(rows: Sequence[dict]) -> list[str]:
+    """The table of `break_even_rows`: does the rollout saving pay for a named warm-up, and after how many steps."""
+    lines = [
+        "### Break-even: after how many ReFT steps the rollout saving pays for the warm-up\n",
+        "Extra warm-up: the named warm-up's FLOPs minus the plain one's (same seeds). Saved per step: the baseline's "
+        "rollout FLOPs minus the nested run's (same warm-up and seed), over its ReFT steps, measured (a nested "
+        "model that stops later generates more). Break-even: extra warm-up / saved per step; never where nothing "
+        "was saved.\n",
+        "| model | dataset | configuration | extra warm-up TFLOPs | rollout TFLOPs saved per step | break-even steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        saving = r["saving_per_step"]
+        steps = "never" if saving is not None and saving <= 0 else _number(r["break_even_steps"], ".0f")
+        lines.append(f"| {r['model']} | {r['dataset']} | {r['label']} | {_tera(r['extra_warm_up_flops'], '.1f')} "
+                     f"| {_tera(saving, '.4f')} | {steps} |")
     return lines + [""]
 
 
@@ -528,6 +573,10 @@ def _of(count: int | None, total: int) -> str:
 
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _tera(value: float | None, spec: str) -> str:
+    return _number(None if value is None else value / 1e12, spec)
 
 
 def _number(value: float | None, spec: str) -> str:

@@ -278,3 +278,26 @@ def test_variants_add_pairs_and_labelled_policies_and_refuse_repeats():
         from_dict(GridConfig, {**base, "variants": [{"skip_ratio": 0.3, "nesting": {"skip_policy": "influence"}}]})
     with pytest.raises(ConfigError, match="nesting.skip_polcy"):  # a typo in a variant's option, at grid load
         from_dict(GridConfig, {**base, "variants": [{"skip_ratio": 0.3, "label": "a", "nesting": {"skip_polcy": 1}}]})
+
+
+def test_break_even_divides_the_extra_warm_up_by_the_rollout_flops_saved_per_step():
+    """distill's warm-up costs 26 TFLOPs more than the plain one; its nested runs saved 0.24 and 0.12 TFLOPs over
+    their 4 steps against their own baselines (0.06 and 0.03 per step: 0.045 on average): 26 / 0.045 steps. A
+    configuration that generated more than its baseline saved nothing: never. The plain warm-up's runs cost no
+    extra and get no row."""
+    rows, _ = two_warm_ups()
+    for row in rows:
+        row["sft_flops"] = 30e12 if row["warm_up"] else 4e12
+        if row["warm_up"] and row["role"] == "nested":
+            row["rollout_flops"] = 1e12 - (0.24e12 if row["seed"] == 0 else 0.12e12)
+    longer = [{**row, "instance": row["instance"].replace("nested", "longer"), "skip_ratio": 0.15,
+               "rollout_flops": 1.1e12} for row in rows if row["warm_up"] and row["role"] == "nested"]
+    steps = [{"instance": row["instance"], "step": step} for row in rows + longer for step in range(1, 5)]
+    table = {entry["label"]: entry for entry in study.break_even_rows(rows + longer, steps)}
+    assert set(table) == {"distill/x = 30%, retrace", "distill/x = 15%, retrace"}
+    saving = table["distill/x = 30%, retrace"]
+    assert saving["extra_warm_up_flops"] == pytest.approx(26e12)
+    assert saving["saving_per_step"] == pytest.approx(0.045e12)
+    assert saving["break_even_steps"] == pytest.approx(26 / 0.045)
+    assert table["distill/x = 15%, retrace"]["break_even_steps"] is None
+    assert "| never |" in "\n".join(study.render_break_even(list(table.values())))
