@@ -214,12 +214,14 @@ def test_steps_written_before_grad_norm_read_as_unknown_gradient_steps(tmp_path)
 
 
 def test_a_tiny_study_end_to_end(tmp_path, capsys):
-    """Warm-up evaluated, a baseline and an influence variant, the tables, and the report's study section."""
+    """Warm-up evaluated, a baseline and an influence variant, from the grid's warm-up and a named one, the tables,
+    and the report's study section with the warm-ups' own effect and their break-even."""
     grid = {
         "name": "tiny-study", "output_dir": str(tmp_path / "sweep"), "models": ["tiny-llama"],
         "datasets": ["arithmetic"], "skip_ratios": [0.3], "mitigations": ["retrace"], "seeds": [0],
         "evaluate_warm_up": True, "conditions": "a CI runner, one process",
         "variants": [{"label": "influence", "skip_ratio": 0.3, "nesting": {"skip_policy": "influence"}}],
+        "warm_ups": [{"label": "distill", "sft": {"distill_nested": 1.0, "distill_ratio": 0.3}}],
         "train": {"rft_steps": 2, "batch_size": 2, "micro_batch_size": 8, "save_steps": 1,
                   "sampling": {"max_new_tokens": 6, "min_new_tokens": 6},
                   "grpo": {"num_generations": 2}, "sft": {"epochs": 1, "max_examples": 4, "batch_size": 4}},
@@ -230,18 +232,22 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
     assert sweep_main(str(path), log=lambda line: None) == 0
     root = tmp_path / "sweep"
     with open(root / "results.csv") as stream:
-        results = {row["instance"].rsplit("/", 1)[1]: row for row in csv.DictReader(stream)}
-    assert set(results) == {"baseline-s0", "x0.3-b1-retrace-s0", "x0.3-b1-retrace-influence-s0"}
+        results = {row["instance"].split("/", 2)[2]: row for row in csv.DictReader(stream)}
+    own = {"baseline-s0", "x0.3-b1-retrace-s0", "x0.3-b1-retrace-influence-s0"}
+    assert set(results) == own | {f"distill/{run}" for run in own}
     assert results["x0.3-b1-retrace-influence-s0"]["variant"] == "influence"
     assert float(results["x0.3-b1-retrace-s0"]["skipped_layers"]) == 2  # 30% of 6 layers
     assert results["baseline-s0"]["accuracy_before"] == results["x0.3-b1-retrace-s0"]["accuracy_before"] != ""
     warm_up = json.loads((root / "tiny-llama" / "arithmetic" / "sft-s0" / "summary.json").read_text())
-    for row in results.values():  # the warm-up's label ("" = the grid's own) and cost, beside every run it started
-        assert row["warm_up"] == "" and float(row["sft_flops"]) == warm_up["sft_flops"] > 0
-        assert float(row["sft_runtime_s"]) == pytest.approx(warm_up["sft_runtime_s"]) and warm_up["sft_runtime_s"] > 0
+    distill = json.loads((root / "tiny-llama" / "arithmetic" / "distill" / "sft-s0" / "summary.json").read_text())
+    assert distill["sft_flops"] > warm_up["sft_flops"]  # the distillation's second forward
+    for name, row in results.items():  # the warm-up's label ("" = the grid's own) and cost, beside every run it started
+        label, summary = ("distill", distill) if name.startswith("distill/") else ("", warm_up)
+        assert row["warm_up"] == label and float(row["sft_flops"]) == summary["sft_flops"] > 0
+        assert float(row["sft_runtime_s"]) == pytest.approx(summary["sft_runtime_s"]) and summary["sft_runtime_s"] > 0
     with open(root / STEPS_FILE) as stream:
         steps = list(csv.DictReader(stream))
-    assert len(steps) == 3 * 2 and all(float(step["rollout_flops"]) > 0 for step in steps)
+    assert len(steps) == 6 * 2 and all(float(step["rollout_flops"]) > 0 for step in steps)
     loaded = load_grid(path)
     for instance in enumerate_instances(loaded):  # each run's gradient norms, as its metrics.jsonl has them
         recorded = read_metrics(run_directory(loaded, instance) / METRICS_FILE)
@@ -249,12 +255,15 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
         assert collected == pytest.approx([step["grad_norm"] for step in recorded]) and len(collected) == 2
     with open(root / PROBLEMS_FILE) as stream:
         problems = list(csv.DictReader(stream))
-    assert len(problems) == 4 * 3  # three instances and the warm-up, three problems each
+    assert len(problems) == 8 * 3  # six instances and the two warm-ups, three problems each
     report = write_report(root).read_text()
     assert "## The study" in report and "a CI runner, one process" in report and "| KL first ¼ | KL last ¼ |" in report
-    assert "x = 30%, retrace influence" in report
+    assert "plain/x = 30%, retrace influence" in report and "distill/x = 30%, retrace influence" in report
+    assert "| tiny-llama | arithmetic | distill | 0 |" in report  # the warm-ups' own effect, seed 0
+    break_even = report[report.index("### Break-even"):report.index("### The runs")]
+    assert "| distill/x = 30%, retrace |" in break_even and "plain/" not in break_even
     runs = report[report.index("### The runs"):].splitlines()
-    assert sum(line.startswith("| tiny-llama | arithmetic | 0 |") for line in runs) == 3  # one row per run
+    assert sum(line.startswith("| tiny-llama | arithmetic | 0 |") for line in runs) == 6  # one row per run
     assert all(" of 2 | " in line and "–" not in line for line in runs if line.startswith("| tiny-llama"))
     assert (root / "report" / "curves-tiny-llama-arithmetic.png").is_file()
     assert (root / "report" / "diagnostics-tiny-llama-arithmetic.png").is_file()
