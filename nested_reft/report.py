@@ -354,6 +354,7 @@ def study_section(sweep_dir: Path, rows: Sequence[dict], output: Path) -> str:
     table = study.study_rows(rows, problems, steps)
     figures = study.plot_learning_curves(study.learning_curves(steps, rows), output)
     figures += study.plot_diagnostics(table, output)
+    figures += study.plot_delta_against_kl(rows, output)
     conditions = (sweep_dir / CONDITIONS_FILE).read_text().strip() if (sweep_dir / CONDITIONS_FILE).is_file() else ""
     runs = study.run_rows(rows, steps)
     warm_ups = study.warm_up_rows(rows, problems)

@@ -440,6 +440,39 @@ def plot_diagnostics(table: Sequence[dict], output_dir: Path) -> list[Path]:
     return paths
 
 
+def plot_delta_against_kl(rows: Sequence[dict], output_dir: Path) -> list[Path]:
+    """One PNG per (model, dataset): each nested run's pass@1 minus its own baseline's (same warm-up and seed)
+    against its KL(behavior || target) per token, one series per configuration: does a closer behavior model
+    keep more of what ReFT learns, and how close would it have to be?"""
+    plt = pyplot()
+    several = several_warm_ups(warm_up(row) for row in rows)
+    groups: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = {}
+    for members, baselines in configurations(rows):
+        first = members[0]
+        if first["role"] == "baseline":
+            continue
+        deltas = paired_deltas(members, baselines)
+        points = [(row["kl_behavior_target"], 100 * deltas[row["seed"]]) for row in members
+                  if row["seed"] in deltas and row.get("kl_behavior_target") is not None]
+        if points:
+            groups.setdefault((first["model"], first["dataset"]), {})[configuration_label(first, several)] = points
+    paths = []
+    for (model, dataset), series in groups.items():
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for index, (label, points) in enumerate(series.items()):
+            style = series_style(index)
+            axis.scatter(*zip(*points), color=style["color"], label=label,
+                         marker="os^Dv"[(index // 10) % 5])
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.set(xlabel="KL(behavior || target) per token, mean over the run's steps",
+                 ylabel="Δ pass@1 vs its own baseline, points", title=f"Each nested run, {model} on {dataset}")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        paths.append(save_figure(figure, Path(output_dir) / f"delta-against-kl-{model_slug(model)}-{dataset}.png"))
+    return paths
+
+
 def render_study(table: Sequence[dict], runs: Sequence[dict], figures: Sequence[str], conditions: str,
                  warm_ups: Sequence[dict] = (), break_even: Sequence[dict] = ()) -> str:
     """The study's Markdown section: the table of configurations, the figures, the timing conditions, the warm-ups'

@@ -310,3 +310,20 @@ def test_break_even_divides_the_extra_warm_up_by_the_rollout_flops_saved_per_ste
     assert saving["break_even_steps"] == pytest.approx(26 / 0.045)
     assert table["distill/x = 15%, retrace"]["break_even_steps"] is None
     assert "| never |" in "\n".join(study.render_break_even(list(table.values())))
+
+
+def test_delta_against_kl_plots_each_nested_run_against_its_own_baseline(tmp_path, monkeypatch):
+    """One point per nested run: x its KL, y its pass@1 minus the baseline of its warm-up and seed (distill's
+    nested runs: -50 points at both seeds; plain's: +50 and +25)."""
+    rows, _ = two_warm_ups()
+    for row in rows:
+        row["kl_behavior_target"] = 0.0 if row["role"] == "baseline" else 1.0 + row["seed"] + (row["warm_up"] == "distill")
+    plotted = {}
+    save = study.save_figure
+    monkeypatch.setattr(study, "save_figure", lambda figure, path: plotted.update(
+        {collection.get_label(): collection.get_offsets().tolist() for collection in figure.axes[0].collections})
+        or save(figure, path))
+    paths = study.plot_delta_against_kl(rows, tmp_path)
+    assert [path.name for path in paths] == ["delta-against-kl-m-d.png"] and paths[0].is_file()
+    assert plotted == {"plain/x = 30%, retrace": [[1.0, 50.0], [2.0, 25.0]],
+                       "distill/x = 30%, retrace": [[2.0, -50.0], [3.0, -50.0]]}
