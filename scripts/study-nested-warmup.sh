@@ -2,7 +2,7 @@
 # The study of docs/study-nested-warmup/ (configs/grids/study-nested-warmup.yaml): its 30 runs in two lanes, one core
 # and one torch thread each, seed by seed: first the pair that answers issue 22's target (each warm-up's baseline and
 # x = 15% retrace), then x = 5%, 30% and kl_target from both warm-ups; then the results (never weights) are copied to
-# docs/study-nested-warmup. Resumable: finished runs are skipped, a killed run resumes from its last checkpoint, a
+# docs/study-nested-warmup with its report. Resumable: finished runs are skipped, a killed run resumes from its last checkpoint, a
 # failed one is retried; rerun it in a later session to continue.
 # Usage: bash scripts/study-nested-warmup.sh [LANES]   (default 2)
 set -euo pipefail
@@ -29,3 +29,4 @@ trap 'rm -f "$jobs" "$jobs.ordered"' EXIT
     done
 } > "$jobs.ordered"
 run_in_lanes "$grid" "$jobs" "$jobs.ordered" "$lanes" "$sweep_dir" "$study_dir"
+.venv/bin/nested-reft report "$sweep_dir" --output-dir "$study_dir"
