@@ -280,13 +280,16 @@ def break_even_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
             continue
         plain_baselines = plain.get((first["model"], first["dataset"], ""), [])
         extra = _mean(paired_deltas(members, plain_baselines, "sft_flops").values())
-        runs = {row["seed"]: row for row in members}
-        saving = _mean(-delta / steps_per_run[runs[seed]["instance"]]
-                       for seed, delta in paired_deltas(members, baselines, "rollout_flops").items()
-                       if steps_per_run.get(runs[seed]["instance"]))
+        per_step = [{**row, "flops_per_step": row["rollout_flops"] / steps_per_run[row["instance"]]}
+                    for row in [*members, *baselines]
+                    if row.get("rollout_flops") is not None and steps_per_run.get(row["instance"])]
+        nested_runs = [row for row in per_step if row["role"] != "baseline"]
+        saving = _mean(-delta for delta in paired_deltas(
+            nested_runs, [row for row in per_step if row["role"] == "baseline"], "flops_per_step").values())
         table.append({"model": first["model"], "dataset": first["dataset"], "label": configuration_label(first, True),
                       "extra_warm_up_flops": extra, "saving_per_step": saving,
-                      "break_even_steps": extra / saving if extra is not None and saving and saving > 0 else None})
+                      "break_even_steps": max(extra, 0.0) / saving if extra is not None and saving and saving > 0
+                      else None})
     return table
 
 

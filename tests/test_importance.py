@@ -110,7 +110,7 @@ def test_statistics_on_policy():
 
 def test_nothing_to_weight_is_not_reported_as_on_policy():
     """A step whose loss counts no token (every completion cut and masked) weighted nothing: no statistic, rather
-    than an ESS of 1 that would pull a run's mean towards on-policy; the KL reads the same tokens, so None too."""
+    than an ESS of 1 that would pull a run's mean towards on-policy; the KL over no token is None too."""
     logp_old, logp_behavior, mask = random_logps(6)
     nothing = torch.zeros_like(mask)
     stats = importance_statistics(logp_old, logp_behavior, nothing, ImportanceConfig("retrace"))
