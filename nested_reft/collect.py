@@ -7,7 +7,6 @@ per-problem JSONL files (`evaluate`), and its warm-up's evaluation for the accur
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,8 @@ from nested_reft.evaldir import EVAL_FILE, read_records
 from nested_reft.files import atomic_write_text, read_json
 from nested_reft.grid import GridConfig, Instance, enumerate_instances, run_directory, sft_directory
 from nested_reft.results import (
-    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE, accuracy_column, write_results,
-    write_table,
+    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE, accuracy_column,
+    mean_of_measured, write_results, write_table,
 )
 from nested_reft.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
 from nested_reft.status import read_status
@@ -65,17 +64,10 @@ def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:
     row["total_runtime_s"] = summary.get("total_runtime_s")
     steps = read_metrics(directory / METRICS_FILE)
     if steps:
-        row.update({name: _mean_of_measured(step[name] for step in steps) for name in RUN_MEANS})
+        row.update({name: mean_of_measured(step[name] for step in steps) for name in RUN_MEANS})
         row["gen_tokens_per_s"] = statistics.median(step["gen_tokens_per_s"] for step in steps)
         row["rollout_flops"] = sum(step.get("rollout_flops") or 0.0 for step in steps) or None
     return row
-
-
-def _mean_of_measured(values: Iterable[float | None]) -> float | None:
-    """The mean over the steps that measured the value (h's statistics are None on a step whose loss counted no
-    token); None if none did."""
-    measured = [value for value in values if value is not None]
-    return statistics.fmean(measured) if measured else None
 
 
 def step_rows(grid: GridConfig, instance: Instance) -> list[dict[str, Any]]:

@@ -58,6 +58,7 @@ from nested_reft.nesting import draw_uniform, num_skipped_layers
 from nested_reft.plots import pyplot, save_figure
 from nested_reft.rollout import generate_rollouts
 from nested_reft.rundir import FINAL_MODEL_DIR, METRICS_FILE, read_metrics
+from nested_reft.results import mean_of_measured
 from nested_reft.study import Interval, bootstrap_delta
 from nested_reft.tasks import Task
 from nested_reft.trainer import ensure_trained
@@ -297,7 +298,7 @@ def comparison_table(before: float, results: dict[str, RunResult], speed: Speedu
                                    for r in results.values()],
         f"layers skipped per step (of {speed.num_layers})":
             ["0", f"{statistics.fmean(s['skipped_layers'] for s in nested.steps):.2f}"],
-        "KL(behavior \\|\\| target) per token": [f"{statistics.fmean(s['kl_behavior_target'] for s in r.steps):.3f}"
+        "KL(behavior \\|\\| target) per token": [f"{mean_of_measured(s['kl_behavior_target'] for s in r.steps):.3f}"
                                              for r in results.values()],
         "rollout TFLOPs, sum over steps": [f"{sum(s['rollout_flops'] for s in r.steps) / 1e12:.2f}"
                                            for r in results.values()],

@@ -18,6 +18,7 @@ import csv
 import io
 import math
 import re
+import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,10 @@ def _number(value: str, column: str, where: str, kind: type) -> float | int:
     if not math.isfinite(number):  # an accuracy of nan would print as "+nan" in Table 2
         raise ResultsError(f"{where}: column {column} must be a finite number, got {value!r}")
     return kind(number)
+
+
+def mean_of_measured(values: Iterable[float | None]) -> float | None:
+    """The mean of the values that were measured (not None: h's statistics on a step whose loss counted no token,
+    a column a run lacks); None where none was."""
+    measured = [value for value in values if value is not None]
+    return statistics.fmean(measured) if measured else None

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from nested_reft.plots import pyplot, save_figure, series_style
-from nested_reft.results import model_slug
+from nested_reft.results import mean_of_measured, model_slug
 
 BOOTSTRAP_SAMPLES = 4000
 CONFIDENCE = 0.95
@@ -204,12 +204,12 @@ def study_rows(rows: Sequence[dict], problems: Sequence[dict], steps: Sequence[d
                                  "skip_ratio": first["skip_ratio"], "mitigation": first["mitigation"],
                                  "variant": first.get("variant", ""), "seeds": len(members)}
         for column in ("accuracy", "accuracy_before", "gen_tokens_per_s", "rollout_flops", *DIAGNOSTICS):
-            entry[column] = _mean(row.get(column) for row in members)
+            entry[column] = mean_of_measured(row.get(column) for row in members)
         entry["delta"] = _delta(members, baselines, scores)
         entry.update(seed_summary(list(paired_deltas(members, baselines).values())))
         runs = [quarters[row["instance"]] for row in members if row["instance"] in quarters]
-        entry["kl_first_quarter"] = _mean(first_quarter for first_quarter, _ in runs)
-        entry["kl_last_quarter"] = _mean(last_quarter for _, last_quarter in runs)
+        entry["kl_first_quarter"] = mean_of_measured(first_quarter for first_quarter, _ in runs)
+        entry["kl_last_quarter"] = mean_of_measured(last_quarter for _, last_quarter in runs)
         table.append(entry)
     return table
 
@@ -225,7 +225,7 @@ def quarter_means(values: Sequence[float | None]) -> tuple[float | None, float |
     """The means of the first and of the last quarter of a run's per-step values (a quarter is at least one step;
     None values, steps that did not measure it, are left out): where training starts and where it ends."""
     quarter = max(1, len(values) // 4)
-    return _mean(values[:quarter]), _mean(values[-quarter:])
+    return mean_of_measured(values[:quarter]), mean_of_measured(values[-quarter:])
 
 
 def warm_up_rows(rows: Sequence[dict], problems: Sequence[dict]) -> list[dict]:
@@ -259,8 +259,8 @@ def _comparison(seeds: str, runs: list[dict], plain: list[dict], scores: dict) -
     entry: dict[str, Any] = {"model": runs[0]["model"], "dataset": runs[0]["dataset"], "warm_up": warm_up(runs[0]),
                              "seeds": seeds, "delta": _delta(runs, plain, scores)}
     for column in ("accuracy_before", "accuracy"):
-        entry[column] = _mean(row.get(column) for row in runs)
-        entry[f"{column}_plain"] = _mean(row.get(column) for row in plain)
+        entry[column] = mean_of_measured(row.get(column) for row in runs)
+        entry[f"{column}_plain"] = mean_of_measured(row.get(column) for row in plain)
     entry.update(seed_summary(list(paired_deltas(runs, plain).values())))
     return entry
 
@@ -279,12 +279,12 @@ def break_even_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
         if first["role"] == "baseline" or not warm_up(first):
             continue
         plain_baselines = plain.get((first["model"], first["dataset"], ""), [])
-        extra = _mean(paired_deltas(members, plain_baselines, "sft_flops").values())
+        extra = mean_of_measured(paired_deltas(members, plain_baselines, "sft_flops").values())
         per_step = [{**row, "flops_per_step": row["rollout_flops"] / steps_per_run[row["instance"]]}
                     for row in [*members, *baselines]
                     if row.get("rollout_flops") is not None and steps_per_run.get(row["instance"])]
         nested_runs = [row for row in per_step if row["role"] != "baseline"]
-        saving = _mean(-delta for delta in paired_deltas(
+        saving = mean_of_measured(-delta for delta in paired_deltas(
             nested_runs, [row for row in per_step if row["role"] == "baseline"], "flops_per_step").values())
         table.append({"model": first["model"], "dataset": first["dataset"], "label": configuration_label(first, True),
                       "extra_warm_up_flops": extra, "saving_per_step": saving,
@@ -595,12 +595,6 @@ def render_runs(runs: Sequence[dict]) -> list[str]:
             f"| {_number(r['h_truncated'], '.3f')} |"
         )
     return lines + [""]
-
-
-def _mean(values: Iterable[float | None]) -> float | None:
-    """The mean of the values that were measured (not None); None where none was."""
-    measured = [value for value in values if value is not None]
-    return statistics.fmean(measured) if measured else None
 
 
 def _of(count: int | None, total: int) -> str:
