@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study of docs/study-nested-warmup/ (configs/grids/study-nested-warmup.yaml): its 30 runs in two lanes, one core
+# The study of docs/study-nested-warmup/ (configs/grids/study-nested-warmup.yaml): its 50 runs in two lanes, one core
 # and one torch thread each, seed by seed: first the pair that answers issue 22's target (each warm-up's baseline and
 # x = 15% retrace), then x = 5%, 30% and kl_target from both warm-ups; then the results (never weights) are copied to
 # docs/study-nested-warmup with its report. Resumable: finished runs are skipped, a killed run resumes from its last checkpoint, a
@@ -16,12 +16,12 @@ jobs=$(mktemp)
 trap 'rm -f "$jobs" "$jobs.ordered"' EXIT
 .venv/bin/nested-reft sweep "$grid" --emit-commands "$jobs"
 {
-    for seed in 0 1 2; do
+    for seed in 0 1 2 3 4; do
         for run in baseline distill-256/baseline x0.15-b1-retrace distill-256/x0.15-b1-retrace; do
             grep -- "/arithmetic/$run-s$seed\$" "$jobs"
         done
     done
-    for seed in 0 1 2; do
+    for seed in 0 1 2 3 4; do
         for run in x0.05-b1-retrace distill-256/x0.05-b1-retrace x0.3-b1-retrace distill-256/x0.3-b1-retrace \
             x0.3-b1-retrace-kl-target distill-256/x0.3-b1-retrace-kl-target; do
             grep -- "/arithmetic/$run-s$seed\$" "$jobs"

@@ -136,9 +136,9 @@ def test_the_nested_warm_up_study_repeats_its_instances_from_each_warm_up_at_the
     group = "smollm2-135m-instruct/arithmetic"
     runs = ("baseline", "x0.05-b1-retrace", "x0.15-b1-retrace", "x0.3-b1-retrace", "x0.3-b1-retrace-kl-target")
     expected = {f"{group}/{prefix}{run}-s{seed}" for prefix in ("", "distill-256/") for run in runs
-                for seed in (0, 1, 2)}
-    assert len(instances) == len(expected) == 30 and {i.id for i in instances} == expected
-    assert len({i.sft_id for i in instances}) == 6  # one warm-up per seed and label
+                for seed in range(5)}
+    assert len(instances) == len(expected) == 50 and {i.id for i in instances} == expected
+    assert len({i.sft_id for i in instances}) == 10  # one warm-up per seed and label
     by_label = {i.warm_up.label if i.warm_up else "plain": i for i in instances if i.seed == 1}
     sft = {label: sft_config(grid, instance).sft for label, instance in by_label.items()}
     assert (sft["plain"].layer_drop, sft["plain"].distill_nested, sft["plain"].max_examples) == (0.0, 0.0, 64)
