@@ -206,7 +206,8 @@ def study_rows(rows: Sequence[dict], problems: Sequence[dict], steps: Sequence[d
         for column in ("accuracy", "accuracy_before", "gen_tokens_per_s", "rollout_flops", *DIAGNOSTICS):
             entry[column] = mean_of_measured(row.get(column) for row in members)
         entry["delta"] = _delta(members, baselines, scores)
-        entry.update(seed_summary(list(paired_deltas(members, baselines).values())))
+        against_itself = first["role"] == "baseline"  # a baseline's seeds pair with themselves: no interval to give
+        entry.update(seed_summary([] if against_itself else list(paired_deltas(members, baselines).values())))
         runs = [quarters[row["instance"]] for row in members if row["instance"] in quarters]
         entry["kl_first_quarter"] = mean_of_measured(first_quarter for first_quarter, _ in runs)
         entry["kl_last_quarter"] = mean_of_measured(last_quarter for _, last_quarter in runs)

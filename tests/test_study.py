@@ -120,6 +120,8 @@ def test_study_rows_compare_each_warm_up_with_its_own_baselines():
     distilled, plain = table["distill/x = 30%, retrace"], table["plain/x = 30%, retrace"]
     assert distilled["delta"].mean == pytest.approx(0.375 - 0.875)  # against all baselines it would be -0.25
     assert plain["delta"].mean == pytest.approx(0.375)
+    baseline = table["plain/baseline (x = 0, b = 0)"]
+    assert baseline["seeds_paired"] == 0 and baseline["delta_abs_accuracy_seeds_mean"] is None  # not "+0.0 [+0.0, +0.0]"
     assert distilled["delta_abs_accuracy_seeds_mean"] == pytest.approx(-0.5)
     assert (distilled["delta_abs_accuracy_seeds_t_low"], distilled["delta_abs_accuracy_seeds_t_high"]) == \
         pytest.approx((-0.5, -0.5))  # the same delta at both seeds
