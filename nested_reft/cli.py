@@ -5,7 +5,7 @@
     nested-reft sft --model smollm2-135m-instruct --dataset arithmetic --output-dir runs/sft
     nested-reft demo
     nested-reft eval --model runs/sft/model --benchmarks aime24 amc math500 minerva olympiadbench --limit 50
-    nested-reft sweep configs/grids/smollm2-cpu.yaml        (--emit-commands jobs.txt, --only ID, --collect)
+    nested-reft sweep configs/grids/smollm2-cpu.yaml        (--emit-commands jobs.txt, --only ID, --collect, --merge DIR)
     nested-reft report runs/sweeps/smollm2-cpu
     nested-reft probe --model smollm2-135m-instruct --dataset arithmetic --skip-ratios 0.05 0.15 0.3 --output-dir runs/probe
 """
@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--emit-commands", default=None, metavar="FILE",
                        help="write one shell command per instance to FILE (for a job array) instead of running")
     sweep.add_argument("--collect", action="store_true", help="only rewrite OUTPUT_DIR/results.csv from the runs")
+    sweep.add_argument("--merge", default=None, metavar="DIR",
+                       help="a results directory (another sweep's output_dir, a study's docs directory) whose done "
+                            "instances count as done: not run or emitted again, their rows merged into results.csv, "
+                            "steps.csv and problems.csv (a study continued on a fresh checkout)")
     sweep.set_defaults(run=_sweep)
 
     report = commands.add_parser("report", help="Figure 1, Table 2, counts and fits from SWEEP_DIR/results.csv")
@@ -241,7 +245,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from nested_reft.sweep import sweep_main
 
-    return sweep_main(args.grid, only=args.only, emit=args.emit_commands, collect=args.collect)
+    return sweep_main(args.grid, only=args.only, emit=args.emit_commands, collect=args.collect, merge=args.merge)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -6,16 +6,18 @@ per-problem JSONL files (`evaluate`), and its warm-up's evaluation for the accur
 
 from __future__ import annotations
 
+import csv
+import io
 import statistics
 from pathlib import Path
 from typing import Any
 
 from nested_reft.evaldir import EVAL_FILE, read_records
-from nested_reft.files import atomic_write_text, read_json
+from nested_reft.files import atomic_write_text, read_json, read_text
 from nested_reft.grid import GridConfig, Instance, enumerate_instances, run_directory, sft_directory
 from nested_reft.results import (
     CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE, accuracy_column,
-    mean_of_measured, write_results, write_table,
+    mean_of_measured, read_results, write_results, write_table,
 )
 from nested_reft.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
 from nested_reft.status import read_status
@@ -24,20 +26,63 @@ EVAL_DIR = "eval"
 RUN_MEANS = ("skipped_layers", "kl_behavior_target", "h_ess", "h_truncated")  # averaged over a run's steps
 
 
-def collect_results(grid: GridConfig) -> Path:
-    """(Re)write results.csv, steps.csv and problems.csv under the grid's output_dir; returns results.csv."""
+def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Path:
+    """(Re)write results.csv, steps.csv and problems.csv under the grid's output_dir; returns results.csv.
+
+    `recorded`: a results directory (another sweep's output_dir, a study's docs directory) whose done instances
+    fill in those not done here, their steps and problems with them: a study continued in a later session, on a
+    fresh checkout, or split across machines reports as one grid.
+    """
     instances = enumerate_instances(grid)
-    write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, [result_row(grid, i) for i in instances])
-    write_table(grid.root / STEPS_FILE, STEP_COLUMNS,
-                [row for instance in instances for row in step_rows(grid, instance)])
+    rows = {instance.id: result_row(grid, instance) for instance in instances}
+    steps = {instance.id: step_rows(grid, instance) for instance in instances}
     evaluated = {instance.id: run_directory(grid, instance) for instance in instances}
     if grid.evaluate_warm_up:
         evaluated.update({instance.sft_id: sft_directory(grid, instance) for instance in instances})
-    write_table(grid.root / PROBLEMS_FILE, PROBLEM_COLUMNS,
-                [row for run_id, directory in evaluated.items() for row in problem_rows(grid, run_id, directory)])
+    problems = {run_id: problem_rows(grid, run_id, directory) for run_id, directory in evaluated.items()}
+    if recorded is not None:
+        merge_recorded(Path(recorded), rows, steps, problems)
+    write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, rows.values())
+    write_table(grid.root / STEPS_FILE, STEP_COLUMNS, [row for run in steps.values() for row in run])
+    write_table(grid.root / PROBLEMS_FILE, PROBLEM_COLUMNS, [row for run in problems.values() for row in run])
     if grid.conditions:
         atomic_write_text(grid.root / CONDITIONS_FILE, grid.conditions.strip() + "\n")
     return grid.root / RESULTS_FILE
+
+
+def recorded_done(recorded: str | Path) -> set[str]:
+    """The instances `recorded`/results.csv holds as done (checked as `report` reads it)."""
+    return {row["instance"] for row in read_results(Path(recorded) / RESULTS_FILE) if row["status"] == "done"}
+
+
+def merge_recorded(recorded: Path, rows: dict[str, dict], steps: dict[str, list], problems: dict[str, list]) -> None:
+    """Take into `rows`, `steps` and `problems` (by instance id) what `recorded` holds for the instances done there
+    and not here, and its warm-ups' problems where this grid evaluated none; the recorded cells are copied as
+    written, so merging changes no figure."""
+    done_there = recorded_done(recorded)
+    recorded_rows = {row["instance"]: row for row in _raw_rows(recorded / RESULTS_FILE)}
+    recorded_steps = _by_instance(_raw_rows(recorded / STEPS_FILE))
+    recorded_problems = _by_instance(_raw_rows(recorded / PROBLEMS_FILE))
+    for run_id, row in rows.items():
+        if row["status"] != "done" and run_id in done_there:
+            rows[run_id] = recorded_rows[run_id]
+            steps[run_id] = recorded_steps.get(run_id, [])
+            problems[run_id] = recorded_problems.get(run_id, [])
+    for run_id, run_problems in recorded_problems.items():
+        if run_id not in recorded_rows and not problems.get(run_id):  # a warm-up this grid did not evaluate again
+            problems[run_id] = run_problems
+
+
+def _raw_rows(path: Path) -> list[dict[str, str]]:
+    """A table's rows as written (no cell parsed); [] where the file does not exist."""
+    return list(csv.DictReader(io.StringIO(read_text(path)))) if path.is_file() else []
+
+
+def _by_instance(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    grouped: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        grouped.setdefault(row["instance"], []).append(row)
+    return grouped
 
 
 def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:

@@ -144,6 +144,8 @@ class GridConfig:
     baseline_seeds: tuple[int, ...] | None = None  # baselines run at seeds + these; None = seeds only
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig options, nested or dotted
     keep_checkpoints: bool = False  # a finished run needs only model/; a 7B checkpoint with Adam states is ~40 GB
+    keep_models: bool = True  # False: a run's model/ is deleted once evaluated (results.csv is then its record; a
+    # 135M model in fp32 is 0.54 GB, and study 2's 50 runs beside study 1's filled the disk); warm-ups are kept
     eval: EvalSettings = field(default_factory=EvalSettings)
     variants: tuple[Variant, ...] = ()  # instances past the paper's product (adaptive skip policies, ...)
     evaluate_warm_up: bool = False  # also evaluate each SFT warm-up: the accuracy before ReFT, per seed

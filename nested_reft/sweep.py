@@ -6,7 +6,8 @@ Layout, under the grid's `output_dir`:
     <model-slug>/<dataset>/<instance>/           one run: status.json, the train output
         status.json                              pending | running | done | failed, error, timestamps
         config.yaml metrics.jsonl summary.json model/     (nested_reft.trainer; its checkpoint-N/ is
-                                                 removed once trained, unless keep_checkpoints)
+                                                 removed once trained, unless keep_checkpoints; model/ once
+                                                 evaluated, where keep_models is false)
         eval/eval.json, eval/<benchmark>.jsonl   (nested_reft.evaluate)
     results.csv                                  one row per instance (nested_reft.results; the only input
                                                  of `report`)
@@ -40,7 +41,7 @@ import torch
 
 from nested_reft.checkpoint import checkpoints
 from nested_reft.config import ConfigError, TrainConfig, config_differences, load_config
-from nested_reft.collect import EVAL_DIR, collect_results
+from nested_reft.collect import EVAL_DIR, collect_results, recorded_done
 from nested_reft.evaldir import EVAL_FILE
 from nested_reft.evaluate import evaluate_model, print_progress
 from nested_reft.files import (
@@ -80,8 +81,10 @@ def evaluate_instance(model_dir: Path, output_dir: Path, settings: EvalSettings,
     )
 
 
-def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], None] = print) -> SweepOutcome:
+def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], None] = print,
+              recorded: str | Path | None = None) -> SweepOutcome:
     """Run every instance that is not done (or just `only`), then rewrite results.csv; never stops early.
+    Instances done in the `recorded` results directory count as done (`collect_results` merges their rows).
 
     One writer per thing, so that no instance is ever trained twice at once: a sweep of the whole grid
     holds the grid's lock (a second one is refused with LockHeldError naming the first), and every
@@ -90,14 +93,17 @@ def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], No
     the refusal is raised, in a whole-grid sweep it is reported in `in_use` and the sweep goes on.
     """
     instances = select_instances(grid, only)
+    done_there = recorded_done(recorded) if recorded is not None else set()
     with contextlib.ExitStack() as stack:
         if only is None:
             stack.enter_context(exclusive_lock(grid.root / SWEEP_LOCK_FILE, f"the sweep of grid {grid.name!r} "
                                                                            f"(output_dir {grid.root})"))
         _mark_pending(grid, instances)
-        outcome = SweepOutcome()
+        outcome = SweepOutcome(skipped=[instance.id for instance in instances if instance.id in done_there])
         failed_warm_ups: dict[str, str] = {}
         for number, instance in enumerate(instances, start=1):
+            if instance.id in done_there:
+                continue
             try:
                 with instance_lock(grid, instance):
                     _run_unless_done(grid, instance, f"[{number}/{len(instances)}]", outcome, failed_warm_ups, log)
@@ -107,7 +113,7 @@ def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], No
                 outcome.in_use[instance.id] = str(refusal)
                 log(f"skipped {instance.id}: {refusal}")
             _free_memory()
-        collect_results(grid)
+        collect_results(grid, recorded)
     return outcome
 
 
@@ -192,6 +198,8 @@ def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str
         write_status(directory, "failed", error=_describe(error), traceback=traceback.format_exc())
         return _describe(error)
     write_status(directory, "done")
+    if not grid.keep_models:  # after "done": a run killed in between keeps its model rather than losing its status
+        shutil.rmtree(directory / FINAL_MODEL_DIR, ignore_errors=True)
     return None
 
 
@@ -247,33 +255,39 @@ def _describe(error: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def emit_commands(grid: GridConfig, grid_path: str | os.PathLike, path: str | os.PathLike) -> list[str]:
+def emit_commands(grid: GridConfig, grid_path: str | os.PathLike, path: str | os.PathLike,
+                  recorded: str | Path | None = None) -> list[str]:
     """Write one self-contained shell command per instance to `path` (line i = job array task i).
 
     Each line changes to the current directory (so a relative output_dir resolves as here) and runs this
-    Python on `--only <id>`; an instance already done exits at once, so the file can be resubmitted.
+    Python on `--only <id>`; an instance already done exits at once, so the file can be resubmitted. Instances
+    done in the `recorded` results directory get no line, and the others' collect merges its rows.
     """
     prefix = f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m nested_reft.cli sweep"
     grid_file = shlex.quote(str(Path(grid_path).resolve()))
+    merge = f" --merge {shlex.quote(str(Path(recorded).resolve()))}" if recorded is not None else ""
+    done_there = recorded_done(recorded) if recorded is not None else set()
     check_output_file(path, "--emit-commands")
-    lines = [f"{prefix} {grid_file} --only {shlex.quote(instance.id)}" for instance in enumerate_instances(grid)]
+    lines = [f"{prefix} {grid_file}{merge} --only {shlex.quote(instance.id)}" for instance in enumerate_instances(grid)
+             if instance.id not in done_there]
     atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
     return lines
 
 
 def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None, collect: bool = False,
-               log: Callable[[str], None] = print) -> int:
+               log: Callable[[str], None] = print, merge: str | None = None) -> int:
     """The `nested-reft sweep` command: 0 when every selected instance is done, 1 when any failed or another
-    process is running it; a sweep or `--only` instance another process holds is refused (LockHeldError)."""
+    process is running it; a sweep or `--only` instance another process holds is refused (LockHeldError).
+    `merge`: a results directory whose done instances count as done (`collect_results`'s `recorded`)."""
     grid = load_grid(grid_path)
     if emit is not None:
-        lines = emit_commands(grid, grid_path, emit)
+        lines = emit_commands(grid, grid_path, emit, merge)
         log(f"wrote {len(lines)} commands to {emit}")
         return 0
     if collect:
-        log(f"wrote {collect_results(grid)}")
+        log(f"wrote {collect_results(grid, merge)}")
         return 0
-    outcome = run_sweep(grid, only=only, log=log)
+    outcome = run_sweep(grid, only=only, log=log, recorded=merge)
     in_use = f", {len(outcome.in_use)} in use by other processes" if outcome.in_use else ""
     log(f"{len(outcome.ran)} run, {len(outcome.skipped)} already done, {len(outcome.failed)} failed{in_use}; "
         f"results: {grid.root / RESULTS_FILE}")

@@ -1,12 +1,31 @@
-# Sourced by the study runners (scripts/study-*.sh): run a study's sweep commands in the order the runner listed,
-# in lanes, then copy the results (never weights) into the study's docs directory.
+# Sourced by the study runners (scripts/study-*.sh): emit a study's sweep commands, run them in the order the runner
+# lists, in lanes, then copy the results (never weights) into the study's docs directory. The docs directory is the
+# study's record across sessions: a session starts from a fresh checkout without runs/, so the instances recorded
+# done there are neither run again nor lost (`sweep --merge`).
+
+# emit_jobs GRID JOBS STUDY_DIR: one command per instance not recorded done in STUDY_DIR
+emit_jobs() {
+    local grid=$1 jobs=$2 study_dir=$3
+    .venv/bin/nested-reft sweep "$grid" --emit-commands "$jobs" $(merge_option "$study_dir")
+}
+
+# pick JOBS RUN SEED: the command of instance <model>/RUN-sSEED, if it is still to run
+pick() {
+    grep -- "/$2-s$3\$" "$1" || true
+}
+
 # run_in_lanes GRID JOBS ORDERED LANES SWEEP_DIR STUDY_DIR
 run_in_lanes() {
     local grid=$1 jobs=$2 ordered=$3 lanes=$4 sweep_dir=$5 study_dir=$6
     [ "$(wc -l < "$ordered")" -eq "$(wc -l < "$jobs")" ] || { echo "$(basename "$0"): the run order misses runs of $grid" >&2; exit 1; }
     # a failed run is recorded in its status.json and its lane goes on (|| true)
     OMP_NUM_THREADS=1 xargs -P "$lanes" -d '\n' -I{} sh -c '{} || true' < "$ordered"
-    .venv/bin/nested-reft sweep "$grid" --collect
+    .venv/bin/nested-reft sweep "$grid" --collect $(merge_option "$study_dir")
     mkdir -p "$study_dir"
     cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$study_dir"/
+}
+
+# merge_option STUDY_DIR: `--merge STUDY_DIR` once it records results (the study directories have no spaces)
+merge_option() {
+    if [ -f "$1/results.csv" ]; then echo "--merge $1"; fi
 }

@@ -20,6 +20,7 @@ from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig
 from nested_reft.grid import (
     EvalSettings, GridConfig, enumerate_instances, instance_config, load_grid, run_directory, sft_config,
 )
+from nested_reft.results import ResultsError
 from nested_reft.rundir import CONFIG_FILE
 from nested_reft.sweep import read_status, run_sweep, sweep_main
 
@@ -304,6 +305,80 @@ def test_only_runs_one_instance_and_its_warm_up(tmp_path, monkeypatch):
     table = results(load_grid(grid_path))
     assert table["x0.2-b1-base-s0"]["status"] == "done" and table["baseline-s0"]["status"] == "pending"
     assert main(["sweep", str(grid_path), "--only", "tiny-llama/arithmetic/nope"]) == 2
+
+
+def test_keep_models_false_deletes_each_run_model_once_evaluated_and_keeps_the_warm_up(tmp_path, monkeypatch):
+    fake = FakeRuns(monkeypatch)
+    grid = load_grid(write_grid(tmp_path, keep_models=False))
+    assert not run_sweep(grid, log=lambda line: None).failed
+    assert sorted(fake.evaluated) == ["baseline-s0", "x0.2-b1-retrace-s0"]  # evaluated before the deletion
+    for instance in enumerate_instances(grid):
+        directory = run_directory(grid, instance)
+        assert read_status(directory)["status"] == "done" and not (directory / "model").exists()
+        assert (directory / "eval" / "eval.json").is_file() and (directory / "summary.json").is_file()
+    assert (grid.root / "tiny-llama" / "arithmetic" / "sft-s0" / "model").is_dir()  # the instances start from it
+    fake.trained.clear()
+    assert run_sweep(grid, log=lambda line: None).skipped and fake.trained == []  # done without its model: not rerun
+
+
+def test_a_study_recorded_elsewhere_continues_on_a_fresh_checkout(tmp_path, monkeypatch):
+    """--merge: instances done in a recorded results directory are not run or emitted again, and their rows (results,
+    steps, problems, their warm-ups' problems) are merged as written; the instances not done there run here."""
+    fake = FakeRuns(monkeypatch)
+    grid_path = write_grid(tmp_path, skip_ratios=[0.1, 0.2])
+    grid = load_grid(grid_path)
+    fake.fail_train = {"x0.2-b1-retrace-s0"}
+    run_sweep(grid, log=lambda line: None)
+    record = tmp_path / "record"  # a study's docs directory: the tables a session committed
+    record.mkdir()
+    group = "tiny-llama/arithmetic"
+    with (grid.root / "results.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    for row in rows:
+        row["accuracy"] = "0.7500" if row["instance"] == f"{group}/baseline-s0" else row["accuracy"]
+    with (record / "results.csv").open("w") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader(), writer.writerows(rows)
+    (record / "steps.csv").write_text("instance,step,reward_mean\n"
+                                      f"{group}/baseline-s0,1,0.5\n{group}/x0.2-b1-retrace-s0,1,0.9\n")
+    (record / "problems.csv").write_text("instance,benchmark,problem,correct\n"
+                                         f"{group}/baseline-s0,arithmetic,p1,1\n{group}/sft-s0,arithmetic,p1,0\n"
+                                         f"{group}/x0.2-b1-retrace-s0,arithmetic,p1,1\n")
+    fresh = tmp_path / "fresh"  # the next session's checkout: no runs/
+    fresh.mkdir()
+    grid_path = write_grid(fresh, skip_ratios=[0.1, 0.2])
+    grid = load_grid(grid_path)
+
+    jobs = fresh / "jobs.txt"
+    assert main(["sweep", str(grid_path), "--emit-commands", str(jobs), "--merge", str(record)]) == 0
+    (line,) = jobs.read_text().splitlines()
+    assert shlex.split(line)[-4:] == ["--merge", str(record.resolve()), "--only", f"{group}/x0.2-b1-retrace-s0"]
+
+    assert main(["sweep", str(grid_path), "--collect", "--merge", str(record)]) == 0  # nothing run yet
+    assert {name: row["status"] for name, row in results(grid).items()} == {
+        "baseline-s0": "done", "x0.1-b1-retrace-s0": "done", "x0.2-b1-retrace-s0": "pending"}
+
+    fake.trained.clear(), fake.evaluated.clear()
+    fake.fail_train = set()
+    outcome = run_sweep(grid, log=lambda line: None, recorded=record)
+    assert outcome.ran == [f"{group}/x0.2-b1-retrace-s0"] and len(outcome.skipped) == 2
+    assert fake.trained == ["sft-s0", "x0.2-b1-retrace-s0"] and fake.evaluated == ["x0.2-b1-retrace-s0"]
+    table = results(grid)
+    assert {row["status"] for row in table.values()} == {"done"}
+    assert table["baseline-s0"]["accuracy"] == "0.7500"  # the recorded cell as written
+    assert table["x0.2-b1-retrace-s0"]["accuracy"] == "0.25"  # measured here
+    with (grid.root / "steps.csv").open() as stream:  # the failed run's recorded steps are not taken
+        assert [(row["instance"], row["reward_mean"]) for row in csv.DictReader(stream)] == [
+            (f"{group}/baseline-s0", "0.5")]
+    with (grid.root / "problems.csv").open() as stream:
+        assert sorted((row["instance"], row["correct"]) for row in csv.DictReader(stream)) == [
+            (f"{group}/baseline-s0", "1"), (f"{group}/sft-s0", "0")]
+
+
+def test_merging_a_directory_without_results_names_it(tmp_path):
+    grid_path = write_grid(tmp_path)
+    with pytest.raises(ResultsError, match=r"nowhere/results.csv does not exist"):
+        sweep_main(str(grid_path), collect=True, merge=str(tmp_path / "nowhere"), log=lambda line: None)
 
 
 def test_each_warm_up_trains_once_per_seed_and_its_instances_start_from_its_model(tmp_path, monkeypatch):
