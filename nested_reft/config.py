@@ -98,6 +98,10 @@ class SamplingConfig:
     # vllm only: the longest prompt + completion the engine takes, which sizes its KV cache blocks per sequence;
     # None = the model's own context (TRL's vllm_max_model_length default, None)
     vllm_max_model_len: int | None = None
+    # LoRA (lora.r > 0) only: sample from a copy of the base weights with the adapters merged in (one matmul per
+    # linear layer, not three; what TRL and verl do before handing weights to vLLM), the copy dropped after the
+    # rollout; False samples through the adapters (no copy: the memory a 7B run may need, docs/scaling.md)
+    merge_adapters: bool = True
 
     def __post_init__(self) -> None:
         check_types(self, "sampling.")

@@ -8,6 +8,7 @@ Knows nothing of rewards. How the model runs while it samples is a decoding engi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nested_reft.config import SamplingConfig
 from nested_reft.decoding import Samples, decoder_for
+from nested_reft.lora import merged_for_sampling
 from nested_reft.nesting import nested
 from nested_reft.policy import completion_logprobs
 
@@ -63,7 +65,8 @@ def generate_rollouts(
 
     `prompts` are already templated text. The behavior model is the nested model
     nested(model, skip_set); with an empty skip set it is the model itself (classical ReFT). `decoder` runs
-    the model (`nested_reft.decoding`); by default the process's decoder of `sampling.engine`.
+    the model (`nested_reft.decoding`); by default the process's decoder of `sampling.engine`. LoRA adapters
+    are merged for the sampling (`lora.merged_for_sampling`) unless `sampling.merge_adapters` is off.
     """
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -79,11 +82,12 @@ def generate_rollouts(
         decoder = decoder or decoder_for(sampling.engine)
         outside = getattr(decoder, "applies_skip_set", False)  # vLLM: samples in its own copy of the model
         arguments = (prompt_ids, prompt_mask, sampling, eos, tokenizer.pad_token_id, generator)
-        if outside:
-            samples = decoder.sample(model, *arguments, skip_set=skip_set)
-        else:
-            with nested(model, skip_set):
-                samples = decoder.sample(model, *arguments)
+        with merged_for_sampling(model) if sampling.merge_adapters else contextlib.nullcontext():
+            if outside:
+                samples = decoder.sample(model, *arguments, skip_set=skip_set)
+            else:
+                with nested(model, skip_set):
+                    samples = decoder.sample(model, *arguments)
         elapsed = _synchronized_clock(device) - start
         mismatch = logprob_mismatch(model, skip_set, prompt_ids, prompt_mask, samples, sampling) if outside else None
     finally:

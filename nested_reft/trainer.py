@@ -125,7 +125,7 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
             model = add_adapters(model, config.lora)
         check_fits_model(config, num_decoder_layers(model), accelerator.num_processes)
         if config.sampling.engine == "vllm":
-            check_vllm_supports(model, config.lora.r, accelerator.num_processes)
+            check_vllm_supports(model, accelerator.num_processes, config.sampling.merge_adapters)
         task = task or Task.load(config.dataset, "train", config.data_dir)
         if not task.problems:
             raise DataError(f"training set {task.name!r} has 0 problems: nothing to train on")

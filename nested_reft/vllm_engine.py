@@ -33,6 +33,7 @@ from torch import nn
 
 from nested_reft.config import ConfigError, SamplingConfig
 from nested_reft.decoding import Samples, _checked
+from nested_reft.lora import base_of, has_adapters, plain_named_parameters
 from nested_reft.nesting import decoder_layers
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -47,13 +48,14 @@ class _SkippedLayer(nn.Module):
         return hidden_states, residual
 
 
-def check_vllm_supports(model, lora_rank: int = 0, world: int = 1) -> None:
-    """Refuse by name what the vllm engine cannot do yet, before a run starts: LoRA adapters (vLLM would need them
-    merged, or its own LoRA path), several processes (one in-process engine each is not built), and
-    hybrid-attention models (per-layer attention types inside a nested vLLM model are not tested)."""
-    if lora_rank:
-        raise ConfigError("sampling.engine=vllm cannot sample from unmerged LoRA adapters (lora.r > 0): "
-                          "use sampling.engine=eager or compiled, or lora.r = 0")
+def check_vllm_supports(model, world: int = 1, merge_adapters: bool = True) -> None:
+    """Refuse by name what the vllm engine cannot do yet, before a run starts: LoRA adapters left unmerged
+    (`sampling.merge_adapters` off; vLLM takes the merged weights, not its own LoRA path), several processes (one
+    in-process engine each is not built), and hybrid-attention models (per-layer attention types inside a nested
+    vLLM model are not tested)."""
+    if has_adapters(model) and not merge_adapters:
+        raise ConfigError("sampling.engine=vllm samples from LoRA adapters merged into the weights only: set "
+                          "sampling.merge_adapters=true, or use sampling.engine=eager or compiled")
     if world > 1:
         raise ConfigError(f"sampling.engine=vllm runs one engine in one process, but {world} processes were "
                           "launched: launch one process, or use sampling.engine=eager or compiled")
@@ -79,7 +81,7 @@ class VLLMEngine:
                eos_token_ids: Sequence[int], pad_token_id: int, generator: torch.Generator | None = None,
                skip_set: Sequence[int] = ()) -> Samples:
         """As `EagerDecoder.sample` for nested(model, skip_set), through vLLM."""
-        llm = self._llm_for(model, config)
+        llm = self._llm_for(base_of(model), config)  # the architecture under PEFT's wrapper, if any
         llm.apply_model(lambda vllm_model: self._skip(vllm_model, skip_set))
         push_weights(llm, model, skip_set)
         llm.reset_prefix_cache()  # cached prompt blocks were computed by other weights or another skip set
@@ -166,10 +168,11 @@ def _engine_config(model) -> dict:
 
 def push_weights(llm, model, skip_set: Sequence[int] = ()) -> None:
     """Load the training model's current weights into the engine, all but the skipped layers' (which this
-    generation does not run, and which are pushed again by the first generation that keeps them)."""
+    generation does not run, and which are pushed again by the first generation that keeps them); a model with
+    LoRA adapters, inside `lora.merged_for_sampling`, pushes its merged weights under the plain names."""
     _, _, layers = decoder_layers(model)
     skipped = {id(parameter) for index in skip_set for parameter in layers[index].parameters()}
-    weights = [(name, parameter.detach()) for name, parameter in model.named_parameters(remove_duplicate=False)
+    weights = [(name, parameter.detach()) for name, parameter in plain_named_parameters(model)
                if id(parameter) not in skipped]  # a tied head under its own name too: the engine's is untied
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
 

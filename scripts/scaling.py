@@ -59,11 +59,20 @@ class Model:
     def parameters(self) -> int:
         return self.layers * self.layer_parameters + self.root_parameters
 
+    @property
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of each linear layer of one block: q k v o gate up down."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def linear_weights(self) -> int:
+        """The blocks' linear weight matrices (biases apart): what LoRA adapts, and what a merged copy holds."""
+        return self.layers * sum(fan_in * fan_out for fan_in, fan_out in self.linear_shapes)
+
     def lora_parameters(self, rank: int) -> int:
         """LoRA A (r x in) and B (out x r) on every linear layer of the blocks (PEFT's all-linear)."""
-        h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q k v o gate up down: (in, out)
-        return self.layers * sum(rank * (fan_in + fan_out) for fan_in, fan_out in shapes)
+        return self.layers * sum(rank * (fan_in + fan_out) for fan_in, fan_out in self.linear_shapes)
 
 
 QWEN_MATH_1_5B = Model("Qwen2.5-Math-1.5B", hidden=1536, layers=28, intermediate=8960, heads=12, kv_heads=2,
@@ -150,7 +159,7 @@ SETUPS = (DDP, FSDP2_8, LORA_1)
 def components(model: Model, setup: Setup, work: Workload) -> dict[str, float]:
     """Bytes per GPU by component. Persistent: weights and AdamW; only while training: gradients, DDP's buckets,
     activations, logits, the layers FSDP2 gathers for the forward and backward; only while generating: the KV
-    cache and (FSDP2) the whole weights it gathers once per step."""
+    cache, (FSDP2) the whole weights it gathers once per step and (LoRA) the merged copy of the adapted weights."""
     trained = model.lora_parameters(work.lora_rank) if setup.lora else model.parameters
     weights = FLOAT32 * (model.parameters + (trained if setup.lora else 0))
     share = setup.gpus if setup.sharded else 1
@@ -167,17 +176,20 @@ def components(model: Model, setup: Setup, work: Workload) -> dict[str, float]:
             FLOAT32 * (model.root_parameters + 2 * model.layer_parameters) if setup.sharded else 0.0),
         "KV cache (rollout)": kv_cache(model, sequences, work),
         "gathered for generation": FLOAT32 * model.parameters if setup.sharded else 0.0,
+        # LoRA rollouts sample from W + BA, a float32 copy of every adapted weight (lora.merged_for_sampling)
+        "merged adapter weights (rollout)": FLOAT32 * model.linear_weights if setup.lora else 0.0,
     }
 
 
 def peaks(parts: dict[str, float]) -> dict[str, float]:
-    """The two phases' totals: generation holds the persistent state, the cache and the gathered weights;
+    """The two phases' totals: generation holds the persistent state, the cache, the gathered or merged weights;
     training the persistent state, gradients, buckets, activations, logits and the layers gathered for it."""
     persistent = parts["weights"] + parts["AdamW state"]
     training = persistent + parts["gradients"] + parts["DDP gradient buckets"] + parts["logits"] + parts[
         "gathered for training (root + 2 layers)"]
     return {
-        "generation": persistent + parts["KV cache (rollout)"] + parts["gathered for generation"],
+        "generation": persistent + parts["KV cache (rollout)"] + parts["gathered for generation"]
+        + parts["merged adapter weights (rollout)"],
         "training, no checkpointing": training + parts["activations, no checkpointing"],
         "training, checkpointing": training + parts["activations, checkpointing"],
     }

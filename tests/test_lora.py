@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +15,17 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import nested_reft.trainer as trainer
 from nested_reft.arithmetic import generate_arithmetic
-from nested_reft.config import ConfigError, LoRAConfig, load_config
-from nested_reft.lora import add_adapters
+from nested_reft.config import ConfigError, LoRAConfig, SamplingConfig, load_config
+from nested_reft.decoding import CompiledDecoder, EagerDecoder
+from nested_reft.lora import add_adapters, is_merged_for_sampling, merged_for_sampling, plain_named_parameters
 from nested_reft.nesting import nested
 from nested_reft.rundir import ADAPTER_DIR, FINAL_MODEL_DIR
+from nested_reft.rollout import generate_rollouts
 from nested_reft.tasks import Task
 from nested_reft.tiny import tiny_model
 
 PROBLEMS = generate_arithmetic(8, seed=2)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def lowercase_share(completion: str, gold: str) -> float:
@@ -126,3 +131,109 @@ def test_add_adapters_targets_every_linear_layer_of_the_blocks_and_freezes_the_r
     assert trainable and all(".lora_" in name for name in trainable)
     adapted_layers = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable}
     assert adapted_layers == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts from the adapters merged into a copy of the base weights
+# ----------------------------------------------------------------------------------------------------------
+
+
+def adapter_calls(model: PeftModel) -> list[str]:
+    """A list that grows by one entry each time an adapter's A matrix runs."""
+    calls: list[str] = []
+    for name, module in model.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_hook(lambda *args, name=name: calls.append(name))
+    return calls
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])  # gpt2: Conv1D, whose weight is stored transposed
+def test_merged_for_sampling_is_the_adapted_model_at_one_matmul_per_layer_and_restores_the_base_bit_for_bit(
+        architecture):
+    adapted = random_adapters(architecture)
+    calls = adapter_calls(adapted)
+    weights = {name: parameter.detach().clone() for name, parameter in adapted.named_parameters()}
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        through_adapters = {skip: _logits(adapted, ids, skip) for skip in [(), (1, 3)]}
+        assert calls
+        calls.clear()
+        with merged_for_sampling(adapted) as model:
+            assert model is adapted and is_merged_for_sampling(adapted)
+            with merged_for_sampling(adapted):  # re-entered: merged once, not twice
+                merged = {skip: _logits(adapted, ids, skip) for skip in through_adapters}
+        assert calls == []  # no adapter ran inside
+        for skip, logits in through_adapters.items():
+            torch.testing.assert_close(merged[skip], logits, atol=1e-5, rtol=1e-5)
+        assert not is_merged_for_sampling(adapted)
+        assert all(torch.equal(parameter, weights[name]) for name, parameter in adapted.named_parameters())
+        torch.testing.assert_close(_logits(adapted, ids, ()), through_adapters[()], atol=0, rtol=0)  # adapters back
+
+
+def _logits(model, ids, skip):
+    with nested(model, skip):
+        return model(input_ids=ids).logits
+
+
+def test_an_error_inside_the_merge_leaves_the_adapted_model_as_it_was():
+    adapted = random_adapters("llama")
+    weights = {name: parameter.detach().clone() for name, parameter in adapted.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"), merged_for_sampling(adapted):
+        raise RuntimeError("boom")
+    assert not is_merged_for_sampling(adapted) and adapter_calls(adapted) == []
+    assert all(torch.equal(parameter, weights[name]) for name, parameter in adapted.named_parameters())
+    calls = adapter_calls(adapted)
+    with torch.no_grad():
+        adapted(input_ids=torch.tensor([[5, 6, 7]]))
+    assert calls  # the adapters run again
+
+
+def test_disabled_adapters_are_not_merged_in():
+    adapted = random_adapters("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), adapted.disable_adapter():
+        base = adapted(input_ids=ids).logits
+        with merged_for_sampling(adapted):
+            torch.testing.assert_close(adapted(input_ids=ids).logits, base, atol=0, rtol=0)
+
+
+def test_plain_named_parameters_are_the_merged_models_under_its_own_names_and_only_inside_the_merge():
+    adapted = random_adapters("llama")
+    reference = dict(copy.deepcopy(adapted).merge_and_unload().named_parameters(remove_duplicate=False))
+    with pytest.raises(RuntimeError, match="only inside lora.merged_for_sampling"):
+        plain_named_parameters(adapted)
+    with merged_for_sampling(adapted):
+        plain = dict(plain_named_parameters(adapted))
+        assert plain.keys() == reference.keys()
+        for name, parameter in plain.items():
+            torch.testing.assert_close(parameter, reference[name], atol=1e-6, rtol=1e-6)
+    model, _ = tiny_model("llama")  # no adapters: its own parameters
+    assert [name for name, _ in plain_named_parameters(model)] == [n for n, _ in model.named_parameters()]
+
+
+@pytest.mark.parametrize("decoder", [EagerDecoder, lambda: CompiledDecoder(backend="aot_eager")],
+                         ids=["eager", "compiled"])  # aot_eager: dynamo's graphs and guards without Inductor's minute
+def test_rollouts_sampled_merged_equal_those_sampled_through_the_adapters(decoder):
+    adapted = random_adapters("llama")
+    _, tokenizer = tiny_model("llama")
+    weights = {name: parameter.detach().clone() for name, parameter in adapted.named_parameters()}
+    merged_config = SamplingConfig(temperature=0.0, max_new_tokens=8, min_new_tokens=0)
+    runs, calls = {}, adapter_calls(adapted)
+    for merge in (True, False):
+        config = SamplingConfig(**{**merged_config.__dict__, "merge_adapters": merge})
+        runs[merge] = generate_rollouts(adapted, tokenizer, ["12+3=", "a"], 2, config, (1,), decoder=decoder())
+        assert bool(calls) is not merge  # merged: no adapter ran; through them: they did
+    assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
+    torch.testing.assert_close(runs[True].behavior_logprobs, runs[False].behavior_logprobs, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(parameter, weights[name]) for name, parameter in adapted.named_parameters())
+
+
+def test_the_lora_rollout_bench_runs_every_setup_and_checks_merged_against_the_adapters(capsys):
+    spec = importlib.util.spec_from_file_location("lora_rollouts", ROOT / "bench" / "lora_rollouts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", "tiny-llama", "--rank", "2", "--batch", "2", "--tokens", "4", "--repeats", "1",
+                "--skip-ratio", "0.5"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [row[0].strip() for row in rows] == ["no adapters", "through adapters", "merged"]
+    assert rows[1][3].strip() == "1.000" and all(float(row[1]) > 0 for row in rows)

@@ -47,6 +47,8 @@ def test_parameter_counts_are_those_of_the_built_model(scaling, tied):
     assert shape.parameters == sum(p.numel() for p in model.parameters())
     adapted = add_adapters(model, LoRAConfig(r=4))
     assert shape.lora_parameters(4) == sum(p.numel() for p in trainable_parameters(adapted))
+    adapted_weights = [m.get_base_layer().weight for m in adapted.modules() if hasattr(m, "lora_A")]
+    assert shape.linear_weights == sum(weight.numel() for weight in adapted_weights)  # what the merge copies
 
 
 def test_the_paper_models_have_their_published_sizes(scaling):

@@ -13,6 +13,7 @@ layer, stale weights: 1e-2 and more) and never on rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -20,6 +21,8 @@ import torch
 import transformers
 
 pytest.importorskip("vllm")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from nested_reft.arithmetic import generate_arithmetic  # noqa: E402
 from nested_reft.cli import main  # noqa: E402
@@ -186,6 +189,23 @@ def test_a_layer_skipped_while_the_weights_changed_runs_the_new_weights_when_kep
     assert theirs.logprob_mismatch[1] < TOLERANCE
 
 
+def test_lora_adapters_are_sampled_merged_into_the_engines_weights():
+    """A model with LoRA adapters (B not zero) samples in vLLM what our engine samples through the adapters."""
+    model, tokenizer = tiny_model("llama", seed=3)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                               init_lora_weights=False)).eval()
+    through_adapters = dataclasses.replace(sampling(), merge_adapters=False)
+    for skip_set in [(), (1, 2)]:
+        theirs = generate_rollouts(adapted, tokenizer, PROMPTS, 2, sampling(), skip_set, torch.Generator())
+        ours = generate_rollouts(adapted, tokenizer, PROMPTS, 2, through_adapters, skip_set, torch.Generator(),
+                                 decoder=EagerDecoder())
+        assert torch.equal(theirs.completion_ids, ours.completion_ids)
+        assert theirs.logprob_mismatch[1] < TOLERANCE  # against our forward through the adapters
+        with adapted.disable_adapter():  # the adapters matter: without them the model is measurably another
+            base = generate_rollouts(adapted, tokenizer, PROMPTS, 2, sampling(), skip_set, torch.Generator())
+        assert (base.behavior_logprobs - theirs.behavior_logprobs).abs().max() > 100 * TOLERANCE
+
+
 PROBLEMS = generate_arithmetic(12, seed=1)
 
 
@@ -229,6 +249,15 @@ def test_a_reft_run_samples_from_each_steps_weights_and_its_final_model_matches_
     assert torch.equal(theirs.completion_ids, ours.completion_ids)
     initial, _ = load_model(str(model_dir))
     assert not torch.equal(both_engines(initial, tokenizer, sampling(), (1,))[0].completion_ids, theirs.completion_ids)
+
+
+def test_a_lora_run_pushes_its_merged_weights_before_every_generation(model_dir, tmp_path):
+    output = tmp_path / "run"
+    train(run_config(model_dir, output, **{"lora.r": 4}), Task("tiny", list(PROBLEMS), reward=lowercase_share))
+    rows = [json.loads(line) for line in (output / METRICS_FILE).read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and not rows[0]["update_skipped"]
+    # step 2 samples after step 1 moved B off 0: the base's weights alone would disagree far beyond rounding
+    assert all(row["engine_logprob_diff_max"] < TOLERANCE for row in rows)
 
 
 def test_nested_reft_eval_with_engine_vllm_finishes(model_dir, tmp_path):

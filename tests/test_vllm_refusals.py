@@ -13,11 +13,11 @@ from nested_reft.trainer import train
 from nested_reft.vllm_engine import check_vllm_supports
 
 
-def test_lora_adapters_are_refused_before_the_run_writes_anything(tmp_path):
+def test_unmerged_lora_adapters_are_refused_before_the_run_writes_anything(tmp_path):
     config = load_config(None, {"model": "tiny-llama", "dataset": "arithmetic", "output_dir": str(tmp_path / "run"),
                                 "rft_steps": 1, "batch_size": 2, "sft.epochs": 0, "lora.r": 4,
-                                "sampling.engine": "vllm"})
-    with pytest.raises(ConfigError, match=r"sampling.engine=vllm cannot sample from unmerged LoRA adapters"):
+                                "sampling.engine": "vllm", "sampling.merge_adapters": False})
+    with pytest.raises(ConfigError, match=r"sampling.engine=vllm samples from LoRA adapters merged .* only"):
         train(config, Task("tiny", generate_arithmetic(4, seed=1)))
     assert not (tmp_path / "run" / CONFIG_FILE).exists()
 
