@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import load, prompts_for, synchronized_clock  # noqa: E402  (bench/rollout.py)
+from rollout import add_device_arguments, load_on_device, prompts_for, synchronized_clock  # noqa: E402  (bench/rollout.py)
 
 from nested_reft.config import ENGINES, SamplingConfig  # noqa: E402
 from nested_reft.decoding import CompiledDecoder, EagerDecoder, default_compiled_mode  # noqa: E402
@@ -43,12 +43,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=128, help="max_new_tokens")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model, args.device, args.dtype)
+    model, tokenizer = load_on_device(args)
     prompts = prompts_for(tokenizer, args.batch)
     sampling = SamplingConfig(temperature=0, max_new_tokens=args.tokens, min_new_tokens=0)
     decoders = {(engine, k): decoder(engine, k) for engine in args.engines for k in args.sync_every}

@@ -24,7 +24,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import load, prompts_for, synchronized_clock  # noqa: E402  (bench/rollout.py)
+from rollout import add_device_arguments, load_on_device, prompts_for, synchronized_clock  # noqa: E402  (bench/rollout.py)
 
 from nested_reft.config import ENGINES, SamplingConfig  # noqa: E402
 from nested_reft.decoding import decoder_for  # noqa: E402
@@ -43,12 +43,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--skip-ratio", type=float, default=0.15)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model, args.device, args.dtype)
+    model, tokenizer = load_on_device(args)
     layers = num_decoder_layers(model)
     skip_set = draw_uniform(layers, num_skipped_layers(layers, args.skip_ratio), 1, torch.Generator().manual_seed(0))
     adapted = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear",

@@ -120,6 +120,19 @@ def time_hf(model, tokenizer, prompts, sampling, skip) -> float:
     return (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0] / elapsed
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --threads, as the benches of one model on one device take them (`load_on_device`)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def load_on_device(args: argparse.Namespace):
+    """(model, tokenizer) of `args.model` as `add_device_arguments` asked, torch's CPU threads set first."""
+    torch.set_num_threads(args.threads)
+    return load(args.model, args.device, args.dtype)
+
+
 def load(model_name: str, device: str, dtype: str):
     """(model, tokenizer) for a `load_model` name or a `config:FILE` (random weights, byte tokenizer)."""
     if not model_name.startswith("config:"):
