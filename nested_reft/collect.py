@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from nested_reft.evaldir import EVAL_FILE, read_records
 from nested_reft.files import atomic_write_text, read_json, read_text
 from nested_reft.grid import GridConfig, Instance, enumerate_instances, run_directory, sft_directory
 from nested_reft.results import (
-    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE, accuracy_column,
-    mean_of_measured, read_results, write_results, write_table,
+    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError,
+    accuracy_column, mean_of_measured, read_results, write_results, write_table,
 )
 from nested_reft.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
 from nested_reft.status import read_status
@@ -41,7 +42,7 @@ def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Pat
         evaluated.update({instance.sft_id: sft_directory(grid, instance) for instance in instances})
     problems = {run_id: problem_rows(grid, run_id, directory) for run_id, directory in evaluated.items()}
     if recorded is not None:
-        merge_recorded(Path(recorded), rows, steps, problems)
+        merge_recorded(Path(recorded), rows, steps, problems, grid.eval.benchmarks)
     write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, rows.values())
     write_table(grid.root / STEPS_FILE, STEP_COLUMNS, [row for run in steps.values() for row in run])
     write_table(grid.root / PROBLEMS_FILE, PROBLEM_COLUMNS, [row for run in problems.values() for row in run])
@@ -55,12 +56,25 @@ def recorded_done(recorded: str | Path) -> set[str]:
     return {row["instance"] for row in read_results(Path(recorded) / RESULTS_FILE) if row["status"] == "done"}
 
 
-def merge_recorded(recorded: Path, rows: dict[str, dict], steps: dict[str, list], problems: dict[str, list]) -> None:
+def merge_recorded(recorded: Path, rows: dict[str, dict], steps: dict[str, list], problems: dict[str, list],
+                   benchmarks: Sequence[str]) -> None:
     """Take into `rows`, `steps` and `problems` (by instance id) what `recorded` holds for the instances done there
-    and not here, and its warm-ups' problems where this grid evaluated none; the recorded cells are copied as
-    written, so merging changes no figure."""
+    and not here, and its warm-ups' problems where this grid's warm-up has no finished evaluation; the recorded
+    cells are copied as written, so merging changes no figure. Refused (ResultsError): a recorded instance this
+    grid does not have (its rows would be lost when the tables are copied back), or a recorded results.csv without
+    an accuracy column of one of this grid's benchmarks."""
     done_there = recorded_done(recorded)
     recorded_rows = {row["instance"]: row for row in _raw_rows(recorded / RESULTS_FILE)}
+    foreign = sorted(set(recorded_rows) - set(rows))
+    if foreign:
+        raise ResultsError(f"{recorded / RESULTS_FILE} records instance(s) the grid does not have "
+                           f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): merge it into the grid "
+                           "it was run from")
+    header = next(iter(recorded_rows.values()), {})
+    missing = [accuracy_column(name) for name in benchmarks if header and accuracy_column(name) not in header]
+    if missing:
+        raise ResultsError(f"{recorded / RESULTS_FILE} lacks column(s) {', '.join(missing)} of this grid's benchmarks "
+                           "(were its runs evaluated on other benchmarks?)")
     recorded_steps = _by_instance(_raw_rows(recorded / STEPS_FILE))
     recorded_problems = _by_instance(_raw_rows(recorded / PROBLEMS_FILE))
     for run_id, row in rows.items():
@@ -68,9 +82,9 @@ def merge_recorded(recorded: Path, rows: dict[str, dict], steps: dict[str, list]
             rows[run_id] = recorded_rows[run_id]
             steps[run_id] = recorded_steps.get(run_id, [])
             problems[run_id] = recorded_problems.get(run_id, [])
-    for run_id, run_problems in recorded_problems.items():
-        if run_id not in recorded_rows and not problems.get(run_id):  # a warm-up this grid did not evaluate again
-            problems[run_id] = run_problems
+    for run_id in set(problems) - set(rows):  # this grid's warm-ups (evaluate_warm_up)
+        if not problems[run_id]:
+            problems[run_id] = recorded_problems.get(run_id, [])
 
 
 def _raw_rows(path: Path) -> list[dict[str, str]]:
@@ -122,7 +136,10 @@ def step_rows(grid: GridConfig, instance: Instance) -> list[dict[str, Any]]:
 
 
 def problem_rows(grid: GridConfig, run_id: str, directory: Path) -> list[dict[str, Any]]:
-    """The rows of problems.csv for one evaluated run: each problem of each benchmark, correct 1 or 0."""
+    """The rows of problems.csv for one evaluated run: each problem of each benchmark, correct 1 or 0; none until
+    its evaluation has finished (eval.json written)."""
+    if not (directory / EVAL_DIR / EVAL_FILE).is_file():
+        return []
     return [
         {"instance": run_id, "benchmark": benchmark, "problem": record["id"], "correct": int(bool(record["correct"]))}
         for benchmark in grid.eval.benchmarks

@@ -98,9 +98,9 @@ class SamplingConfig:
     # vllm only: the longest prompt + completion the engine takes, which sizes its KV cache blocks per sequence;
     # None = the model's own context (TRL's vllm_max_model_length default, None)
     vllm_max_model_len: int | None = None
-    # LoRA (lora.r > 0) only: sample from a copy of the base weights with the adapters merged in (one matmul per
-    # linear layer, not three; what TRL and verl do before handing weights to vLLM), the copy dropped after the
-    # rollout; False samples through the adapters (no copy: the memory a 7B run may need, docs/scaling.md)
+    # LoRA (lora.r > 0) only: sample from the base weights with the adapters merged in (one matmul per linear
+    # layer, not three; what TRL and verl do before handing weights to vLLM), the base saved aside and put back
+    # after the rollout; False samples through the adapters (no saved copy: memory a 7B run may need, docs/scaling.md)
     merge_adapters: bool = True
 
     def __post_init__(self) -> None:

@@ -5,10 +5,11 @@ PEFT wraps the linear layers inside the blocks, so the block list and its skippi
 adapters train; checkpoints hold the adapters; a finished run leaves `adapter/` (PEFT's format) and `model/`,
 the base with the adapters merged in, which `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-Rollouts sample from the adapters merged into a copy of the base weights (`merged_for_sampling`): through the
+Rollouts sample from the adapters merged into the base weights (`merged_for_sampling`): through the
 adapters every linear layer costs three matmuls per token (W x, A x, B A x) where the merged one costs one, and an
-engine outside our model (vLLM) takes plain weights (`plain_named_parameters`). The copy, not PEFT's in-place
-merge and unmerge, because W + BA - BA is not W in floating point: the training weights come back bit for bit.
+engine outside our model (vLLM) takes plain weights (`plain_named_parameters`). W + BA is written in place over a
+saved copy of W, not undone by PEFT's unmerge, because W + BA - BA is not W in floating point: the training
+weights come back bit for bit, at the addresses they had (which a CUDA graph recorded).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ _MERGED: weakref.WeakSet = weakref.WeakSet()  # the models inside `merged_for_sa
 
 @contextlib.contextmanager
 def merged_for_sampling(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Within: `model`'s adapted linear layers hold W + the active adapters' delta (a new tensor each) and the
+    """Within: `model`'s adapted linear layers hold W + the active adapters' delta (W saved aside) and the
     adapters are bypassed, so a forward is the merged model's at the cost of the plain one's; after (or on an
     error): the original weight tensors are back, untouched. A model without adapters, or one already inside,
     is left as it is. For sampling only: no gradient reaches the adapters through it."""
@@ -66,19 +67,26 @@ def merged_for_sampling(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         return
     originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _without_autocast(model):
             for layer in _adapted_layers(model):
                 weight = layer.get_base_layer().weight
                 delta = sum(layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A)
-                originals.append((weight, weight.data))
-                weight.data = weight.data + delta.to(weight.dtype)
+                originals.append((weight, weight.detach().clone()))
+                weight.add_(delta.to(weight.dtype))  # in place: a compiled decoder's graphs keep their addresses
         _MERGED.add(model)
         with model.disable_adapter():
             yield model
     finally:
         _MERGED.discard(model)
-        for weight, data in originals:
-            weight.data = data
+        with torch.no_grad():
+            for weight, saved in originals:
+                weight.copy_(saved)
+
+
+def _without_autocast(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """BA in the weights' precision even inside a bfloat16 autocast: computed there, a small update is lost
+    before it is added (the forward still rounds W + BA to bfloat16, as an engine sampling in bfloat16 does)."""
+    return torch.autocast(next(model.parameters()).device.type, enabled=False)
 
 
 def _adapted_layers(model: PeftModel) -> list[LoraLayer]:

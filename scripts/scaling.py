@@ -176,7 +176,7 @@ def components(model: Model, setup: Setup, work: Workload) -> dict[str, float]:
             FLOAT32 * (model.root_parameters + 2 * model.layer_parameters) if setup.sharded else 0.0),
         "KV cache (rollout)": kv_cache(model, sequences, work),
         "gathered for generation": FLOAT32 * model.parameters if setup.sharded else 0.0,
-        # LoRA rollouts sample from W + BA, a float32 copy of every adapted weight (lora.merged_for_sampling)
+        # LoRA rollouts sample from W + BA, every adapted weight's float32 original saved aside (lora.merged_for_sampling)
         "merged adapter weights (rollout)": FLOAT32 * model.linear_weights if setup.lora else 0.0,
     }
 

@@ -6,12 +6,14 @@
 # emit_jobs GRID JOBS STUDY_DIR: one command per instance not recorded done in STUDY_DIR
 emit_jobs() {
     local grid=$1 jobs=$2 study_dir=$3
-    .venv/bin/nested-reft sweep "$grid" --emit-commands "$jobs" $(merge_option "$study_dir")
+    local merge=()
+    [ -f "$study_dir/results.csv" ] && merge=(--merge "$study_dir")
+    .venv/bin/nested-reft sweep "$grid" --emit-commands "$jobs" ${merge[@]+"${merge[@]}"}
 }
 
 # pick JOBS RUN SEED: the command of instance <model>/RUN-sSEED, if it is still to run
 pick() {
-    grep -- "/$2-s$3\$" "$1" || true
+    grep -- "/$2-s$3\$" "$1" || [ $? -eq 1 ]  # no line: done already; a missing file still fails
 }
 
 # run_in_lanes GRID JOBS ORDERED LANES SWEEP_DIR STUDY_DIR
@@ -20,12 +22,9 @@ run_in_lanes() {
     [ "$(wc -l < "$ordered")" -eq "$(wc -l < "$jobs")" ] || { echo "$(basename "$0"): the run order misses runs of $grid" >&2; exit 1; }
     # a failed run is recorded in its status.json and its lane goes on (|| true)
     OMP_NUM_THREADS=1 xargs -P "$lanes" -d '\n' -I{} sh -c '{} || true' < "$ordered"
-    .venv/bin/nested-reft sweep "$grid" --collect $(merge_option "$study_dir")
+    local merge=()
+    [ -f "$study_dir/results.csv" ] && merge=(--merge "$study_dir")
+    .venv/bin/nested-reft sweep "$grid" --collect ${merge[@]+"${merge[@]}"}
     mkdir -p "$study_dir"
     cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$study_dir"/
-}
-
-# merge_option STUDY_DIR: `--merge STUDY_DIR` once it records results (the study directories have no spaces)
-merge_option() {
-    if [ -f "$1/results.csv" ]; then echo "--merge $1"; fi
 }

@@ -325,7 +325,7 @@ def test_a_study_recorded_elsewhere_continues_on_a_fresh_checkout(tmp_path, monk
     """--merge: instances done in a recorded results directory are not run or emitted again, and their rows (results,
     steps, problems, their warm-ups' problems) are merged as written; the instances not done there run here."""
     fake = FakeRuns(monkeypatch)
-    grid_path = write_grid(tmp_path, skip_ratios=[0.1, 0.2])
+    grid_path = write_grid(tmp_path, skip_ratios=[0.1, 0.2], evaluate_warm_up=True)
     grid = load_grid(grid_path)
     fake.fail_train = {"x0.2-b1-retrace-s0"}
     run_sweep(grid, log=lambda line: None)
@@ -346,7 +346,7 @@ def test_a_study_recorded_elsewhere_continues_on_a_fresh_checkout(tmp_path, monk
                                          f"{group}/x0.2-b1-retrace-s0,arithmetic,p1,1\n")
     fresh = tmp_path / "fresh"  # the next session's checkout: no runs/
     fresh.mkdir()
-    grid_path = write_grid(fresh, skip_ratios=[0.1, 0.2])
+    grid_path = write_grid(fresh, skip_ratios=[0.1, 0.2], evaluate_warm_up=True)
     grid = load_grid(grid_path)
 
     jobs = fresh / "jobs.txt"
@@ -362,7 +362,7 @@ def test_a_study_recorded_elsewhere_continues_on_a_fresh_checkout(tmp_path, monk
     fake.fail_train = set()
     outcome = run_sweep(grid, log=lambda line: None, recorded=record)
     assert outcome.ran == [f"{group}/x0.2-b1-retrace-s0"] and len(outcome.skipped) == 2
-    assert fake.trained == ["sft-s0", "x0.2-b1-retrace-s0"] and fake.evaluated == ["x0.2-b1-retrace-s0"]
+    assert fake.trained == ["sft-s0", "x0.2-b1-retrace-s0"] and fake.evaluated == ["sft-s0", "x0.2-b1-retrace-s0"]
     table = results(grid)
     assert {row["status"] for row in table.values()} == {"done"}
     assert table["baseline-s0"]["accuracy"] == "0.7500"  # the recorded cell as written
@@ -375,10 +375,20 @@ def test_a_study_recorded_elsewhere_continues_on_a_fresh_checkout(tmp_path, monk
             (f"{group}/baseline-s0", "1"), (f"{group}/sft-s0", "0")]
 
 
-def test_merging_a_directory_without_results_names_it(tmp_path):
-    grid_path = write_grid(tmp_path)
+def test_a_record_that_is_missing_or_of_another_grid_is_refused_naming_it(tmp_path, monkeypatch):
+    FakeRuns(monkeypatch)
+    grid_path = write_grid(tmp_path, skip_ratios=[0.1, 0.2])
     with pytest.raises(ResultsError, match=r"nowhere/results.csv does not exist"):
         sweep_main(str(grid_path), collect=True, merge=str(tmp_path / "nowhere"), log=lambda line: None)
+    run_sweep(load_grid(grid_path), log=lambda line: None)
+    record = tmp_path / "sweep"
+    (tmp_path / "other").mkdir()
+    smaller = write_grid(tmp_path / "other", skip_ratios=[0.1])
+    with pytest.raises(ResultsError, match=r"records instance\(s\) the grid does not have \(tiny-llama/arithmetic/x0.2"):
+        sweep_main(str(smaller), collect=True, merge=str(record), log=lambda line: None)
+    other_benchmarks = write_grid(tmp_path / "other", skip_ratios=[0.1, 0.2], eval={"benchmarks": ["svamp"]})
+    with pytest.raises(ResultsError, match=r"lacks column\(s\) accuracy_svamp"):
+        sweep_main(str(other_benchmarks), collect=True, merge=str(record), log=lambda line: None)
 
 
 def test_each_warm_up_trains_once_per_seed_and_its_instances_start_from_its_model(tmp_path, monkeypatch):
