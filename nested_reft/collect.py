@@ -51,8 +51,10 @@ def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Pat
     return grid.root / RESULTS_FILE
 
 
-def recorded_done(recorded: str | Path) -> set[str]:
-    """The instances `recorded`/results.csv holds as done (checked as `report` reads it)."""
+def recorded_done(recorded: str | Path | None) -> set[str]:
+    """The instances `recorded`/results.csv holds as done (checked as `report` reads it); none without a record."""
+    if recorded is None:
+        return set()
     return {row["instance"] for row in read_results(Path(recorded) / RESULTS_FILE) if row["status"] == "done"}
 
 

@@ -93,7 +93,7 @@ def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], No
     the refusal is raised, in a whole-grid sweep it is reported in `in_use` and the sweep goes on.
     """
     instances = select_instances(grid, only)
-    done_there = recorded_done(recorded) if recorded is not None else set()
+    done_there = recorded_done(recorded)
     with contextlib.ExitStack() as stack:
         if only is None:
             stack.enter_context(exclusive_lock(grid.root / SWEEP_LOCK_FILE, f"the sweep of grid {grid.name!r} "
@@ -266,7 +266,7 @@ def emit_commands(grid: GridConfig, grid_path: str | os.PathLike, path: str | os
     prefix = f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m nested_reft.cli sweep"
     grid_file = shlex.quote(str(Path(grid_path).resolve()))
     merge = f" --merge {shlex.quote(str(Path(recorded).resolve()))}" if recorded is not None else ""
-    done_there = recorded_done(recorded) if recorded is not None else set()
+    done_there = recorded_done(recorded)
     check_output_file(path, "--emit-commands")
     lines = [f"{prefix} {grid_file}{merge} --only {shlex.quote(instance.id)}" for instance in enumerate_instances(grid)
              if instance.id not in done_there]
