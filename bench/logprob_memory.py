@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import peak_rss_mb  # noqa: E402  (bench/rollout.py)
 
-from nested_reft.policy import chosen_logprobs  # noqa: E402
+from nested_reft.engines.logprobs import chosen_logprobs  # noqa: E402
 
 VARIANTS = ("whole", "chunked")
 

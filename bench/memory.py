@@ -3,7 +3,7 @@ checkpointing on and off, on SmolLM2-135M-Instruct by default.
 
 Each configuration is one launch of this file as its worker, launched as users launch training (plain `python`
 for one process, `accelerate launch --config_file configs/accelerate/{ddp,fsdp2}.yaml` for two; on a machine
-without a GPU with ACCELERATE_USE_CPU=1, gloo). The worker runs the trainer itself (`nested_reft.trainer.train`:
+without a GPU with ACCELERATE_USE_CPU=1, gloo). The worker runs the trainer itself (`nested_reft.training.trainer.train`:
 no SFT, --steps ReFT steps on generated arithmetic prompts, x = 15%, retrace) and reports, per rank:
 
 - parameters, gradients and optimizer state, in bytes of this rank's local shards (`sharding.training_footprint`),
@@ -78,10 +78,10 @@ def overrides(args, setup: Setup, output_dir: str) -> dict:
 def worker(args, setup: Setup, report_dir: Path) -> None:
     """One rank: train, measuring the footprint at every optimizer step; write this rank's report."""
     torch.set_num_threads(args.threads)
-    import nested_reft.trainer as trainer
+    import nested_reft.training.trainer as trainer
     from nested_reft.config import load_config
-    from nested_reft.rundir import METRICS_FILE, read_metrics
-    from nested_reft.sharding import training_footprint
+    from nested_reft.training.rundir import METRICS_FILE, read_metrics
+    from nested_reft.training.sharding import training_footprint
 
     footprints, reft = [], trainer.reft
 
@@ -141,7 +141,7 @@ def passed_options(args) -> list[str]:
 def refusal(args, setup: Setup) -> str | None:
     """Why the trainer refuses `setup` at start-up (FSDP2's checks), or None."""
     from nested_reft.config import ConfigError, load_config
-    from nested_reft.sharding import check_fits_fsdp2
+    from nested_reft.training.sharding import check_fits_fsdp2
 
     if setup.launch != "fsdp2":
         return None

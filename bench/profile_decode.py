@@ -18,11 +18,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nested_reft.arithmetic import generate_arithmetic
+from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.config import SamplingConfig
-from nested_reft.decoding import CompiledDecoder, EagerDecoder
-from nested_reft.models import load_model
-from nested_reft.prompts import build_prompt
+from nested_reft.engines.decoding import CompiledDecoder, EagerDecoder
+from nested_reft.models.loading import load_model
+from nested_reft.tasks.prompts import build_prompt
 
 
 def main() -> None:

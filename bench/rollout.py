@@ -38,19 +38,19 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from nested_reft.arithmetic import generate_arithmetic
+from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.config import ENGINES
-from nested_reft.decoding import decoder_for
-from nested_reft.models import load_model
-from nested_reft.nesting import (
+from nested_reft.engines.decoding import decoder_for
+from nested_reft.models.loading import load_model
+from nested_reft.nesting.layers import (
     decoder_layers,
     nested,
     num_skipped_layers,
     sample_skip_set,
 )
-from nested_reft.prompts import build_prompt
-from nested_reft.rollout import SamplingConfig, generate_rollouts
-from nested_reft.tiny import byte_tokenizer
+from nested_reft.tasks.prompts import build_prompt
+from nested_reft.engines.rollout import SamplingConfig, generate_rollouts
+from nested_reft.models.tiny import byte_tokenizer
 
 RATIOS = (0.0, 0.05, 0.10, 0.15, 0.25)  # the default of --ratios; x = 0 first: the speedups' reference
 

@@ -5,7 +5,7 @@ x G completions of exactly T tokens (min = max), temperature 1, no KL (beta = 0,
 per batch (TRL: num_iterations = 1, one micro-batch of B x G, so no extra forward for old log-probs), float32,
 AdamW at TRL's learning rate, transformers' own generation for TRL (no vLLM).
 
-- Our step is composed from the library's public pieces, in the order of `nested_reft.trainer.reft`:
+- Our step is composed from the library's public pieces, in the order of `nested_reft.training.trainer.reft`:
   `sample_skip_set` + `generate_rollouts` (generation), decode + `Task.score` + `group_advantages` (scoring),
   `policy_update` (training).
 - TRL's step is its real training loop, `trainer.train()`, timed by a callback from `on_step_begin` to
@@ -43,16 +43,16 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 
-from nested_reft.arithmetic import generate_arithmetic
+from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.config import GRPOConfig, ImportanceConfig, NestingConfig, TrainConfig
-from nested_reft.data import Problem
-from nested_reft.grpo import group_advantages
-from nested_reft.models import load_model
-from nested_reft.nesting import num_decoder_layers, sample_skip_set
-from nested_reft.optim import make_optimizer
-from nested_reft.rollout import SamplingConfig, generate_rollouts
-from nested_reft.tasks import Task
-from nested_reft.update import TrainingState, policy_update
+from nested_reft.tasks.data import Problem
+from nested_reft.algorithm.grpo import group_advantages
+from nested_reft.models.loading import load_model
+from nested_reft.nesting.layers import num_decoder_layers, sample_skip_set
+from nested_reft.training.optim import make_optimizer
+from nested_reft.engines.rollout import SamplingConfig, generate_rollouts
+from nested_reft.tasks.task import Task
+from nested_reft.training.update import TrainingState, policy_update
 
 RATIOS = (0.0, 0.15)
 MITIGATION = {0.0: "base", 0.15: "retrace"}  # x = 0 is classical ReFT (h = 1); x > 0 uses the paper's retrace

@@ -46,13 +46,13 @@ from nested_reft.config import (  # noqa: E402
     SamplingConfig,
     TrainConfig,
 )
-from nested_reft.grpo import group_advantages  # noqa: E402
-from nested_reft.lora import add_adapters  # noqa: E402
-from nested_reft.nesting import num_decoder_layers, sample_skip_set  # noqa: E402
-from nested_reft.optim import make_optimizer  # noqa: E402
-from nested_reft.rollout import generate_rollouts  # noqa: E402
-from nested_reft.trainer import MIXED_PRECISION, prepare_for_reft  # noqa: E402
-from nested_reft.update import TrainingState, policy_update  # noqa: E402
+from nested_reft.algorithm.grpo import group_advantages  # noqa: E402
+from nested_reft.models.lora import add_adapters  # noqa: E402
+from nested_reft.nesting.layers import num_decoder_layers, sample_skip_set  # noqa: E402
+from nested_reft.training.optim import make_optimizer  # noqa: E402
+from nested_reft.engines.rollout import generate_rollouts  # noqa: E402
+from nested_reft.training.trainer import MIXED_PRECISION, prepare_for_reft  # noqa: E402
+from nested_reft.training.update import TrainingState, policy_update  # noqa: E402
 
 SETUPS = {  # name -> (engine, LoRA rank, gradient checkpointing); compiled last: its CUDA graphs keep their memory
     "eager": ("eager", 0, False),

@@ -197,7 +197,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from nested_reft.trainer import train
+    from nested_reft.training.trainer import train
 
     summary = train(config_from_args(args), resume=args.resume)
     _print_summary(summary)
@@ -207,7 +207,7 @@ def _train(args: argparse.Namespace) -> int:
 def _sft(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from nested_reft.trainer import train
+    from nested_reft.training.trainer import train
 
     config = config_from_args(args)
     if config.sft.epochs == 0:
@@ -220,7 +220,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from nested_reft.demo import DemoSettings, run_demo
+    from nested_reft.experiments.demo import DemoSettings, run_demo
 
     options = {"steps": args.steps, "eval_problems": args.eval_problems, "skip_ratio": args.skip_ratio,
                "skip_policy": args.skip_policy, "lanes": args.lanes}
@@ -230,7 +230,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from nested_reft.evaluate import DEFAULT_BENCHMARKS, eval_config, evaluate_model, format_table, print_progress
+    from nested_reft.evaluation.evaluate import DEFAULT_BENCHMARKS, eval_config, evaluate_model, format_table, print_progress
 
     config = eval_config(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                          engine=args.engine)
@@ -243,19 +243,19 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from nested_reft.sweep import sweep_main
+    from nested_reft.experiments.sweep import sweep_main
 
     return sweep_main(args.grid, only=args.only, emit=args.emit_commands, collect=args.collect, merge=args.merge)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from nested_reft.report import report_main
+    from nested_reft.experiments.report import report_main
 
     return report_main(args.sweep_dir, args.output_dir)
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from nested_reft.probe import probe_main, probe_settings
+    from nested_reft.experiments.probe import probe_main, probe_settings
 
     nesting = {"skip_policy": args.skip_policy, "border": args.border,
                "influence_temperature": args.influence_temperature}
@@ -267,7 +267,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _data_show(args: argparse.Namespace) -> int:
-    from nested_reft.data import TRAINING_SETS, load_problems
+    from nested_reft.tasks.data import TRAINING_SETS, load_problems
 
     split = args.split or ("train" if args.name in TRAINING_SETS else "test")
     for problem in load_problems(args.name, split=split, data_dir=args.data_dir, limit=args.limit):
@@ -291,13 +291,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     that process); PathError is an output path that cannot be written, or a damaged file the project reads
     back; FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
     """
-    from nested_reft.checkpoint import CheckpointError
+    from nested_reft.training.checkpoint import CheckpointError
     from nested_reft.config import ConfigError
-    from nested_reft.data import DataError
-    from nested_reft.evaldir import EvalError
-    from nested_reft.files import LockHeldError, PathError
-    from nested_reft.models import ModelLoadError
-    from nested_reft.results import ResultsError
+    from nested_reft.tasks.data import DataError
+    from nested_reft.evaluation.records import EvalError
+    from nested_reft.store.files import LockHeldError, PathError
+    from nested_reft.models.loading import ModelLoadError
+    from nested_reft.experiments.results import ResultsError
 
     return (ConfigError, DataError, ModelLoadError, CheckpointError, EvalError, ResultsError, LockHeldError,
             PathError, FloatingPointError)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from nested_reft.plots import pyplot, save_figure
+from nested_reft.experiments.plots import pyplot, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "configs/grids/study-nested-warmup.yaml"

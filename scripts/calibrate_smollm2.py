@@ -3,7 +3,7 @@
 For each seed: an SFT warm-up on the training problems, a pass@1 evaluation of the warmed-up model on a
 held-out set, then the x = 0 baseline (classical ReFT: nesting.skip_ratio=0, nesting.border=0,
 importance.mitigation=base) from that model, and a pass@1 evaluation of its final model. Everything goes
-through the library (`nested_reft.trainer.train` with a custom `Task`, the library's evaluation loop), and
+through the library (`nested_reft.training.trainer.train` with a custom `Task`, the library's evaluation loop), and
 every stage is skipped when its output already exists, so a rerun resumes.
 
 Output, under --output-dir (default runs/<tag>, the tag built from the settings):
@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 
 from nested_reft.config import GRPOConfig, ImportanceConfig, NestingConfig, SamplingConfig, SFTConfig, TrainConfig
-from nested_reft.arithmetic import generate_arithmetic
-from nested_reft.problems import Problem
-from nested_reft.evaluate import EvalConfig
-from nested_reft.models import load_model
-from nested_reft.tasks import Task
-from nested_reft.rundir import FINAL_MODEL_DIR, METRICS_FILE, SUMMARY_FILE
-from nested_reft.trainer import train
+from nested_reft.tasks.arithmetic import generate_arithmetic
+from nested_reft.tasks.problems import Problem
+from nested_reft.evaluation.evaluate import EvalConfig
+from nested_reft.models.loading import load_model
+from nested_reft.tasks.task import Task
+from nested_reft.training.rundir import FINAL_MODEL_DIR, METRICS_FILE, SUMMARY_FILE
+from nested_reft.training.trainer import train
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: disjoint training and held-out arithmetic problems
@@ -56,7 +56,7 @@ def arithmetic_sets(difficulties: list[int], n_train: int, n_eval: int, train_se
                     ) -> tuple[list[Problem], list[Problem]]:
     """(train, held_out): `n_eval` problems per the `eval_seed` generator and `n_train` from `train_seed`,
     split evenly over `difficulties`, with every training question that also appears held out dropped (as
-    `nested_reft.data._arithmetic` does). Both lists are interleaved over the difficulties."""
+    `nested_reft.tasks.data._arithmetic` does). Both lists are interleaved over the difficulties."""
     held_out_parts, train_parts = [], []
     for index, difficulty in enumerate(difficulties):
         share_eval = n_eval // len(difficulties) + (index < n_eval % len(difficulties))
@@ -140,8 +140,8 @@ def run_reft(args, seed: int, task: Task, sft_model: Path, out: Path) -> Path:
 def run_eval(args, model_dir: Path, held_out: Task, out: Path) -> dict:
     """pass@1 on the held-out problems through the library's evaluation loop (the one `nested-reft eval`
     runs), which takes Task objects; resumable like it."""
-    from nested_reft.evaldir import EVAL_FILE
-    from nested_reft.evaluate import evaluate_tasks
+    from nested_reft.evaluation.records import EVAL_FILE
+    from nested_reft.evaluation.evaluate import evaluate_tasks
 
     done = out / EVAL_FILE
     if done.exists():

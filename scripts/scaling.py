@@ -128,7 +128,7 @@ def activations(model: Model, work: Workload, checkpointing: bool) -> float:
 def logits(model: Model, work: Workload) -> float:
     """The completion positions' logits of one micro-batch in bfloat16 (what the backward keeps), and the float32
     rows that `policy.chosen_logprobs` works on at a time (a chunk and its softmax)."""
-    from nested_reft.policy import CHUNK_ROWS
+    from nested_reft.engines.logprobs import CHUNK_ROWS
 
     return work.micro_batch * (work.completion_tokens + 1) * model.vocab * BFLOAT16 + 2 * CHUNK_ROWS * model.vocab * FLOAT32
 

@@ -1,6 +1,6 @@
 """What the weight push of a nested rollout inside vLLM costs per RL step, on paper (docs/design/vllm.md).
 
-The vllm engine (nested_reft/vllm_engine.py) serves the step's nested model; before the step's generation its
+The vllm engine (nested_reft/engines/vllm_engine.py) serves the step's nested model; before the step's generation its
 weights are reloaded from the training model's kept layers (the embedding, final norm and head too), as TRL's
 colocate mode reloads every weight each step. This script puts the bytes and the time of that reload beside the
 256-token generation it serves, for Qwen2.5-Math-1.5B and 7B (shapes from scripts/scaling.py), at the paper's
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nested_reft.nesting import num_skipped_layers  # noqa: E402  (Table 1's U for a ratio x)
+from nested_reft.nesting.layers import num_skipped_layers  # noqa: E402  (Table 1's U for a ratio x)
 
 
 def _scaling_module():

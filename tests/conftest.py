@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from nested_reft.nesting import decoder_layers
+from nested_reft.nesting.layers import decoder_layers
 
 # CI clones the repo next to a copy of shared/, as the developers' checkout sits next to it.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

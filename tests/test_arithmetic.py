@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from nested_reft.arithmetic import generate_arithmetic
+from nested_reft.tasks.arithmetic import generate_arithmetic
 
 
 def solve_story(question: str) -> int:

@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-import nested_reft.checkpoint as checkpoint_module
-from nested_reft.checkpoint import (
+import nested_reft.training.checkpoint as checkpoint_module
+from nested_reft.training.checkpoint import (
     MANIFEST,
     OPTIMIZER_STATE,
     RNG_STATE,
@@ -28,8 +28,8 @@ from nested_reft.checkpoint import (
     verify_checkpoint,
 )
 from nested_reft.config import GRPOConfig
-from nested_reft.tiny import tiny_model
-from nested_reft.optim import make_optimizer
+from nested_reft.models.tiny import tiny_model
+from nested_reft.training.optim import make_optimizer
 
 STATE = {"step": 3, "totals": {"runtime_s": 1.5, "tokens_processed": 42}}
 

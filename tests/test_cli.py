@@ -10,13 +10,13 @@ import pytest
 import torch
 import yaml
 
-from nested_reft import trainer
-from nested_reft.checkpoint import latest_checkpoint
+from nested_reft.training import trainer
+from nested_reft.training.checkpoint import latest_checkpoint
 from nested_reft.cli import main
-from nested_reft.data import DATA_ENV, load_problems
-from nested_reft.tasks import Task
-from nested_reft.tiny import tiny_model
-from nested_reft.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SUMMARY_FILE
+from nested_reft.tasks.data import DATA_ENV, load_problems
+from nested_reft.tasks.task import Task
+from nested_reft.models.tiny import tiny_model
+from nested_reft.training.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SUMMARY_FILE
 
 # The fixed flags of `nested-reft train` (issue 4) and the config option each one must land in.
 FIXED_FLAGS = {

@@ -22,7 +22,7 @@ from nested_reft.config import (
     save_config,
     to_dict,
 )
-from nested_reft.rollout import SamplingConfig
+from nested_reft.engines.rollout import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -301,8 +301,8 @@ def test_a_dotted_option_under_a_plain_option_is_refused(overrides):
 
 # --- the names options take ----------------------------------------------------------------------------
 
-CONFIGURED_MODULES = ("nested_reft.skip_policy", "nested_reft.optim", "nested_reft.importance", "nested_reft.grpo",
-                      "nested_reft.nesting", "nested_reft.decoding")
+CONFIGURED_MODULES = ("nested_reft.nesting.skip_policy", "nested_reft.training.optim", "nested_reft.algorithm.importance", "nested_reft.algorithm.grpo",
+                      "nested_reft.nesting.layers", "nested_reft.engines.decoding")
 
 
 def test_config_imports_none_of_the_modules_it_configures():
@@ -315,7 +315,10 @@ def test_config_imports_none_of_the_modules_it_configures():
 
 
 def test_every_name_an_option_takes_is_one_its_module_implements():
-    from nested_reft import config, grpo, importance, optim
+    from nested_reft import config
+    from nested_reft.algorithm import grpo
+    from nested_reft.algorithm import importance
+    from nested_reft.training import optim
 
     assert config.MITIGATIONS == tuple(importance.MITIGATION_TABLE)
     assert config.LOSS_TYPES == tuple(grpo.LOSS_AGGREGATIONS)

@@ -15,9 +15,9 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from nested_reft import data
-from nested_reft.arithmetic import ARITHMETIC_SIZES
-from nested_reft.data import (
+from nested_reft.tasks.task import data
+from nested_reft.tasks.arithmetic import ARITHMETIC_SIZES
+from nested_reft.tasks.data import (
     BENCHMARKS,
     DATA_ENV,
     LAYOUT_PATHS,
@@ -518,7 +518,7 @@ def real(shared_data):
 
 @pytest.fixture(scope="module")
 def math_reward():
-    from nested_reft.rewards import math_reward
+    from nested_reft.tasks.rewards import math_reward
 
     return math_reward
 

@@ -12,9 +12,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from nested_reft import demo, evaluate, trainer
+from nested_reft.experiments import demo
+from nested_reft.evaluation import evaluate
+from nested_reft.training import trainer
 from nested_reft.config import ConfigError, ImportanceConfig
-from nested_reft.demo import (
+from nested_reft.experiments.demo import (
     DemoSettings,
     calibrated_config,
     cut_from_study,
@@ -24,10 +26,10 @@ from nested_reft.demo import (
     run_demo,
     runs,
 )
-from nested_reft.grid import enumerate_instances, instance_config, load_grid
-from nested_reft.nesting import num_skipped_layers
-from nested_reft.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SFT_METRICS_FILE
-from nested_reft.study import bootstrap_delta
+from nested_reft.experiments.grid import enumerate_instances, instance_config, load_grid
+from nested_reft.nesting.layers import num_skipped_layers
+from nested_reft.training.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SFT_METRICS_FILE
+from nested_reft.experiments.study import bootstrap_delta
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = load_grid(REPO / "configs" / "grids" / "study-smollm2.yaml")

@@ -41,7 +41,7 @@ def overrides(output_dir: str) -> dict:
 
 
 def PROBLEMS():  # noqa: N802 - the one problem set of every run here
-    from nested_reft.arithmetic import generate_arithmetic
+    from nested_reft.tasks.arithmetic import generate_arithmetic
 
     return generate_arithmetic(16, seed=3)
 
@@ -54,10 +54,10 @@ def lowercase_share(completion: str, gold: str) -> float:
 def worker(output_dir: str) -> None:
     """One rank: train, recording this rank's prompts, generated tokens and final weights under records/."""
     torch.set_num_threads(1)
-    import nested_reft.sft as sft
-    import nested_reft.trainer as trainer
+    import nested_reft.training.sft as sft
+    import nested_reft.training.trainer as trainer
     from nested_reft.config import load_config
-    from nested_reft.tasks import Task
+    from nested_reft.tasks.task import Task
 
     rank = int(os.environ["RANK"])
     faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True)  # a hang shows every thread's stack, then exits
@@ -168,9 +168,9 @@ def test_metrics_are_written_once_by_the_main_process(ddp_run):
 
 def test_each_rank_samples_its_own_share_of_the_batch(ddp_run):
     from nested_reft.config import load_config
-    from nested_reft.prompts import build_prompt
-    from nested_reft.tiny import byte_tokenizer
-    from nested_reft.trainer import batch_for_step
+    from nested_reft.tasks.prompts import build_prompt
+    from nested_reft.models.tiny import byte_tokenizer
+    from nested_reft.training.trainer import batch_for_step
 
     class OneProcess:
         num_processes, process_index = 1, 0
@@ -191,8 +191,8 @@ def test_each_rank_samples_its_own_share_of_the_batch(ddp_run):
 def test_the_sft_warm_up_under_ddp_equals_the_one_process_warm_up(ddp_run, tmp_path):
     """Each rank trains on its share of every SFT batch; DDP's averaged gradient is the whole batch's."""
     from nested_reft.config import load_config
-    from nested_reft.tasks import Task
-    from nested_reft.trainer import train
+    from nested_reft.tasks.task import Task
+    from nested_reft.training.trainer import train
 
     one_process = load_config(None, {**overrides(str(tmp_path / "one")), "rft_steps": 0})
     train(one_process, Task("arithmetic", PROBLEMS(), reward=lowercase_share))
@@ -211,7 +211,7 @@ def test_the_sft_warm_up_under_ddp_equals_the_one_process_warm_up(ddp_run, tmp_p
 def test_ranks_end_with_identical_weights_equal_to_the_saved_model(ddp_run):
     from safetensors.torch import load_file
 
-    from nested_reft.tiny import tiny_model
+    from nested_reft.models.tiny import tiny_model
 
     ranks = [torch.load(ddp_run / "records" / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     saved = load_file(ddp_run / "run" / "model" / "model.safetensors")

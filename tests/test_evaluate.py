@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import nested_reft.evaluate as evaluation
+import nested_reft.evaluation.evaluate as evaluation
 from nested_reft.cli import main
 from nested_reft.config import ConfigError
-from nested_reft.data import DATA_ENV, DataError, load_problems, svamp_split
-from nested_reft.evaldir import RECORD_FIELDS, EvalError, read_records
-from nested_reft.evaluate import (
+from nested_reft.tasks.data import DATA_ENV, DataError, load_problems, svamp_split
+from nested_reft.evaluation.records import RECORD_FIELDS, EvalError, read_records
+from nested_reft.evaluation.evaluate import (
     DEFAULT_BENCHMARKS,
     EvalConfig,
     benchmark_names,
@@ -21,7 +21,7 @@ from nested_reft.evaluate import (
     evaluate,
     evaluate_model,
 )
-from nested_reft.models import ModelLoadError, load_model
+from nested_reft.models.loading import ModelLoadError, load_model
 
 FAST = EvalConfig(max_new_tokens=12, batch_size=2)
 GSM8K_ANSWERS = ["7", "3", "7", "7", "1"]  # a model that always answers 7 gets 3/5
@@ -297,7 +297,7 @@ def refuse_to_load(*args, **kwargs):
 
 
 def test_unknown_benchmark_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
-    monkeypatch.setattr("nested_reft.models.load_model", refuse_to_load)
+    monkeypatch.setattr("nested_reft.models.loading.load_model", refuse_to_load)
     with pytest.raises(DataError, match=r"'aime25'.*aime24, amc, math500, minerva, olympiadbench"):
         evaluate_model("tiny-llama", ["aime24", "aime25"], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # the command line's exit 2: tests/test_cli.py

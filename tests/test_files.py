@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-import nested_reft.files as files_module
-from nested_reft.files import LockHeldError, atomic_write_json, atomic_write_text, exclusive_lock, follow_umask
+import nested_reft.store.files as files_module
+from nested_reft.store.files import LockHeldError, atomic_write_json, atomic_write_text, exclusive_lock, follow_umask
 
 
 @pytest.mark.parametrize("failing", ["write", "fsync", "replace"])

@@ -57,9 +57,9 @@ class Recorder:
         self.footprints, self.all_gathers, self.generation_gathers = [], 0, []
 
     def install(self) -> None:
-        import nested_reft.trainer as trainer
-        import nested_reft.update as update
-        from nested_reft.sharding import FSDP2
+        import nested_reft.training.trainer as trainer
+        import nested_reft.training.update as update
+        from nested_reft.training.sharding import FSDP2
 
         self.policy_update, self.step_if_finite, self.reft = trainer.policy_update, update._step_if_finite, trainer.reft
         self.all_gather, self.gathered = torch.distributed.all_gather_single, FSDP2.gathered_for_generation
@@ -81,7 +81,7 @@ class Recorder:
 
     def step(self, state, loss, max_grad_norm):
         """The footprint just before the optimizer steps: gradients and the earlier steps' AdamW state exist."""
-        from nested_reft.sharding import training_footprint
+        from nested_reft.training.sharding import training_footprint
 
         if self.on:
             self.footprints.append(asdict(training_footprint(state.policy, state.optimizer)))
@@ -116,7 +116,7 @@ class Recorder:
 
 def whole_weights(policy) -> dict[str, torch.Tensor]:
     """The policy's whole weights: gathered onto rank 0 under FSDP2 (every rank takes part), else its own."""
-    from nested_reft.sharding import gathered_weights
+    from nested_reft.training.sharding import gathered_weights
 
     weights = gathered_weights(policy)
     return weights if weights is not None else {k: v.detach().clone() for k, v in policy.state_dict().items()}
@@ -129,8 +129,8 @@ def worker(root: str, kind: str) -> None:
     import accelerate
 
     from nested_reft.config import load_config
-    from nested_reft.tasks import Task
-    from nested_reft.trainer import train
+    from nested_reft.tasks.task import Task
+    from nested_reft.training.trainer import train
 
     records = Path(root) / "records" / kind
     records.mkdir(parents=True, exist_ok=True)
@@ -215,9 +215,9 @@ def one_process_update(ranks: list[dict]) -> tuple[float, dict[str, torch.Tensor
     from accelerate import Accelerator
 
     from nested_reft.config import load_config
-    from nested_reft.models import load_model
-    from nested_reft.optim import make_optimizer
-    from nested_reft.update import TrainingState, policy_update
+    from nested_reft.models.loading import load_model
+    from nested_reft.training.optim import make_optimizer
+    from nested_reft.training.update import TrainingState, policy_update
 
     config = load_config(None, overrides("unused"))
     model, tokenizer = load_model(config.model)
@@ -231,7 +231,7 @@ def one_process_update(ranks: list[dict]) -> tuple[float, dict[str, torch.Tensor
 
 def joined_rollouts(ranks: list[dict], pad_id: int):
     """The ranks' rollouts as one batch, prompts left-padded again to the longest."""
-    from nested_reft.rollout import Rollouts
+    from nested_reft.engines.rollout import Rollouts
 
     width = max(rank["prompt_ids"].shape[1] for rank in ranks)
 
@@ -258,8 +258,8 @@ def test_each_rank_holds_one_world_th_of_ddps_parameters_gradients_and_optimizer
 
 
 def test_generation_gathers_every_weight_but_the_skipped_layers(launches):
-    from nested_reft.models import load_model
-    from nested_reft.nesting import decoder_layers
+    from nested_reft.models.loading import load_model
+    from nested_reft.nesting.layers import decoder_layers
 
     model, _ = load_model("tiny-llama")
     layers = decoder_layers(model)[2]
@@ -273,7 +273,7 @@ def test_generation_gathers_every_weight_but_the_skipped_layers(launches):
 def test_generation_gathers_each_kept_unit_once_per_step_not_per_token(launches):
     """One all-gather per unit (the root, each kept layer) before sampling starts, none while it decodes its T
     tokens, none for the skipped layers."""
-    from nested_reft.models import TINY_NUM_LAYERS
+    from nested_reft.models.loading import TINY_NUM_LAYERS
 
     assert T > 1
     for rank in range(WORLD):
@@ -328,7 +328,7 @@ def test_the_saved_model_loads_plainly_and_equals_the_ranks_final_weights(launch
 ])
 def test_fsdp2_refuses_options_it_cannot_honour(option, value):
     from nested_reft.config import ConfigError, load_config
-    from nested_reft.sharding import check_fits_fsdp2
+    from nested_reft.training.sharding import check_fits_fsdp2
 
     config = load_config(None, {option: value})
     check_fits_fsdp2(load_config(None, {}), WORLD)
@@ -343,7 +343,7 @@ def test_fsdp2_refuses_options_it_cannot_honour(option, value):
 ])
 def test_launch_options_fsdp2_cannot_honour_are_refused_by_name(monkeypatch, variable, value, key):
     from nested_reft.config import ConfigError
-    from nested_reft.sharding import FSDP2, fsdp2_of_launch
+    from nested_reft.training.sharding import FSDP2, fsdp2_of_launch
 
     assert fsdp2_of_launch() is None  # no FSDP launch: replicated
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -358,7 +358,7 @@ def test_launch_options_fsdp2_cannot_honour_are_refused_by_name(monkeypatch, var
 
 def test_a_one_process_fsdp2_launch_is_refused_before_anything_is_written(monkeypatch, tmp_path):
     from nested_reft.config import ConfigError, load_config
-    from nested_reft.trainer import train
+    from nested_reft.training.trainer import train
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")

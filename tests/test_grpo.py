@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from nested_reft.grpo import LossScale, group_advantages, grpo_loss
+from nested_reft.algorithm.grpo import LossScale, group_advantages, grpo_loss
 
 
 def test_group_advantages_match_a_loop_reference():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nested_reft.config import ImportanceConfig
-from nested_reft.importance import MAX_LOG_WEIGHT, behavior_target_kl, importance_statistics, importance_weights
+from nested_reft.algorithm.importance import MAX_LOG_WEIGHT, behavior_target_kl, importance_statistics, importance_weights
 
 
 def random_logps(seed: int = 0, shape=(4, 7)):

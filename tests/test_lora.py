@@ -13,16 +13,16 @@ import transformers
 from conftest import truncated_copy
 from peft import LoraConfig, PeftModel, get_peft_model
 
-import nested_reft.trainer as trainer
-from nested_reft.arithmetic import generate_arithmetic
+import nested_reft.training.trainer as trainer
+from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.config import ConfigError, LoRAConfig, SamplingConfig, load_config
-from nested_reft.decoding import CompiledDecoder, EagerDecoder
-from nested_reft.lora import add_adapters, is_merged_for_sampling, merged_for_sampling, plain_named_parameters
-from nested_reft.nesting import nested
-from nested_reft.rundir import ADAPTER_DIR, FINAL_MODEL_DIR
-from nested_reft.rollout import generate_rollouts
-from nested_reft.tasks import Task
-from nested_reft.tiny import tiny_model
+from nested_reft.engines.decoding import CompiledDecoder, EagerDecoder
+from nested_reft.models.lora import add_adapters, is_merged_for_sampling, merged_for_sampling, plain_named_parameters
+from nested_reft.nesting.layers import nested
+from nested_reft.training.rundir import ADAPTER_DIR, FINAL_MODEL_DIR
+from nested_reft.engines.rollout import generate_rollouts
+from nested_reft.tasks.task import Task
+from nested_reft.models.tiny import tiny_model
 
 PROBLEMS = generate_arithmetic(8, seed=2)
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import torch
 from accelerate import Accelerator
 
 from nested_reft.config import load_config
-from nested_reft.metrics import ModelShapes, StepResult, StepTimes, rollout_flops, step_metrics
-from nested_reft.rollout import Rollouts
-from nested_reft.update import UpdateResult
-from nested_reft.tiny import tiny_model
+from nested_reft.training.metrics import ModelShapes, StepResult, StepTimes, rollout_flops, step_metrics
+from nested_reft.engines.rollout import Rollouts
+from nested_reft.training.update import UpdateResult
+from nested_reft.models.tiny import tiny_model
 
 
 def test_rollout_flops_by_hand():

@@ -10,9 +10,9 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from nested_reft import models
-from nested_reft.models import DEFAULT_MODEL, MODEL_ALIASES, ModelLoadError, load_model
-from nested_reft.tiny import TINY_ARCHITECTURES, tiny_model
+from nested_reft.models.loading import loading as models
+from nested_reft.models.loading import DEFAULT_MODEL, MODEL_ALIASES, ModelLoadError, load_model
+from nested_reft.models.tiny import TINY_ARCHITECTURES, tiny_model
 
 PROMPTS = ["What is 2+3?", "Compute 12*7, then add 5."]
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 from conftest import truncated_copy
 
-from nested_reft.nesting import (
+from nested_reft.nesting.layers import (
     decoder_layers,
     nested,
     num_decoder_layers,
@@ -17,7 +17,7 @@ from nested_reft.nesting import (
     sample_skip_set,
     valid_layers,
 )
-from nested_reft.tiny import TINY_ARCHITECTURES, tiny_model
+from nested_reft.models.tiny import TINY_ARCHITECTURES, tiny_model
 
 
 @pytest.mark.parametrize(

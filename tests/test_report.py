@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nested_reft import report
+from nested_reft.experiments import report
 from nested_reft.cli import main
-from nested_reft.report import (
+from nested_reft.experiments.report import (
     compute_deltas,
     efficiency_fits,
     format_table2,
@@ -24,7 +24,7 @@ from nested_reft.report import (
     table2,
     write_report,
 )
-from nested_reft.results import RESULT_COLUMNS, ResultsError, parse_results, read_results
+from nested_reft.experiments.results import RESULT_COLUMNS, ResultsError, parse_results, read_results
 
 
 def row(model="M", dataset="d", x=0.05, b=1, m="retrace", seed=0, acc=0.5, speed=100.0, runtime=50.0,
@@ -175,7 +175,7 @@ def test_report_files_from_results_csv(tmp_path):
 
 @pytest.mark.parametrize("model", ["Qwen/Qwen2.5-Math-1.5B-Instruct", "/models/smollm2-135m.gguf", "runs/sft-s0/model/"])
 def test_figures_are_named_like_the_sweep_directories(model):
-    from nested_reft.grid import Instance
+    from nested_reft.experiments.grid import Instance
 
     group = Instance(model, "gsm8k", 0, 0.0, 0, "base", "baseline").group  # <model-slug>/<dataset>
     assert report.figure_name(model, "gsm8k") == f"figure1-{group.replace('/', '-')}.png"
@@ -184,7 +184,7 @@ def test_figures_are_named_like_the_sweep_directories(model):
 def test_the_report_imports_nothing_that_trains(tmp_path):
     """`report` reads numbers: writing a whole report (figures included) loads no torch, transformers or accelerate."""
     (tmp_path / "results.csv").write_text(to_csv(paper_table2_rows()))
-    code = ("import sys; from nested_reft.report import write_report; write_report(sys.argv[1]); "
+    code = ("import sys; from nested_reft.experiments.report import write_report; write_report(sys.argv[1]); "
             "print(sorted({'torch', 'transformers', 'accelerate'} & set(sys.modules)))")
     repo = str(Path(__file__).resolve().parents[1])
     environment = {**os.environ, "PYTHONPATH": repo}

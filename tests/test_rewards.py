@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from nested_reft import deadlines, rewards
-from nested_reft.rewards import extract_answer, is_equivalent, math_reward
+from nested_reft.tasks.task import deadlines
+from nested_reft.tasks.task import rewards
+from nested_reft.tasks.rewards import extract_answer, is_equivalent, math_reward
 
 MEGABYTE_OF_TEXT = "Let me think about this step by step. " * 27_000  # ~1 MB, no digits
 
@@ -285,7 +286,7 @@ def test_importing_changes_no_logging_and_the_first_symbolic_check_quiets_math_v
     is added by the first symbolic check, not by importing `rewards` or `deadlines`."""
     code = """if True:
         import logging, sys
-        import nested_reft.deadlines, nested_reft.rewards as rewards
+        import nested_reft.tasks.deadlines, nested_reft.tasks.rewards as rewards
         def filters():
             return [type(f).__name__ for name in ("math_verify.parser", "math_verify.grader")
                     for f in logging.getLogger(name).filters]

@@ -9,12 +9,12 @@ import torch
 from conftest import chi_square_critical_p001
 from transformers import DynamicCache
 
-import nested_reft.rollout as rollout_module
-import nested_reft.sampling as sampling_module
-from nested_reft.nesting import nested
-from nested_reft.rollout import SamplingConfig, ended_with_eos, generate_rollouts
-from nested_reft.sampling import draw, inverse_cdf_sample
-from nested_reft.tiny import tiny_model
+import nested_reft.engines.rollout as rollout_module
+import nested_reft.engines.sampling as sampling_module
+from nested_reft.nesting.layers import nested
+from nested_reft.engines.rollout import SamplingConfig, ended_with_eos, generate_rollouts
+from nested_reft.engines.sampling import draw, inverse_cdf_sample
+from nested_reft.models.tiny import tiny_model
 
 PROMPTS = ["what is two plus two?", "hi", "count to three"]
 

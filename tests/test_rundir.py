@@ -10,11 +10,11 @@ import shutil
 
 import pytest
 
-from nested_reft.checkpoint import latest_checkpoint
+from nested_reft.training.checkpoint import latest_checkpoint
 from nested_reft.config import ConfigError, load_config
-from nested_reft.arithmetic import generate_arithmetic
-from nested_reft.files import LockHeldError
-from nested_reft.rundir import (
+from nested_reft.tasks.arithmetic import generate_arithmetic
+from nested_reft.store.files import LockHeldError
+from nested_reft.training.rundir import (
     CONFIG_FILE,
     FINAL_MODEL_DIR,
     LOCK_FILE,
@@ -23,8 +23,8 @@ from nested_reft.rundir import (
     RunState,
     run_state,
 )
-from nested_reft.tasks import Task
-from nested_reft.trainer import ensure_trained, train
+from nested_reft.tasks.task import Task
+from nested_reft.training.trainer import ensure_trained, train
 
 PROBLEMS = generate_arithmetic(8, seed=1)
 
@@ -144,7 +144,7 @@ def test_saved_model_files_follow_the_umask(tmp_path):
 
 
 def _train_while_holding(output, started, release):
-    import nested_reft.trainer as trainer
+    import nested_reft.training.trainer as trainer
 
     def blocked_reft(*args, **kwargs):
         started.set()

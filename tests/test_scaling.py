@@ -39,8 +39,8 @@ def small_qwen2(tied: bool) -> transformers.PreTrainedModel:
 @pytest.mark.parametrize("tied", [True, False])
 def test_parameter_counts_are_those_of_the_built_model(scaling, tied):
     from nested_reft.config import LoRAConfig
-    from nested_reft.lora import add_adapters
-    from nested_reft.optim import trainable_parameters
+    from nested_reft.models.lora import add_adapters
+    from nested_reft.training.optim import trainable_parameters
 
     shape = scaling.Model("small", **SMALL, tied_embeddings=tied)
     model = small_qwen2(tied)

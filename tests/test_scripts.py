@@ -54,7 +54,7 @@ def test_the_study_runner_orders_every_instance_of_the_study_grid_once(study):
     the script would stop the study at its start, so the two are checked here."""
     import re
 
-    from nested_reft.grid import enumerate_instances, load_grid
+    from nested_reft.experiments.grid import enumerate_instances, load_grid
 
     runner = (SCRIPTS / f"{study}.sh").read_text().replace("\\\n", " ")
     blocks = re.findall(r"for seed in ([\d ]+); do\s+for run in ([^;]+); do", runner)

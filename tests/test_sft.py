@@ -12,20 +12,20 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-import nested_reft.sft as sft
+import nested_reft.training.sft as sft
 from nested_reft.cli import build_parser, config_from_args
 from nested_reft.config import ConfigError, NestingConfig, SFTConfig, load_config
-from nested_reft.arithmetic import generate_arithmetic
-from nested_reft.grid import enumerate_instances, instance_config, load_grid, sft_config
-from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
-from nested_reft.tasks import Task
-from nested_reft.tiny import tiny_model
-from nested_reft.rundir import SFT_METRICS_FILE, SUMMARY_FILE
-from nested_reft.metrics import ModelShapes, rollout_flops
-from nested_reft.nesting import draw_uniform, nested
-from nested_reft.policy import completion_logits, completion_logprobs
-from nested_reft.seeding import step_generator
-from nested_reft.trainer import check_fits_model, train
+from nested_reft.tasks.arithmetic import generate_arithmetic
+from nested_reft.experiments.grid import enumerate_instances, instance_config, load_grid, sft_config
+from nested_reft.models.loading import TINY_NUM_LAYERS, TINY_SEED
+from nested_reft.tasks.task import Task
+from nested_reft.models.tiny import tiny_model
+from nested_reft.training.rundir import SFT_METRICS_FILE, SUMMARY_FILE
+from nested_reft.training.metrics import ModelShapes, rollout_flops
+from nested_reft.nesting.layers import draw_uniform, nested
+from nested_reft.engines.logprobs import completion_logits, completion_logprobs
+from nested_reft.store.seeding import step_generator
+from nested_reft.training.trainer import check_fits_model, train
 
 PROBLEMS = generate_arithmetic(8, seed=1)
 

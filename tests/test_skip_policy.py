@@ -12,8 +12,8 @@ import torch
 from conftest import chi_square_critical_p001
 
 from nested_reft.config import NestingConfig
-from nested_reft.influence import InfluenceMeter
-from nested_reft.nesting import (
+from nested_reft.nesting.influence import InfluenceMeter
+from nested_reft.nesting.layers import (
     decoder_layers,
     draw_uniform,
     draw_weighted,
@@ -21,8 +21,8 @@ from nested_reft.nesting import (
     kl_controlled_count,
     num_skipped_layers,
 )
-from nested_reft.skip_policy import SkipPolicy
-from nested_reft.tiny import tiny_model
+from nested_reft.nesting.skip_policy import SkipPolicy
+from nested_reft.models.tiny import tiny_model
 
 # --- Block Influence ---------------------------------------------------------------------------------------
 
@@ -147,7 +147,7 @@ def test_a_very_large_temperature_is_uniform_and_a_small_one_picks_the_least_inf
 
 
 def test_uniform_policy_draws_exactly_the_papers_f_x_b():
-    from nested_reft.nesting import sample_skip_set
+    from nested_reft.nesting.layers import sample_skip_set
 
     policy = SkipPolicy.from_config(NestingConfig(skip_ratio=0.3, border=1), num_layers=12)
     for seed in range(5):

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import yaml
 
-from nested_reft.grid import enumerate_instances, load_grid, run_directory
-from nested_reft.report import write_report
-from nested_reft.results import OPTIONAL_STEP_COLUMNS, PROBLEMS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError, read_table
-from nested_reft import study
-from nested_reft.plots import series_style
-from nested_reft.study import (
+from nested_reft.experiments.grid import enumerate_instances, load_grid, run_directory
+from nested_reft.experiments.report import write_report
+from nested_reft.experiments.results import OPTIONAL_STEP_COLUMNS, PROBLEMS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError, read_table
+from nested_reft.experiments import study
+from nested_reft.experiments.plots import series_style
+from nested_reft.experiments.study import (
     SEED_COLUMNS, Interval, bootstrap_delta, bootstrap_replicates, kl_quarters, learning_curves, quarter_means,
     render_runs, render_study, render_warm_ups, run_rows, seed_summary, study_rows, t_interval, t_quantile,
     warm_up_rows,
 )
-from nested_reft.rundir import METRICS_FILE, read_metrics
-from nested_reft.sweep import sweep_main
+from nested_reft.training.rundir import METRICS_FILE, read_metrics
+from nested_reft.experiments.sweep import sweep_main
 
 
 def test_bootstrap_over_problems_matches_the_enumerated_distribution():
@@ -273,7 +273,7 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
 
 def test_variants_add_pairs_and_labelled_policies_and_refuse_repeats():
     from nested_reft.config import ConfigError, from_dict
-    from nested_reft.grid import GridConfig, enumerate_instances
+    from nested_reft.experiments.grid import GridConfig, enumerate_instances
 
     base = {"name": "g", "models": ["tiny-llama"], "datasets": ["arithmetic"], "skip_ratios": [0.0, 0.3],
             "mitigations": ["retrace"], "train": {"sft": {"epochs": 0}}}

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nested_reft import sweep
+from nested_reft.experiments import sweep
 from nested_reft.cli import main
 from nested_reft.config import ConfigError, save_config
-from nested_reft.evaluate import DEFAULT_BENCHMARKS, EvalConfig
-from nested_reft.grid import (
+from nested_reft.evaluation.evaluate import DEFAULT_BENCHMARKS, EvalConfig
+from nested_reft.experiments.grid import (
     EvalSettings, GridConfig, enumerate_instances, instance_config, load_grid, run_directory, sft_config,
 )
-from nested_reft.results import ResultsError
-from nested_reft.rundir import CONFIG_FILE
-from nested_reft.sweep import read_status, run_sweep, sweep_main
+from nested_reft.experiments.results import ResultsError
+from nested_reft.training.rundir import CONFIG_FILE
+from nested_reft.experiments.sweep import read_status, run_sweep, sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
 

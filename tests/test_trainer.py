@@ -15,22 +15,22 @@ from accelerate.state import AcceleratorState
 from conftest import GradientRecorder, NoSchedule
 from safetensors.torch import load_file
 
-import nested_reft.trainer as trainer
-import nested_reft.update as update_module
-from nested_reft.checkpoint import CheckpointError, checkpoints, latest_checkpoint
+import nested_reft.training.trainer as trainer
+import nested_reft.training.update as update_module
+from nested_reft.training.checkpoint import CheckpointError, checkpoints, latest_checkpoint
 from nested_reft.config import ConfigError, load_config
-from nested_reft.arithmetic import generate_arithmetic
-from nested_reft.models import TINY_NUM_LAYERS, TINY_SEED
-from nested_reft.nesting import num_skipped_layers
-from nested_reft.prompts import build_prompt
-from nested_reft.rollout import generate_rollouts
-from nested_reft.seeding import seeded_generator, step_generator
-from nested_reft.tasks import Task
-from nested_reft.tiny import tiny_model
-from nested_reft.metrics import StepMetrics
-from nested_reft.rundir import CONFIG_FILE, METRICS_FILE, SFT_MODEL_DIR, SUMMARY_FILE
-from nested_reft.trainer import train
-from nested_reft.update import TrainingState
+from nested_reft.tasks.arithmetic import generate_arithmetic
+from nested_reft.models.loading import TINY_NUM_LAYERS, TINY_SEED
+from nested_reft.nesting.layers import num_skipped_layers
+from nested_reft.tasks.prompts import build_prompt
+from nested_reft.engines.rollout import generate_rollouts
+from nested_reft.store.seeding import seeded_generator, step_generator
+from nested_reft.tasks.task import Task
+from nested_reft.models.tiny import tiny_model
+from nested_reft.training.metrics import StepMetrics
+from nested_reft.training.rundir import CONFIG_FILE, METRICS_FILE, SFT_MODEL_DIR, SUMMARY_FILE
+from nested_reft.training.trainer import train
+from nested_reft.training.update import TrainingState
 
 B, G, T = 2, 4, 6  # prompts per step, completions per prompt, tokens per completion (min = max)
 PROBLEMS = generate_arithmetic(24, seed=1)

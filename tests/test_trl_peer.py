@@ -26,11 +26,11 @@ datasets = pytest.importorskip("datasets")
 from accelerate import Accelerator  # noqa: E402
 
 from nested_reft.config import GRPOConfig, ImportanceConfig, NestingConfig, TrainConfig  # noqa: E402
-from nested_reft.grpo import group_advantages  # noqa: E402
-from nested_reft.policy import completion_logprobs  # noqa: E402
-from nested_reft.rollout import Rollouts, SamplingConfig, generate_rollouts  # noqa: E402
-from nested_reft.tiny import byte_tokenizer, tiny_model  # noqa: E402
-from nested_reft.update import TrainingState, policy_update  # noqa: E402
+from nested_reft.algorithm.grpo import group_advantages  # noqa: E402
+from nested_reft.engines.logprobs import completion_logprobs  # noqa: E402
+from nested_reft.engines.rollout import Rollouts, SamplingConfig, generate_rollouts  # noqa: E402
+from nested_reft.models.tiny import byte_tokenizer, tiny_model  # noqa: E402
+from nested_reft.training.update import TrainingState, policy_update  # noqa: E402
 from conftest import GradientRecorder, NoSchedule  # noqa: E402
 
 TOLERANCE = 1e-5

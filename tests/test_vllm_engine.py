@@ -2,7 +2,7 @@
 sampled log-probs, weights pushed after an update, and ReFT runs and an evaluation with --engine vllm.
 
 Runs in .venv-vllm (`make test-vllm`); skipped where vllm is not installed. The models have a head size of 32,
-the smallest vLLM's CPU attention takes (nested_reft.tiny's is 8). One engine serves the module (vLLM's start-up
+the smallest vLLM's CPU attention takes (nested_reft.models.tiny's is 8). One engine serves the module (vLLM's start-up
 is most of its time); it is rebuilt only when the model's config changes, and closed at the end.
 
 Tolerance for log-probs, 1e-5: both sides run the same float32 model on the CPU, in kernels that sum in other
@@ -24,18 +24,18 @@ pytest.importorskip("vllm")
 
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from nested_reft.arithmetic import generate_arithmetic  # noqa: E402
+from nested_reft.tasks.arithmetic import generate_arithmetic  # noqa: E402
 from nested_reft.cli import main  # noqa: E402
 from nested_reft.config import ConfigError, SamplingConfig, load_config  # noqa: E402
-from nested_reft.decoding import EagerDecoder, decoder_closed_after, decoder_for  # noqa: E402
-from nested_reft.models import load_model  # noqa: E402
-from nested_reft.nesting import nested  # noqa: E402
-from nested_reft.policy import completion_logprobs  # noqa: E402
-from nested_reft.rollout import generate_rollouts  # noqa: E402
-from nested_reft.rundir import METRICS_FILE  # noqa: E402
-from nested_reft.tasks import Task  # noqa: E402
-from nested_reft.tiny import byte_tokenizer, tiny_config  # noqa: E402
-from nested_reft.trainer import ensure_trained, train  # noqa: E402
+from nested_reft.engines.decoding import EagerDecoder, decoder_closed_after, decoder_for  # noqa: E402
+from nested_reft.models.loading import load_model  # noqa: E402
+from nested_reft.nesting.layers import nested  # noqa: E402
+from nested_reft.engines.logprobs import completion_logprobs  # noqa: E402
+from nested_reft.engines.rollout import generate_rollouts  # noqa: E402
+from nested_reft.training.rundir import METRICS_FILE  # noqa: E402
+from nested_reft.tasks.task import Task  # noqa: E402
+from nested_reft.models.tiny import byte_tokenizer, tiny_config  # noqa: E402
+from nested_reft.training.trainer import ensure_trained, train  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -55,7 +55,7 @@ def engine():
 
 
 def tiny_model(architecture: str, num_layers: int = 4, seed: int = 0, tied: bool = False):
-    """nested_reft.tiny's model of `architecture` with a head size vLLM's CPU attention takes: 2 heads of 32;
+    """nested_reft.models.tiny's model of `architecture` with a head size vLLM's CPU attention takes: 2 heads of 32;
     `tied`: the output head is the embedding (as SmolLM2's)."""
     tokenizer = byte_tokenizer()
     config = tiny_config(architecture, num_layers, vocab_size=len(tokenizer))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from nested_reft.arithmetic import generate_arithmetic
+from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.config import ConfigError, SamplingConfig, load_config
-from nested_reft.rundir import CONFIG_FILE
-from nested_reft.tasks import Task
-from nested_reft.tiny import tiny_model
-from nested_reft.trainer import train
-from nested_reft.vllm_engine import check_vllm_supports
+from nested_reft.training.rundir import CONFIG_FILE
+from nested_reft.tasks.task import Task
+from nested_reft.models.tiny import tiny_model
+from nested_reft.training.trainer import train
+from nested_reft.engines.vllm_engine import check_vllm_supports
 
 
 def test_unmerged_lora_adapters_are_refused_before_the_run_writes_anything(tmp_path):

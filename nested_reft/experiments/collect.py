@@ -1,0 +1,149 @@
+"""Gathering a grid's runs into the results tables (`results`): what each run directory holds, as rows.
+
+Reads each instance's status.json (`status`), summary.json and metrics.jsonl (`rundir`), eval/eval.json and the
+per-problem JSONL files (`evaluate`), and its warm-up's evaluation for the accuracy before ReFT.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nested_reft.evaluation.records import EVAL_FILE, read_records
+from nested_reft.store.files import atomic_write_text, read_json, read_text
+from nested_reft.experiments.grid import GridConfig, Instance, enumerate_instances, run_directory, sft_directory
+from nested_reft.experiments.results import (
+    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError,
+    accuracy_column, mean_of_measured, read_results, write_results, write_table,
+)
+from nested_reft.training.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
+from nested_reft.experiments.status import read_status
+
+EVAL_DIR = "eval"
+RUN_MEANS = ("skipped_layers", "kl_behavior_target", "h_ess", "h_truncated")  # averaged over a run's steps
+
+
+def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Path:
+    """(Re)write results.csv, steps.csv and problems.csv under the grid's output_dir; returns results.csv.
+
+    `recorded`: a results directory (another sweep's output_dir, a study's docs directory) whose done instances
+    fill in those not done here, their steps and problems with them: a study continued in a later session, on a
+    fresh checkout, or split across machines reports as one grid.
+    """
+    instances = enumerate_instances(grid)
+    rows = {instance.id: result_row(grid, instance) for instance in instances}
+    steps = {instance.id: step_rows(grid, instance) for instance in instances}
+    evaluated = {instance.id: run_directory(grid, instance) for instance in instances}
+    if grid.evaluate_warm_up:
+        evaluated.update({instance.sft_id: sft_directory(grid, instance) for instance in instances})
+    problems = {run_id: problem_rows(grid, run_id, directory) for run_id, directory in evaluated.items()}
+    if recorded is not None:
+        merge_recorded(Path(recorded), rows, steps, problems, grid.eval.benchmarks)
+    write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, rows.values())
+    write_table(grid.root / STEPS_FILE, STEP_COLUMNS, [row for run in steps.values() for row in run])
+    write_table(grid.root / PROBLEMS_FILE, PROBLEM_COLUMNS, [row for run in problems.values() for row in run])
+    if grid.conditions:
+        atomic_write_text(grid.root / CONDITIONS_FILE, grid.conditions.strip() + "\n")
+    return grid.root / RESULTS_FILE
+
+
+def recorded_done(recorded: str | Path | None) -> set[str]:
+    """The instances `recorded`/results.csv holds as done (checked as `report` reads it); none without a record."""
+    if recorded is None:
+        return set()
+    return {row["instance"] for row in read_results(Path(recorded) / RESULTS_FILE) if row["status"] == "done"}
+
+
+def merge_recorded(recorded: Path, rows: dict[str, dict], steps: dict[str, list], problems: dict[str, list],
+                   benchmarks: Sequence[str]) -> None:
+    """Take into `rows`, `steps` and `problems` (by instance id) what `recorded` holds for the instances done there
+    and not here, and its warm-ups' problems where this grid's warm-up has no finished evaluation; the recorded
+    cells are copied as written, so merging changes no figure. Refused (ResultsError): a recorded instance this
+    grid does not have (its rows would be lost when the tables are copied back), or a recorded results.csv without
+    an accuracy column of one of this grid's benchmarks."""
+    done_there = recorded_done(recorded)
+    recorded_rows = {row["instance"]: row for row in _raw_rows(recorded / RESULTS_FILE)}
+    foreign = sorted(set(recorded_rows) - set(rows))
+    if foreign:
+        raise ResultsError(f"{recorded / RESULTS_FILE} records instance(s) the grid does not have "
+                           f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): merge it into the grid "
+                           "it was run from")
+    header = next(iter(recorded_rows.values()), {})
+    missing = [accuracy_column(name) for name in benchmarks if header and accuracy_column(name) not in header]
+    if missing:
+        raise ResultsError(f"{recorded / RESULTS_FILE} lacks column(s) {', '.join(missing)} of this grid's benchmarks "
+                           "(were its runs evaluated on other benchmarks?)")
+    recorded_steps = _by_instance(_raw_rows(recorded / STEPS_FILE))
+    recorded_problems = _by_instance(_raw_rows(recorded / PROBLEMS_FILE))
+    for run_id, row in rows.items():
+        if row["status"] != "done" and run_id in done_there:
+            rows[run_id] = recorded_rows[run_id]
+            steps[run_id] = recorded_steps.get(run_id, [])
+            problems[run_id] = recorded_problems.get(run_id, [])
+    for run_id in set(problems) - set(rows):  # this grid's warm-ups (evaluate_warm_up)
+        if not problems[run_id]:
+            problems[run_id] = recorded_problems.get(run_id, [])
+
+
+def _raw_rows(path: Path) -> list[dict[str, str]]:
+    """A table's rows as written (no cell parsed); [] where the file does not exist."""
+    return list(csv.DictReader(io.StringIO(read_text(path)))) if path.is_file() else []
+
+
+def _by_instance(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    grouped: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        grouped.setdefault(row["instance"], []).append(row)
+    return grouped
+
+
+def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:
+    """One row of results.csv from the run directory's status, summary, metrics and evaluation."""
+    directory = run_directory(grid, instance)
+    status = read_status(directory)
+    row: dict[str, Any] = {
+        "model": instance.model, "dataset": instance.dataset, "instance": instance.id, "role": instance.role,
+        "skip_ratio": instance.skip_ratio, "border": instance.border, "mitigation": instance.mitigation,
+        "variant": instance.variant.label if instance.variant else "", "seed": instance.seed,
+        "status": status.get("status", "pending"),
+        "error": (status.get("error") or "").splitlines()[0][:300] if status.get("error") else "",
+    }
+    evaluation = read_json(directory / EVAL_DIR / EVAL_FILE)
+    for name in grid.eval.benchmarks:
+        row[accuracy_column(name)] = evaluation.get("benchmarks", {}).get(name, {}).get("accuracy")
+    row["accuracy"] = evaluation.get("average")
+    row["accuracy_before"] = read_json(sft_directory(grid, instance) / EVAL_DIR / EVAL_FILE).get("average")
+    row["warm_up"] = instance.warm_up.label if instance.warm_up else ""
+    warm_up = read_json(sft_directory(grid, instance) / SUMMARY_FILE)  # what the warm-up cost (issue 22)
+    row["sft_runtime_s"], row["sft_flops"] = warm_up.get("sft_runtime_s"), warm_up.get("sft_flops")
+    summary = read_json(directory / SUMMARY_FILE)
+    row["token_speed"] = summary.get("token_speed")
+    row["total_runtime_s"] = summary.get("total_runtime_s")
+    steps = read_metrics(directory / METRICS_FILE)
+    if steps:
+        row.update({name: mean_of_measured(step[name] for step in steps) for name in RUN_MEANS})
+        row["gen_tokens_per_s"] = statistics.median(step["gen_tokens_per_s"] for step in steps)
+        row["rollout_flops"] = sum(step.get("rollout_flops") or 0.0 for step in steps) or None
+    return row
+
+
+def step_rows(grid: GridConfig, instance: Instance) -> list[dict[str, Any]]:
+    """The rows of steps.csv for one instance: its metrics.jsonl, the learning curve's columns."""
+    steps = read_metrics(run_directory(grid, instance) / METRICS_FILE)
+    return [{"instance": instance.id, **{column: step.get(column) for column in STEP_COLUMNS[1:]}} for step in steps]
+
+
+def problem_rows(grid: GridConfig, run_id: str, directory: Path) -> list[dict[str, Any]]:
+    """The rows of problems.csv for one evaluated run: each problem of each benchmark, correct 1 or 0; none until
+    its evaluation has finished (eval.json written)."""
+    if not (directory / EVAL_DIR / EVAL_FILE).is_file():
+        return []
+    return [
+        {"instance": run_id, "benchmark": benchmark, "problem": record["id"], "correct": int(bool(record["correct"]))}
+        for benchmark in grid.eval.benchmarks
+        for record in read_records(directory / EVAL_DIR / f"{benchmark}.jsonl").values()
+    ]
