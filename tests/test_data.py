@@ -15,7 +15,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from nested_reft.tasks.task import data
+from nested_reft.tasks import data
 from nested_reft.tasks.arithmetic import ARITHMETIC_SIZES
 from nested_reft.tasks.data import (
     BENCHMARKS,

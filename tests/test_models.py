@@ -10,7 +10,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from nested_reft.models.loading import loading as models
+from nested_reft.models import loading as models
 from nested_reft.models.loading import DEFAULT_MODEL, MODEL_ALIASES, ModelLoadError, load_model
 from nested_reft.models.tiny import TINY_ARCHITECTURES, tiny_model
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from nested_reft.tasks.task import deadlines
-from nested_reft.tasks.task import rewards
+from nested_reft.tasks import deadlines
+from nested_reft.tasks import rewards
 from nested_reft.tasks.rewards import extract_answer, is_equivalent, math_reward
 
 MEGABYTE_OF_TEXT = "Let me think about this step by step. " * 27_000  # ~1 MB, no digits
