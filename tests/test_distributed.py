@@ -170,7 +170,7 @@ def test_each_rank_samples_its_own_share_of_the_batch(ddp_run):
     from nested_reft.config import load_config
     from nested_reft.tasks.prompts import build_prompt
     from nested_reft.models.tiny import byte_tokenizer
-    from nested_reft.training.trainer import batch_for_step
+    from nested_reft.training.data_order import batch_for_step
 
     class OneProcess:
         num_processes, process_index = 1, 0

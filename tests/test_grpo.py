@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nested_reft.algorithm.grpo import LossScale, group_advantages, grpo_loss
+from nested_reft.algorithm.kl import k3
 
 
 def test_group_advantages_match_a_loop_reference():
@@ -110,3 +111,13 @@ def test_kl_term_and_dapo_normaliser():
     assert scaled.item() == pytest.approx(-2 / 8)
     with pytest.raises(ValueError, match="loss_type"):
         grpo_loss(logp, logp.detach(), torch.ones(1), torch.ones(1, 2), torch.ones(1, 2), loss_type="sum")
+
+
+def test_k3_averaged_under_q_is_the_exact_kl_and_its_cap_keeps_it_finite():
+    """E_q[k3(log p - log q)] = sum_x q (p/q - 1 - log p/q) = KL(q || p) exactly, for any two distributions."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(10, generator=generator, dtype=torch.float64), 0)
+    p = torch.softmax(torch.randn(10, generator=generator, dtype=torch.float64), 0)
+    assert (q * k3(p.log() - q.log())).sum().item() == pytest.approx((q * (q / p).log()).sum().item(), rel=1e-12)
+    assert k3(torch.zeros(3)).eq(0).all()
+    assert torch.isinf(k3(torch.tensor([100.0]))).all() and torch.isfinite(k3(torch.tensor([100.0]), 80.0)).all()

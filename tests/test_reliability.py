@@ -30,12 +30,12 @@ from nested_reft.tasks.data import DATA_ENV, DataError, load_problems
 from nested_reft.evaluation.records import EvalError, read_records
 from nested_reft.evaluation.evaluate import EvalConfig, evaluate, evaluate_tasks
 from nested_reft.experiments.grid import enumerate_instances, load_grid
-from nested_reft.store.files import LockHeldError, PathError, exclusive_lock
+from nested_reft.store.files import LOCK_FILE, LockHeldError, PathError, exclusive_lock
 from nested_reft.models.loading import ModelLoadError, load_model, remove_abandoned_staging
 from nested_reft.experiments.results import RESULTS_FILE, csv_text, results_columns
 from nested_reft.tasks.problems import Problem
 from nested_reft.training.rundir import (
-    CONFIG_FILE, FINAL_MODEL_DIR, LOCK_FILE, METRICS_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, read_metrics,
+    CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, read_metrics,
     run_state,
 )
 from nested_reft.tasks.task import Task
@@ -619,7 +619,7 @@ def test_cosmetic_a_missing_data_dir_is_one_line(tmp_path, capsys):
 
 def test_cosmetic_two_evaluations_of_one_directory_are_refused(tmp_path):
     model, tokenizer = load_model("tiny-llama")
-    with exclusive_lock(tmp_path / ".nested-reft.lock", "the first evaluation"):
+    with exclusive_lock(tmp_path / LOCK_FILE, "the first evaluation"):
         with pytest.raises(LockHeldError, match=rf"evaluation directory {tmp_path} is in use"):
             evaluate(model, tokenizer, ["arithmetic"], tmp_path, EvalConfig(max_new_tokens=4), limit=1)
 

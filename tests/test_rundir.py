@@ -13,11 +13,10 @@ import pytest
 from nested_reft.training.checkpoint import latest_checkpoint
 from nested_reft.config import ConfigError, load_config
 from nested_reft.tasks.arithmetic import generate_arithmetic
-from nested_reft.store.files import LockHeldError
+from nested_reft.store.files import LOCK_FILE, LockHeldError
 from nested_reft.training.rundir import (
     CONFIG_FILE,
     FINAL_MODEL_DIR,
-    LOCK_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
     RunState,

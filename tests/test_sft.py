@@ -25,7 +25,8 @@ from nested_reft.training.metrics import ModelShapes, rollout_flops
 from nested_reft.nesting.layers import draw_uniform, nested
 from nested_reft.engines.logprobs import completion_logits, completion_logprobs
 from nested_reft.store.seeding import step_generator
-from nested_reft.training.trainer import check_fits_model, train
+from nested_reft.training.startup import check_fits_model
+from nested_reft.training.trainer import train
 
 PROBLEMS = generate_arithmetic(8, seed=1)
 

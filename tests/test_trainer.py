@@ -15,6 +15,8 @@ from accelerate.state import AcceleratorState
 from conftest import GradientRecorder, NoSchedule
 from safetensors.torch import load_file
 
+import nested_reft.training.data_order as data_order
+import nested_reft.training.startup as startup
 import nested_reft.training.trainer as trainer
 import nested_reft.training.update as update_module
 from nested_reft.training.checkpoint import CheckpointError, checkpoints, latest_checkpoint
@@ -324,8 +326,8 @@ def test_too_many_skipped_layers_for_the_border_is_refused_before_sft(tmp_path, 
 def test_a_batch_the_processes_cannot_share_is_refused():
     config = config_for("unused", batch_size=3)
     with pytest.raises(ConfigError, match=r"batch_size=3 .* processes \(2\)"):
-        trainer.check_fits_model(config, TINY_NUM_LAYERS, world=2)
-    trainer.check_fits_model(config, TINY_NUM_LAYERS, world=1)
+        startup.check_fits_model(config, TINY_NUM_LAYERS, world=2)
+    startup.check_fits_model(config, TINY_NUM_LAYERS, world=1)
 
 
 
@@ -511,17 +513,17 @@ def test_the_data_order_is_one_shuffle_per_epoch_and_a_resumed_process_reads_on_
         purposes.append(purpose)
         return step_generator(seed, step, purpose, *args)
 
-    monkeypatch.setattr(trainer, "step_generator", recording)
-    trainer.data_order.cache_clear()  # as a fresh process: the runs before drew these orders too
+    monkeypatch.setattr(data_order, "step_generator", recording)
+    data_order.data_order.cache_clear()  # as a fresh process: the runs before drew these orders too
     config = config_for("unused", batch_size=5)
-    batches = [trainer.batch_for_step(PROBLEMS, config, step, OneProcess()) for step in range(1, 11)]
+    batches = [data_order.batch_for_step(PROBLEMS, config, step, OneProcess()) for step in range(1, 11)]
     assert purposes == ["data"] * 3  # one permutation per epoch, not one per position read
     read = [problem for batch in batches for problem in batch]
     every = sorted(problem.id for problem in PROBLEMS)
     assert sorted(p.id for p in read[:24]) == every and read[:24] != PROBLEMS  # an epoch: each problem, shuffled
     assert sorted(p.id for p in read[24:48]) == every and read[24:48] != read[:24]  # the next: another order
-    trainer.data_order.cache_clear()  # a resumed process starts with none of the orders
-    assert [trainer.batch_for_step(PROBLEMS, config, step, OneProcess()) for step in range(7, 11)] == batches[6:]
+    data_order.data_order.cache_clear()  # a resumed process starts with none of the orders
+    assert [data_order.batch_for_step(PROBLEMS, config, step, OneProcess()) for step in range(7, 11)] == batches[6:]
 
 
 # --- non-finite updates --------------------------------------------------------------------------------

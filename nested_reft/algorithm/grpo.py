@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nested_reft.algorithm.kl import k3
+
 ADVANTAGE_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
 
 
@@ -82,8 +84,7 @@ def clipped_tokens(
 
 def kl_to_reference(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi_theta || pi_ref), as TRL: exp(ref - logp) - (ref - logp) - 1."""
-    delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1
+    return k3(ref_logp - logp)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nested_reft.algorithm.kl import k3
 from nested_reft.config import ImportanceConfig
 
 # exp() of float32 overflows past ~88.7; a sequence-level log-ratio sums up to 256 token terms, so the
@@ -125,7 +126,7 @@ def behavior_target_kl(logp_target: torch.Tensor, logp_behavior: torch.Tensor, m
         token_log_ratio = log_importance_ratio(logp_target, logp_behavior, mask, "token")[mask.bool()]
         if token_log_ratio.numel() == 0:
             return None
-        return (torch.expm1(token_log_ratio.clamp(max=MAX_LOG_WEIGHT)) - token_log_ratio).mean().item()
+        return k3(token_log_ratio, MAX_LOG_WEIGHT).mean().item()
 
 
 def _truncated_fraction(log_ratio: torch.Tensor, method: str) -> float:

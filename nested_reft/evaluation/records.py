@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from nested_reft.store.files import (
-    PathError, atomic_write_json, atomic_write_text, exclusive_lock, read_json_lines, read_json_object,
+    PathError, atomic_write_json, atomic_write_text, locked_directory, read_json_lines, read_json_object,
 )
 
 logger = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
 SETTINGS_FILE = "eval_settings.json"
-LOCK_FILE = ".nested-reft.lock"
 # Each record's fields and the JSON types they hold (None: the extractor found no answer).
 RECORD_TYPES: dict[str, tuple[type, ...]] = {
     "id": (str,), "prompt": (str,), "completion": (str,), "extracted_answer": (str, type(None)), "gold": (str,),
@@ -46,7 +45,7 @@ class EvalError(ValueError):
 @contextlib.contextmanager
 def locked_eval_directory(output_dir: Path) -> Iterator[None]:
     """Hold the directory's lock for the body: a second evaluation into it is refused, naming the first."""
-    with exclusive_lock(Path(output_dir) / LOCK_FILE, f"evaluation directory {output_dir}"):
+    with locked_directory(output_dir, f"evaluation directory {output_dir}"):
         yield
 
 

@@ -211,6 +211,15 @@ def exclusive_lock(path: str | os.PathLike, what: str, wait: bool = False) -> It
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+LOCK_FILE = ".nested-reft.lock"  # an output directory's one-writer lock, whichever command writes it
+
+
+def locked_directory(directory: str | os.PathLike, what: str) -> contextlib.AbstractContextManager[None]:
+    """Hold `directory`'s one-writer lock (LOCK_FILE inside it) for the body: every command that writes an output
+    directory takes this one, so a second writer is refused whatever command it is, naming the holder."""
+    return exclusive_lock(Path(directory) / LOCK_FILE, what)
+
+
 def _holder_description() -> str:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = " ".join(sys.argv)[:300]

@@ -28,7 +28,8 @@ from pathlib import Path
 from nested_reft.training.checkpoint import latest_checkpoint, remove_stale_staging
 from nested_reft.config import RESUMABLE_OPTIONS, ConfigError, TrainConfig, config_differences, load_config
 from nested_reft.store.files import (
-    LockHeldError, PathError, atomic_write_text, exclusive_lock, read_json_lines, read_json_object, removed_unless_used,
+    LOCK_FILE, LockHeldError, PathError, atomic_write_text, locked_directory, read_json_lines, read_json_object,
+    removed_unless_used,
 )
 from nested_reft.tasks.problems import Problem
 
@@ -39,7 +40,6 @@ FINAL_MODEL_DIR = "model"
 SFT_MODEL_DIR = "sft-model"  # the post-SFT model, kept only when beta > 0: the reference of a resumed run
 SFT_METRICS_FILE = "sft_metrics.jsonl"
 ADAPTER_DIR = "adapter"  # LoRA runs: the trained adapters in PEFT's format (model/ holds them merged)
-LOCK_FILE = ".nested-reft.lock"
 DATA_FILE = "data.json"  # which problems the run trains on (`data_identity`), compared on resume
 _STARTED_FILES = (CONFIG_FILE, METRICS_FILE, SFT_METRICS_FILE, DATA_FILE)
 
@@ -170,7 +170,7 @@ def locked_run_directory(output: Path, accelerator) -> Iterator[None]:
         refusal = None
         if accelerator.is_main_process:
             try:
-                stack.enter_context(exclusive_lock(output / LOCK_FILE, f"run directory {output}"))
+                stack.enter_context(locked_directory(output, f"run directory {output}"))
                 remove_stale_staging(output)
             except LockHeldError as error:
                 refusal = str(error)

@@ -10,9 +10,10 @@ With x = 0, b = 0 and m = base the loop is classical ReFT (h = 1 up to rounding)
 set may come from an adaptive policy (`skip_policy`: layer influence, a KL target) that each step's
 measurements feed; the default, `uniform`, is f_{x,b}.
 
-This module is the loop (`reft`) and the setting up around it (`train`). The engines live elsewhere:
-nesting, rollout, importance, grpo, update (the gradient step), sft, metrics, rundir (the files a run
-leaves and its start/resume rules), checkpoint and sharding. Processes are run by `accelerate`: each rank samples
+This module is the loop (`reft`) and the setting up around it (`train`). The rest lives elsewhere: the nested
+model (`nesting`), sampling (`engines`), h_m and the objective (`algorithm`), and beside this module the
+update (the gradient step), the warm-up (`sft`), the start-up checks (`startup`), the batches (`data_order`),
+metrics, the run directory (`rundir`: its files and start/resume rules), checkpoints and FSDP2 (`sharding`). Processes are run by `accelerate`: each rank samples
 for its share of the prompts and DDP averages the gradients; launched with configs/accelerate/fsdp2.yaml, the
 weights, gradients and optimizer state are sharded over the ranks instead (FSDP2, `sharding`).
 
@@ -33,10 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,6 +43,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import LoggerType, gather_object, set_seed
 
+from nested_reft.algorithm.grpo import group_advantages
+from nested_reft.config import ConfigError, TrainConfig, flat_options, save_config, to_dict
+from nested_reft.engines.decoding import decoder_closed_after
+from nested_reft.engines.rollout import generate_rollouts
+from nested_reft.models.loading import load_model
+from nested_reft.models.lora import add_adapters, has_adapters, merge
+from nested_reft.nesting.influence import InfluenceMeter
+from nested_reft.nesting.layers import num_decoder_layers
+from nested_reft.nesting.skip_policy import SkipPolicy
+from nested_reft.store.files import atomic_write_json, atomic_write_text, check_output_directory, read_json
+from nested_reft.store.seeding import step_generator
+from nested_reft.tasks.task import Task
 from nested_reft.training.checkpoint import (
     checkpoint_path,
     load_checkpoint,
@@ -54,18 +65,9 @@ from nested_reft.training.checkpoint import (
     save_model,
     verify_checkpoint,
 )
-from nested_reft.config import ConfigError, TrainConfig, flat_options, save_config, to_dict
-from nested_reft.tasks.data import DataError, Problem
-from nested_reft.engines.decoding import decoder_closed_after
-from nested_reft.store.files import atomic_write_json, atomic_write_text, check_output_directory, read_json
-from nested_reft.algorithm.grpo import group_advantages
-from nested_reft.models.lora import add_adapters, has_adapters, merge
+from nested_reft.training.data_order import batch_for_step
 from nested_reft.training.metrics import ModelShapes, RunTotals, StepMetrics, StepResult, StepTimes, step_metrics, summarize
-from nested_reft.models.loading import load_model, position_table_size
-from nested_reft.nesting.influence import InfluenceMeter
-from nested_reft.nesting.layers import num_decoder_layers, num_skipped_layers, valid_layers
 from nested_reft.training.optim import make_optimizer
-from nested_reft.engines.rollout import generate_rollouts
 from nested_reft.training.rundir import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -87,13 +89,10 @@ from nested_reft.training.rundir import (
     read_metrics,
     run_state,
 )
-from nested_reft.store.seeding import step_generator
+from nested_reft.training.sft import sft_warmup
 from nested_reft.training.sharding import FSDP2, check_fits_fsdp2, fsdp2_of_launch, gathered_state, gathered_weights
-from nested_reft.training.sft import sft_examples, sft_warmup
-from nested_reft.nesting.skip_policy import SkipPolicy
-from nested_reft.tasks.task import Task
+from nested_reft.training.startup import check_model, check_task, check_world
 from nested_reft.training.update import TrainingState, policy_update
-from nested_reft.engines.vllm_engine import check_vllm_supports
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # config.dtype -> accelerate
 
@@ -109,7 +108,7 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
     accelerator = _accelerator(config)
     set_seed(config.seed)
     output = Path(config.output_dir)
-    _check_world(accelerator)
+    check_world(accelerator)
     check_output_directory(output, "output_dir")
     fsdp2 = fsdp2_of_launch()
     if fsdp2 is not None:
@@ -123,17 +122,9 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
         model, tokenizer = load_model(config.model, dtype=torch.float32, device=accelerator.device)  # fp32 master weights
         if config.lora.r:
             model = add_adapters(model, config.lora)
-        check_fits_model(config, num_decoder_layers(model), accelerator.num_processes)
-        if config.sampling.engine == "vllm":
-            check_vllm_supports(model, accelerator.num_processes, config.sampling.merge_adapters)
+        check_model(config, model, accelerator.num_processes)
         task = task or Task.load(config.dataset, "train", config.data_dir)
-        if not task.problems:
-            raise DataError(f"training set {task.name!r} has 0 problems: nothing to train on")
-        if checkpoint is None and config.sft.epochs > 0 and not sft_examples(task.problems):
-            raise DataError(f"sft.epochs={config.sft.epochs}, but no problem of training set {task.name!r} has a "
-                            "solution to imitate: the warm-up would train nothing; set sft.epochs=0")
-        task.check_fits(tokenizer, position_table_size(model), config.sampling.max_new_tokens,
-                        "sampling.max_new_tokens")
+        check_task(config, task, tokenizer, model, fresh=checkpoint is None)
         identity = data_identity(task.name, task.problems)
         if checkpoint is not None:
             check_resumed_data(output, identity)
@@ -265,45 +256,6 @@ def _accelerator(config: TrainConfig) -> Accelerator:
         raise ConfigError(f"dtype={config.dtype!r} cannot be used in this process: {error}") from error
 
 
-def check_fits_model(config: TrainConfig, num_layers: int, world: int) -> None:
-    """Start-up checks that need the model or the launch: refused before SFT, not after an hour of it.
-
-    The border is checked whatever the skip ratio (a border the model does not have is a typo even at
-    x = 0). The micro-batch size need not divide a rank's completions: the update weights each chunk.
-    """
-    if config.batch_size % world:
-        raise ConfigError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")
-    if 2 * config.nesting.border > num_layers:
-        raise ConfigError(
-            f"nesting.border={config.nesting.border} protects the first and last {config.nesting.border} layers, "
-            f"but the model has {num_layers}: the border must be at most {num_layers // 2}"
-        )
-    valid = len(valid_layers(num_layers, config.nesting.border))
-    for option, ratio in _skip_ratios(config):
-        skipped = num_skipped_layers(num_layers, ratio)
-        if skipped > valid:
-            raise ConfigError(
-                f"{option}={ratio} skips {skipped} of the model's {num_layers} layers, but "
-                f"nesting.border={config.nesting.border} leaves only {valid} valid layers: lower one of them"
-            )
-    if config.sft.epochs and config.sft.layer_drop and world > 1:
-        raise ConfigError(
-            f"sft.layer_drop={config.sft.layer_drop} with {world} processes: the layers a micro-batch skips get no "
-            "gradient, which DDP waits for; warm up in one process, or use sft.distill_nested (its full forward "
-            "reaches every layer)"
-        )
-
-
-def _skip_ratios(config: TrainConfig) -> list[tuple[str, float]]:
-    """Each skip ratio the run draws at, named by its option: ReFT's and, when it warms up, the warm-up's."""
-    ratios = [("nesting.skip_ratio", config.nesting.skip_ratio)]
-    if config.sft.epochs and config.sft.layer_drop:
-        ratios.append(("sft.layer_drop", config.sft.layer_drop))
-    if config.sft.epochs and config.sft.distill_nested:
-        ratios.append(("sft.distill_ratio", config.sft.nested_ratio(config.nesting.skip_ratio)))
-    return ratios
-
-
 def _warm_up(config: TrainConfig, model, tokenizer, task: Task, accelerator) -> tuple[float, float]:
     """Algorithm 1, step 1: the SFT warm-up, its steps logged to sft_metrics.jsonl; returns its runtime and its
     training FLOPs (what a nested-aware warm-up pays for its closeness: sft.layer_drop, sft.distill_nested).
@@ -380,27 +332,6 @@ def _advantages(rewards: torch.Tensor, config: TrainConfig, accelerator) -> tupl
     return all_rewards, advantages[accelerator.process_index * rows : (accelerator.process_index + 1) * rows]
 
 
-def batch_for_step(problems: Sequence[Problem], config: TrainConfig, step: int, accelerator) -> list[Problem]:
-    """This rank's share of the step's prompts: a seeded shuffle per epoch, read in order (resumable by step).
-
-    A fraction of an epoch uses a proportional subset of the shuffled set, as in the paper (appendix F).
-    """
-    size, world = config.batch_size, accelerator.num_processes  # size % world == 0: `check_fits_model`
-    first = (step - 1) * size
-    positions = (divmod(position, len(problems)) for position in range(first, first + size))  # (epoch, offset)
-    indices = [data_order(len(problems), config.seed, epoch)[offset] for epoch, offset in positions]
-    share = size // world
-    mine = indices[accelerator.process_index * share : (accelerator.process_index + 1) * share]
-    return [problems[i] for i in mine]
-
-
-@functools.lru_cache(maxsize=4)
-def data_order(length: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """Epoch `epoch`'s shuffle of `length` problems, drawn from (seed, epoch) alone, so a resumed process draws
-    the uninterrupted run's; kept for the steps that read the epoch (a step reads one or two, rarely more)."""
-    return tuple(torch.randperm(length, generator=step_generator(seed, epoch, "data")).tolist())
-
-
 def _log(metrics: StepMetrics, config: TrainConfig, accelerator) -> None:
     if accelerator.is_main_process:
         append_jsonl(Path(config.output_dir) / METRICS_FILE, asdict(metrics))
@@ -424,16 +355,6 @@ def _checkpoint(config: TrainConfig, state: TrainingState, tokenizer, step: int,
                         saved, rng_states, gathered)
         remove_old_checkpoints(output, config.save_total_limit)
     accelerator.wait_for_everyone()
-
-
-def _check_world(accelerator) -> None:
-    """Refuse a multi-process launch that `accelerate` does not see (each rank would run, and write, alone)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes != launched:
-        raise ConfigError(
-            f"{launched} processes were launched (WORLD_SIZE) but accelerate runs {accelerator.num_processes}: "
-            "on CPU launch with `accelerate launch --cpu` or set ACCELERATE_USE_CPU=1"
-        )
 
 
 def _tracker_hyperparameters(config: TrainConfig) -> dict:
