@@ -1,4 +1,5 @@
-"""Importance weights h_m and the GRPO objective: pure tensor functions, no model, optimizer or I/O.
+"""Importance weights h_m, the GRPO objective and the k3 KL estimate: pure tensor functions, no model, optimizer
+or I/O.
 
-Imports config only.
+May import: config.
 """

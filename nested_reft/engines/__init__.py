@@ -1,4 +1,5 @@
-"""Sampling completions with behavior log-probs: the eager, compiled and vLLM engines, top-p sampling, log-probs, rollouts.
+"""Sampling completions with behavior log-probs behind one interface: the eager, compiled and vLLM engines,
+top-p, log-probs, rollouts.
 
-Imports nesting, models, config and store; never the algorithm or the training loop.
+May import: config, models, nesting, store.
 """

@@ -1,4 +1,5 @@
-"""Grids, sweeps and studies: instances, running them, collecting results, reports, statistics, figures, probe, demo.
+"""Grids, sweeps and studies: instances, running them, collecting results, reports, statistics, figures, probe,
+demo.
 
-Imports everything below it; only the CLI imports it.
+May import: algorithm, config, engines, evaluation, models, nesting, store, tasks, training.
 """

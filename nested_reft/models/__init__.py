@@ -1,4 +1,4 @@
 """The model: loading (hub, local directory, GGUF, aliases), tiny random models, LoRA adapters.
 
-Imports config and store.
+May import: config, store.
 """

@@ -1,4 +1,5 @@
-"""The nested model: which layers to skip (U_x, f_{x,b}, skip policies, Block Influence) and running without them.
+"""The nested model, knowing nothing of RL: which layers to skip (U_x, f_{x,b}, skip policies, Block Influence)
+and running without them.
 
-Imports config and models; knows nothing of RL.
+May import: config, models, store.
 """

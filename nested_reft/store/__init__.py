@@ -1,4 +1,4 @@
-"""Files and seeds: atomic writes, locks and the one reader of files read back; seeded generators.
+"""Files and seeds: atomic writes, one-writer locks and the one reader of files read back; seeded generators.
 
-Imports nothing of nested_reft.
+May import: nothing.
 """

@@ -1,4 +1,5 @@
-"""Problems and their loaders, the arithmetic task, prompts, the reward (with its deadlines) and the task that joins them.
+"""Problems and their loaders, the arithmetic task, prompts, the reward (with its deadlines), the task that joins
+them.
 
-Imports config and store.
+May import: config, store.
 """
