@@ -137,3 +137,28 @@ def test_the_readme_module_map_names_every_module_and_nothing_else():
     actual = {module for module in MODULES if module.count(".") == 2}
     assert {part for part, _ in rows} == set(PARTS)
     assert named == actual, f"missing from the README: {sorted(actual - named)}; not in the package: {sorted(named - actual)}"
+
+
+def test_the_public_api_is_importable_from_the_top_and_loads_nothing_before_use():
+    """`from nested_reft import train, ...` gives the objects the parts define; `import nested_reft` alone loads
+    neither torch nor a part (a fresh interpreter, so that this test session's imports do not count)."""
+    import subprocess
+    import sys
+
+    from nested_reft import evaluate, generate_rollouts, load_model, nested, train, TrainConfig
+    from nested_reft.config import TrainConfig as config_train_config
+    from nested_reft.engines.rollout import generate_rollouts as rollout_generate
+    from nested_reft.evaluation.evaluate import evaluate as evaluation_evaluate
+    from nested_reft.models.loading import load_model as loading_load_model
+    from nested_reft.nesting.layers import nested as layers_nested
+    from nested_reft.training.trainer import train as trainer_train
+
+    assert (train, evaluate, nested, generate_rollouts, load_model, TrainConfig) == (
+        trainer_train, evaluation_evaluate, layers_nested, rollout_generate, loading_load_model, config_train_config)
+    assert set(nested_reft.__all__) <= set(dir(nested_reft))
+    with pytest.raises(AttributeError, match="no attribute 'trainer'"):
+        nested_reft.trainer  # noqa: B018 (old module paths are in CHANGELOG.md, not aliased)
+    loaded = subprocess.run([sys.executable, "-c", "import sys, nested_reft; print(sorted(m for m in sys.modules "
+                             "if m == 'torch' or m.startswith('nested_reft.')))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
