@@ -56,7 +56,7 @@ from nested_reft.training.checkpoint import (
 )
 from nested_reft.config import ConfigError, TrainConfig, flat_options, save_config, to_dict
 from nested_reft.tasks.data import DataError, Problem
-from nested_reft.engines.decoding import decoder_closed_after
+from nested_reft.engines.choice import decoder_closed_after
 from nested_reft.store.files import atomic_write_json, atomic_write_text, check_output_directory, read_json
 from nested_reft.algorithm.grpo import group_advantages
 from nested_reft.models.lora import add_adapters, has_adapters, merge
