@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import add_device_arguments, load_on_device, prompts_for, synchronized_clock  # noqa: E402  (bench/rollout.py)
 
 from nested_reft.config import ENGINES, SamplingConfig  # noqa: E402
-from nested_reft.engines.decoding import CompiledDecoder, EagerDecoder, default_compiled_mode  # noqa: E402
+from nested_reft.engines.compiled import CompiledDecoder, default_compiled_mode  # noqa: E402
+from nested_reft.engines.eager import EagerDecoder  # noqa: E402
 from nested_reft.engines.rollout import generate_rollouts  # noqa: E402
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rollout import add_device_arguments, load_on_device, prompts_for, synchronized_clock  # noqa: E402  (bench/rollout.py)
 
 from nested_reft.config import ENGINES, SamplingConfig  # noqa: E402
-from nested_reft.engines.decoding import decoder_for  # noqa: E402
+from nested_reft.engines.choice import decoder_for  # noqa: E402
 from nested_reft.nesting.layers import draw_uniform, num_decoder_layers, num_skipped_layers  # noqa: E402
 from nested_reft.engines.rollout import generate_rollouts  # noqa: E402
 

@@ -20,7 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.config import SamplingConfig
-from nested_reft.engines.decoding import CompiledDecoder, EagerDecoder
+from nested_reft.engines.compiled import CompiledDecoder
+from nested_reft.engines.eager import EagerDecoder
 from nested_reft.models.loading import load_model
 from nested_reft.tasks.prompts import build_prompt
 

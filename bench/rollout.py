@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.config import ENGINES
-from nested_reft.engines.decoding import decoder_for
+from nested_reft.engines.choice import decoder_for
 from nested_reft.models.loading import load_model
 from nested_reft.nesting.layers import (
     decoder_layers,

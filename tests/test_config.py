@@ -302,7 +302,7 @@ def test_a_dotted_option_under_a_plain_option_is_refused(overrides):
 # --- the names options take ----------------------------------------------------------------------------
 
 CONFIGURED_MODULES = ("nested_reft.nesting.skip_policy", "nested_reft.training.optim", "nested_reft.algorithm.importance", "nested_reft.algorithm.grpo",
-                      "nested_reft.nesting.layers", "nested_reft.engines.decoding")
+                      "nested_reft.nesting.layers", "nested_reft.engines.choice")
 
 
 def test_config_imports_none_of_the_modules_it_configures():

@@ -18,7 +18,8 @@ from conftest import truncated_copy
 from torch._dynamo.utils import counters
 
 from nested_reft.config import SamplingConfig
-from nested_reft.engines.decoding import CompiledDecoder, EagerDecoder, default_compiled_mode
+from nested_reft.engines.compiled import CompiledDecoder, default_compiled_mode
+from nested_reft.engines.eager import EagerDecoder
 from nested_reft.nesting.layers import nested
 from nested_reft.models.tiny import tiny_model
 
@@ -127,7 +128,7 @@ def test_packed_gqa_attention_equals_attention_over_repeated_heads():
     under torch.compile)."""
     from types import SimpleNamespace
 
-    from nested_reft.engines.decoding import packed_gqa_sdpa
+    from nested_reft.engines.compiled import packed_gqa_sdpa
 
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(3, 6, 1, 8, generator=generator)

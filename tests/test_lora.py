@@ -16,7 +16,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import nested_reft.training.trainer as trainer
 from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.config import ConfigError, LoRAConfig, SamplingConfig, load_config
-from nested_reft.engines.decoding import CompiledDecoder, EagerDecoder
+from nested_reft.engines.compiled import CompiledDecoder
+from nested_reft.engines.eager import EagerDecoder
 from nested_reft.models.lora import add_adapters, is_merged_for_sampling, merged_for_sampling, plain_named_parameters
 from nested_reft.nesting.layers import nested
 from nested_reft.training.rundir import ADAPTER_DIR, FINAL_MODEL_DIR

@@ -27,7 +27,8 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from nested_reft.tasks.arithmetic import generate_arithmetic  # noqa: E402
 from nested_reft.cli import main  # noqa: E402
 from nested_reft.config import ConfigError, SamplingConfig, load_config  # noqa: E402
-from nested_reft.engines.decoding import EagerDecoder, decoder_closed_after, decoder_for  # noqa: E402
+from nested_reft.engines.choice import decoder_closed_after, decoder_for  # noqa: E402
+from nested_reft.engines.eager import EagerDecoder  # noqa: E402
 from nested_reft.models.loading import load_model  # noqa: E402
 from nested_reft.nesting.layers import nested  # noqa: E402
 from nested_reft.engines.logprobs import completion_logprobs  # noqa: E402

@@ -88,7 +88,7 @@ class SamplingConfig:
     top_k: int = 0  # TRL GRPOConfig.top_k (0 = disabled)
     max_new_tokens: int = 256  # paper, appendix F: completions of 256 tokens
     min_new_tokens: int = 256  # paper: min = max, so every completion has the same length
-    # How the model runs while sampling (nested_reft.engines.decoding): eager (a Python loop over the model, rows that
+    # How the model runs while sampling (nested_reft.engines.choice): eager (a Python loop over the model, rows that
     # end leave the batch) | compiled (a static KV cache and a torch.compile'd decode step, a CUDA graph on GPUs)
     # | vllm (a colocated vLLM engine, nested_reft.engines.vllm_engine; needs the `vllm` extra)
     engine: str = "eager"
@@ -307,7 +307,7 @@ class TrainConfig:
 
 # The names options take, declared here so that config imports none of the modules it configures (they import
 # config's types); each module's table maps the same names to what they do (tests/test_config.py checks them).
-ENGINES = ("eager", "compiled", "vllm")  # nested_reft.engines.decoding: the names `decoder_for` maps to decoding engines
+ENGINES = ("eager", "compiled", "vllm")  # nested_reft.engines.choice.ENGINE_FACTORIES: the decoding engines by name
 SKIP_POLICIES = ("uniform", "influence", "kl_target")  # nested_reft.nesting.skip_policy
 LAYER_CHOICES = ("uniform", "influence")  # how the kl_target policy draws its layers
 MITIGATIONS = ("base", "practical", "retrace")  # nested_reft.algorithm.importance.MITIGATION_TABLE

@@ -3,7 +3,7 @@
 The behavior log-prob of each sampled token is recorded while sampling, from the very logits the
 sampler drew from, so the importance weights never need an extra forward pass of the behavior model.
 Knows nothing of rewards. How the model runs while it samples is a decoding engine's business
-(`nested_reft.engines.decoding`: eager, or compiled with a static cache).
+(`nested_reft.engines.interface.Decoder`: eager, compiled with a static cache, or vLLM; `choice` picks one).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nested_reft.config import SamplingConfig
-from nested_reft.engines.decoding import Samples, decoder_for
+from nested_reft.engines.choice import decoder_for
+from nested_reft.engines.interface import Decoder, Samples
 from nested_reft.models.lora import merged_for_sampling
 from nested_reft.nesting.layers import nested
 from nested_reft.engines.logprobs import completion_logprobs
@@ -59,14 +60,15 @@ def generate_rollouts(
     sampling: SamplingConfig,
     skip_set: Sequence[int] = (),
     generator: torch.Generator | None = None,
-    decoder=None,
+    decoder: Decoder | None = None,
 ) -> Rollouts:
     """Sample `num_generations` completions for each prompt from `model` with `skip_set` skipped.
 
     `prompts` are already templated text. The behavior model is the nested model
     nested(model, skip_set); with an empty skip set it is the model itself (classical ReFT). `decoder` runs
-    the model (`nested_reft.engines.decoding`); by default the process's decoder of `sampling.engine`. LoRA adapters
-    are merged for the sampling (`lora.merged_for_sampling`) unless `sampling.merge_adapters` is off.
+    the model (`nested_reft.engines.interface.Decoder`); by default the process's decoder of `sampling.engine`
+    (`choice.decoder_for`). LoRA adapters are merged for the sampling (`lora.merged_for_sampling`) unless
+    `sampling.merge_adapters` is off.
     """
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -80,7 +82,7 @@ def generate_rollouts(
     try:
         start = _synchronized_clock(device)
         decoder = decoder or decoder_for(sampling.engine)
-        outside = getattr(decoder, "applies_skip_set", False)  # vLLM: samples in its own copy of the model
+        outside = decoder.applies_skip_set  # vLLM: samples in its own copy of the model
         arguments = (prompt_ids, prompt_mask, sampling, eos, tokenizer.pad_token_id, generator)
         with merged_for_sampling(model) if sampling.merge_adapters else contextlib.nullcontext():
             if outside:

@@ -1,7 +1,7 @@
 """Drawing the next token from a softmax: the min-length EOS ban, top-k, top-p, and an inverse-CDF draw.
 
-Pure tensor functions shared by every decoding engine (`decoding`), so that the engines differ in how they run
-the model, never in which distribution they draw from.
+Pure tensor functions shared by the engines that draw in our own loop (`eager` and `compiled`, through
+`completions`), so that they differ in how they run the model, never in which distribution they draw from.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from nested_reft.config import ConfigError, SamplingConfig
-from nested_reft.engines.decoding import Samples, _checked
+from nested_reft.engines.interface import Samples, checked
 from nested_reft.models.lora import base_of, has_adapters, plain_named_parameters
 from nested_reft.nesting.layers import decoder_layers
 
@@ -88,7 +88,7 @@ class VLLMEngine:
         prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(input_ids, attention_mask)]
         params = sampling_params(config, eos_token_ids, _request_seeds(len(prompts), generator))
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        return _checked(_samples(outputs, pad_token_id, input_ids.device))
+        return checked(_samples(outputs, pad_token_id, input_ids.device))
 
     def _llm_for(self, model, config: SamplingConfig):
         """The engine for `model` in the sampling forward's dtype, built the first time they are seen."""

@@ -45,7 +45,7 @@ from accelerate.utils import LoggerType, gather_object, set_seed
 
 from nested_reft.algorithm.grpo import group_advantages
 from nested_reft.config import ConfigError, TrainConfig, flat_options, save_config, to_dict
-from nested_reft.engines.decoding import decoder_closed_after
+from nested_reft.engines.choice import decoder_closed_after
 from nested_reft.engines.rollout import generate_rollouts
 from nested_reft.models.loading import load_model
 from nested_reft.models.lora import add_adapters, has_adapters, merge
