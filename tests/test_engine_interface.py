@@ -44,7 +44,7 @@ def test_each_engines_sample_takes_the_protocols_arguments_and_skip_set_if_it_ap
     assert [(p.name, p.kind, p.default) for p in ours[: len(declared)]] == [
         (p.name, p.kind, p.default) for p in declared]
     extra = [p.name for p in ours[len(declared):]]
-    assert extra == (["skip_set"] if engine.applies_skip_set else [])
+    assert extra == (["skip_set", "bridges"] if engine.applies_skip_set else [])
     assert all(p.default is not inspect.Parameter.empty for p in ours[len(declared):])
 
 

@@ -418,7 +418,10 @@ RESUMED_KEYS = ("step", "skip_set", "skipped_layers", "reward_mean", "reward_std
     {"nesting.skip_policy": "kl_target", "nesting.kl_target": 0.005, "nesting.kl_target_layers": "influence",
      "nesting.kl_retry_steps": 2},
     {"lora.r": 4, "grpo.learning_rate": 1e-2},  # the checkpoint holds the adapters; the base is config.model
-], ids=["plain", "kl-penalty", "dropout", "influence-policy", "kl-target-policy", "lora"])
+    # bridges: refitted every 3 steps, so the resumed step 3 samples from bridges fitted before the kill and
+    # refits from the restored sums; the behavior log-probs (kl_behavior_target) read the bridges
+    {"nesting.bridge": "linear", "nesting.bridge_refit_steps": 3},
+], ids=["plain", "kl-penalty", "dropout", "influence-policy", "kl-target-policy", "lora", "bridges"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, variant):
     settings = dict(rft_steps=4, save_steps=2, **{"importance.mitigation": "base", "sft.epochs": 1,
                                                    "sft.max_examples": 4, "sft.batch_size": 4}, **variant)

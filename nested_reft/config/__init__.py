@@ -47,6 +47,14 @@ class NestingConfig:
     # has moved since, and one draw is one of many skip sets of that size); 0 = never (the study's first
     # kl_target runs, which stayed at U = 0 after one bad draw at U = 1)
     kl_retry_steps: int = 4
+    # Past the paper (issue 31, nested_reft.nesting.bridges): what stands in for a skipped block. none: nothing, the
+    # paper's nested model; linear: h -> h + h W + c, fitted by ridge regression to the policy's own blocks.
+    bridge: str = "none"
+    # ours: lambda, the ridge penalty on W as a fraction of the mean squared activation (a few thousand tokens fit
+    # d^2 + d numbers per block; the penalty keeps blocks with few or collinear tokens from overfitting)
+    bridge_ridge: float = 1e-3
+    bridge_decay: float = 0.8  # ours: the weight of the older steps' normal equations at each step (~5 steps' memory)
+    bridge_refit_steps: int = 1  # ours: solve the bridges again every this many steps (a solve is ~d^3 per block)
 
     def __post_init__(self) -> None:
         check_types(self, "nesting.")
@@ -62,6 +70,10 @@ class NestingConfig:
         check_option(self.kl_retry_steps >= 0, "nesting.kl_retry_steps", self.kl_retry_steps, ">= 0")
         check_option(self.kl_target_layers in LAYER_CHOICES, "nesting.kl_target_layers", self.kl_target_layers,
                      f"one of {LAYER_CHOICES}")
+        check_option(self.bridge in BRIDGES, "nesting.bridge", self.bridge, f"one of {BRIDGES}")
+        check_option(self.bridge_ridge >= 0, "nesting.bridge_ridge", self.bridge_ridge, ">= 0")
+        check_option(0 <= self.bridge_decay <= 1, "nesting.bridge_decay", self.bridge_decay, "in [0, 1]")
+        check_option(self.bridge_refit_steps >= 1, "nesting.bridge_refit_steps", self.bridge_refit_steps, ">= 1")
 
 
 @dataclass(frozen=True)
@@ -310,6 +322,7 @@ class TrainConfig:
 ENGINES = ("eager", "compiled", "vllm")  # nested_reft.engines.choice.ENGINE_FACTORIES: the decoding engines by name
 SKIP_POLICIES = ("uniform", "influence", "kl_target")  # nested_reft.nesting.skip_policy
 LAYER_CHOICES = ("uniform", "influence")  # how the kl_target policy draws its layers
+BRIDGES = ("none", "linear")  # what stands in for a skipped block (nested_reft.nesting.bridges)
 MITIGATIONS = ("base", "practical", "retrace")  # nested_reft.algorithm.importance.MITIGATION_TABLE
 LEVELS = ("token", "sequence")  # importance weights per token or per completion
 LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")  # nested_reft.algorithm.grpo.LOSS_AGGREGATIONS

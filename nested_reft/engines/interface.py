@@ -37,7 +37,8 @@ class Decoder(Protocol):
 
     applies_skip_set: ClassVar[bool]
     """False: `sample` runs the model it is handed, already nested(model, skip_set) by the caller. True (vLLM, which
-    samples in its own copy of the model): `sample` is handed the full model and takes `skip_set=` as well."""
+    samples in its own copy of the model): `sample` is handed the full model and takes `skip_set=` and `bridges=`
+    (`nesting.bridges.Bridges` or None) as well, and runs their nested, bridged model itself."""
 
     def sample(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: SamplingConfig,
                eos_token_ids: Sequence[int], pad_token_id: int, generator: torch.Generator | None = None) -> Samples:

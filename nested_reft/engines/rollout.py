@@ -20,7 +20,7 @@ from nested_reft.config import SamplingConfig
 from nested_reft.engines.choice import decoder_for
 from nested_reft.engines.interface import Decoder, Samples
 from nested_reft.models.lora import merged_for_sampling
-from nested_reft.nesting.layers import nested
+from nested_reft.nesting.bridges import Bridges, nested_bridged
 from nested_reft.engines.logprobs import completion_logprobs
 
 
@@ -30,7 +30,7 @@ class Rollouts:
 
     prompt_ids, prompt_mask: (B*G, P) left-padded prompts; completion_ids, completion_mask,
     behavior_logprobs: (B*G, T) as in `Samples`; finished: (B*G,) bool, the completion ended with an EOS
-    token rather than at `max_new_tokens` (TRL's `~is_truncated`).
+    token rather than at `max_new_tokens` (TRL's `~is_truncated`); bridged: the skipped blocks ran their bridges.
     """
 
     prompt_ids: torch.Tensor
@@ -41,6 +41,7 @@ class Rollouts:
     finished: torch.Tensor
     skip_set: tuple[int, ...]
     generation_time_s: float
+    bridged: bool = False
     logprob_mismatch: tuple[float, float] | None = None  # `logprob_mismatch`, for an engine like vLLM
 
     @property
@@ -61,11 +62,13 @@ def generate_rollouts(
     skip_set: Sequence[int] = (),
     generator: torch.Generator | None = None,
     decoder: Decoder | None = None,
+    bridges: Bridges | None = None,
 ) -> Rollouts:
     """Sample `num_generations` completions for each prompt from `model` with `skip_set` skipped.
 
     `prompts` are already templated text. The behavior model is the nested model
-    nested(model, skip_set); with an empty skip set it is the model itself (classical ReFT). `decoder` runs
+    nested(model, skip_set), each skipped block replaced by its bridge when `bridges` are given
+    (`bridges.nested_bridged`); with an empty skip set it is the model itself (classical ReFT). `decoder` runs
     the model (`nested_reft.engines.interface.Decoder`); by default the process's decoder of `sampling.engine`
     (`choice.decoder_for`). LoRA adapters are merged for the sampling (`lora.merged_for_sampling`) unless
     `sampling.merge_adapters` is off.
@@ -86,12 +89,13 @@ def generate_rollouts(
         arguments = (prompt_ids, prompt_mask, sampling, eos, tokenizer.pad_token_id, generator)
         with merged_for_sampling(model) if sampling.merge_adapters else contextlib.nullcontext():
             if outside:
-                samples = decoder.sample(model, *arguments, skip_set=skip_set)
+                samples = decoder.sample(model, *arguments, skip_set=skip_set, bridges=bridges)
             else:
-                with nested(model, skip_set):
+                with nested_bridged(model, skip_set, bridges):
                     samples = decoder.sample(model, *arguments)
         elapsed = _synchronized_clock(device) - start
-        mismatch = logprob_mismatch(model, skip_set, prompt_ids, prompt_mask, samples, sampling) if outside else None
+        mismatch = (logprob_mismatch(model, skip_set, prompt_ids, prompt_mask, samples, sampling, bridges)
+                    if outside else None)
     finally:
         model.train(was_training)
     return Rollouts(
@@ -102,6 +106,7 @@ def generate_rollouts(
         behavior_logprobs=samples.logprobs,
         finished=ended_with_eos(samples.tokens, samples.mask, eos),
         skip_set=tuple(sorted(skip_set)),
+        bridged=bridges is not None and len(skip_set) > 0,
         generation_time_s=elapsed,
         logprob_mismatch=mismatch,
     )
@@ -109,11 +114,12 @@ def generate_rollouts(
 
 @torch.no_grad()
 def logprob_mismatch(model: PreTrainedModel, skip_set: Sequence[int], prompt_ids: torch.Tensor,
-                     prompt_mask: torch.Tensor, samples: Samples, sampling: SamplingConfig) -> tuple[float, float]:
+                     prompt_mask: torch.Tensor, samples: Samples, sampling: SamplingConfig,
+                     bridges: Bridges | None = None) -> tuple[float, float]:
     """(mean, max) |an engine's behavior log-prob - ours| over the sampled tokens, ours from one forward pass of
     nested(model, skip_set): the training-inference mismatch of an engine that samples outside our model, which
     TRL and verl monitor for theirs. Not timed as generation (it is a check, not part of sampling)."""
-    with nested(model, skip_set):
+    with nested_bridged(model, skip_set, bridges):
         ours = completion_logprobs(model, prompt_ids, prompt_mask, samples.tokens, samples.mask, sampling.temperature)
     difference = (samples.logprobs - ours).abs()[samples.mask.bool()]
     if difference.numel() == 0:

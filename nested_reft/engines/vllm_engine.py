@@ -34,6 +34,7 @@ from torch import nn
 from nested_reft.config import ConfigError, SamplingConfig
 from nested_reft.engines.interface import Samples, checked
 from nested_reft.models.lora import base_of, has_adapters, plain_named_parameters
+from nested_reft.nesting.bridges import Bridges
 from nested_reft.nesting.layers import decoder_layers
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -46,6 +47,22 @@ class _SkippedLayer(nn.Module):
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         return hidden_states, residual
+
+
+class _BridgeLayer(nn.Module):
+    """A decoder layer replaced by its bridge (`nesting.bridges`): the residual stream h = hidden_states + residual
+    (hidden_states alone for layer 0) goes on as the residual, and h W + c as the block's output, which the next
+    layer adds to it: h + h W + c, as the bridged nested model of our own engines."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        stream = hidden_states if residual is None else hidden_states + residual
+        update = torch.addmm(self.bias.to(stream.dtype), stream.reshape(-1, stream.shape[-1]),
+                             self.weight.to(stream.dtype)).view_as(stream)
+        return update, stream
 
 
 def check_vllm_supports(model, world: int = 1, merge_adapters: bool = True) -> None:
@@ -79,10 +96,11 @@ class VLLMEngine:
     @torch.no_grad()
     def sample(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: SamplingConfig,
                eos_token_ids: Sequence[int], pad_token_id: int, generator: torch.Generator | None = None,
-               skip_set: Sequence[int] = ()) -> Samples:
-        """As `EagerDecoder.sample` for nested(model, skip_set), through vLLM."""
+               skip_set: Sequence[int] = (), bridges: Bridges | None = None) -> Samples:
+        """As `EagerDecoder.sample` for nested(model, skip_set), each skipped layer bridged when `bridges` are given,
+        through vLLM."""
         llm = self._llm_for(base_of(model), config)  # the architecture under PEFT's wrapper, if any
-        llm.apply_model(lambda vllm_model: self._skip(vllm_model, skip_set))
+        llm.apply_model(lambda vllm_model: self._skip(vllm_model, skip_set, bridges))
         push_weights(llm, model, skip_set)
         llm.reset_prefix_cache()  # cached prompt blocks were computed by other weights or another skip set
         prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(input_ids, attention_mask)]
@@ -149,12 +167,19 @@ class VLLMEngine:
                               "only models whose layers pass (hidden_states, residual) on (Llama, Qwen2, Mistral...)")
         self._layers = list(layers)
 
-    def _skip(self, vllm_model, skip_set: Sequence[int]) -> None:
-        """Make vLLM's model nested(model, skip_set): skipped layers swapped out, the others put back."""
+    def _skip(self, vllm_model, skip_set: Sequence[int], bridges: Bridges | None = None) -> None:
+        """Make vLLM's model nested(model, skip_set): skipped layers swapped out (for their bridges, when given),
+        the others put back. The bridges' weights go to the device of the layer they replace."""
         _, _, layers = decoder_layers(vllm_model)
         skipped = set(skip_set)
         for index, layer in enumerate(self._layers):
-            layers[index] = _SkippedLayer() if index in skipped else layer
+            if index not in skipped:
+                layers[index] = layer
+            elif bridges is None:
+                layers[index] = _SkippedLayer()
+            else:
+                row, device = bridges.layers.index(index), next(layer.parameters()).device
+                layers[index] = _BridgeLayer(bridges.weight[row].to(device), bridges.bias[row].to(device))
 
 
 def _engine_config(model) -> dict:

@@ -9,36 +9,26 @@ forward pass, on the completion tokens only, so measuring costs no extra pass.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from nested_reft.nesting.layers import decoder_layers
+from nested_reft.nesting.layer_io import LayerTap
 
 
-class InfluenceMeter:
+class InfluenceMeter(LayerTap):
     """Accumulates per-layer sums of 1 - cos(h_in, h_out) over the completion tokens of the forwards run inside
     `measuring(mask)`, until `take()` returns their means and starts over. Its hooks stay on the model's blocks
     but do nothing outside `measuring`."""
 
     def __init__(self, model: nn.Module):
-        _, _, layers = decoder_layers(model)
-        self.num_layers = len(layers)
+        super().__init__(model)
         self._sums: torch.Tensor | None = None  # N layer sums, then the token count; on the hidden states' device
-        self._mask: torch.Tensor | None = None
-        for index, layer in enumerate(layers):
-            layer.register_forward_hook(self._hook(index), with_kwargs=True)
 
-    @contextlib.contextmanager
-    def measuring(self, completion_mask: torch.Tensor) -> Iterator[None]:
+    def measuring(self, completion_mask: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         """Measure the forwards of the body over prompt + completion sequences whose last T positions are the
         completion, `completion_mask` (n, T) marking its real tokens."""
-        self._mask = completion_mask.bool()
-        try:
-            yield
-        finally:
-            self._mask = None
+        return self.tapping(completion_mask)
 
     def take(self, accelerator=None) -> list[float] | None:
         """Each layer's mean BI since the last take (over all processes' tokens), or None if nothing was measured."""
@@ -51,22 +41,10 @@ class InfluenceMeter:
             return None
         return (totals[:-1] / totals[-1]).tolist()
 
-    def _hook(self, index: int):
-        def record(module, args, kwargs, output) -> None:
-            if self._mask is None:
-                return
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            hidden_out = output[0] if isinstance(output, tuple) else output
-            length = self._mask.shape[1]
-            with torch.no_grad():
-                cosine = nn.functional.cosine_similarity(
-                    hidden_in[:, -length:].float(), hidden_out[:, -length:].float(), dim=-1
-                )
-                mask = self._mask.to(cosine.device)
-                if self._sums is None:
-                    self._sums = torch.zeros(self.num_layers + 1, dtype=torch.float64, device=cosine.device)
-                self._sums[index] += (1.0 - cosine)[mask].double().sum()  # no device sync per layer
-                if index == 0:
-                    self._sums[-1] += mask.sum()
-
-        return record
+    def observe(self, index: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
+        cosine = nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+        if self._sums is None:
+            self._sums = torch.zeros(self.num_layers + 1, dtype=torch.float64, device=cosine.device)
+        self._sums[index] += (1.0 - cosine).double().sum()  # no device sync per layer
+        if index == 0:
+            self._sums[-1] += cosine.numel()

@@ -42,6 +42,7 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 RNG_STATE = "rng_state.safetensors"
+RUN_TENSORS = "run_tensors.safetensors"  # run state held in tensors (the bridges and their normal equations)
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = ".staging-"  # a directory being written: renamed into place when complete
 RETIRED_PREFIX = ".retired-"  # a directory being replaced: removed once its successor is in place
@@ -69,12 +70,13 @@ def save_checkpoint(
     state: dict,
     rng_states: dict[str, torch.Tensor] | None = None,
     gathered: tuple[dict, dict] | None = None,
+    run_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete, resumable checkpoint to `directory` atomically (replacing an older one there).
 
     `rng_states`: the RNG states of every process (`rng_states_of_rank`, keyed by rank), saved as safetensors.
     `gathered`: for a sharded model, its whole (weights, optimizer state) as `sharding` gathers them, written
-    in place of the model's and the optimizer's own.
+    in place of the model's and the optimizer's own. `run_tensors`: run state held in tensors (`load_run_tensors`).
     """
     weights, optimizer_state = gathered if gathered is not None else (None, optimizer.state_dict())
 
@@ -84,6 +86,8 @@ def save_checkpoint(
         atomic_write_json(staging / TRAINER_STATE, state)
         if rng_states is not None:
             save_file(rng_states, staging / RNG_STATE)
+        if run_tensors:
+            save_file(run_tensors, staging / RUN_TENSORS)
 
     return _write_atomically(directory, write)
 
@@ -125,7 +129,7 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, sc
     """Verify `directory`, load its weights and optimizer/scheduler states in place, return its state."""
     directory = Path(directory)
     listed = verify_checkpoint(directory)
-    shards = sorted(path for path in directory.glob("*.safetensors") if path.name != RNG_STATE)
+    shards = sorted(path for path in directory.glob("*.safetensors") if path.name not in (RNG_STATE, RUN_TENSORS))
     unverified = [name for name in [p.name for p in shards] + [OPTIMIZER_STATE, TRAINER_STATE] if name not in listed]
     if not shards or unverified:  # everything read below must be covered by the manifest's checksums
         missing = unverified or "no *.safetensors"
@@ -152,6 +156,14 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, sc
         optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     return json.loads((directory / TRAINER_STATE).read_text())
+
+
+def load_run_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """The run state a checkpoint holds in tensors (empty if it holds none), once its checksum is verified."""
+    directory = Path(directory)
+    if RUN_TENSORS not in verify_checkpoint(directory):
+        return {}
+    return load_file(directory / RUN_TENSORS)
 
 
 def rng_states_of_rank(rank: int) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from nested_reft.config import TrainConfig
 from nested_reft.algorithm.importance import behavior_target_kl, importance_statistics
 from nested_reft.nesting.layers import decoder_layers
 from nested_reft.engines.rollout import Rollouts
+from nested_reft.training.bridging import FitCost
 from nested_reft.training.update import UpdateResult, loss_mask
 
 
@@ -63,6 +64,10 @@ class StepMetrics:
     # the step's nested model (the training-inference mismatch TRL and verl monitor); None for our own engines
     engine_logprob_diff_mean: float | None = None
     engine_logprob_diff_max: float | None = None
+    # nesting.bridge = linear: the wall time and FLOPs of folding this step's normal equations in and solving the
+    # bridges when the step refits them (a fresh run's first step includes the calibration's); None without bridges
+    bridge_fit_time_s: float | None = None
+    bridge_fit_flops: float | None = None
 
 
 @dataclass
@@ -80,8 +85,16 @@ class RunTotals:
     nonfinite_updates: int = 0
     sft_runtime_s: float = 0.0
     sft_flops: float = 0.0  # the warm-up's training FLOPs, its second forwards included (`sft.warm_up_flops`)
+    bridge_fit_time_s: float = 0.0  # nesting.bridge = linear: the calibration (not in runtime_s) and the steps' fits
+    bridge_fit_flops: float = 0.0
+
+    def add_fit(self, cost: FitCost) -> None:
+        self.bridge_fit_time_s += cost.time_s
+        self.bridge_fit_flops += cost.flops
 
     def add(self, metrics: StepMetrics) -> None:
+        if metrics.bridge_fit_time_s is not None:
+            self.add_fit(FitCost(metrics.bridge_fit_time_s, metrics.bridge_fit_flops))
         self.runtime_s += metrics.step_time_s
         self.generation_time_s += metrics.generation_time_s
         self.tokens_processed += metrics.tokens_processed
@@ -109,19 +122,21 @@ class ModelShapes:
 
 
 def rollout_flops(shapes: ModelShapes, skip_set: Sequence[int], prompt_lengths: torch.Tensor,
-                  completion_lengths: torch.Tensor) -> float:
+                  completion_lengths: torch.Tensor, bridged: bool = False) -> float:
     """Forward FLOPs of sampling completions of `completion_lengths` after prompts of `prompt_lengths` (per row)
     with the blocks of `skip_set` skipped: 2 x (kept blocks' + head parameters) per token processed (the 2N
     rule; the head only at the positions that produce a token), plus attention's 4 x hidden x context per
     token and kept block (QK^T and AV against a KV cache). Machine-independent, unlike wall time, so curves
-    against it compare runs made under any load. The embedding lookup and norms are not counted."""
+    against it compare runs made under any load. The embedding lookup and norms are not counted. With `bridged`,
+    each skipped block's bridge costs its 2 (d^2 + d) per token processed (`nesting.bridges`)."""
     kept = [count for index, count in enumerate(shapes.block_parameters) if index not in set(skip_set)]
     prompts, completions = prompt_lengths.double(), completion_lengths.double()
     tokens = float((prompts + completions).sum())
     linear = 2.0 * sum(kept) * tokens + 2.0 * shapes.head_parameters * float(completions.sum())
     # context summed over positions: the prompt's causal prefill, then each new token sees all before it
     contexts = float((prompts * (prompts + 1) / 2 + completions * prompts + completions * (completions + 1) / 2).sum())
-    return linear + 4.0 * shapes.hidden_size * len(kept) * contexts
+    bridges = 2.0 * (shapes.hidden_size**2 + shapes.hidden_size) * len(set(skip_set)) * tokens if bridged else 0.0
+    return linear + bridges + 4.0 * shapes.hidden_size * len(kept) * contexts
 
 
 @dataclass(frozen=True)
@@ -146,6 +161,7 @@ class StepResult:
     times: StepTimes
     layer_influence: list[float] | None = None  # each block's influence, when the skip policy measures it
     gathered_weight_bytes: int = 0  # FSDP2: the whole weights this rank gathered to generate
+    bridge_fit: FitCost | None = None  # the step's bridge fitting (nesting.bridge = linear)
 
 
 def step_metrics(result: StepResult, config: TrainConfig, accelerator, shapes: ModelShapes) -> StepMetrics:
@@ -154,7 +170,8 @@ def step_metrics(result: StepResult, config: TrainConfig, accelerator, shapes: M
     device = accelerator.device
     generated = int(accelerator.reduce(torch.tensor(rollouts.completion_tokens, device=device), "sum"))
     prompts = int(accelerator.reduce(torch.tensor(rollouts.prompt_tokens, device=device), "sum"))
-    flops = rollout_flops(shapes, rollouts.skip_set, rollouts.prompt_mask.sum(-1), rollouts.completion_mask.sum(-1))
+    flops = rollout_flops(shapes, rollouts.skip_set, rollouts.prompt_mask.sum(-1), rollouts.completion_mask.sum(-1),
+                          rollouts.bridged)
     flops = float(accelerator.reduce(torch.tensor(flops, dtype=torch.float64, device=device), "sum"))
     generation_s, scoring_s, training_s, step_s = _slowest_rank(
         accelerator, [rollouts.generation_time_s, times.scored - times.generated, times.updated - times.scored,
@@ -196,6 +213,8 @@ def step_metrics(result: StepResult, config: TrainConfig, accelerator, shapes: M
         layer_influence=result.layer_influence,
         gathered_weight_bytes=result.gathered_weight_bytes,
         **_engine_mismatch(rollouts),
+        bridge_fit_time_s=result.bridge_fit.time_s if result.bridge_fit else None,
+        bridge_fit_flops=result.bridge_fit.flops if result.bridge_fit else None,
     )
 
 
@@ -241,6 +260,8 @@ def summarize(rows: list[dict], totals: RunTotals, config: TrainConfig) -> dict:
         "nonfinite_updates": totals.nonfinite_updates,
         "sft_runtime_s": totals.sft_runtime_s,
         "sft_flops": totals.sft_flops,
+        **({"bridge_fit_time_s": totals.bridge_fit_time_s, "bridge_fit_flops": totals.bridge_fit_flops}
+           if config.nesting.bridge != "none" else {}),
         "skip_ratio": config.nesting.skip_ratio,
         "border": config.nesting.border,
         "mitigation": config.importance.mitigation,

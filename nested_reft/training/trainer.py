@@ -58,6 +58,7 @@ from nested_reft.tasks.task import Task
 from nested_reft.training.checkpoint import (
     checkpoint_path,
     load_checkpoint,
+    load_run_tensors,
     remove_old_checkpoints,
     restore_rng_states,
     rng_states_of_rank,
@@ -65,6 +66,7 @@ from nested_reft.training.checkpoint import (
     save_model,
     verify_checkpoint,
 )
+from nested_reft.training.bridging import BridgeTraining
 from nested_reft.training.data_order import batch_for_step
 from nested_reft.training.metrics import ModelShapes, RunTotals, StepMetrics, StepResult, StepTimes, step_metrics, summarize
 from nested_reft.training.optim import make_optimizer
@@ -169,13 +171,19 @@ def _train_model(
     skip_policy = SkipPolicy.from_config(config.nesting, num_decoder_layers(policy))
     state = TrainingState(model, optimizer, scheduler, accelerator,
                           reference_model(config, policy, accelerator, resumed=checkpoint is not None),
-                          InfluenceMeter(policy) if skip_policy.measures_influence else None, fsdp2)
+                          InfluenceMeter(policy) if skip_policy.measures_influence else None, fsdp2,
+                          BridgeTraining.of(policy, config.nesting))
     start_step = 0
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, policy, optimizer, scheduler)
         start_step, totals = saved["step"], RunTotals(**saved["totals"])
         if "skip_policy" in saved:  # checkpoints before adaptive policies hold none (their policy was uniform)
             skip_policy.load_state_dict(saved["skip_policy"])
+        if state.bridging is not None:
+            state.bridging.load_state_dict(load_run_tensors(checkpoint))
+    elif state.bridging is not None:  # past the paper: the first bridges, from the first step's problems
+        totals.add_fit(state.bridging.calibrate(policy, tokenizer, batch_for_step(task.problems, config, 1, accelerator),
+                                                config.micro_batch_size, accelerator))
     if accelerator.is_main_process:
         keep_metrics_up_to(output / METRICS_FILE, start_step)
     state.optimizer = accelerator.prepare_optimizer(optimizer)
@@ -214,6 +222,7 @@ def reft(
                 rollouts = generate_rollouts(  # [N2] lines 8, 10, 11: eta'_s = pi_{theta_{s-1}} without S_s
                     policy, tokenizer, task.prompts(tokenizer, problems), G, config.sampling, skip_set,
                     step_generator(config.seed, step, f"sample-{accelerator.process_index}", accelerator.device),
+                    bridges=state.bridges,  # past the paper: each skipped block's bridge runs in its place
                 )
             generated_at = time.perf_counter()
             completions = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
@@ -223,9 +232,11 @@ def reft(
             scored_at = time.perf_counter()
             learning_rate = state.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged as such)
             update = policy_update(state, rollouts, advantages, config)  # lines 13-14, [N3] and [N4]
+            bridge_fit = state.bridging.end_of(step, accelerator) if state.bridging else None  # past the paper
             times = StepTimes(started_at, generated_at, scored_at, time.perf_counter())
             influence = state.influence.take(accelerator) if state.influence else None
-            result = StepResult(step, rollouts, all_rewards, update, learning_rate, times, influence, gathered_bytes)
+            result = StepResult(step, rollouts, all_rewards, update, learning_rate, times, influence, gathered_bytes,
+                                bridge_fit)
             metrics = step_metrics(result, config, accelerator, shapes)
             skip_policy.observe(skip_set, influence, metrics.kl_behavior_target)  # past the paper: adaptive policies
             totals.add(metrics)
@@ -352,7 +363,7 @@ def _checkpoint(config: TrainConfig, state: TrainingState, tokenizer, step: int,
     if accelerator.is_main_process:
         output = Path(config.output_dir)
         save_checkpoint(checkpoint_path(output, step), state.policy, tokenizer, state.optimizer, state.scheduler,
-                        saved, rng_states, gathered)
+                        saved, rng_states, gathered, state.bridging.state_dict() if state.bridging else None)
         remove_old_checkpoints(output, config.save_total_limit)
     accelerator.wait_for_everyone()
 

@@ -20,9 +20,11 @@ from accelerate import Accelerator
 from nested_reft.config import GRPOConfig, TrainConfig
 from nested_reft.algorithm.grpo import LossScale, clipped_tokens, grpo_loss, kl_to_reference
 from nested_reft.algorithm.importance import importance_weights
+from nested_reft.nesting.bridges import Bridges
 from nested_reft.nesting.influence import InfluenceMeter
 from nested_reft.engines.logprobs import completion_logprobs, training_backward
 from nested_reft.engines.rollout import Rollouts
+from nested_reft.training.bridging import BridgeTraining
 from nested_reft.training.sharding import FSDP2, deferred_gradient_sync
 
 
@@ -30,8 +32,9 @@ from nested_reft.training.sharding import FSDP2, deferred_gradient_sync
 class TrainingState:
     """What an update needs: the (accelerate-prepared or sharded) model, its optimizer and schedule, the
     accelerator, the frozen reference model of the KL penalty (None when grpo.beta = 0), the meter that reads
-    each layer's influence off the training forward (None when the skip policy does not use it), and the
-    run's sharding (None: the model is whole on every rank)."""
+    each layer's influence off the training forward (None when the skip policy does not use it), the run's
+    sharding (None: the model is whole on every rank), and its bridges, whose normal equations the first pass's
+    forward feeds (None: skipped blocks are removed)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -40,11 +43,17 @@ class TrainingState:
     reference: torch.nn.Module | None = None
     influence: InfluenceMeter | None = None
     fsdp2: FSDP2 | None = None
+    bridging: BridgeTraining | None = None
 
     @property
     def policy(self) -> torch.nn.Module:
         """The model itself, outside any DDP wrapper: what samples and what is saved."""
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def bridges(self) -> Bridges | None:
+        """The bridges the step's rollouts run in place of the skipped blocks (None: removed, the paper)."""
+        return self.bridging.bridges if self.bridging is not None else None
 
     def gathered_for_generation(self, skip_set) -> contextlib.AbstractContextManager[int]:
         """The weights a step's generation reads, gathered once for it (FSDP2; else nothing to gather): a
@@ -80,7 +89,7 @@ def policy_update(state: TrainingState, rollouts: Rollouts, advantages: torch.Te
     state.model.train()
     batch = _Batch.of(rollouts, advantages, config, state.accelerator)
     logp_old = None if config.grpo.num_iterations == 1 else _old_logprobs(state, batch, config)
-    passes = [_one_pass(state, batch, config, logp_old) for _ in range(config.grpo.num_iterations)]
+    passes = [_one_pass(state, batch, config, logp_old, first=index == 0) for index in range(config.grpo.num_iterations)]
     kls = [one.kl for one in passes if one.kl is not None]
     return UpdateResult(
         loss=statistics.fmean(one.loss for one in passes),
@@ -135,17 +144,18 @@ def _old_logprobs(state: TrainingState, batch: _Batch, config: TrainConfig) -> t
                                               config.sampling.temperature) for rows in batch.chunks])
 
 
-def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old: torch.Tensor | None) -> UpdateResult:
-    """One forward/backward over the micro-batches, then one optimizer step (if finite)."""
+def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old: torch.Tensor | None,
+              first: bool) -> UpdateResult:
+    """One forward/backward over the micro-batches, then one optimizer step (if finite). The taps on the blocks
+    (influence, bridges) read the forwards; the bridges only the first pass's, whose model is pi_old."""
     accelerator, device = state.accelerator, state.accelerator.device
     total_loss, kl_sum, clipped, old_parts = 0.0, 0.0, 0.0, []
     for index, rows in enumerate(batch.chunks):
         inputs = [t[rows] for t in batch.inputs]
         last = index == len(batch.chunks) - 1
         sync = contextlib.nullcontext() if last else deferred_gradient_sync(state.model, accelerator)
-        measure = state.influence.measuring(inputs[3]) if state.influence else contextlib.nullcontext()
         with sync:
-            with accelerator.autocast(), measure:
+            with accelerator.autocast(), _tapped(state, inputs, first):
                 logp = completion_logprobs(state.model, *inputs, config.sampling.temperature)
                 ref_logp = _reference_logprobs(state.reference, inputs, config)
             old = logp.detach() if logp_old is None else logp_old[rows]
@@ -172,6 +182,17 @@ def _one_pass(state: TrainingState, batch: _Batch, config: TrainConfig, logp_old
     if state.reference is not None:
         kl = accelerator.reduce(torch.tensor(kl_sum, device=device), reduction="sum").item() / all_tokens
     return UpdateResult(total_loss, grad_norm, finite, torch.cat(old_parts).cpu(), kl, clip_fraction)
+
+
+def _tapped(state: TrainingState, inputs: list[torch.Tensor], first: bool) -> contextlib.ExitStack:
+    """The taps a micro-batch's forward feeds: the influence meter (completion tokens) and, in the first pass, the
+    bridges' normal equations (prompt and completion tokens)."""
+    stack = contextlib.ExitStack()
+    if state.influence is not None:
+        stack.enter_context(state.influence.measuring(inputs[3]))
+    if state.bridging is not None and first:
+        stack.enter_context(state.bridging.recording(inputs[1], inputs[3]))
+    return stack
 
 
 def _step_if_finite(state: TrainingState, loss: float, max_grad_norm: float) -> tuple[float, bool]:
