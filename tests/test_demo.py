@@ -29,7 +29,7 @@ from nested_reft.experiments.demo import (
 from nested_reft.experiments.grid import enumerate_instances, instance_config, load_grid
 from nested_reft.nesting.layers import num_skipped_layers
 from nested_reft.training.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SFT_METRICS_FILE
-from nested_reft.experiments.study import bootstrap_delta
+from nested_reft.experiments.stats import bootstrap_delta
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = load_grid(REPO / "configs" / "grids" / "study-smollm2.yaml")

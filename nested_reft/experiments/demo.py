@@ -59,7 +59,8 @@ from nested_reft.experiments.plots import pyplot, save_figure
 from nested_reft.engines.rollout import generate_rollouts
 from nested_reft.training.rundir import FINAL_MODEL_DIR, METRICS_FILE, read_metrics
 from nested_reft.experiments.results import mean_of_measured
-from nested_reft.experiments.study import Interval, bootstrap_delta
+from nested_reft.experiments.formatting import interval_cell, number, percent, tera
+from nested_reft.experiments.stats import Interval, bootstrap_delta
 from nested_reft.tasks.task import Task
 from nested_reft.training.trainer import ensure_trained
 
@@ -288,26 +289,26 @@ def comparison_table(before: float, results: dict[str, RunResult], speed: Speedu
     baseline, nested = results["baseline"], results["nested"]
     cost = in_points(bootstrap_delta([nested.scores], [baseline.scores]))  # paired over the same problems
     rows = {
-        f"pass@1 of the warm-up ({settings.eval_problems} held-out problems)": [f"{100 * before:.1f}%"] * 2,
-        f"pass@1 after {settings.steps} ReFT steps": [f"{100 * r.accuracy:.1f}%" for r in results.values()],
+        f"pass@1 of the warm-up ({settings.eval_problems} held-out problems)": [percent(before)] * 2,
+        f"pass@1 after {settings.steps} ReFT steps": [percent(r.accuracy) for r in results.values()],
         "gain, points [95% CI]": [interval_cell(r.gain) for r in results.values()],
         "against the baseline, points [95% CI]": ["", interval_cell(cost)],
-        "batch reward, mean over steps": [f"{statistics.fmean(s['reward_mean'] for s in r.steps):.3f}"
+        "batch reward, mean over steps": [number(statistics.fmean(s["reward_mean"] for s in r.steps), ".3f")
                                           for r in results.values()],
         "steps with zero reward": [f"{sum(s['reward_mean'] == 0 for s in r.steps)} of {len(r.steps)}"
                                    for r in results.values()],
         f"layers skipped per step (of {speed.num_layers})":
-            ["0", f"{statistics.fmean(s['skipped_layers'] for s in nested.steps):.2f}"],
-        "KL(behavior \\|\\| target) per token": [f"{mean_of_measured(s['kl_behavior_target'] for s in r.steps):.3f}"
+            ["0", number(statistics.fmean(s["skipped_layers"] for s in nested.steps), ".2f")],
+        "KL(behavior \\|\\| target) per token": [number(mean_of_measured(s["kl_behavior_target"] for s in r.steps), ".3f")
                                              for r in results.values()],
-        "rollout TFLOPs, sum over steps": [f"{sum(s['rollout_flops'] for s in r.steps) / 1e12:.2f}"
+        "rollout TFLOPs, sum over steps": [tera(sum(s["rollout_flops"] for s in r.steps), ".2f")
                                            for r in results.values()],
         f"rollout speedup of the run's {len(speed.run)} skip sets (median)":
-            ["1", f"{statistics.median(speed.run):.3f}"],
+            ["1", number(statistics.median(speed.run), ".3f")],
     }
     if speed.at_bound:
         rows[f"rollout speedup at U_x = {speed.bound_layers} (median of {len(speed.at_bound)} uniform draws)"] = [
-            "", f"{statistics.median(speed.at_bound):.3f}"]
+            "", number(statistics.median(speed.at_bound), ".3f")]
     labels = run_labels(settings)
     lines = [f"| | {' | '.join(f'{name} ({labels[name]})' for name in results)} |", "|---|---|---|"]
     lines += [f"| {label} | {cells[0]} | {cells[1]} |" for label, cells in rows.items()]
@@ -324,11 +325,6 @@ def comparison_table(before: float, results: dict[str, RunResult], speed: Speedu
         "keeps the gain, or the saving from step times of runs on a shared machine.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def interval_cell(interval: Interval) -> str:
-    """A difference in points with its 95% interval, signed."""
-    return f"{interval.mean:+.1f} [{interval.low:+.1f}, {interval.high:+.1f}]"
 
 
 def cut_from_study(settings: DemoSettings) -> str:
