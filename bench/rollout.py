@@ -5,8 +5,8 @@ configurations (see `round_order`), our sampler (`generate_rollouts`) with each 
 (`--engine eager compiled`) and `model.generate` (all under `nested(model, S)` with the same skip set, fixed
 length min = max), and prints generation tokens/s (medians), the compiled engine's compile time (its first
 call at x = 0 less a steady one) and the extra time of its first call with a new skip set (a recompilation
-or, on CUDA, a graph re-capture; the median over x > 0 of first less steady), the speedup over x = 0 (the
-median over rounds of the ratio within a round, and its range), the
+or, on CUDA, a graph re-capture; the median over x > 0 of first less steady), the speedup over x = 0
+(`rollout_speedup`: the median over rounds of the ratio within a round, and its range), the
 FLOP bound (N c_layer + c_head) / ((N - U) c_layer + c_head) from the model's own shapes, the block-time
 bound 1 / (1 - s U / N), where s is the share of a full-model generation's wall time spent in the decoder
 blocks (timed by forward hooks), i.e. the speedup if each skipped block saves what a block costs on this
@@ -49,7 +49,7 @@ from nested_reft.nesting.layers import (
     sample_skip_set,
 )
 from nested_reft.tasks.prompts import build_prompt
-from nested_reft.engines.rollout import SamplingConfig, generate_rollouts
+from nested_reft.engines.rollout import SamplingConfig, generate_rollouts, rollout_speedup, speedup_ratios
 from nested_reft.models.tiny import byte_tokenizer
 
 RATIOS = (0.0, 0.05, 0.10, 0.15, 0.25)  # the default of --ratios; x = 0 first: the speedups' reference
@@ -240,13 +240,15 @@ def run_model(model_name: str, args) -> list[dict]:
                           for ratio in ratios[1:]] if engine == "compiled" else []
         for ratio in ratios:
             tok_s, hf = statistics.median(samples[(ratio, engine)]), statistics.median(samples[(ratio, "hf")])
-            paired = [x / x0 for x, x0 in zip(samples[(ratio, engine)], samples[(0.0, engine)])]
+            # (x = 0, x) seconds per token of each round, timed side by side
+            pairs = [(1 / x0, 1 / x) for x0, x in zip(samples[(0.0, engine)], samples[(ratio, engine)])]
+            paired, speedup = speedup_ratios(pairs), rollout_speedup(pairs)
             skipped = num_skipped_layers(n, ratio)
             bound = flop_bound(model, skipped, context)
             rows.append(
                 dict(model=model_name, engine=engine, layers=n, x=ratio, skipped=skipped, tok_s=tok_s, hf_tok_s=hf,
-                     over_hf=tok_s / hf, speedup=statistics.median(paired), speedup_min=min(paired),
-                     speedup_max=max(paired), flop_bound=bound, speedup_over_bound=statistics.median(paired) / bound,
+                     over_hf=tok_s / hf, speedup=speedup, speedup_min=min(paired),
+                     speedup_max=max(paired), flop_bound=bound, speedup_over_bound=speedup / bound,
                      block_time_bound=1 / (1 - share["blocks"] * skipped / n),
                      compile_s=first_calls[engine] - steady,
                      new_skip_set_s=statistics.median(first_skip_set) if first_skip_set else math.nan)

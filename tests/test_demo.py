@@ -22,14 +22,14 @@ from nested_reft.experiments.demo import (
     cut_from_study,
     demo_configs,
     measure_speedups,
-    paired_speedups,
+    paired_timings,
     run_demo,
     runs,
 )
 from nested_reft.experiments.grid import enumerate_instances, instance_config, load_grid
 from nested_reft.nesting.layers import num_skipped_layers
 from nested_reft.training.rundir import CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SFT_METRICS_FILE
-from nested_reft.experiments.study import bootstrap_delta
+from nested_reft.experiments.stats import bootstrap_delta
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = load_grid(REPO / "configs" / "grids" / "study-smollm2.yaml")
@@ -94,8 +94,8 @@ def test_a_rerun_of_the_demo_resumes_without_training_or_evaluating_again(tmp_pa
     assert strip_speed(second) == strip_speed(first)  # the speedups are timed afresh, the rest is read back
 
 
-def test_paired_speedups_time_each_skip_set_against_the_full_model(monkeypatch):
-    """t(full) / t(nested) of fixed-length rollouts, after one untimed warm-up, the order alternating."""
+def test_paired_timings_time_each_skip_set_against_the_full_model(monkeypatch):
+    """(t(full), t(nested)) of fixed-length rollouts, after one untimed warm-up, the order alternating."""
     calls = []
 
     def rollouts(model, tokenizer, prompts, generations, sampling, skip_set, generator):
@@ -103,8 +103,8 @@ def test_paired_speedups_time_each_skip_set_against_the_full_model(monkeypatch):
         return SimpleNamespace(generation_time_s=10.0 - len(skip_set))  # each skipped layer saves 1 s of 10
 
     monkeypatch.setattr(demo, "generate_rollouts", rollouts)
-    ratios = paired_speedups(None, None, ["1 + 1 ="], [(), (1,), (1, 2)], tokens=3)
-    assert ratios == [1.0, pytest.approx(10 / 9), pytest.approx(10 / 8)]  # nothing skipped: 1, not timed
+    pairs = paired_timings(None, None, ["1 + 1 ="], [(), (1,), (1, 2)], tokens=3)
+    assert pairs == [(1.0, 1.0), (10.0, 9.0), (10.0, 8.0)]  # nothing skipped: a speedup of 1, not timed
     assert [call[0] for call in calls] == [(), (1,), (), (), (1, 2)]  # warm-up; nested first, then full first
     assert {call[1:] for call in calls} == {(1, 3, 3)}  # one completion per prompt, EOS banned to the end
 
@@ -155,19 +155,19 @@ def test_the_speedup_is_timed_for_every_skip_set_the_nested_run_drew(monkeypatch
     smaller (or empty), are timed beside uniform draws of U_x layers."""
     timed = []
 
-    def speedups(model, tokenizer, prompts, skip_sets, tokens):
+    def timings(model, tokenizer, prompts, skip_sets, tokens):
         timed.append([tuple(skip_set) for skip_set in skip_sets])
-        return [1.0 + len(skip_set) for skip_set in skip_sets]
+        return [(1.0 + len(skip_set), 1.0) for skip_set in skip_sets]
 
-    monkeypatch.setattr(demo, "paired_speedups", speedups)
+    monkeypatch.setattr(demo, "paired_timings", timings)
     drawn = [(1,), (4,), (2,)]
     speed = measure_speedups(Path("tiny-llama"), drawn, SETTINGS)
-    assert timed == [drawn] and speed.run == [2.0, 2.0, 2.0] and speed.at_bound == []
+    assert timed == [drawn] and speed.run == [(2.0, 1.0)] * 3 and speed.at_bound == []
     adaptive = dataclasses.replace(SETTINGS, skip_ratio=0.5, skip_policy="kl_target")
     speed = measure_speedups(Path("tiny-llama"), [(), (1,)], adaptive)
     assert timed[1][:2] == [(), (1,)] and len(timed[1]) == 2 + adaptive.uniform_draws
     assert {len(skip_set) for skip_set in timed[1][2:]} == {speed.bound_layers} == {3}
-    assert speed.run == [1.0, 2.0] and speed.at_bound == [4.0] * adaptive.uniform_draws
+    assert speed.run == [(1.0, 1.0), (2.0, 1.0)] and speed.at_bound == [(4.0, 1.0)] * adaptive.uniform_draws
 
 
 def test_the_table_says_what_cutting_the_studys_steps_or_problems_hides():

@@ -10,6 +10,8 @@ import torch
 
 from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.cli import main
+from nested_reft.engines.rollout import rollout_speedup
+from nested_reft.experiments import probe as probe_module
 from nested_reft.config import ConfigError, NestingConfig
 from nested_reft.models.loading import TINY_NUM_LAYERS, TINY_SEED
 from nested_reft.nesting.layers import valid_layers
@@ -66,6 +68,27 @@ def test_nested_models_equal_to_the_full_one_measure_on_policy():
         assert ratio.nested_reward == ratio.full_reward  # the same completions, scored on the same problems
     assert recommend(result.ratios, 1.0) == 0.6
 
+
+
+def test_the_speedup_is_the_median_of_the_draws_paired_ratios_timed_in_alternating_order(monkeypatch):
+    """Each draw times the full and the nested model side by side, the full one first on even draws and last on
+    odd ones; the speedup is `rollout_speedup` of their seconds per generated token."""
+    timed = []
+    sample = probe_module.generate_rollouts
+
+    def recorded(*args, **kwargs):
+        timed.append(sample(*args, **kwargs))
+        return timed[-1]
+
+    monkeypatch.setattr(probe_module, "generate_rollouts", recorded)
+    model, tokenizer = identity_middle_layers()
+    settings = probe_settings([0.3], max_new_tokens=4, problems=1, draws=3, generations=1)
+    result = probe(model, tokenizer, Task("tiny", generate_arithmetic(1, seed=3)), settings)
+    timed = timed[1:]  # after the untimed first generation
+    assert [bool(rollouts.skip_set) for rollouts in timed] == [False, True, True, False, False, True]
+    full = [rollouts.seconds_per_token for rollouts in timed if not rollouts.skip_set]
+    nested = [rollouts.seconds_per_token for rollouts in timed if rollouts.skip_set]
+    assert result.ratios[0].speedup == rollout_speedup(zip(full, nested))
 
 def ratio(x: float, kl: float) -> RatioResult:
     return RatioResult(x, 1, [[1]], kl, 0.5, 0.1, 0.2, 0.4, 1.3, 0.9)

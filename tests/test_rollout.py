@@ -12,7 +12,9 @@ from transformers import DynamicCache
 import nested_reft.engines.rollout as rollout_module
 import nested_reft.engines.sampling as sampling_module
 from nested_reft.nesting.layers import nested
-from nested_reft.engines.rollout import SamplingConfig, ended_with_eos, generate_rollouts
+from nested_reft.engines.rollout import (
+    SamplingConfig, ended_with_eos, generate_rollouts, rollout_speedup, speedup_ratios,
+)
 from nested_reft.engines.sampling import draw, inverse_cdf_sample
 from nested_reft.models.tiny import tiny_model
 
@@ -284,3 +286,24 @@ def test_rollouts_do_not_copy_parameters_and_leave_the_model_in_its_mode():
     generate_rollouts(model, tokenizer, PROMPTS, 2, SamplingConfig(max_new_tokens=4, min_new_tokens=4), (2, 3))
     assert model.training
     assert [p.data_ptr() for p in model.parameters()] == pointers
+
+
+def test_the_rollout_speedup_is_the_median_of_the_ratios_within_each_pair():
+    """Three skip sets of true speedups 1.25, 1.5 and 2, timed while the machine ran at speeds 1, 1/4 and 1/2
+    (every timing of a pair scaled alike): the ratios within the pairs are the true speedups whatever the drift,
+    and their median is the middle one. A ratio of medians would pair the full model's median timing (2 s, the
+    third pair) with the nested model's (1 s, also the third) and say 2; summed times would say 7 / 4.47 = 1.57."""
+    pairs = [(1.0, 1.0 / 1.25), (4.0, 4.0 / 1.5), (2.0, 2.0 / 2.0)]
+    assert speedup_ratios(pairs) == pytest.approx([1.25, 1.5, 2.0])
+    assert rollout_speedup(pairs) == pytest.approx(1.5)
+    assert rollout_speedup(iter(pairs)) == pytest.approx(1.5)  # any iterable of pairs, read once
+    assert rollout_speedup([(3.0, 2.0), (1.0, 1.0)]) == pytest.approx(1.25)  # an even count: the mean of the middle two
+    assert rollout_speedup([(0.5, 0.4)]) == pytest.approx(1.25)  # one pair: its ratio
+    burst = [(1.0, 0.8), (1.0, 0.8), (1.0, 8.0)]  # load hit the third pair's nested timing tenfold
+    assert rollout_speedup(burst) == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize("pairs", [[], [(1.0, 0.0)], [(0.0, 1.0)], [(1.0, -1.0)]])
+def test_a_rollout_speedup_needs_positive_timings(pairs):
+    with pytest.raises(ValueError):
+        rollout_speedup(pairs)

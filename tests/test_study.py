@@ -14,13 +14,15 @@ import yaml
 from nested_reft.experiments.grid import enumerate_instances, load_grid, run_directory
 from nested_reft.experiments.report import write_report
 from nested_reft.experiments.results import OPTIONAL_STEP_COLUMNS, PROBLEMS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError, read_table
-from nested_reft.experiments import study
+from nested_reft.experiments import study, study_figures
 from nested_reft.experiments.plots import series_style
-from nested_reft.experiments.study import (
-    SEED_COLUMNS, Interval, bootstrap_delta, bootstrap_replicates, kl_quarters, learning_curves, quarter_means,
-    render_runs, render_study, render_warm_ups, run_rows, seed_summary, study_rows, t_interval, t_quantile,
-    warm_up_rows,
+from nested_reft.experiments.stats import (
+    SEED_COLUMNS, Interval, bootstrap_delta, bootstrap_replicates, seed_summary, t_interval, t_quantile,
 )
+from nested_reft.experiments.study import (
+    kl_quarters, learning_curves, quarter_means, run_rows, study_rows, warm_up_rows,
+)
+from nested_reft.experiments.study_markdown import render_break_even, render_runs, render_study, render_warm_ups
 from nested_reft.training.rundir import METRICS_FILE, read_metrics
 from nested_reft.experiments.sweep import sweep_main
 
@@ -171,12 +173,12 @@ def test_every_series_gets_its_own_colour(tmp_path, monkeypatch):
     assert len({(style["color"], style["linestyle"]) for style in styles}) == 40
     assert [style["color"] for style in styles[:10]] == list(matplotlib.colormaps["tab10"].colors)  # as before
     plotted = []
-    save = study.save_figure
-    monkeypatch.setattr(study, "save_figure", lambda figure, path: plotted.append(
+    save = study_figures.save_figure
+    monkeypatch.setattr(study_figures, "save_figure", lambda figure, path: plotted.append(
         [(line.get_color(), line.get_linestyle()) for line in figure.axes[0].get_lines()]) or save(figure, path))
     curves = {f"configuration {index}": {"step": [1, 2], "reward": [0.0, 1.0], "flops": [1.0, 2.0]}
               for index in range(13)}
-    study.plot_learning_curves({("m", "d"): curves}, tmp_path)
+    study_figures.plot_learning_curves({("m", "d"): curves}, tmp_path)
     assert len(plotted[0]) == 13 and len({colour for colour, _ in plotted[0]}) == 13
 
 
@@ -311,7 +313,7 @@ def test_break_even_divides_the_extra_warm_up_by_the_rollout_flops_saved_per_ste
     assert saving["saving_per_step"] == pytest.approx(0.045e12)
     assert saving["break_even_steps"] == pytest.approx(26 / 0.045)
     assert table["distill/x = 15%, retrace"]["break_even_steps"] is None
-    assert "| never |" in "\n".join(study.render_break_even(list(table.values())))
+    assert "| never |" in "\n".join(render_break_even(list(table.values())))
 
 
 def test_delta_against_kl_plots_each_nested_run_against_its_own_baseline(tmp_path, monkeypatch):
@@ -321,11 +323,11 @@ def test_delta_against_kl_plots_each_nested_run_against_its_own_baseline(tmp_pat
     for row in rows:
         row["kl_behavior_target"] = 0.0 if row["role"] == "baseline" else 1.0 + row["seed"] + (row["warm_up"] == "distill")
     plotted = {}
-    save = study.save_figure
-    monkeypatch.setattr(study, "save_figure", lambda figure, path: plotted.update(
+    save = study_figures.save_figure
+    monkeypatch.setattr(study_figures, "save_figure", lambda figure, path: plotted.update(
         {collection.get_label(): collection.get_offsets().tolist() for collection in figure.axes[0].collections})
         or save(figure, path))
-    paths = study.plot_delta_against_kl(rows, tmp_path)
+    paths = study_figures.plot_delta_against_kl(rows, tmp_path)
     assert [path.name for path in paths] == ["delta-against-kl-m-d.png"] and paths[0].is_file()
     assert plotted == {"plain/x = 30%, retrace": [[1.0, 50.0], [2.0, 25.0]],
                        "distill/x = 30%, retrace": [[2.0, -50.0], [3.0, -50.0]]}

@@ -4,13 +4,16 @@ The behavior log-prob of each sampled token is recorded while sampling, from the
 sampler drew from, so the importance weights never need an extra forward pass of the behavior model.
 Knows nothing of rewards. How the model runs while it samples is a decoding engine's business
 (`nested_reft.engines.interface.Decoder`: eager, compiled with a static cache, or vLLM; `choice` picks one).
+`rollout_speedup` is the one definition of how much faster a nested model samples than the full one, for the demo,
+the probe and the benches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +54,11 @@ class Rollouts:
     @property
     def completion_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+    @property
+    def seconds_per_token(self) -> float:
+        """Generation time per generated token: what a speedup compares where completions' lengths differ."""
+        return self.generation_time_s / max(self.completion_tokens, 1)
 
 
 def generate_rollouts(
@@ -148,3 +156,35 @@ def _synchronized_clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def rollout_speedup(pairs: Iterable[tuple[float, float]]) -> float:
+    """The rollout speedup of a nested model over the full one: the median over pairs of t(full) / t(nested).
+
+    A pair is (t(full), t(nested)): the full and the nested model timed on the same work back to back, the order
+    alternating from pair to pair so that a machine slowing down favours neither side; the same prompts at a
+    fixed length in seconds, or, where the completions' lengths differ, seconds per generated token
+    (`Rollouts.seconds_per_token`). Pairs may differ in their work (another skip set, other completions).
+
+    Why the median of per-pair ratios: a shared machine's speed drifts (a shared CPU's by 10-40% over hours,
+    more than the effects measured) and jumps when other work starts. The two timings of one pair share the
+    machine's state, so their ratio cancels it whatever the other pairs did; a ratio of medians or of summed
+    rates compares timings of different moments and different work (the median full timing of one pair against
+    the median nested timing of another), which only cancels the drift where every pair did the same work. The
+    median rather than the mean of the ratios, so that a pair that a burst of load hit on one side moves the
+    speedup no more than any other pair.
+    """
+    ratios = speedup_ratios(pairs)
+    if not ratios:
+        raise ValueError("a rollout speedup needs at least one pair of timings")
+    return statistics.median(ratios)
+
+
+def speedup_ratios(pairs: Iterable[tuple[float, float]]) -> list[float]:
+    """t(full) / t(nested) of each pair of timings (`rollout_speedup`), in order: their spread beside the median."""
+    ratios = []
+    for full, nested_time in pairs:
+        if not (full > 0 and nested_time > 0):
+            raise ValueError(f"timings must be positive, got t(full) = {full} and t(nested) = {nested_time}")
+        ratios.append(full / nested_time)
+    return ratios

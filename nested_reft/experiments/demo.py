@@ -21,9 +21,10 @@ the studies found). So the demo shows a run that saves, beside the baseline, and
 
 Step times of two runs on a busy machine do not measure the nesting's saving, so the rollout speedup is measured
 separately, side by side in one process: the full and the nested model generate the same prompts at a fixed
-length back to back, once for each skip set the nested run drew (`paired_speedups`); for an adaptive policy,
-whose skip sets may be smaller than U_x, also for a few uniform draws at U_x. At a fixed length the speedup is the
-saving per generated token; nested completions that rarely stop early run longer, which the rollout FLOPs count.
+length back to back, once for each skip set the nested run drew (`paired_timings`); for an adaptive policy,
+whose skip sets may be smaller than U_x, also for a few uniform draws at U_x. The speedup is `rollout_speedup` of
+those pairs, the median of their ratios. At a fixed length it is the saving per generated token; nested completions
+that rarely stop early run longer, which the rollout FLOPs count.
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ from nested_reft.store.files import atomic_write_text
 from nested_reft.models.loading import DEFAULT_MODEL, load_model
 from nested_reft.nesting.layers import draw_uniform, num_skipped_layers
 from nested_reft.experiments.plots import pyplot, save_figure
-from nested_reft.engines.rollout import generate_rollouts
+from nested_reft.engines.rollout import generate_rollouts, rollout_speedup
 from nested_reft.training.rundir import FINAL_MODEL_DIR, METRICS_FILE, read_metrics
 from nested_reft.experiments.results import mean_of_measured
-from nested_reft.experiments.study import Interval, bootstrap_delta
+from nested_reft.experiments.formatting import interval_cell, number, percent, tera
+from nested_reft.experiments.stats import Interval, bootstrap_delta
 from nested_reft.tasks.task import Task
 from nested_reft.training.trainer import ensure_trained
 
@@ -228,16 +230,17 @@ def held_out_scores(model_dir: Path, output_dir: Path, settings: DemoSettings) -
 
 @dataclass(frozen=True)
 class Speedups:
-    """Rollout speedups t(full) / t(nested), measured side by side."""
+    """Rollout timings (t(full), t(nested)) in seconds, each pair measured side by side (`rollout_speedup`)."""
 
-    run: list[float]  # one per step of the nested run (1 where it skipped nothing)
-    at_bound: list[float]  # uniform skip sets of U_x layers (none beside a uniform run: its own are such draws)
+    run: list[tuple[float, float]]  # one pair per step of the nested run ((1, 1), untimed, where it skipped nothing)
+    # uniform skip sets of U_x layers (none beside a uniform run: its own skip sets are such draws)
+    at_bound: list[tuple[float, float]]
     bound_layers: int  # U_x
     num_layers: int
 
 
 def measure_speedups(model_dir: Path, skip_sets: Sequence[Sequence[int]], settings: DemoSettings) -> Speedups:
-    """The nested run's rollout speedup for each skip set it drew, and at uniform draws of U_x layers beside an
+    """The nested run's rollout timings for each skip set it drew, and at uniform draws of U_x layers beside an
     adaptive policy's, on the warm-up model."""
     model, tokenizer = load_model(str(model_dir), dtype=torch.float32)
     num_layers = model.config.num_hidden_layers
@@ -246,7 +249,7 @@ def measure_speedups(model_dir: Path, skip_sets: Sequence[Sequence[int]], settin
     uniform = [draw_uniform(num_layers, bound, 1, generator) for _ in range(bound_draws(settings))]
     task = Task.load(TASK, "train", limit=settings.speed_prompts)
     prompts = task.prompts(tokenizer, task.problems)
-    timed = paired_speedups(model, tokenizer, prompts, [*skip_sets, *uniform], settings.speed_tokens)
+    timed = paired_timings(model, tokenizer, prompts, [*skip_sets, *uniform], settings.speed_tokens)
     return Speedups(timed[: len(skip_sets)], timed[len(skip_sets):], bound, num_layers)
 
 
@@ -257,11 +260,11 @@ def bound_draws(settings: DemoSettings) -> int:
     return 0 if settings.skip_policy == "uniform" else settings.uniform_draws
 
 
-def paired_speedups(model, tokenizer, prompts: Sequence[str], skip_sets: Sequence[Sequence[int]],
-                    tokens: int) -> list[float]:
-    """For each skip set, t(full) / t(nested): the same prompts, `tokens` new tokens each (EOS banned until
-    then), timed back to back, the order alternating so that a machine slowing down favours neither side.
-    An empty skip set is the full model: 1 without timing."""
+def paired_timings(model, tokenizer, prompts: Sequence[str], skip_sets: Sequence[Sequence[int]],
+                   tokens: int) -> list[tuple[float, float]]:
+    """For each skip set, (t(full), t(nested)) in seconds: the same prompts, `tokens` new tokens each (EOS banned
+    until then), timed back to back, the order alternating so that a machine slowing down favours neither side.
+    An empty skip set is the full model: (1, 1), a speedup of 1, without timing."""
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=tokens, min_new_tokens=tokens)
 
     def seconds(skip_set: Sequence[int]) -> float:
@@ -269,17 +272,17 @@ def paired_speedups(model, tokenizer, prompts: Sequence[str], skip_sets: Sequenc
         return generate_rollouts(model, tokenizer, prompts, 1, sampling, skip_set, generator).generation_time_s
 
     seconds(())  # the first call pays for allocations
-    ratios = []
+    pairs = []
     for index, skip_set in enumerate(skip_sets):
         if not skip_set:
-            ratios.append(1.0)
+            pairs.append((1.0, 1.0))
             continue
         if index % 2:
             nested_s, full_s = seconds(skip_set), seconds(())
         else:
             full_s, nested_s = seconds(()), seconds(skip_set)
-        ratios.append(full_s / nested_s)
-    return ratios
+        pairs.append((full_s, nested_s))
+    return pairs
 
 
 def comparison_table(before: float, results: dict[str, RunResult], speed: Speedups, settings: DemoSettings) -> str:
@@ -288,26 +291,26 @@ def comparison_table(before: float, results: dict[str, RunResult], speed: Speedu
     baseline, nested = results["baseline"], results["nested"]
     cost = in_points(bootstrap_delta([nested.scores], [baseline.scores]))  # paired over the same problems
     rows = {
-        f"pass@1 of the warm-up ({settings.eval_problems} held-out problems)": [f"{100 * before:.1f}%"] * 2,
-        f"pass@1 after {settings.steps} ReFT steps": [f"{100 * r.accuracy:.1f}%" for r in results.values()],
+        f"pass@1 of the warm-up ({settings.eval_problems} held-out problems)": [percent(before)] * 2,
+        f"pass@1 after {settings.steps} ReFT steps": [percent(r.accuracy) for r in results.values()],
         "gain, points [95% CI]": [interval_cell(r.gain) for r in results.values()],
         "against the baseline, points [95% CI]": ["", interval_cell(cost)],
-        "batch reward, mean over steps": [f"{statistics.fmean(s['reward_mean'] for s in r.steps):.3f}"
+        "batch reward, mean over steps": [number(statistics.fmean(s["reward_mean"] for s in r.steps), ".3f")
                                           for r in results.values()],
         "steps with zero reward": [f"{sum(s['reward_mean'] == 0 for s in r.steps)} of {len(r.steps)}"
                                    for r in results.values()],
         f"layers skipped per step (of {speed.num_layers})":
-            ["0", f"{statistics.fmean(s['skipped_layers'] for s in nested.steps):.2f}"],
-        "KL(behavior \\|\\| target) per token": [f"{mean_of_measured(s['kl_behavior_target'] for s in r.steps):.3f}"
-                                             for r in results.values()],
-        "rollout TFLOPs, sum over steps": [f"{sum(s['rollout_flops'] for s in r.steps) / 1e12:.2f}"
+            ["0", number(statistics.fmean(s["skipped_layers"] for s in nested.steps), ".2f")],
+        "KL(behavior \\|\\| target) per token": [
+            number(mean_of_measured(s["kl_behavior_target"] for s in r.steps), ".3f") for r in results.values()],
+        "rollout TFLOPs, sum over steps": [tera(sum(s["rollout_flops"] for s in r.steps), ".2f")
                                            for r in results.values()],
         f"rollout speedup of the run's {len(speed.run)} skip sets (median)":
-            ["1", f"{statistics.median(speed.run):.3f}"],
+            ["1", number(rollout_speedup(speed.run), ".3f")],
     }
     if speed.at_bound:
         rows[f"rollout speedup at U_x = {speed.bound_layers} (median of {len(speed.at_bound)} uniform draws)"] = [
-            "", f"{statistics.median(speed.at_bound):.3f}"]
+            "", number(rollout_speedup(speed.at_bound), ".3f")]
     labels = run_labels(settings)
     lines = [f"| | {' | '.join(f'{name} ({labels[name]})' for name in results)} |", "|---|---|---|"]
     lines += [f"| {label} | {cells[0]} | {cells[1]} |" for label, cells in rows.items()]
@@ -324,11 +327,6 @@ def comparison_table(before: float, results: dict[str, RunResult], speed: Speedu
         "keeps the gain, or the saving from step times of runs on a shared machine.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def interval_cell(interval: Interval) -> str:
-    """A difference in points with its 95% interval, signed."""
-    return f"{interval.mean:+.1f} [{interval.low:+.1f}, {interval.high:+.1f}]"
 
 
 def cut_from_study(settings: DemoSettings) -> str:
@@ -354,7 +352,7 @@ def plot_demo(results: dict[str, RunResult], speed: Speedups, labels: dict[str, 
     reward_axis.legend()
     names = list(results)
     gains = [results[name].gain for name in names]
-    speedups = {"baseline": 1.0, "nested": statistics.median(speed.run)}
+    speedups = {"baseline": 1.0, "nested": rollout_speedup(speed.run)}
     gain_axis.bar([f"{name}\n{labels[name]}\nrollout speedup {speedups[name]:.2f}x" for name in names],
                   [g.mean for g in gains], yerr=[[g.mean - g.low for g in gains], [g.high - g.mean for g in gains]],
                   capsize=6, color=["tab:blue", "tab:orange"])

@@ -5,8 +5,9 @@ warm-up draws them: `skip_policy.fixed_ratio_policy`), rollout samples the full 
 on the same problems with the same seeds, importance turns the full model's log-probs of the nested completions
 into KL(behavior || target) per token, the effective sample size and the fraction retrace truncates, the task's
 reward scores both, and influence reads each layer's Block Influence on the full model's own completions. Per x
-it also times the nested rollouts beside the full ones (draw by draw, so the machine's load falls on both) and
-counts their FLOPs per token (`metrics.rollout_flops`, machine-independent).
+it also times the nested rollouts beside the full ones (draw by draw, so the machine's load falls on both; the full
+model first on even draws, last on odd ones), their speedup `rollout.rollout_speedup` of the draws' seconds per
+generated token, and counts their FLOPs per token (`metrics.rollout_flops`, machine-independent).
 
 The recommendation is the largest x whose mean KL per token stays under `kl_threshold`, or none. Nothing trains.
 
@@ -32,7 +33,7 @@ from nested_reft.training.metrics import ModelShapes, rollout_flops
 from nested_reft.nesting.layers import num_decoder_layers, num_skipped_layers, valid_layers
 from nested_reft.experiments.plots import pyplot, save_figure
 from nested_reft.engines.logprobs import completion_logprobs
-from nested_reft.engines.rollout import Rollouts, generate_rollouts
+from nested_reft.engines.rollout import Rollouts, generate_rollouts, rollout_speedup
 from nested_reft.store.seeding import step_generator
 from nested_reft.nesting.skip_policy import fixed_ratio_policy
 from nested_reft.tasks.task import Task
@@ -80,7 +81,7 @@ class RatioResult:
     truncated: float  # fraction of the tokens where retrace cuts the ratio (pi/eta > 1)
     nested_reward: float  # mean reward of the nested model's completions
     full_reward: float  # the full model's, on the same problems with the same sampling seeds
-    speedup: float  # nested generated tokens per second / the full model's, timed draw by draw
+    speedup: float  # median over draws of t(full) / t(nested) per generated token, timed side by side
     flops_ratio: float  # nested rollout FLOPs per generated token / the full model's
 
 
@@ -144,18 +145,22 @@ def probe(model, tokenizer, task: Task, settings: ProbeSettings, model_name: str
         return _Draw(rollouts, task.score(completions, golds), flops)
 
     # untimed: a process's first generation pays one-time costs (allocations, first kernel calls) that would
-    # count against the full model, which is timed first
+    # count against the full model, which the first draw times first
     generate_rollouts(model, tokenizer, prompts[:1], 1, settings.sampling, (), torch.Generator().manual_seed(0))
     full_draws, nested_draws = [], {x: [] for x in settings.skip_ratios}
     influence = None
     for draw in range(settings.draws):
-        full_draws.append(sample((), draw))
+        full_first = draw % 2 == 0  # the order alternates, so that a machine slowing down favours neither side
+        if full_first:
+            full_draws.append(sample((), draw))
         if influence is None:  # measured once, on the first draw's full completions, before any influence draw
             influence = block_influence(model, full_draws[0].rollouts)
             for policy in policies.values():
                 policy.influence = influence
         for x, policy in policies.items():
             nested_draws[x].append(sample(policy.draw(step_generator(settings.seed, draw, f"probe-skip-{x:g}")), draw))
+        if not full_first:
+            full_draws.append(sample((), draw))
     ratios = [_ratio_result(x, policies[x].max_count, nested_draws[x], full_draws, model, settings)
               for x in settings.skip_ratios]
     return ProbeResult(model_name, task.name, num_layers, influence, ratios, settings.kl_threshold,
@@ -186,7 +191,8 @@ def _ratio_result(x: float, count: int, nested_draws: list[_Draw], full_draws: l
         truncated=statistics.mean(s.truncated for s in stats),
         nested_reward=_mean_reward(nested_draws),
         full_reward=_mean_reward(full_draws),
-        speedup=_token_rate(nested_draws) / max(_token_rate(full_draws), 1e-12),
+        speedup=rollout_speedup((full.rollouts.seconds_per_token, nested.rollouts.seconds_per_token)
+                                for full, nested in zip(full_draws, nested_draws)),
         flops_ratio=_flops_per_token(nested_draws) / max(_flops_per_token(full_draws), 1e-12),
     )
 
@@ -204,11 +210,6 @@ def _distance(model, rollouts: Rollouts, temperature: float) -> tuple[Importance
 
 def _mean_reward(draws: list[_Draw]) -> float:
     return statistics.mean(reward for draw in draws for reward in draw.rewards)
-
-
-def _token_rate(draws: list[_Draw]) -> float:
-    tokens = sum(draw.rollouts.completion_tokens for draw in draws)
-    return tokens / max(sum(draw.rollouts.generation_time_s for draw in draws), 1e-9)
 
 
 def _flops_per_token(draws: list[_Draw]) -> float:

@@ -7,7 +7,7 @@ writes into SWEEP_DIR/report/:
   baseline's z (the mean over the baseline seeds of the same model, dataset and warm-up) and its spread, and
   Delta(z) = 100 (z - z_base) / z_base and Delta_abs(z) = z - z_base; then the accuracy of the baseline of its own
   seed and warm-up, Delta_abs to it, and over its configuration's seeds the mean of those with its t interval
-  (`study.SEED_COLUMNS`);
+  (`stats.SEED_COLUMNS`);
 * `figure1-<model>-<dataset>[-<warm-up>].png`: Figure 1, three panels (Delta accuracy %, Delta tok/s %, Delta
   runtime %) against the skip ratio x, one line per mitigation, the baseline's seed spread as a grey band; the
   smallest value of a panel is annotated in red, the largest in green, as in the paper;
@@ -32,12 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from nested_reft.store.files import atomic_write_text, check_output_directory
-from nested_reft.experiments import study
+from nested_reft.experiments import study, study_figures
+from nested_reft.experiments.formatting import number, seeds_text
 from nested_reft.experiments.plots import pyplot, save_figure, series_style
 from nested_reft.experiments.results import (
     CONDITIONS_FILE, METRIC_COLUMNS, OPTIONAL_STEP_COLUMNS, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS,
     STEPS_FILE, ResultsError, csv_text, model_slug, read_results, read_table,
 )
+from nested_reft.experiments.stats import SEED_COLUMNS, paired_deltas, seed_summary
+from nested_reft.experiments.study_markdown import render_study
 
 # metric column -> label in figures and tables. Accuracy and tok/s are to maximise, runtime to minimise.
 METRICS = dict(zip(METRIC_COLUMNS, ("accuracy", "tok/s", "runtime")))
@@ -107,8 +110,8 @@ def seed_deltas(rows: Sequence[dict]) -> dict[str, dict]:
     SEED_COLUMNS: the mean of its seeds' such deltas and their t interval."""
     paired = {}
     for runs, baselines in study.configurations(rows):
-        deltas = study.paired_deltas(runs, baselines)
-        summary = study.seed_summary(list(deltas.values()))
+        deltas = paired_deltas(runs, baselines)
+        summary = seed_summary(list(deltas.values()))
         reference = {row["seed"]: row["accuracy"] for row in baselines}
         for row in runs:
             paired[row["instance"]] = {"accuracy_seed_baseline": reference.get(row["seed"]),
@@ -133,7 +136,7 @@ def instance_means(deltas: Iterable[dict]) -> list[dict]:
         first = members[0]
         point: dict[str, Any] = dict(model=first["model"], dataset=first["dataset"], warm_up=study.warm_up(first),
                                      skip_ratio=first["skip_ratio"], border=first["border"], mitigation=series(first),
-                                     n_seeds=len(members), **{column: first[column] for column in study.SEED_COLUMNS})
+                                     n_seeds=len(members), **{column: first[column] for column in SEED_COLUMNS})
         for metric in METRICS:
             for prefix in ("delta_", "delta_abs_"):
                 values = [row[prefix + metric] for row in members if row[prefix + metric] is not None]
@@ -320,7 +323,7 @@ DELTA_COLUMNS = ["model", "dataset", "instance", "role", "skip_ratio", "border",
     f"{prefix}{metric}{suffix}"
     for metric in METRICS
     for prefix, suffix in (("", ""), ("", "_baseline"), ("", "_baseline_std"), ("delta_", ""), ("delta_abs_", ""))
-] + ["accuracy_seed_baseline", "delta_abs_accuracy_seed", *study.SEED_COLUMNS]
+] + ["accuracy_seed_baseline", "delta_abs_accuracy_seed", *SEED_COLUMNS]
 
 
 def deltas_csv(deltas: Sequence[dict]) -> str:
@@ -346,20 +349,21 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) ->
 
 
 def study_section(sweep_dir: Path, rows: Sequence[dict], output: Path) -> str:
-    """The study's part of the report (`nested_reft.experiments.study`), where the sweep wrote steps.csv and problems.csv."""
+    """The study's part of the report (`study`, `study_figures`, `study_markdown`), where the sweep wrote steps.csv
+    and problems.csv."""
     steps = read_table(sweep_dir / STEPS_FILE, STEP_COLUMNS, OPTIONAL_STEP_COLUMNS)
     problems = read_table(sweep_dir / PROBLEMS_FILE, PROBLEM_COLUMNS)
     if not steps and not problems:
         return ""
     table = study.study_rows(rows, problems, steps)
-    figures = study.plot_learning_curves(study.learning_curves(steps, rows), output)
-    figures += study.plot_diagnostics(table, output)
-    figures += study.plot_delta_against_kl(rows, output)
+    figures = study_figures.plot_learning_curves(study.learning_curves(steps, rows), output)
+    figures += study_figures.plot_diagnostics(table, output)
+    figures += study_figures.plot_delta_against_kl(rows, output)
     conditions = (sweep_dir / CONDITIONS_FILE).read_text().strip() if (sweep_dir / CONDITIONS_FILE).is_file() else ""
     runs = study.run_rows(rows, steps)
     warm_ups = study.warm_up_rows(rows, problems)
     break_even = study.break_even_rows(rows, steps)
-    return "\n" + study.render_study(table, runs, [path.name for path in figures], conditions, warm_ups, break_even)
+    return "\n" + render_study(table, runs, [path.name for path in figures], conditions, warm_ups, break_even)
 
 
 def render_markdown(rows, baselines, deltas, points, figure_files: Sequence[str]) -> str:
@@ -409,22 +413,18 @@ def _not_done_section(rows: Sequence[dict], baselines: dict) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def _format(value: float | None, spec: str) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
 def _baseline_table(baselines: dict) -> str:
     lines = ["| model | dataset | seeds | accuracy mean ± sd (min–max) | tok/s mean ± sd (rel. sd) | "
              "runtime s mean ± sd (rel. sd) |", "|---|---|---|---|---|---|"]
     several = study.several_warm_ups(warm_up for _, _, warm_up in baselines)
     for (model, dataset, warm_up), entry in baselines.items():
         dataset = study.named(dataset, warm_up, several)
-        cells = [f"{_format(entry['accuracy'], '.4f')} ± {_format(entry['accuracy_std'], '.4f')} "
+        cells = [f"{number(entry['accuracy'], '.4f')} ± {number(entry['accuracy_std'], '.4f')} "
                  f"({entry['accuracy_min']:.4f}–{entry['accuracy_max']:.4f})"]
         for metric in ("token_speed", "total_runtime_s"):
             std = entry[f"{metric}_std"]
             relative = None if std is None or not entry[metric] else 100 * std / entry[metric]
-            cells.append(f"{_format(entry[metric], '.4g')} ± {_format(std, '.3g')} ({_format(relative, '.2f')}%)")
+            cells.append(f"{number(entry[metric], '.4g')} ± {number(std, '.3g')} ({number(relative, '.2f')}%)")
         lines.append(f"| {model} | {dataset} | {entry['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -442,8 +442,8 @@ def _fits_table(fits: Sequence[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for fit in fits:
         lines.append(f"| {fit['model']} | {fit['dataset']} | Δ {METRICS[fit['metric']]} "
-                     f"| {_format(fit['slope'], '.2f')} | {_format(fit['intercept'], '.2f')} "
-                     f"| {_format(fit['r2'], '.3f')} | {fit['n']} |")
+                     f"| {number(fit['slope'], '.2f')} | {number(fit['intercept'], '.2f')} "
+                     f"| {number(fit['r2'], '.3f')} | {fit['n']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -455,9 +455,9 @@ def _points_table(points: Sequence[dict]) -> str:
         lines.append(
             f"| {p['model']} | {_scope(p['dataset'], study.warm_up(p), points)} | {p['skip_ratio']:g} "
             f"| {p['border']} | {p['mitigation']} | {p['n_seeds']} "
-            f"| {_format(p['delta_accuracy'], '+.2f')} | {_format(p['delta_abs_accuracy'], '+.4f')} "
-            f"| {study.seeds_text(p, '+.4f', 1)} "
-            f"| {_format(p['delta_token_speed'], '+.2f')} | {_format(p['delta_total_runtime_s'], '+.2f')} |"
+            f"| {number(p['delta_accuracy'], '+.2f')} | {number(p['delta_abs_accuracy'], '+.4f')} "
+            f"| {seeds_text(p, '+.4f', 1)} "
+            f"| {number(p['delta_token_speed'], '+.2f')} | {number(p['delta_total_runtime_s'], '+.2f')} |"
         )
     return "\n".join(lines) + "\n"
 
