@@ -159,6 +159,18 @@ class BridgeFitter(LayerTap):
         self._step = NormalEquations.zeros(self.layers, self.total.gram.shape[-1] - 1)
 
 
+def record_texts(fitter: BridgeFitter, model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int,
+                 autocast: contextlib.AbstractContextManager | None = None) -> None:
+    """Run the full model without gradient over `texts` (batches of `batch_size`, every real token recorded): a
+    calibration pass, the first bridges' data before any rollout has been scored."""
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+        with torch.no_grad(), autocast or contextlib.nullcontext(), fitter.recording(encoded["attention_mask"]):
+            model(**encoded, use_cache=False)
+
+
 @contextlib.contextmanager
 def bridged(model: nn.Module, skip_set: Sequence[int], bridges: Bridges) -> Iterator[None]:
     """While the body runs `model` nested without `skip_set` (inside `nested`), run each skipped block's bridge

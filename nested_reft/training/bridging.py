@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nested_reft.config import NestingConfig
-from nested_reft.nesting.bridges import BridgeFitter, Bridges, NormalEquations, fit_bridges
+from nested_reft.nesting.bridges import BridgeFitter, Bridges, NormalEquations, fit_bridges, record_texts
 from nested_reft.nesting.layers import num_decoder_layers, valid_layers
 from nested_reft.tasks.problems import Problem
 from nested_reft.tasks.prompts import build_prompt
@@ -51,12 +51,8 @@ class BridgeTraining:
 
     def calibrate(self, policy, tokenizer, problems: Sequence[Problem], micro_batch_size: int, accelerator) -> FitCost:
         """The first bridges, from one no-grad forward of the full model over `problems` (prompt + solution)."""
-        device = accelerator.device
-        for start in range(0, len(problems), micro_batch_size):
-            texts = [build_prompt(tokenizer, p.question) + (p.solution or "") for p in problems[start:start + micro_batch_size]]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad(), accelerator.autocast(), self.fitter.recording(encoded["attention_mask"]):
-                policy(**encoded, use_cache=False)
+        record_texts(self.fitter, policy, tokenizer, calibration_texts(tokenizer, problems), micro_batch_size,
+                     accelerator.autocast())
         return self.end_step(accelerator, refit=True)
 
     def recording(self, prompt_mask: torch.Tensor, completion_mask: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -90,6 +86,11 @@ class BridgeTraining:
         self.fitter.total = NormalEquations.from_state_dict(_section(state, "bridge_sums."))
         if self.bridges.layers != self.layers:
             raise ValueError(f"the checkpoint's bridges are for blocks {self.bridges.layers}, the run's for {self.layers}")
+
+
+def calibration_texts(tokenizer, problems: Sequence[Problem]) -> list[str]:
+    """What a calibration pass reads: each problem's templated prompt and its reference solution (if any)."""
+    return [build_prompt(tokenizer, problem.question) + (problem.solution or "") for problem in problems]
 
 
 def _section(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
