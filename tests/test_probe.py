@@ -3,6 +3,7 @@ recommendation's rule, and refusals before anything is written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,12 +13,12 @@ from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.cli import main
 from nested_reft.engines.rollout import rollout_speedup
 from nested_reft.experiments import probe as probe_module
-from nested_reft.config import ConfigError, NestingConfig
+from nested_reft.config import ConfigError, NestingConfig, SamplingConfig
 from nested_reft.models.loading import TINY_NUM_LAYERS, TINY_SEED
 from nested_reft.nesting.layers import valid_layers
 from nested_reft.experiments.probe import (
     FIGURE_FILE, NO_RECOMMENDATION, PROBE_FILE, ProbeSettings, RatioResult, probe, probe_settings, recommend,
-    recommendation_text,
+    recommendation_text, recommended, format_table,
 )
 from nested_reft.tasks.task import Task
 from nested_reft.models.tiny import tiny_model
@@ -145,3 +146,30 @@ def test_on_smollm2_the_more_layers_skipped_the_further_the_nested_model():
     small, large = (ratio.kl_behavior_target for ratio in result.ratios)
     assert large > small > 0.05 and result.ratios[1].ess < result.ratios[0].ess
     assert result.block_influence[0] > 5 * max(result.block_influence[2:20])
+
+
+def test_with_bridges_the_probe_reports_bridged_beside_removed_on_the_same_skip_sets():
+    model, tokenizer = tiny_model("llama", num_layers=TINY_NUM_LAYERS, seed=TINY_SEED)
+    settings = ProbeSettings(skip_ratios=(0.3, 0.5), problems=2, draws=2, generations=1,
+                             sampling=SamplingConfig(max_new_tokens=6, min_new_tokens=0),
+                             nesting=NestingConfig(bridge="linear"))
+    result = probe(model, tokenizer, Task("tiny", generate_arithmetic(4, seed=3)), settings)
+    assert [(r.skip_ratio, r.bridge) for r in result.ratios] == [(0.3, "none"), (0.3, "linear"), (0.5, "none"),
+                                                                 (0.5, "linear")]
+    for removed, bridged in zip(result.ratios[::2], result.ratios[1::2]):
+        assert bridged.skip_sets == removed.skip_sets  # each draw's skip set, removed and bridged
+        assert bridged.flops_ratio > removed.flops_ratio  # the bridges' d^2 per token is counted
+        assert bridged.kl_behavior_target != removed.kl_behavior_target
+    assert result.bridge_calibration_problems == 2  # fitted on the two problems after the probed two
+    assert "bridged" in format_table(result) and "removed" in format_table(result)
+
+
+def test_the_recommendation_weighs_removed_and_bridged_settings():
+    removed_15, bridged_15 = ratio(0.15, 2.0), dataclasses.replace(ratio(0.15, 0.4), bridge="linear")
+    removed_5, bridged_30 = ratio(0.05, 0.9), dataclasses.replace(ratio(0.3, 1.4), bridge="linear")
+    ratios = [removed_5, removed_15, bridged_15, bridged_30]
+    assert recommended(ratios, 1.0) is bridged_15
+    assert recommendation_text(ratios, 1.0).startswith("x = 0.15 with linear bridges: ")
+    assert recommended(ratios, 1.5) is bridged_30 and recommended(ratios, 0.3) is None
+    faster = dataclasses.replace(ratio(0.15, 0.2), speedup=1.5)  # at equal x, the faster rollout
+    assert recommended([bridged_15, faster], 1.0) is faster

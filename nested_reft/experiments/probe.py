@@ -28,6 +28,7 @@ import torch
 from nested_reft.config import ConfigError, ImportanceConfig, NestingConfig, SamplingConfig, check_option
 from nested_reft.store.files import atomic_write_json, check_output_directory
 from nested_reft.algorithm.importance import ImportanceStats, behavior_target_kl, importance_statistics
+from nested_reft.nesting.bridges import BridgeFitter, Bridges, fit_bridges, record_texts
 from nested_reft.nesting.influence import InfluenceMeter
 from nested_reft.training.metrics import ModelShapes, rollout_flops
 from nested_reft.nesting.layers import num_decoder_layers, num_skipped_layers, valid_layers
@@ -36,7 +37,9 @@ from nested_reft.engines.logprobs import completion_logprobs
 from nested_reft.engines.rollout import Rollouts, generate_rollouts, rollout_speedup
 from nested_reft.store.seeding import step_generator
 from nested_reft.nesting.skip_policy import fixed_ratio_policy
+from nested_reft.tasks.problems import Problem
 from nested_reft.tasks.task import Task
+from nested_reft.training.bridging import calibration_texts
 
 PROBE_FILE, FIGURE_FILE = "probe.json", "probe.png"
 NO_RECOMMENDATION = "none: nesting will not pay on this model"
@@ -83,6 +86,7 @@ class RatioResult:
     full_reward: float  # the full model's, on the same problems with the same sampling seeds
     speedup: float  # median over draws of t(full) / t(nested) per generated token, timed side by side
     flops_ratio: float  # nested rollout FLOPs per generated token / the full model's
+    bridge: str = "none"  # what stood in for the skipped blocks: none (removed) or linear (`nesting.bridges`)
 
 
 @dataclass
@@ -94,6 +98,9 @@ class ProbeResult:
     ratios: list[RatioResult]
     kl_threshold: float
     recommendation: str  # "x = 0.15: ..." or NO_RECOMMENDATION
+    # nesting.bridge = linear: the training problems the bridges were fitted on (those after the probed ones, else
+    # the probed ones themselves); 0 without bridges
+    bridge_calibration_problems: int = 0
 
     @property
     def recommended_ratio(self) -> float | None:
@@ -102,18 +109,26 @@ class ProbeResult:
 
 def recommend(ratios: Sequence[RatioResult], kl_threshold: float) -> float | None:
     """The largest x whose KL per token stays under the threshold, or None."""
-    under = [r.skip_ratio for r in ratios if r.kl_behavior_target <= kl_threshold]
-    return max(under) if under else None
+    chosen = recommended(ratios, kl_threshold)
+    return chosen.skip_ratio if chosen is not None else None
+
+
+def recommended(ratios: Sequence[RatioResult], kl_threshold: float) -> RatioResult | None:
+    """Among the settings whose KL per token stays under the threshold, the one that saves most: the largest x,
+    and at equal x the faster measured rollout (removed blocks cost nothing, bridges their d^2); None if none."""
+    under = [r for r in ratios if r.kl_behavior_target <= kl_threshold]
+    return max(under, key=lambda r: (r.skip_ratio, r.speedup)) if under else None
 
 
 def recommendation_text(ratios: Sequence[RatioResult], kl_threshold: float) -> str:
-    ratio = recommend(ratios, kl_threshold)
-    if ratio is None:
+    chosen = recommended(ratios, kl_threshold)
+    if chosen is None:
         return NO_RECOMMENDATION
-    chosen = next(r for r in ratios if r.skip_ratio == ratio)
-    return (f"x = {ratio:g}: the largest ratio probed whose KL(behavior || target), {chosen.kl_behavior_target:.3f} "
-            f"nats per token, stays under {kl_threshold:g} (U = {chosen.skipped_layers}, rollout speedup "
-            f"{chosen.speedup:.2f}x, nested reward {chosen.nested_reward:.3f} against {chosen.full_reward:.3f})")
+    how = " with linear bridges" if chosen.bridge == "linear" else ""
+    return (f"x = {chosen.skip_ratio:g}{how}: the largest ratio probed whose KL(behavior || target), "
+            f"{chosen.kl_behavior_target:.3f} nats per token, stays under {kl_threshold:g} (U = {chosen.skipped_layers}, "
+            f"rollout speedup {chosen.speedup:.2f}x, nested reward {chosen.nested_reward:.3f} against "
+            f"{chosen.full_reward:.3f})")
 
 
 @dataclass
@@ -136,18 +151,25 @@ def probe(model, tokenizer, task: Task, settings: ProbeSettings, model_name: str
     shapes = ModelShapes.of(model)
     policies = {x: fixed_ratio_policy(settings.nesting, x, num_layers) for x in settings.skip_ratios}
 
-    def sample(skip_set: Sequence[int], draw: int) -> _Draw:
+    calibration = task.problems[settings.problems: 2 * settings.problems] or problems
+    variants = {"none": None}
+    if settings.nesting.bridge == "linear":  # past the paper: each skipped block's bridge, beside removing it
+        variants["linear"] = calibrated_bridges(model, tokenizer, calibration, settings.nesting)
+
+    def sample(skip_set: Sequence[int], draw: int, bridges: Bridges | None = None) -> _Draw:
         generator = step_generator(settings.seed, draw, "probe-sample")  # the same seed for full and nested
         rollouts = generate_rollouts(model, tokenizer, prompts, settings.generations, settings.sampling, skip_set,
-                                     generator)
+                                     generator, bridges=bridges)
         completions = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-        flops = rollout_flops(shapes, skip_set, rollouts.prompt_mask.sum(-1), rollouts.completion_mask.sum(-1))
+        flops = rollout_flops(shapes, skip_set, rollouts.prompt_mask.sum(-1), rollouts.completion_mask.sum(-1),
+                              rollouts.bridged)
         return _Draw(rollouts, task.score(completions, golds), flops)
 
     # untimed: a process's first generation pays one-time costs (allocations, first kernel calls) that would
     # count against the full model, which the first draw times first
     generate_rollouts(model, tokenizer, prompts[:1], 1, settings.sampling, (), torch.Generator().manual_seed(0))
-    full_draws, nested_draws = [], {x: [] for x in settings.skip_ratios}
+    full_draws = []
+    nested_draws = {(x, name): [] for x in settings.skip_ratios for name in variants}
     influence = None
     for draw in range(settings.draws):
         full_first = draw % 2 == 0  # the order alternates, so that a machine slowing down favours neither side
@@ -158,13 +180,25 @@ def probe(model, tokenizer, task: Task, settings: ProbeSettings, model_name: str
             for policy in policies.values():
                 policy.influence = influence
         for x, policy in policies.items():
-            nested_draws[x].append(sample(policy.draw(step_generator(settings.seed, draw, f"probe-skip-{x:g}")), draw))
+            skip_set = policy.draw(step_generator(settings.seed, draw, f"probe-skip-{x:g}"))
+            for name, bridges in variants.items():  # the same skip set removed and bridged
+                nested_draws[x, name].append(sample(skip_set, draw, bridges))
         if not full_first:
             full_draws.append(sample((), draw))
-    ratios = [_ratio_result(x, policies[x].max_count, nested_draws[x], full_draws, model, settings)
-              for x in settings.skip_ratios]
+    ratios = [_ratio_result(x, name, policies[x].max_count, nested_draws[x, name], full_draws, model, settings)
+              for x in settings.skip_ratios for name in variants]
     return ProbeResult(model_name, task.name, num_layers, influence, ratios, settings.kl_threshold,
-                       recommendation_text(ratios, settings.kl_threshold))
+                       recommendation_text(ratios, settings.kl_threshold),
+                       len(calibration) if len(variants) > 1 else 0)
+
+
+def calibrated_bridges(model, tokenizer, problems: Sequence[Problem], nesting: NestingConfig) -> Bridges:
+    """Bridges for every block the border lets a skip set drop, fitted on one calibration forward of the full model
+    over `problems` (prompt and reference solution), as a training run fits its first ones."""
+    fitter = BridgeFitter(model, valid_layers(num_decoder_layers(model), nesting.border), decay=1.0)
+    record_texts(fitter, model, tokenizer, calibration_texts(tokenizer, problems), batch_size=8)
+    fitter.end_step()
+    return fit_bridges(fitter.total, nesting.bridge_ridge)
 
 
 def block_influence(model, rollouts: Rollouts) -> list[float]:
@@ -177,7 +211,7 @@ def block_influence(model, rollouts: Rollouts) -> list[float]:
     return meter.take() or [0.0] * meter.num_layers
 
 
-def _ratio_result(x: float, count: int, nested_draws: list[_Draw], full_draws: list[_Draw], model,
+def _ratio_result(x: float, bridge: str, count: int, nested_draws: list[_Draw], full_draws: list[_Draw], model,
                   settings: ProbeSettings) -> RatioResult:
     """Means over the draws at x: KL, ESS and truncation of the nested completions under the full model."""
     distances = [_distance(model, draw.rollouts, settings.sampling.temperature) for draw in nested_draws]
@@ -194,6 +228,7 @@ def _ratio_result(x: float, count: int, nested_draws: list[_Draw], full_draws: l
         speedup=rollout_speedup((full.rollouts.seconds_per_token, nested.rollouts.seconds_per_token)
                                 for full, nested in zip(full_draws, nested_draws)),
         flops_ratio=_flops_per_token(nested_draws) / max(_flops_per_token(full_draws), 1e-12),
+        bridge=bridge,
     )
 
 
@@ -235,14 +270,18 @@ def write_probe(result: ProbeResult, output_dir: str | Path) -> tuple[Path, Path
 def _figure(result: ProbeResult):
     plt = pyplot()
     figure, (distance, influence) = plt.subplots(1, 2, figsize=(11, 4))
-    xs = [100 * r.skip_ratio for r in result.ratios]
-    distance.plot(xs, [r.kl_behavior_target for r in result.ratios], "o-", color="tab:red", label="KL per token")
+    rewards = distance.twinx()
+    for bridge, style in (("none", "-"), ("linear", "--")):
+        rows = [r for r in result.ratios if r.bridge == bridge]
+        if not rows:
+            continue
+        xs, how = [100 * r.skip_ratio for r in rows], "removed" if bridge == "none" else "bridged"
+        distance.plot(xs, [r.kl_behavior_target for r in rows], "o" + style, color="tab:red", label=f"KL, {how}")
+        rewards.plot(xs, [r.nested_reward for r in rows], "s" + style, color="tab:blue", label=f"nested reward, {how}")
     distance.axhline(result.kl_threshold, color="tab:red", linestyle=":", label=f"threshold {result.kl_threshold:g}")
     distance.set_xlabel("skip ratio x (%)")
     distance.set_ylabel("KL(behavior || target), nats per token")
-    rewards = distance.twinx()
-    rewards.plot(xs, [r.nested_reward for r in result.ratios], "s--", color="tab:blue", label="nested reward")
-    rewards.plot(xs, [r.full_reward for r in result.ratios], ":", color="tab:gray", label="full reward")
+    rewards.axhline(result.ratios[0].full_reward, linestyle=":", color="tab:gray", label="full reward")
     rewards.set_ylabel("mean reward")
     lines = distance.get_legend_handles_labels()[0] + rewards.get_legend_handles_labels()[0]
     distance.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
@@ -283,7 +322,8 @@ def probe_main(model: str, dataset: str, output_dir: str, settings: ProbeSetting
     from nested_reft.models.loading import load_model
 
     check_output_directory(output_dir, "--output-dir")
-    task = Task.load(dataset, "train", data_dir, limit=settings.problems)
+    calibrating = settings.nesting.bridge == "linear"  # the bridges are fitted on the problems after the probed ones
+    task = Task.load(dataset, "train", data_dir, limit=settings.problems * (2 if calibrating else 1))
     if not task.problems:
         raise ConfigError(f"--dataset {dataset} has no training problems to probe")
     loaded, tokenizer = load_model(model, dtype=dtype, device=usable_device(device))
@@ -295,9 +335,10 @@ def probe_main(model: str, dataset: str, output_dir: str, settings: ProbeSetting
 
 def format_table(result: ProbeResult) -> str:
     """The probe as a Markdown table, Block Influence and the recommendation below it."""
-    lines = ["| x | U | KL per token | ESS | truncated | nested reward | full reward | speedup | FLOPs ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.skip_ratio:g} | {r.skipped_layers} | {r.kl_behavior_target:.3f} | {r.ess:.3f} | "
+    lines = ["| x | U | skipped blocks | KL per token | ESS | truncated | nested reward | full reward | speedup | "
+             "FLOPs ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.skip_ratio:g} | {r.skipped_layers} | {'bridged' if r.bridge == 'linear' else 'removed'} | "
+              f"{r.kl_behavior_target:.3f} | {r.ess:.3f} | "
               f"{r.truncated:.3f} | {r.nested_reward:.3f} | {r.full_reward:.3f} | {r.speedup:.2f} | "
               f"{r.flops_ratio:.3f} |" for r in result.ratios]
     lines.append("BI per layer: " + " ".join(f"{value:.3f}" for value in result.block_influence))
