@@ -4,6 +4,8 @@ Imports store only: the name tables (`names`) let it check names without importi
 """
 
 from nested_reft.config.checks import ConfigError, check_option, check_types, from_dict, to_dict
+from nested_reft.config.commands import DemoSettings, ProbeSettings
+from nested_reft.config.evaluation import EvalConfig, EvalSettings, eval_config, listed_benchmarks
 from nested_reft.config.names import (
     BENCHMARKS, DEFAULT_BENCHMARKS, DTYPES, ENGINES, EVALUATION_SETS, LAYER_CHOICES, LEVELS, LOSS_TYPES, MITIGATIONS,
     NAMED_OPTIONS, SCALINGS, SCHEDULERS, SKIP_POLICIES, TRAINING_SETS,
@@ -16,8 +18,8 @@ from nested_reft.config.yaml_io import config_differences, flat_options, load_co
 __all__ = [
     "BENCHMARKS", "DEFAULT_BENCHMARKS", "DTYPES", "ENGINES", "EVALUATION_SETS", "LAYER_CHOICES", "LEVELS", "LOSS_TYPES",
     "MITIGATIONS", "NAMED_OPTIONS", "RESUMABLE_OPTIONS", "SCALINGS", "SCHEDULERS", "SKIP_POLICIES", "TRAINING_SETS",
-    "ConfigError", "GRPOConfig", "ImportanceConfig", "LoRAConfig",
-    "NestingConfig", "SFTConfig", "SamplingConfig", "TrainConfig", "check_option", "check_types",
-    "config_differences", "flat_options", "from_dict", "load_config",
+    "ConfigError", "DemoSettings", "EvalConfig", "EvalSettings", "GRPOConfig", "ImportanceConfig", "LoRAConfig",
+    "NestingConfig", "ProbeSettings", "SFTConfig", "SamplingConfig", "TrainConfig", "check_option", "check_types",
+    "config_differences", "eval_config", "flat_options", "from_dict", "listed_benchmarks", "load_config",
     "read_yaml_mapping", "save_config", "to_dict",
 ]

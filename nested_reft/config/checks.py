@@ -63,10 +63,12 @@ def _plain(value: Any) -> Any:
 
 
 def from_dict(cls: type, values: dict, where: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys by their full dotted name."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys by their full dotted name. Fields that `cls`
+    lists in a class attribute OMITTED_OPTIONS are not options there (what uses it sets them)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping of options, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    omitted = getattr(cls, "OMITTED_OPTIONS", ())
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in omitted}
     unknown = sorted(set(values) - set(fields), key=str)  # YAML keys may be numbers too
     if unknown:
         names = ", ".join(f"{where}{key}" for key in unknown)
