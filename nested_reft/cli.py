@@ -16,10 +16,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from nested_reft.config import (
+    BENCHMARKS, DEFAULT_BENCHMARKS, ENGINES, EVALUATION_SETS, NAMED_OPTIONS, SKIP_POLICIES, TRAINING_SETS, ConfigError,
+    DemoSettings, EvalSettings, ProbeSettings, load_config,
+)
+
 DATA_DIR_HELP = "a local copy (default $NESTED_REFT_DATA, else the hub)"
 
-# Training flags -> dotted config option. One table: the flag names are fixed by the docs, the options
-# and their defaults live in nested_reft.config.
+# Training flags -> dotted config option. One table: the flag names are fixed by the docs, the options, their
+# defaults and the names an option takes (NAMED_OPTIONS, which --help lists) live in nested_reft.config.
 TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--model": ("model", str),
     "--dataset": ("dataset", str),
@@ -29,6 +34,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--skip-ratio": ("nesting.skip_ratio", float),
     "--border": ("nesting.border", int),
     "--skip-policy": ("nesting.skip_policy", str),
+    "--bridge": ("nesting.bridge", str),
     "--mitigation": ("importance.mitigation", str),
     "--retrace-lambda": ("importance.retrace_lambda", float),
     "--is-level": ("importance.level", str),
@@ -78,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="inspect the datasets").add_subparsers(metavar="ACTION")
     show = data.add_parser("show", help="print examples of a dataset")
-    show.add_argument("name", help="a training set or benchmark name")
+    show.add_argument("name",
+                      help=f"a training set ({', '.join(TRAINING_SETS)}) or benchmark ({', '.join(BENCHMARKS)})")
     show.add_argument("--split", default=None, help="train or test (default: train for training sets, else test)")
     show.add_argument("--limit", type=int, default=3)
     show.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
@@ -94,13 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
             if kind is bool:  # a switch: present means True, absent leaves the config's value
                 command.add_argument(flag, action="store_const", const=True, default=None, help=f"config option {option}")
             else:
-                command.add_argument(flag, type=kind, default=None, help=f"config option {option}")
+                command.add_argument(flag, type=kind, default=None, metavar=one_of(NAMED_OPTIONS.get(option)),
+                                     help=f"config option {option}")
         command.add_argument(
             "--max-completion-length", type=int, default=None,
             help="sampling.max_new_tokens; also the minimum unless --min-completion-length is given (paper: min = max)",
         )
         command.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                             help="any other config option, e.g. --set grpo.beta=0.04")
+                             help=f"any other config option, e.g. --set grpo.beta=0.04 ({names_of_other_options()})")
         command.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
         command.set_defaults(run=run)
 
@@ -108,17 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
                                             "arithmetic problems: the saving and what it costs")
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    demo.add_argument("--steps", type=int, default=None, help="ReFT steps per run (default 24, the study's)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help=f"ReFT steps per run (default {DemoSettings.steps}, the study's)")
     demo.add_argument("--eval-problems", type=int, default=None,
-                      help="held-out problems evaluated before and after (default 300, the study's)")
+                      help=f"held-out problems evaluated before and after (default {DemoSettings.eval_problems}, the "
+                           "study's)")
     demo.add_argument("--lanes", type=int, default=None,
-                      help="processes side by side, one torch thread each (default 3: the two runs and the "
-                           "warm-up's evaluation); 1: in turn")
+                      help=f"processes side by side, one torch thread each (default {DemoSettings.lanes}: the two "
+                           "runs and the warm-up's evaluation); 1: in turn")
     demo.add_argument("--skip-ratio", type=float, default=None,
-                      help="x of the nested run (default 0.15, the paper's largest; U_x = 5 of SmolLM2's 30 layers)")
-    demo.add_argument("--skip-policy", default=None,
-                      help="the nested run's skip policy: uniform (default, the paper's f_{x,b}) | influence | "
-                           "kl_target (adaptive, bounded by x, with the study's options)")
+                      help=f"x of the nested run (default {DemoSettings.skip_ratio:g}, the paper's largest; U_x = 5 of "
+                           "SmolLM2's 30 layers)")
+    demo.add_argument("--skip-policy", default=None, metavar=one_of(SKIP_POLICIES),
+                      help=f"the nested run's skip policy: {DemoSettings.skip_policy} (default, the paper's f_{{x,b}}) "
+                           "| influence | kl_target (adaptive, bounded by x, with the study's options)")
     demo.set_defaults(run=_demo)
 
     evaluation = commands.add_parser(
@@ -126,15 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--model", required=True, help="a model alias, local directory or hub id")
     evaluation.add_argument("--benchmarks", nargs="+", default=None, metavar="NAME",
-                            help="names separated by spaces or commas; default: aime24 amc math500 minerva "
-                                 "olympiadbench (the paper's five)")
+                            help=f"names separated by spaces or commas, some of: {' '.join(EVALUATION_SETS)}; default: "
+                                 f"{' '.join(DEFAULT_BENCHMARKS)} (the paper's five)")
     evaluation.add_argument("--limit", type=int, default=None, help="evaluate the first N problems of each benchmark")
-    evaluation.add_argument("--max-new-tokens", type=int, default=None, help="default 1024 (paper: 32k)")
+    evaluation.add_argument("--max-new-tokens", type=int, default=None,
+                            help=f"default {EvalSettings.max_new_tokens} (paper: 32k)")
     evaluation.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     evaluation.add_argument("--output-dir", default=None, help="default runs/eval/<model>; a rerun resumes it")
-    evaluation.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch (default 16)")
-    evaluation.add_argument("--seed", type=int, default=None, help="default 0")
-    evaluation.add_argument("--engine", default=None, help="decoding engine: eager (default), compiled or vllm")
+    evaluation.add_argument("--batch-size", type=int, default=None,
+                            help=f"prompts per generation batch (default {EvalSettings.batch_size})")
+    evaluation.add_argument("--seed", type=int, default=None, help=f"default {EvalSettings.seed}")
+    evaluation.add_argument("--engine", default=None, metavar=one_of(ENGINES),
+                            help=f"decoding engine (default {EvalSettings.engine})")
     evaluation.add_argument("--dtype", default="float32", help="e.g. bfloat16 on a GPU")
     evaluation.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     evaluation.set_defaults(run=_eval)
@@ -159,16 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     probe = commands.add_parser("probe", help="before ReFT: how far the nested models are from the model (KL, ESS, "
                                               "rewards, speedup, Block Influence) and the largest x worth nesting")
     probe.add_argument("--model", required=True, help="a model alias, local directory or hub id")
-    probe.add_argument("--dataset", required=True, help="a training set: its first --problems problems")
+    probe.add_argument("--dataset", required=True, metavar=one_of(TRAINING_SETS),
+                       help="a training set: its first --problems problems")
     probe.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     probe.add_argument("--output-dir", required=True, help="where probe.json and probe.png go")
-    probe.add_argument("--skip-ratios", type=float, nargs="+", default=None, metavar="X", help="default 0.05 0.15 0.3")
-    for flag, kind, option in (("--skip-policy", str, "skip_policy"), ("--border", int, "border"),
-                               ("--influence-temperature", float, "influence_temperature")):
-        probe.add_argument(flag, type=kind, default=None, help=f"nesting.{option} of the draws (default: the config's)")
-    for flag, kind, default in (("--problems", int, 8), ("--draws", int, 3), ("--generations", int, 2),
-                                ("--max-new-tokens", int, 64), ("--temperature", float, 1.0),
-                                ("--kl-threshold", float, 1.0), ("--seed", int, 0)):
+    probe_defaults = ProbeSettings()
+    probe.add_argument("--skip-ratios", type=float, nargs="+", default=None, metavar="X",
+                       help=f"default {' '.join(f'{x:g}' for x in probe_defaults.skip_ratios)}")
+    probe_nesting = (("--skip-policy", str, "skip_policy"), ("--border", int, "border"), ("--bridge", str, "bridge"),
+                     ("--influence-temperature", float, "influence_temperature"))
+    for flag, kind, option in probe_nesting:
+        probe.add_argument(flag, type=kind, default=None, metavar=one_of(NAMED_OPTIONS.get(f"nesting.{option}")),
+                           help=f"nesting.{option} of the draws (default: the config's)")
+    for flag, kind, default in (("--problems", int, probe_defaults.problems), ("--draws", int, probe_defaults.draws),
+                                ("--generations", int, probe_defaults.generations),
+                                ("--max-new-tokens", int, probe_defaults.sampling.max_new_tokens),
+                                ("--temperature", float, probe_defaults.sampling.temperature),
+                                ("--kl-threshold", float, probe_defaults.kl_threshold),
+                                ("--seed", int, probe_defaults.seed)):
         probe.add_argument(flag, type=kind, default=None, help=f"default {default}")
     probe.add_argument("--dtype", default="float32", help="e.g. bfloat16 on a GPU")
     probe.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -176,10 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_of(names: Sequence[str] | None) -> str | None:
+    """The metavar of a flag whose value is one of `names`, listed as argparse lists choices (None: argparse's own
+    metavar). The value is checked by the config, so that a wrong one is a one-line error naming the option."""
+    return None if names is None else "{" + ",".join(names) + "}"
+
+
+def names_of_other_options() -> str:
+    """The names each option without a flag of its own takes, for --set's help."""
+    flagged = {option for option, _ in TRAIN_FLAGS.values()}
+    return "; ".join(f"{option} {one_of(names)}" for option, names in NAMED_OPTIONS.items() if option not in flagged)
+
+
 def config_from_args(args: argparse.Namespace):
     """A TrainConfig from --config, the fixed flags and --set overrides (later ones win)."""
-    from nested_reft.config import ConfigError, load_config
-
     overrides = {}
     for flag, (option, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -211,8 +243,6 @@ def _sft(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if config.sft.epochs == 0:
-        from nested_reft.config import ConfigError
-
         raise ConfigError("sft.epochs must be >= 1 for `nested-reft sft`")
     train(dataclasses.replace(config, rft_steps=0), resume=args.resume)
     print(f"SFT model saved to {config.output_dir}/model")
@@ -220,7 +250,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from nested_reft.experiments.demo import DemoSettings, run_demo
+    from nested_reft.experiments.demo import run_demo
 
     options = {"steps": args.steps, "eval_problems": args.eval_problems, "skip_ratio": args.skip_ratio,
                "skip_policy": args.skip_policy, "lanes": args.lanes}
@@ -230,12 +260,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from nested_reft.evaluation.evaluate import DEFAULT_BENCHMARKS, eval_config, evaluate_model, format_table, print_progress
+    from nested_reft.evaluation.evaluate import evaluate_model, format_table, print_progress
 
-    config = eval_config(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                         engine=args.engine)
+    settings = EvalSettings(benchmarks=args.benchmarks, limit=args.limit, data_dir=args.data_dir,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                            engine=args.engine)
     result = evaluate_model(
-        args.model, args.benchmarks or DEFAULT_BENCHMARKS, args.output_dir, config, args.data_dir, args.limit,
+        args.model, settings.benchmarks, args.output_dir, settings.config(), settings.data_dir, settings.limit,
         dtype=args.dtype, device=args.device, progress=print_progress,
     )
     print(format_table(result))
@@ -257,7 +288,7 @@ def _report(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from nested_reft.experiments.probe import probe_main, probe_settings
 
-    nesting = {"skip_policy": args.skip_policy, "border": args.border,
+    nesting = {"skip_policy": args.skip_policy, "border": args.border, "bridge": args.bridge,
                "influence_temperature": args.influence_temperature}
     settings = probe_settings(args.skip_ratios, args.max_new_tokens, args.temperature, nesting, problems=args.problems,
                               draws=args.draws, generations=args.generations, kl_threshold=args.kl_threshold,
@@ -267,7 +298,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _data_show(args: argparse.Namespace) -> int:
-    from nested_reft.tasks.data import TRAINING_SETS, load_problems
+    from nested_reft.tasks.data import load_problems
 
     split = args.split or ("train" if args.name in TRAINING_SETS else "test")
     for problem in load_problems(args.name, split=split, data_dir=args.data_dir, limit=args.limit):
@@ -292,7 +323,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
     back; FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
     """
     from nested_reft.training.checkpoint import CheckpointError
-    from nested_reft.config import ConfigError
     from nested_reft.tasks.data import DataError
     from nested_reft.evaluation.records import EvalError
     from nested_reft.store.files import LockHeldError, PathError

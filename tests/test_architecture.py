@@ -162,3 +162,20 @@ def test_the_public_api_is_importable_from_the_top_and_loads_nothing_before_use(
                              "if m == 'torch' or m.startswith('nested_reft.')))"],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_the_changelog_says_where_each_old_module_path_went():
+    """Each row of CHANGELOG.md's move table: the new path imports, and the old one is gone (no alias to drift) or
+    is now the name of a part (models, nesting, tasks: folders whose modules the table names)."""
+    import importlib
+
+    rows = re.findall(r"^\| `(nested_reft\.\w+)` \| `(nested_reft[\w.]*)`", (PACKAGE.parent / "CHANGELOG.md").read_text(
+        encoding="utf-8"), re.M)
+    assert len(rows) == 43  # the 42 modules that moved, and config (now a package)
+    for old, new in rows:
+        importlib.import_module(new)
+        if old.split(".")[-1] in PARTS:
+            assert hasattr(importlib.import_module(old), "__path__"), old
+        elif old != new:
+            with pytest.raises(ModuleNotFoundError):
+                importlib.import_module(old)

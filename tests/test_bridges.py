@@ -21,6 +21,7 @@ from nested_reft.nesting.bridges import (
     nested_bridged,
 )
 from nested_reft.nesting.layers import decoder_layers, nested
+from nested_reft.nesting import bridges as bridges_module
 from nested_reft.training import bridging as bridging_module
 from nested_reft.training.metrics import ModelShapes, rollout_flops
 from nested_reft.training.trainer import train
@@ -195,8 +196,8 @@ def bridged_config(output_dir, **overrides):
 
 def test_a_bridged_run_calibrates_refits_and_logs_what_fitting_cost(tmp_path, monkeypatch):
     fits = []
-    original = bridging_module.fit_bridges
-    monkeypatch.setattr(bridging_module, "fit_bridges", lambda *a, **k: fits.append(a[0].tokens.clone()) or original(*a, **k))
+    original = bridges_module.fit_bridges
+    monkeypatch.setitem(bridges_module.BRIDGE_FITS, "linear", lambda *a, **k: fits.append(a[0].tokens.clone()) or original(*a, **k))
     summary = train(bridged_config(tmp_path / "run", rft_steps=3, **{"nesting.bridge_refit_steps": 2}))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(fits) == 2  # the calibration before step 1, then step 2's refit (not steps 1 and 3)

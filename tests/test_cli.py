@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from nested_reft.config import EVALUATION_SETS, NAMED_OPTIONS
 from nested_reft.training import trainer
 from nested_reft.training.checkpoint import latest_checkpoint
 from nested_reft.cli import main
@@ -139,6 +140,32 @@ def test_a_non_finite_abort_is_one_line_not_a_traceback(tmp_path, monkeypatch, c
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_help_lists_the_names_each_option_takes(command, capsys):
+    """Generated from config's name tables: the engines, skip policies, mitigations, and (under --set) loss types."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for option, names in NAMED_OPTIONS.items():
+        assert f"{{{','.join(names)}}}" in text, option
+    assert "--engine {eager,compiled,vllm} config option sampling.engine" in text
+    assert "--skip-policy {uniform,influence,kl_target} config option nesting.skip_policy" in text
+    assert "--mitigation {base,practical,retrace} config option importance.mitigation" in text
+    assert "grpo.loss_type {dapo,bnpo,grpo,dr_grpo}" in text
+
+
+@pytest.mark.parametrize("argv, listed", [
+    (["eval"], ["--engine {eager,compiled,vllm}", " ".join(EVALUATION_SETS)]),
+    (["probe"], ["--skip-policy {uniform,influence,kl_target}", "--dataset {svamp,gsm8k,math12k,arithmetic}"]),
+    (["demo"], ["--skip-policy {uniform,influence,kl_target}"]),
+])
+def test_help_of_the_other_commands_lists_names_too(argv, listed, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(names in text for names in listed)
 
 
 def test_data_show_arithmetic(capsys):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from nested_reft.config import (
+    NAMED_OPTIONS,
     ConfigError,
     GRPOConfig,
     ImportanceConfig,
@@ -18,6 +19,7 @@ from nested_reft.config import (
     SFTConfig,
     TrainConfig,
     config_differences,
+    flat_options,
     load_config,
     save_config,
     to_dict,
@@ -301,26 +303,55 @@ def test_a_dotted_option_under_a_plain_option_is_refused(overrides):
 
 # --- the names options take ----------------------------------------------------------------------------
 
-CONFIGURED_MODULES = ("nested_reft.nesting.skip_policy", "nested_reft.training.optim", "nested_reft.algorithm.importance", "nested_reft.algorithm.grpo",
-                      "nested_reft.nesting.layers", "nested_reft.engines.choice")
-
-
-def test_config_imports_none_of_the_modules_it_configures():
-    """The name tables live at the bottom, so the modules an option configures may import config's types."""
+def test_config_imports_nothing_of_nested_reft_but_store():
+    """The name tables live in config, so the modules an option configures (and the data loaders) may import config's
+    types: config imports store only."""
     code = "import sys, nested_reft.config; print(' '.join(sorted(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=REPO).stdout.split()
     assert "nested_reft.config" in loaded
-    assert sorted(set(CONFIGURED_MODULES) & set(loaded)) == []
+    outside = [name for name in loaded if name.startswith("nested_reft.")
+               and not name.startswith(("nested_reft.config", "nested_reft.store"))]
+    assert outside == []
 
 
 def test_every_name_an_option_takes_is_one_its_module_implements():
     from nested_reft import config
     from nested_reft.algorithm import grpo
     from nested_reft.algorithm import importance
-    from nested_reft.training import optim
+    from nested_reft.engines import choice
+    from nested_reft.nesting import bridges
+    from nested_reft.nesting import skip_policy
+    from nested_reft.tasks import data
+    from nested_reft.training import optim, trainer
 
+    assert config.ENGINES == tuple(choice.ENGINE_FACTORIES)
+    assert config.BRIDGES == tuple(bridges.BRIDGE_FITS)
     assert config.MITIGATIONS == tuple(importance.MITIGATION_TABLE)
     assert config.LOSS_TYPES == tuple(grpo.LOSS_AGGREGATIONS)
     assert config.SCALINGS == tuple(grpo.REWARD_SCALINGS)
     assert config.SCHEDULERS == tuple(optim.SHAPES)
+    assert config.LEVELS == tuple(importance.PER_COMPLETION)
+    assert config.SKIP_POLICIES == tuple(skip_policy.POLICY_LAYERS)
+    assert config.LAYER_CHOICES == tuple(skip_policy.DRAWS_BY_INFLUENCE)
+    assert {layers for layers in skip_policy.POLICY_LAYERS.values() if layers} == set(config.LAYER_CHOICES)
+    assert config.DTYPES == tuple(trainer.MIXED_PRECISION)
+    splits = {split: {name for name, kind in data.REGISTRY if kind == split} for split in ("train", "test")}
+    assert set(config.TRAINING_SETS) == splits["train"]
+    assert set(config.EVALUATION_SETS) == splits["test"] - {"math12k"}  # math12k's test split is MATH500 again
+    assert set(config.DEFAULT_BENCHMARKS) <= set(config.BENCHMARKS)
+
+
+def test_every_option_that_takes_a_name_is_listed_with_its_names():
+    """NAMED_OPTIONS (the CLI's --help lists it) holds every option refused for a name outside its table, with it."""
+    options = flat_options(to_dict(TrainConfig()))
+    refused = {}
+    for option, value in options.items():
+        if isinstance(value, str):
+            try:
+                load_config(None, {option: "no-such-name"})
+            except ConfigError as error:
+                refused[option] = str(error)
+    assert set(refused) == set(NAMED_OPTIONS)
+    for option, names in NAMED_OPTIONS.items():
+        assert f"one of {names}" in refused[option]

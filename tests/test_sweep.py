@@ -18,7 +18,8 @@ from nested_reft.cli import main
 from nested_reft.config import ConfigError, save_config
 from nested_reft.evaluation.evaluate import DEFAULT_BENCHMARKS, EvalConfig
 from nested_reft.experiments.grid import (
-    EvalSettings, GridConfig, enumerate_instances, instance_config, load_grid, run_directory, sft_config,
+    EvalSettings, GridConfig, changed_settings, enumerate_instances, eval_record, instance_config, load_grid,
+    run_directory, sft_config,
 )
 from nested_reft.experiments.results import ResultsError
 from nested_reft.training.rundir import CONFIG_FILE
@@ -60,6 +61,8 @@ def write_grid(tmp_path: Path, **options) -> Path:
         ({"eval": {"benchmarks": ["arithmetic"], "max_new_tokens": 0}}, "max_new_tokens"),
         ({"eval": {"benchmarks": ["arithmetic"], "limit": 0}}, "eval.limit"),
         ({"eval": {"benchmarks": ["arithmetic", "arithmetic"]}}, "eval.benchmarks"),
+        ({"eval": {"benchmarks": ["arithmetic"], "seed": 3}}, "eval.seed"),  # each instance's own
+        ({"eval": {"benchmarks": ["arithmetic"], "engine": "compiled"}}, "eval.engine"),
         ({"warm_ups": [{"label": "a", "sft": {"layer_drop": 0.1}}] * 2}, "warm_ups.label"),
         ({"warm_ups": [{"label": "a/b", "sft": {"layer_drop": 0.1}}]}, "warm_ups.label"),
         ({"warm_ups": [{"label": "a", "sft": {}}]}, "warm_ups.sft"),
@@ -77,6 +80,15 @@ def test_eval_settings_fill_in_the_eval_config_defaults():
     config = EvalSettings(benchmarks=("arithmetic",), max_new_tokens=8).config(seed=3)
     assert config == EvalConfig(max_new_tokens=8, seed=3)  # temperature 0.6 and top-p 0.95: the paper's
     assert EvalSettings().benchmarks == DEFAULT_BENCHMARKS
+    assert EvalSettings(temperature=None, benchmarks=None, limit=None) == EvalSettings()  # null: the default
+
+
+def test_an_eval_record_that_left_an_option_at_its_default_as_null_is_unchanged(tmp_path):
+    grid = load_grid(write_grid(tmp_path, eval={"benchmarks": ["arithmetic"], "limit": 2, "temperature": 0.6}))
+    (instance,) = [instance for instance in enumerate_instances(grid) if instance.skip_ratio == 0]
+    record = {**eval_record(grid), "temperature": None, "top_p": None, "max_new_tokens": None, "batch_size": None}
+    assert changed_settings(grid, instance, None, record) == []
+    assert changed_settings(grid, instance, None, {**record, "limit": None}) == ["eval.limit: None -> 2"]
 
 
 @pytest.mark.parametrize("benchmarks", ["arithmetic,gsm8k", ["arithmetic, gsm8k"], ["arithmetic", "gsm8k"]])

@@ -55,13 +55,16 @@ MITIGATION_TABLE: dict[str, Mitigation] = {  # the mitigations config.MITIGATION
     "retrace": Mitigation(retrace_weights, truncates_above=0.0),
 }
 
+# The levels config.LEVELS names: whether each weighs a whole completion (its tokens' log-ratios summed), not a token
+PER_COMPLETION: dict[str, bool] = {"token": False, "sequence": True}
+
 
 def log_importance_ratio(
     logp_old: torch.Tensor, logp_behavior: torch.Tensor, mask: torch.Tensor, level: str = "token"
 ) -> torch.Tensor:
     """log(pi_theta/eta) per token (B, T), or summed over each completion's tokens (B, 1), in float32."""
     log_ratio = (logp_old.float() - logp_behavior.float()) * mask
-    if level == "sequence":
+    if PER_COMPLETION[level]:
         return log_ratio.sum(dim=-1, keepdim=True)
     return log_ratio
 
@@ -73,7 +76,7 @@ def importance_weights(
     token level (0 at masked positions), (B, 1) at sequence level."""
     log_ratio = log_importance_ratio(logp_old.detach(), logp_behavior.detach(), mask, config.level)
     weights = MITIGATION_TABLE[config.mitigation].weights(log_ratio, config.retrace_lambda)
-    return weights * mask if config.level == "token" else weights
+    return weights if PER_COMPLETION[config.level] else weights * mask
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def importance_statistics(
     with torch.no_grad():
         weights = importance_weights(logp_old, logp_behavior, mask, config)
         log_ratio = log_importance_ratio(logp_old, logp_behavior, mask, config.level)
-        valid = mask.bool() if config.level == "token" else mask.sum(-1, keepdim=True) > 0
+        valid = mask.sum(-1, keepdim=True) > 0 if PER_COMPLETION[config.level] else mask.bool()
         if not valid.any():
             return NOT_WEIGHTED
         h, log_r = weights[valid], log_ratio[valid]

@@ -28,7 +28,6 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,57 +37,19 @@ from nested_reft.evaluation.records import (
     EVAL_FILE, claim_output_dir, json_line, locked_eval_directory, resumable_records, write_records,
 )
 from nested_reft.store.files import atomic_write_json, check_output_directory
-from nested_reft.config import ENGINES, ConfigError, check_option, check_types
-from nested_reft.tasks.data import BENCHMARKS, DATA_ENV, DataError, Problem
+from nested_reft.config import (  # noqa: F401 (eval_config: callers import it from here too)
+    DEFAULT_BENCHMARKS, EVALUATION_SETS, ConfigError, EvalConfig, eval_config, listed_benchmarks,
+)
+from nested_reft.tasks.data import DATA_ENV, DataError, Problem
 from nested_reft.models.loading import position_table_size
 from nested_reft.tasks.rewards import extract_answer
-from nested_reft.engines.rollout import SamplingConfig, generate_rollouts
+from nested_reft.engines.rollout import generate_rollouts
 from nested_reft.store.seeding import seeded_generator
 from nested_reft.tasks.task import Task
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BENCHMARKS = ("aime24", "amc", "math500", "minerva", "olympiadbench")  # paper: the 5 of Liu et al. 2025
-# What `evaluate` accepts: the benchmarks, plus the generated arithmetic test set (the demo's task).
-EVALUATION_SETS = BENCHMARKS + ("arithmetic",)
-
 Progress = Callable[[str, int, int], None]  # (benchmark, problems done, problems in the benchmark)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """How evaluation completions are drawn: pass@1, one sample per problem, stopping at EOS."""
-
-    temperature: float = 0.6  # paper, appendix F
-    top_p: float = 0.95  # paper, appendix F
-    max_new_tokens: int = 1024  # paper: 32k (32768); 1024 keeps a CPU run of a small model to minutes
-    batch_size: int = 16  # not in the paper: prompts per generate call, a memory/speed trade-off only
-    seed: int = 0  # seeds each batch's generator with (seed, benchmark, batch index)
-    engine: str = "eager"  # the decoding engine (SamplingConfig.engine)
-
-    def __post_init__(self) -> None:
-        check_types(self, "")  # integers where integers belong, finite numbers (an infinite temperature is uniform)
-        check_option(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
-        check_option(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        check_option(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
-        check_option(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        check_option(self.engine in ENGINES, "engine", self.engine, f"one of {ENGINES}")
-
-    def sampling(self) -> SamplingConfig:
-        """The sampler's settings: no top-k, and no minimum length so that completions stop at EOS."""
-        return SamplingConfig(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=0,
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=0,
-            engine=self.engine,
-        )
-
-
-def eval_config(**options: Any) -> EvalConfig:
-    """An EvalConfig from `options`, None meaning "the default": unset command-line flags and null grid keys."""
-    return EvalConfig(**{key: value for key, value in options.items() if value is not None})
 
 
 def _is_int(value: Any) -> bool:
@@ -185,13 +146,6 @@ def load_tasks(benchmarks: Sequence[str], data_dir: str | Path | None = None, li
         if duplicates:
             raise DataError(f"benchmark {task.name!r} has {duplicates} duplicate problem id(s)")
     return tasks
-
-
-def listed_benchmarks(benchmarks: Sequence[str] | str) -> list[str]:
-    """The names as listed, each item split at commas: shells give `gsm8k math500` as words, lm-eval's users
-    type `gsm8k,math500`, and both (or a mix, `gsm8k, math500`) name the same two benchmarks."""
-    items = [benchmarks] if isinstance(benchmarks, str) else benchmarks
-    return [name.strip() for item in items for name in str(item).split(",") if name.strip()]
 
 
 def benchmark_names(benchmarks: Sequence[str] | str) -> list[str]:

@@ -43,16 +43,18 @@ from pathlib import Path
 import torch
 
 from nested_reft.config import (
+    DemoSettings,
+    EvalConfig,
     GRPOConfig,
     ImportanceConfig,
     NestingConfig,
     SamplingConfig,
     SFTConfig,
     TrainConfig,
-    check_option,
 )
+from nested_reft.config.commands import POLICY_OPTIONS  # noqa: F401 (the study's options; tests read them here)
 from nested_reft.evaluation.records import read_records
-from nested_reft.evaluation.evaluate import EvalConfig, evaluate_model, print_progress
+from nested_reft.evaluation.evaluate import evaluate_model, print_progress
 from nested_reft.store.files import atomic_write_text
 from nested_reft.models.loading import DEFAULT_MODEL, load_model
 from nested_reft.nesting.layers import draw_uniform, num_skipped_layers
@@ -67,30 +69,6 @@ from nested_reft.training.trainer import ensure_trained
 
 
 TASK = "arithmetic"  # the generated problems: train split for training, test split held out
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """What the demo runs; the defaults are the study's seed 0 (README: its time on 2 CPU cores)."""
-
-    steps: int = 24  # ReFT steps per run, the study's (a linear schedule decays to 0 over them)
-    eval_problems: int = 300  # held-out slice, the first problems of the arithmetic test split (the study's)
-    skip_ratio: float = 0.15  # x of the nested run: U_x = 5 of SmolLM2's 30 layers (the paper's largest x)
-    skip_policy: str = "uniform"  # the paper's f_{x,b}; influence | kl_target: an adaptive policy, x its bound
-    speed_prompts: int = 8  # prompts per timed generation (one completion each)
-    speed_tokens: int = 16  # fixed completion length of a timed generation
-    uniform_draws: int = 2  # timed uniform skip sets at U_x beside an adaptive policy's own (`bound_draws`)
-    # Processes side by side, one torch thread each, as the study's lanes: the two runs and the warm-up's
-    # evaluation, which on 2 cores shares them with the runs' first minutes rather than hold one core alone
-    # (9 min 46 s against 2 lanes' 10 min 0 s, docs/benchmarks.md); 1 runs all in this process with torch's
-    # threads (in turn).
-    lanes: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "eval_problems", "speed_prompts", "speed_tokens", "lanes"):
-            check_option(getattr(self, name) >= 1, f"demo {name}", getattr(self, name), ">= 1")
-        check_option(self.uniform_draws >= 0, "demo uniform_draws", self.uniform_draws, ">= 0")
-        runs(self)  # NestingConfig checks skip_ratio and skip_policy, naming the option
 
 
 def calibrated_config(model: str, output_dir: Path, steps: int) -> TrainConfig:
@@ -110,12 +88,6 @@ def calibrated_config(model: str, output_dir: Path, steps: int) -> TrainConfig:
     )
 
 
-# The study's options for its adaptive policies, its variants `influence` and `kl-target` (a test holds them to the
-# grid); the uniform policy has none
-POLICY_OPTIONS: dict[str, dict[str, float | int]] = {
-    "influence": {"influence_temperature": 0.02},
-    "kl_target": {"kl_target": 1.0, "kl_retry_steps": 0},
-}
 STUDY_STEPS, STUDY_PROBLEMS = 24, 300  # the study's ReFT steps and held-out problems (a test holds these to the grid)
 EVAL = EvalConfig(max_new_tokens=64, batch_size=50)  # the study's `eval:` (paper's temperature 0.6, top-p 0.95)
 
@@ -123,11 +95,9 @@ EVAL = EvalConfig(max_new_tokens=64, batch_size=50)  # the study's `eval:` (pape
 def runs(settings: DemoSettings) -> dict[str, tuple[NestingConfig, ImportanceConfig]]:
     """The two runs, as the study's instances: the x = 0 baseline and Nested-ReFT (border 1, retrace at the
     config's lambda)."""
-    nested = NestingConfig(skip_ratio=settings.skip_ratio, border=1, skip_policy=settings.skip_policy,
-                           **POLICY_OPTIONS.get(settings.skip_policy, {}))
     return {
         "baseline": (NestingConfig(skip_ratio=0.0, border=0), ImportanceConfig(mitigation="base")),
-        "nested": (nested, ImportanceConfig(mitigation="retrace")),
+        "nested": (settings.nesting(), ImportanceConfig(mitigation="retrace")),
     }
 
 

@@ -30,14 +30,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from nested_reft.config import (
-    MITIGATIONS, ConfigError, TrainConfig, check_option, config_differences, flat_options, from_dict, load_config,
-    read_yaml_mapping,
+    MITIGATIONS, TRAINING_SETS, ConfigError, EvalSettings, TrainConfig, check_option, config_differences, flat_options,
+    from_dict, load_config, read_yaml_mapping,
 )
-from nested_reft.tasks.data import TRAINING_SETS, DataError
-from nested_reft.evaluation.evaluate import DEFAULT_BENCHMARKS, EvalConfig, benchmark_names, eval_config, listed_benchmarks
+from nested_reft.tasks.data import DataError
+from nested_reft.evaluation.evaluate import benchmark_names
 from nested_reft.experiments.results import model_slug
 from nested_reft.training.rundir import FINAL_MODEL_DIR
 
@@ -55,33 +55,26 @@ PER_INSTANCE_OPTIONS = ("model", "dataset", "seed", "output_dir", "nesting.skip_
 
 
 @dataclass(frozen=True)
-class EvalSettings:
-    """How every instance is evaluated; None leaves an option at `nested_reft.evaluation.evaluate.EvalConfig`'s default."""
+class GridEvalSettings(EvalSettings):
+    """How every instance is evaluated: EvalSettings (None leaves an option at its default; data_dir None is the
+    train data_dir first), checked at grid load."""
 
-    benchmarks: tuple[str, ...] = DEFAULT_BENCHMARKS
-    limit: int | None = None  # first N problems of each benchmark (None = all)
-    max_new_tokens: int | None = None
-    batch_size: int | None = None
-    temperature: float | None = None  # EvalConfig default is the paper's 0.6
-    top_p: float | None = None  # EvalConfig default is the paper's 0.95
-    data_dir: str | None = None  # None = the train data_dir, then $NESTED_REFT_DATA, then the hub
+    OMITTED_OPTIONS: ClassVar[tuple[str, ...]] = ("seed", "engine")  # each instance's own seed; the default engine
 
     def __post_init__(self) -> None:
         """Every check runs here, at grid load, not when the first instance has trained for hours."""
-        _normalise(self, "benchmarks", str)
-        object.__setattr__(self, "benchmarks", tuple(listed_benchmarks(self.benchmarks)))  # "a,b" is two
         try:
+            super().__post_init__()  # EvalConfig's own checks of the sampling options
             benchmark_names(self.benchmarks)
-            self.config(seed=0)  # EvalConfig's own checks of the sampling options
         except (DataError, ConfigError) as error:
             raise ConfigError(f"eval: {error}") from None
         check_option(len(set(self.benchmarks)) == len(self.benchmarks), "eval.benchmarks", self.benchmarks, "distinct")
         check_option(self.limit is None or self.limit >= 1, "eval.limit", self.limit, ">= 1 or null")
 
-    def config(self, seed: int) -> EvalConfig:
-        """The sampling settings of an instance's evaluation."""
-        options = {key: getattr(self, key) for key in ("temperature", "top_p", "max_new_tokens", "batch_size")}
-        return eval_config(seed=seed, **options)
+
+# The eval options a grid file sets, as its instances' status.json records them
+GRID_EVAL_OPTIONS = tuple(spec.name for spec in dataclasses.fields(GridEvalSettings)
+                          if spec.name not in GridEvalSettings.OMITTED_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -146,7 +139,7 @@ class GridConfig:
     keep_checkpoints: bool = False  # a finished run needs only model/; a 7B checkpoint with Adam states is ~40 GB
     keep_models: bool = True  # False: a run's model/ is deleted once evaluated (results.csv is then its record; a
     # 135M model in fp32 is 0.54 GB, and study 2's 50 runs beside study 1's filled the disk); warm-ups are kept
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: GridEvalSettings = field(default_factory=GridEvalSettings)
     variants: tuple[Variant, ...] = ()  # instances past the paper's product (adaptive skip policies, ...)
     evaluate_warm_up: bool = False  # also evaluate each SFT warm-up: the accuracy before ReFT, per seed
     conditions: str = ""  # how the runs were timed (machine, lanes side by side): printed beside wall-clock times
@@ -383,7 +376,11 @@ def instance_config(grid: GridConfig, instance: Instance) -> TrainConfig:
 def eval_record(grid: GridConfig) -> dict[str, Any]:
     """The grid's evaluation settings as its instances' status.json records them (JSON types: lists, not tuples),
     so that a finished instance tells which settings its evaluation ran with."""
-    return json.loads(json.dumps(dataclasses.asdict(grid.eval)))
+    return _eval_options(grid.eval)
+
+
+def _eval_options(settings: EvalSettings) -> dict[str, Any]:
+    return json.loads(json.dumps({name: getattr(settings, name) for name in GRID_EVAL_OPTIONS}))
 
 
 def changed_settings(grid: GridConfig, instance: Instance, saved: TrainConfig | None, evaluated: dict | None
@@ -394,8 +391,10 @@ def changed_settings(grid: GridConfig, instance: Instance, saved: TrainConfig | 
     changes = [] if saved is None else config_differences(saved, instance_config(grid, instance))
     now = eval_record(grid)
     if evaluated is not None:
-        changes += [f"eval.{name}: {evaluated.get(name)!r} -> {now[name]!r}"
-                    for name in sorted(now) if evaluated.get(name) != now[name]]
+        # Records written before EvalSettings filled in its defaults hold None for an option left at its default.
+        defaults = _eval_options(EvalSettings())
+        changes += [f"eval.{name}: {evaluated.get(name)!r} -> {now[name]!r}" for name in sorted(now)
+                    if (defaults[name] if evaluated.get(name) is None else evaluated.get(name)) != now[name]]
     return changes
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 import statistics
 import textwrap
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from nested_reft.config import ConfigError, ImportanceConfig, NestingConfig, SamplingConfig, check_option
+from nested_reft.config import ConfigError, ImportanceConfig, NestingConfig, ProbeSettings, SamplingConfig, check_option
 from nested_reft.store.files import atomic_write_json, check_output_directory
 from nested_reft.algorithm.importance import ImportanceStats, behavior_target_kl, importance_statistics
 from nested_reft.nesting.bridges import BridgeFitter, Bridges, fit_bridges, record_texts
@@ -43,33 +43,6 @@ from nested_reft.training.bridging import calibration_texts
 
 PROBE_FILE, FIGURE_FILE = "probe.json", "probe.png"
 NO_RECOMMENDATION = "none: nesting will not pay on this model"
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    """What the probe measures; each default's reason beside it."""
-
-    skip_ratios: tuple[float, ...] = (0.05, 0.15, 0.30)  # the paper's 5 and 15%, and 30% (the study's adaptive runs)
-    problems: int = 8  # prompts from the training split: enough for a KL estimate, minutes on a CPU
-    draws: int = 3  # skip sets per x: one draw is one of many nested models of that size
-    generations: int = 2  # completions per prompt and draw
-    # how the completions are sampled; ReFT's defaults (TRL GRPOConfig's temperature 1.0), 64 tokens: the KL per
-    # token settles within tens of tokens, and the study's completions took about 50
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, min_new_tokens=0))
-    nesting: NestingConfig = field(default_factory=NestingConfig)  # border and skip policy of the draws
-    # ours: issue 22's target for a nested-aware warm-up at x = 15%, and the study's kl_target; the study's
-    # uniform runs at 1.6 nats per token and more lost what ReFT learns
-    kl_threshold: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_option(len(self.skip_ratios) > 0, "--skip-ratios", self.skip_ratios, "a non-empty list")
-        for ratio in self.skip_ratios:
-            check_option(0.0 < ratio < 1.0, "--skip-ratios", ratio, "in (0, 1)")
-        check_option(self.problems >= 1, "--problems", self.problems, ">= 1")
-        check_option(self.draws >= 1, "--draws", self.draws, ">= 1")
-        check_option(self.generations >= 1, "--generations", self.generations, ">= 1")
-        check_option(self.kl_threshold > 0, "--kl-threshold", self.kl_threshold, "> 0")
 
 
 @dataclass

@@ -122,6 +122,10 @@ def fit_bridges(equations: NormalEquations, ridge: float) -> Bridges:
     return Bridges(equations.layers, solution[:, :-1].float(), solution[:, -1].float())
 
 
+# nesting.bridge -> how a bridge is fitted from the normal equations (None: no bridge, the skipped block is removed)
+BRIDGE_FITS = {"none": None, "linear": fit_bridges}
+
+
 class BridgeFitter(LayerTap):
     """Accumulates a step's normal equations from the forwards run inside `recording(mask)` (hooks on the full
     model's blocks), and folds them into the running sums at `end_step`: old sums times `decay`, plus this step's

@@ -32,6 +32,12 @@ from nested_reft.nesting.layers import (
     num_skipped_layers,
 )
 
+# How each policy config.SKIP_POLICIES names chooses its layers: a name of DRAWS_BY_INFLUENCE, or None for the run's
+# nesting.kl_target_layers (kl_target sets how many layers, not which)
+POLICY_LAYERS: dict[str, str | None] = {"uniform": "uniform", "influence": "influence", "kl_target": None}
+# The layer choices config.LAYER_CHOICES names: whether each draws by the measured Block Influence
+DRAWS_BY_INFLUENCE: dict[str, bool] = {"uniform": False, "influence": True}
+
 
 @dataclass
 class SkipPolicy:
@@ -64,19 +70,17 @@ class SkipPolicy:
     @property
     def layer_choice(self) -> str:
         """How this policy draws its layers: "influence" or "uniform"."""
-        if self.name == "kl_target":
-            return self.kl_target_layers
-        return "influence" if self.name == "influence" else "uniform"
+        return POLICY_LAYERS[self.name] or self.kl_target_layers
 
     @property
     def measures_influence(self) -> bool:
         """Whether the trainer must measure Block Influence for this policy (hooks on the training forward)."""
-        return self.layer_choice == "influence"
+        return DRAWS_BY_INFLUENCE[self.layer_choice]
 
     def draw(self, generator: torch.Generator | None = None) -> tuple[int, ...]:
         """This step's skip set."""
         count = self.count if self.name == "kl_target" else self.max_count
-        if self.layer_choice == "influence" and self.influence is not None:
+        if self.measures_influence and self.influence is not None:
             probabilities = influence_probabilities(self.influence, self.border, self.temperature)
             return draw_weighted(probabilities, count, generator)
         return draw_uniform(self.num_layers, count, self.border, generator)

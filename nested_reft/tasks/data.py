@@ -42,12 +42,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from nested_reft.config import BENCHMARKS, TRAINING_SETS  # noqa: F401 (the names of the sets REGISTRY loads)
 from nested_reft.tasks.arithmetic import arithmetic_split
 from nested_reft.store.files import read_text
 from nested_reft.tasks.problems import Problem
 
-TRAINING_SETS = ("svamp", "gsm8k", "math12k", "arithmetic")
-BENCHMARKS = ("aime24", "amc", "math500", "minerva", "olympiadbench", "gsm8k", "svamp")
 DATA_ENV = "NESTED_REFT_DATA"
 
 LAYOUT = """\

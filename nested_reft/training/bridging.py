@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nested_reft.config import NestingConfig
-from nested_reft.nesting.bridges import BridgeFitter, Bridges, NormalEquations, fit_bridges, record_texts
+from nested_reft.nesting.bridges import BRIDGE_FITS, BridgeFitter, Bridges, NormalEquations, record_texts
 from nested_reft.nesting.layers import num_decoder_layers, valid_layers
 from nested_reft.tasks.problems import Problem
 from nested_reft.tasks.prompts import build_prompt
@@ -42,12 +42,13 @@ class BridgeTraining:
         self.hidden_size = policy.config.get_text_config().hidden_size
         self.config = config
         self.fitter = BridgeFitter(policy, self.layers, config.bridge_decay)
+        self.fit = BRIDGE_FITS[config.bridge]
         self.bridges = Bridges.identity(self.layers, self.hidden_size)
 
     @classmethod
     def of(cls, policy, config: NestingConfig) -> BridgeTraining | None:
         """The run's bridging, or None when the skipped blocks are removed (`nesting.bridge: none`, the paper)."""
-        return None if config.bridge == "none" else cls(policy, config)
+        return None if BRIDGE_FITS[config.bridge] is None else cls(policy, config)
 
     def calibrate(self, policy, tokenizer, problems: Sequence[Problem], micro_batch_size: int, accelerator) -> FitCost:
         """The first bridges, from one no-grad forward of the full model over `problems` (prompt + solution)."""
@@ -67,7 +68,7 @@ class BridgeTraining:
         d = self.hidden_size
         flops = 4.0 * (d + 1) * d * tokens
         if refit:
-            self.bridges = fit_bridges(self.fitter.total, self.config.bridge_ridge)
+            self.bridges = self.fit(self.fitter.total, self.config.bridge_ridge)
             flops += len(self.layers) * (8.0 / 3.0) * d**3
         return FitCost(time.perf_counter() - start, flops)
 
