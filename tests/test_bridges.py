@@ -201,7 +201,11 @@ def test_a_bridged_run_calibrates_refits_and_logs_what_fitting_cost(tmp_path, mo
     summary = train(bridged_config(tmp_path / "run", rft_steps=3, **{"nesting.bridge_refit_steps": 2}))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(fits) == 2  # the calibration before step 1, then step 2's refit (not steps 1 and 3)
-    assert fits[1][0] > fits[0][0] * 0.8  # step 2's refit reads the decayed calibration plus two steps' tokens
+    assert 0 < fits[0][0] < 64 * 400  # the calibration read bridge_calibration (64) problems' tokens
+    # step 2's refit: the calibration decayed twice (0.8^2), step 1's tokens once, step 2's (every prompt and
+    # completion token of the update forward: tokens_processed)
+    expected = 0.64 * fits[0][0] + 0.8 * rows[0]["tokens_processed"] + rows[1]["tokens_processed"]
+    assert fits[1][0].item() == pytest.approx(expected.item())
     assert all(row["bridge_fit_flops"] > 0 and row["bridge_fit_time_s"] >= 0 for row in rows)
     assert rows[1]["bridge_fit_flops"] > rows[0]["bridge_fit_flops"]  # step 2 also solved the bridges
     assert summary["bridge_fit_flops"] > sum(row["bridge_fit_flops"] for row in rows)  # plus the calibration

@@ -152,7 +152,7 @@ def test_with_bridges_the_probe_reports_bridged_beside_removed_on_the_same_skip_
     model, tokenizer = tiny_model("llama", num_layers=TINY_NUM_LAYERS, seed=TINY_SEED)
     settings = ProbeSettings(skip_ratios=(0.3, 0.5), problems=2, draws=2, generations=1,
                              sampling=SamplingConfig(max_new_tokens=6, min_new_tokens=0),
-                             nesting=NestingConfig(bridge="linear"))
+                             nesting=NestingConfig(bridge="linear", bridge_calibration=2))
     result = probe(model, tokenizer, Task("tiny", generate_arithmetic(4, seed=3)), settings)
     assert [(r.skip_ratio, r.bridge) for r in result.ratios] == [(0.3, "none"), (0.3, "linear"), (0.5, "none"),
                                                                  (0.5, "linear")]

@@ -45,6 +45,10 @@ class NestingConfig:
     bridge_ridge: float = 1e-3
     bridge_decay: float = 0.8  # ours: the weight of the older steps' normal equations at each step (~5 steps' memory)
     bridge_refit_steps: int = 1  # ours: solve the bridges again every this many steps (a solve is ~d^3 per block)
+    # ours: the training problems (prompt + solution) of the calibration forward that fits a fresh run's first bridges,
+    # the first of the seeded epoch-0 order: 64 of about 100 tokens outnumber the d + 1 = 577 unknowns per output of
+    # SmolLM2's bridges ten to one, for one no-grad forward
+    bridge_calibration: int = 64
 
     def __post_init__(self) -> None:
         check_types(self, "nesting.")
@@ -64,6 +68,7 @@ class NestingConfig:
         check_option(self.bridge_ridge >= 0, "nesting.bridge_ridge", self.bridge_ridge, ">= 0")
         check_option(0 <= self.bridge_decay <= 1, "nesting.bridge_decay", self.bridge_decay, "in [0, 1]")
         check_option(self.bridge_refit_steps >= 1, "nesting.bridge_refit_steps", self.bridge_refit_steps, ">= 1")
+        check_option(self.bridge_calibration >= 1, "nesting.bridge_calibration", self.bridge_calibration, ">= 1")
 
 
 @dataclass(frozen=True)

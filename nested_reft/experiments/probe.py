@@ -71,8 +71,8 @@ class ProbeResult:
     ratios: list[RatioResult]
     kl_threshold: float
     recommendation: str  # "x = 0.15: ..." or NO_RECOMMENDATION
-    # nesting.bridge = linear: the training problems the bridges were fitted on (those after the probed ones, else
-    # the probed ones themselves); 0 without bridges
+    # nesting.bridge = linear: the training problems the bridges were fitted on (the nesting.bridge_calibration after
+    # the probed ones, else the probed ones themselves); 0 without bridges
     bridge_calibration_problems: int = 0
 
     @property
@@ -124,7 +124,7 @@ def probe(model, tokenizer, task: Task, settings: ProbeSettings, model_name: str
     shapes = ModelShapes.of(model)
     policies = {x: fixed_ratio_policy(settings.nesting, x, num_layers) for x in settings.skip_ratios}
 
-    calibration = task.problems[settings.problems: 2 * settings.problems] or problems
+    calibration = task.problems[settings.problems: settings.problems + settings.nesting.bridge_calibration] or problems
     variants = {"none": None}
     if settings.nesting.bridge == "linear":  # past the paper: each skipped block's bridge, beside removing it
         variants["linear"] = calibrated_bridges(model, tokenizer, calibration, settings.nesting)
@@ -296,7 +296,8 @@ def probe_main(model: str, dataset: str, output_dir: str, settings: ProbeSetting
 
     check_output_directory(output_dir, "--output-dir")
     calibrating = settings.nesting.bridge == "linear"  # the bridges are fitted on the problems after the probed ones
-    task = Task.load(dataset, "train", data_dir, limit=settings.problems * (2 if calibrating else 1))
+    task = Task.load(dataset, "train", data_dir,
+                     limit=settings.problems + (settings.nesting.bridge_calibration if calibrating else 0))
     if not task.problems:
         raise ConfigError(f"--dataset {dataset} has no training problems to probe")
     loaded, tokenizer = load_model(model, dtype=dtype, device=usable_device(device))

@@ -16,7 +16,7 @@ shrunk. Shapes: L bridged blocks, hidden size d.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,14 +164,15 @@ class BridgeFitter(LayerTap):
 
 
 def record_texts(fitter: BridgeFitter, model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int,
-                 autocast: contextlib.AbstractContextManager | None = None) -> None:
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
     """Run the full model without gradient over `texts` (batches of `batch_size`, every real token recorded): a
-    calibration pass, the first bridges' data before any rollout has been scored."""
+    calibration pass, the first bridges' data before any rollout has been scored. `autocast` makes each batch's
+    precision context (`accelerator.autocast`)."""
     device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
-        with torch.no_grad(), autocast or contextlib.nullcontext(), fitter.recording(encoded["attention_mask"]):
+        with torch.no_grad(), autocast(), fitter.recording(encoded["attention_mask"]):
             model(**encoded, use_cache=False)
 
 

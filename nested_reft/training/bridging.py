@@ -51,9 +51,9 @@ class BridgeTraining:
         return None if BRIDGE_FITS[config.bridge] is None else cls(policy, config)
 
     def calibrate(self, policy, tokenizer, problems: Sequence[Problem], micro_batch_size: int, accelerator) -> FitCost:
-        """The first bridges, from one no-grad forward of the full model over `problems` (prompt + solution)."""
+        """The first bridges, from a no-grad forward of the full model over `problems` (prompt + solution)."""
         record_texts(self.fitter, policy, tokenizer, calibration_texts(tokenizer, problems), micro_batch_size,
-                     accelerator.autocast())
+                     accelerator.autocast)
         return self.end_step(accelerator, refit=True)
 
     def recording(self, prompt_mask: torch.Tensor, completion_mask: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -35,3 +35,10 @@ def data_order(length: int, seed: int, epoch: int) -> tuple[int, ...]:
     """Epoch `epoch`'s shuffle of `length` problems, drawn from (seed, epoch) alone, so a resumed process draws
     the uninterrupted run's; kept for the steps that read the epoch (a step reads one or two, rarely more)."""
     return tuple(torch.randperm(length, generator=step_generator(seed, epoch, "data")).tolist())
+
+
+def calibration_problems(problems: Sequence[Problem], config: TrainConfig, accelerator) -> list[Problem]:
+    """This rank's share of the bridges' calibration problems: the first `nesting.bridge_calibration` of epoch 0's
+    order (problems the run trains on), split over the ranks as the batches are (their sums are added up)."""
+    order = data_order(len(problems), config.seed, 0)[: config.nesting.bridge_calibration]
+    return [problems[i] for i in order[accelerator.process_index :: accelerator.num_processes]]

@@ -67,7 +67,7 @@ from nested_reft.training.checkpoint import (
     verify_checkpoint,
 )
 from nested_reft.training.bridging import BridgeTraining
-from nested_reft.training.data_order import batch_for_step
+from nested_reft.training.data_order import batch_for_step, calibration_problems
 from nested_reft.training.metrics import ModelShapes, RunTotals, StepMetrics, StepResult, StepTimes, step_metrics, summarize
 from nested_reft.training.optim import make_optimizer
 from nested_reft.training.rundir import (
@@ -181,9 +181,9 @@ def _train_model(
             skip_policy.load_state_dict(saved["skip_policy"])
         if state.bridging is not None:
             state.bridging.load_state_dict(load_run_tensors(checkpoint))
-    elif state.bridging is not None:  # past the paper: the first bridges, from the first step's problems
-        totals.add_fit(state.bridging.calibrate(policy, tokenizer, batch_for_step(task.problems, config, 1, accelerator),
-                                                config.micro_batch_size, accelerator))
+    elif state.bridging is not None:  # past the paper: the first bridges, from a calibration pass
+        calibration = calibration_problems(task.problems, config, accelerator)
+        totals.add_fit(state.bridging.calibrate(policy, tokenizer, calibration, config.micro_batch_size, accelerator))
     if accelerator.is_main_process:
         keep_metrics_up_to(output / METRICS_FILE, start_step)
     state.optimizer = accelerator.prepare_optimizer(optimizer)
