@@ -85,3 +85,41 @@ def test_the_nested_warm_up_calibration_tables_what_its_probes_and_evaluations_m
     config = calibrate.config_for("distill1-64", {"train": {"sft": {"epochs": 1}}, "models": ["m"],
                                                   "datasets": ["d"]}, tmp_path)
     assert config["sft"] == {"epochs": 1, "distill_nested": 1.0, "distill_ratio": 0.15} and config["rft_steps"] == 0
+
+
+def test_sequential_bridges_equal_parallel_ones_where_no_earlier_block_is_skipped_and_differ_after_one():
+    """Sequential calibration reads the nested model's state where block i was: for a single skipped block that is
+    the full model's, so its bridge is the parallel one; after an earlier skipped block it is not."""
+    from nested_reft.config import NestingConfig
+    from nested_reft.experiments.probe import calibrated_bridges
+    from nested_reft.models.tiny import tiny_model
+    from nested_reft.tasks.arithmetic import generate_arithmetic
+    from nested_reft.training.bridging import calibration_texts
+
+    calibration = script("bridge_calibration")
+    model, tokenizer = tiny_model("llama", num_layers=6)
+    problems = generate_arithmetic(6, seed=1)
+    parallel = calibrated_bridges(model, tokenizer, problems, NestingConfig(bridge_ridge=1e-3))
+    texts = calibration_texts(tokenizer, problems)
+    alone = calibration.sequential_bridges(model, tokenizer, texts, (3,), parallel, 1e-3)
+    row = parallel.layers.index(3)
+    assert torch_close(alone.weight[row], parallel.weight[row]) and torch_close(alone.bias[row], parallel.bias[row])
+    after = calibration.sequential_bridges(model, tokenizer, texts, (2, 3), parallel, 1e-3)
+    assert torch_close(after.weight[parallel.layers.index(2)], parallel.weight[parallel.layers.index(2)])
+    assert not torch_close(after.weight[row], parallel.weight[row])
+
+
+def torch_close(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_the_bridge_calibration_script_measures_removed_parallel_and_sequential(tmp_path, capsys):
+    calibration = script("bridge_calibration")
+    calibration.main(["--model", "tiny-llama", "--skip-ratios", "0.3", "--draws", "1", "--problems", "2",
+                      "--calibration", "4", "--max-new-tokens", "4", "--output", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "calibration.json").read_text())["draws"]
+    assert row["skip_ratio"] == 0.3 and len(row["skip_set"]) == 2
+    assert all(row[key] >= 0 for key in ("removed", "parallel", "sequential"))
+    assert "| 0.3 |" in capsys.readouterr().out
