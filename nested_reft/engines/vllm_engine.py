@@ -169,7 +169,7 @@ class VLLMEngine:
 
     def _skip(self, vllm_model, skip_set: Sequence[int], bridges: Bridges | None = None) -> None:
         """Make vLLM's model nested(model, skip_set): skipped layers swapped out (for their bridges, when given),
-        the others put back. The bridges' weights go to the device of the layer they replace."""
+        the others put back. The bridges go to the device and dtype of the layer they replace, once per sample."""
         _, _, layers = decoder_layers(vllm_model)
         skipped = set(skip_set)
         for index, layer in enumerate(self._layers):
@@ -178,8 +178,9 @@ class VLLMEngine:
             elif bridges is None:
                 layers[index] = _SkippedLayer()
             else:
-                row, device = bridges.layers.index(index), next(layer.parameters()).device
-                layers[index] = _BridgeLayer(bridges.weight[row].to(device), bridges.bias[row].to(device))
+                row, weight = bridges.layers.index(index), next(layer.parameters())
+                layers[index] = _BridgeLayer(bridges.weight[row].to(weight.device, weight.dtype),
+                                             bridges.bias[row].to(weight.device, weight.dtype))
 
 
 def _engine_config(model) -> dict:

@@ -41,12 +41,6 @@ class Bridges:
         return cls(layers, torch.zeros(len(layers), hidden_size, hidden_size, device=device),
                    torch.zeros(len(layers), hidden_size, device=device))
 
-    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """h + h W + c for block `layer`, in `hidden`'s dtype."""
-        row = self.layers.index(layer)
-        weight, bias = self.weight[row].to(hidden.dtype), self.bias[row].to(hidden.dtype)
-        return hidden + torch.addmm(bias, hidden.reshape(-1, hidden.shape[-1]), weight).view_as(hidden)
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (safetensors holds them): the layer indices, the weights and the biases."""
         return {"layers": torch.tensor(self.layers, dtype=torch.int64), "weight": self.weight.contiguous(),
@@ -187,17 +181,39 @@ def bridged(model: nn.Module, skip_set: Sequence[int], bridges: Bridges) -> Iter
     if missing:
         raise ValueError(f"blocks {missing} are skipped but have no bridge (bridged blocks: {bridges.layers})")
     kept = [i for i in range(len(layers)) if i not in set(skip)]
+    placed = _Placed(bridges)
     handles = []
     for kept_index, runs in _runs_before_kept(skip, kept).items():
-        handles.append(layers[kept_index].register_forward_pre_hook(_bridge_input(runs, bridges), with_kwargs=True))
+        handles.append(layers[kept_index].register_forward_pre_hook(_bridge_input(runs, placed), with_kwargs=True))
     tail = [i for i in skip if i > kept[-1]]
     if tail:
-        handles.append(layers[kept[-1]].register_forward_hook(_bridge_output(tail, bridges)))
+        handles.append(layers[kept[-1]].register_forward_hook(_bridge_output(tail, placed)))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _Placed:
+    """The bridges on the hidden states' device and in their dtype, each cast once per `bridged` context (a rollout
+    casts a skipped block's map at its first token, not at every token)."""
+
+    def __init__(self, bridges: Bridges):
+        self.bridges = bridges
+        self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def through(self, run: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` through the bridges of the skipped blocks `run`, in order: h -> h + h W + c each."""
+        for layer in run:
+            key = (layer, hidden.device, hidden.dtype)
+            if key not in self._cast:
+                row = self.bridges.layers.index(layer)
+                self._cast[key] = (self.bridges.weight[row].to(hidden.device, hidden.dtype),
+                                   self.bridges.bias[row].to(hidden.device, hidden.dtype))
+            weight, bias = self._cast[key]
+            hidden = hidden + torch.addmm(bias, hidden.reshape(-1, hidden.shape[-1]), weight).view_as(hidden)
+        return hidden
 
 
 def _runs_before_kept(skip: list[int], kept: list[int]) -> dict[int, list[int]]:
@@ -210,26 +226,20 @@ def _runs_before_kept(skip: list[int], kept: list[int]) -> dict[int, list[int]]:
     return runs
 
 
-def _through(run: list[int], bridges: Bridges, hidden: torch.Tensor) -> torch.Tensor:
-    for layer in run:
-        hidden = bridges.apply(layer, hidden)
-    return hidden
-
-
-def _bridge_input(run: list[int], bridges: Bridges):
+def _bridge_input(run: list[int], placed: _Placed):
     def hook(module, args, kwargs):
         if args:
-            return (_through(run, bridges, args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": _through(run, bridges, kwargs["hidden_states"])}
+            return (placed.through(run, args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": placed.through(run, kwargs["hidden_states"])}
 
     return hook
 
 
-def _bridge_output(run: list[int], bridges: Bridges):
+def _bridge_output(run: list[int], placed: _Placed):
     def hook(module, args, output):
         if isinstance(output, tuple):
-            return (_through(run, bridges, output[0]), *output[1:])
-        return _through(run, bridges, output)
+            return (placed.through(run, output[0]), *output[1:])
+        return placed.through(run, output)
 
     return hook
 
