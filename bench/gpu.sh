@@ -10,7 +10,8 @@
 #      the compiled engine's CUDA graphs against the eager engine under changing skip sets) and the chunked
 #      log-probs (tests/test_policy.py); cold compilation can take it past its limit (16 of 35 in 150 s once);
 #   3. host-sync: evaluation-style decoding with the host asking for ended rows every k tokens (bench/host_sync.py);
-#   4. decoding: the engines' tokens/s table beside HF generate (bench/rollout.py), vllm's where it imports.
+#   4. decoding: the engines' tokens/s table beside HF generate (bench/rollout.py), vllm's where it imports, and
+#      the eager engine with the skipped blocks bridged (issue 31: its speedup against the bridged FLOP bound).
 #
 #   bash bench/gpu.sh fetch      # here, once: the wheels the device's image lacks or has too old
 #   device run, carry [".whl"], timeout_s 600:  bash bench/gpu.sh
@@ -90,7 +91,8 @@ part() {  # part NAME LIMIT COMMAND...: run within min(LIMIT, time left), its ou
         --batch "$BATCH" --tokens "$DECODE_TOKENS" --repeats "$REPEATS" --sync-every 1 8 --engines eager
     # shellcheck disable=SC2086
     part decoding 600 $PYTHON bench/rollout.py --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" \
-        --tokens "$DECODE_TOKENS" --repeats "$REPEATS" --ratios 0 0.15 --engine $ENGINES --models "$MODEL" --no-memory
+        --tokens "$DECODE_TOKENS" --repeats "$REPEATS" --ratios 0 0.15 --engine $ENGINES --bridged eager \
+        --models "$MODEL" --no-memory
     echo "# wall time of the parts: $(( $(date +%s) - deadline + BUDGET )) s"
 } 2>&1 | tee "$OUT/gpu-bench.log"
 grep -h '^|' "$OUT/train-step.log" "$OUT/host-sync.log" "$OUT/decoding.log" > "$OUT/gpu-bench.md" 2>/dev/null || true

@@ -42,11 +42,13 @@ from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.config import ENGINES
 from nested_reft.engines.choice import decoder_for
 from nested_reft.models.loading import load_model
+from nested_reft.nesting.bridges import Bridges
 from nested_reft.nesting.layers import (
     decoder_layers,
     nested,
     num_skipped_layers,
     sample_skip_set,
+    valid_layers,
 )
 from nested_reft.tasks.prompts import build_prompt
 from nested_reft.engines.rollout import SamplingConfig, generate_rollouts, rollout_speedup, speedup_ratios
@@ -69,11 +71,14 @@ def layer_and_head_flops(model, context: float) -> tuple[float, float]:
     return float(layer), float(2 * head.numel())
 
 
-def flop_bound(model, skipped: int, context: float) -> float:
-    """The best speedup that skipping `skipped` of N blocks can give: (N c + h) / ((N - U) c + h)."""
+def flop_bound(model, skipped: int, context: float, bridged: bool = False) -> float:
+    """The best speedup that skipping `skipped` of N blocks can give: (N c + h) / ((N - U) c + U b + h), where a
+    bridge costs b = 2 (d^2 + d) when the skipped blocks are bridged (`nesting.bridges`), else 0."""
     layer, head = layer_and_head_flops(model, context)
     n = len(decoder_layers(model)[2])
-    return (n * layer + head) / ((n - skipped) * layer + head)
+    hidden = model.config.get_text_config().hidden_size
+    bridge = 2.0 * (hidden * hidden + hidden) if bridged else 0.0
+    return (n * layer + head) / ((n - skipped) * layer + skipped * bridge + head)
 
 
 def skip_set_for(model, ratio: float) -> tuple[int, ...]:
@@ -86,12 +91,21 @@ def prompts_for(tokenizer, batch: int) -> list[str]:
     return [build_prompt(tokenizer, p.question) for p in generate_arithmetic(batch, seed=0)]
 
 
-def time_ours(engine: str):
-    """A timer of `generate_rollouts` through the decoding engine `engine` (tokens/s, first call included)."""
+BRIDGED = "+bridges"  # the suffix of a timer whose skipped blocks run their bridges
+
+
+def time_ours(engine: str, bridged: bool = False):
+    """A timer of `generate_rollouts` through the decoding engine `engine` (tokens/s, first call included); with
+    `bridged`, each skipped block runs a bridge (identity maps: the time of h + h W + c does not depend on W)."""
 
     def timed(model, tokenizer, prompts, sampling, skip) -> float:
         generator = torch.Generator(device=model.device).manual_seed(0)
-        rollouts = generate_rollouts(model, tokenizer, prompts, 1, sampling, skip, generator, decoder_for(engine))
+        bridges = None
+        if bridged:
+            n, hidden = len(decoder_layers(model)[2]), model.config.get_text_config().hidden_size
+            bridges = Bridges.identity(valid_layers(n, 1), hidden, model.device)
+        rollouts = generate_rollouts(model, tokenizer, prompts, 1, sampling, skip, generator, decoder_for(engine),
+                                     bridges=bridges)
         return rollouts.completion_tokens / rollouts.generation_time_s
 
     return timed
@@ -216,7 +230,8 @@ def run_model(model_name: str, args) -> list[dict]:
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     prompt_length = tokenizer(prompts, return_tensors="pt", padding=True)["input_ids"].shape[1]
     context = prompt_length + args.tokens / 2
-    timers = {**{engine: time_ours(engine) for engine in args.engine}, "hf": time_hf}
+    timers = {**{engine: time_ours(engine) for engine in args.engine},
+              **{engine + BRIDGED: time_ours(engine, bridged=True) for engine in args.bridged}, "hf": time_hf}
     tokens = args.batch * args.tokens
     first_calls = {}  # the full batch first, so that allocator, kernel choices and compilation are settled
     for engine, timer in timers.items():
@@ -244,7 +259,7 @@ def run_model(model_name: str, args) -> list[dict]:
             pairs = [(1 / x0, 1 / x) for x0, x in zip(samples[(0.0, engine)], samples[(ratio, engine)])]
             paired, speedup = speedup_ratios(pairs), rollout_speedup(pairs)
             skipped = num_skipped_layers(n, ratio)
-            bound = flop_bound(model, skipped, context)
+            bound = flop_bound(model, skipped, context, bridged=engine.endswith(BRIDGED))
             rows.append(
                 dict(model=model_name, engine=engine, layers=n, x=ratio, skipped=skipped, tok_s=tok_s, hf_tok_s=hf,
                      over_hf=tok_s / hf, speedup=speedup, speedup_min=min(paired),
@@ -301,6 +316,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS), help="skip ratios x, 0 first")
     parser.add_argument("--engine", nargs="+", default=["eager", "compiled"], choices=ENGINES,
                         help="our decoding engines to time beside HF generate (vllm where it is installed)")
+    parser.add_argument("--bridged", nargs="*", default=[], choices=("eager", "vllm"),
+                        help="also time these engines with each skipped block bridged (nesting.bridge: linear)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per completion (min = max)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of timings; medians are shown")

@@ -35,6 +35,8 @@ def test_the_gpu_script_runs_every_part_end_to_end_on_the_cpu(tmp_path):
     host_sync = [row for row in rows if row[0].strip() == "eager" and len(row) == 5]
     assert [row[1].strip() for row in host_sync] == ["1", "8"]
     decoding = [row for row in rows if row[0].strip() == "tiny-llama"]
-    assert [(row[1].strip(), row[3].strip()) for row in decoding] == [("eager", "0%"), ("eager", "15%"), ("hf", "0%"),
-                                                                      ("hf", "15%")]
+    assert [(row[1].strip(), row[3].strip()) for row in decoding] == [
+        ("eager", "0%"), ("eager", "15%"), ("eager+bridges", "0%"), ("eager+bridges", "15%"), ("hf", "0%"), ("hf", "15%")]
+    bound = {row[1].strip(): float(row[9]) for row in decoding if row[3].strip() == "15%"}
+    assert bound["eager+bridges"] < bound["eager"]  # the bridged FLOP bound counts the bridges' d^2 per token
     assert all(float(row[5]) > 0 for row in decoding)  # tokens/s measured
