@@ -120,8 +120,8 @@ class SamplingConfig:
     # the rollouts spared, in multi-epoch training where most prompts have become predictable
     skip_target: float = 0.5
     skip_initial: float = 0.5  # ours: e at the first step; a prompt with one zero-variance group is then skipped 1 in 2
-    # ours: GRESO moves its exploration probability by a fixed step after every step; our runs are tens of steps,
-    # not hundreds, so the step is larger
+    # ours: GRESO adapts its exploration probability a little at every step over hundreds of steps; our runs are
+    # tens of steps, so the step is larger
     skip_adapt: float = 0.05
     # ours: a predictable prompt is sampled with probability at least this, each time the order reaches it, so no
     # prompt is skipped for ever (in expectation 1 / 0.05 = 20 times at the most in a row)
