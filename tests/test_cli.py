@@ -13,7 +13,7 @@ import yaml
 from nested_reft.config import EVALUATION_SETS, NAMED_OPTIONS
 from nested_reft.training import trainer
 from nested_reft.training.checkpoint import latest_checkpoint
-from nested_reft.cli import main
+from nested_reft.cli import build_parser, config_from_args, main
 from nested_reft.tasks.data import DATA_ENV, load_problems
 from nested_reft.tasks.task import Task
 from nested_reft.models.tiny import tiny_model
@@ -117,6 +117,16 @@ def test_resume_continues_a_killed_run(tmp_path, monkeypatch, capsys):
     assert [row["step"] for row in metric_rows(output)] == [1, 2]
     assert json.loads((output / SUMMARY_FILE).read_text())["steps"] == 2
     assert (output / FINAL_MODEL_DIR).is_dir()
+
+
+def test_the_rollout_selection_flags_land_in_their_options():
+    args = build_parser().parse_args(["train", "--filter-groups", "--generation-batch-size", "6", "--skip-predictable",
+                                      "--train-problems", "64"])
+    config = config_from_args(args)
+    assert config.grpo.filter_groups and config.grpo.generation_batch_size == 6
+    assert config.sampling.skip_predictable and config.train_problems == 64
+    plain = config_from_args(build_parser().parse_args(["train"]))  # absent switches leave the defaults: off
+    assert not plain.grpo.filter_groups and not plain.sampling.skip_predictable and plain.train_problems is None
 
 
 def test_sft_saves_the_warm_up_model_without_reft_steps(tmp_path, capsys):

@@ -323,9 +323,10 @@ def test_every_name_an_option_takes_is_one_its_module_implements():
     from nested_reft.nesting import bridges
     from nested_reft.nesting import skip_policy
     from nested_reft.tasks import data
-    from nested_reft.training import optim, trainer
+    from nested_reft.training import optim, rollout_selection, trainer
 
     assert config.ENGINES == tuple(choice.ENGINE_FACTORIES)
+    assert config.FILTER_METRICS == tuple(rollout_selection.FILTER_METRICS)
     assert config.BRIDGES == tuple(bridges.BRIDGE_FITS)
     assert config.MITIGATIONS == tuple(importance.MITIGATION_TABLE)
     assert config.LOSS_TYPES == tuple(grpo.LOSS_AGGREGATIONS)

@@ -51,7 +51,18 @@ def lowercase_share(completion: str, gold: str) -> float:
     return sum(ch.islower() for ch in completion) / max(len(completion), 1)
 
 
-def worker(output_dir: str) -> None:
+def lowercase_if_even(completion: str, gold: str) -> float:
+    """lowercase_share on problems with an even answer, 0 on the others: their groups never teach."""
+    return lowercase_share(completion, gold) if int(gold) % 2 == 0 else 0.0
+
+
+# Rollout selection (issue 32): rounds of 2 prompts (one per rank), a pool of 6 problems read several times, odd
+# answers never rewarded: groups are dropped, steps refill, prompts are skipped, and every rank must decide alike.
+SELECTION = {"grpo.filter_groups": True, "grpo.generation_batch_size": 2, "grpo.filter_max_rounds": 3,
+             "sampling.skip_predictable": True, "train_problems": 6, "sft.epochs": 0, "rft_steps": 3}
+
+
+def worker(output_dir: str, variant: str = "plain") -> None:
     """One rank: train, recording this rank's prompts, generated tokens and final weights under records/."""
     torch.set_num_threads(1)
     import nested_reft.training.sft as sft
@@ -106,8 +117,9 @@ def worker(output_dir: str) -> None:
     sft.tokenize_examples = recording_tokenize
     trainer.generate_rollouts, trainer.reft, trainer.save_model = recording_generate, recording_reft, slow_save_model
     trainer.checkpoint_to_resume = late_decision
-    task = Task("arithmetic", PROBLEMS(), reward=lowercase_share)
-    trainer.train(load_config(None, overrides(output_dir)), task)
+    selects = variant == "selection"
+    task = Task("arithmetic", PROBLEMS(), reward=lowercase_if_even if selects else lowercase_share)
+    trainer.train(load_config(None, {**overrides(output_dir), **(SELECTION if selects else {})}), task)
     finished = {"model_saved": (Path(output_dir) / "model" / "model.safetensors").exists()}
     (records / f"rank{rank}.returned.json").write_text(json.dumps(finished))
 
@@ -131,18 +143,22 @@ def _gloo_available() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
+def _launch(root: Path, variant: str = "plain") -> Path:
+    """Run this file's worker on WORLD gloo ranks, the run in root/run and the ranks' records in root/records."""
     reason = _gloo_available()
     if reason:
         pytest.skip(reason)
-    root = tmp_path_factory.mktemp("ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1")
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--nnodes=1",
-               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", __file__, str(root / "run")]
+               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", __file__, str(root / "run"), variant]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"DDP run failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
     return root
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    return _launch(tmp_path_factory.mktemp("ddp"))
 
 
 def test_ddp_run_completes_with_two_gloo_processes(ddp_run):
@@ -223,5 +239,21 @@ def test_ranks_end_with_identical_weights_equal_to_the_saved_model(ddp_run):
     assert any(not torch.equal(ranks[0][n], initial[n]) for n in saved), "training did not change the weights"
 
 
+def test_ranks_that_select_rollouts_take_the_same_decisions_and_stay_in_lockstep(tmp_path):
+    """Filter and skips on: every rank runs the same rounds (one prompt each) and trains on as many groups, and DDP
+    keeps their weights identical."""
+    root = _launch(tmp_path, "selection")
+    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    calls = [(root / "records" / f"rank{r}.jsonl").read_text().splitlines() for r in range(WORLD)]
+    assert len(calls[0]) == len(calls[1]) == sum(row["generation_rounds"] for row in rows)
+    assert all(len(json.loads(call)["prompts"]) == 1 for rank in calls for call in rank)
+    for row in rows:
+        assert row["tokens_generated"] == row["groups_sampled"] * G * T and row["groups_kept"] % WORLD == 0
+    assert any(row["groups_kept"] < row["groups_sampled"] for row in rows)  # the premise: groups were dropped
+    ranks = [torch.load(root / "records" / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert all(torch.equal(value, ranks[1][name]) for name, value in ranks[0].items())
+
+
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(*sys.argv[1:])

@@ -163,6 +163,18 @@ def test_the_nested_warm_up_study_repeats_its_instances_from_each_warm_up_at_the
     assert grid.train == first.train and grid.eval == first.eval  # the same calibrated task and ReFT budget
 
 
+def test_a_grid_runs_its_instances_over_a_fixed_pool_of_problems_with_rollout_selection(tmp_path):
+    """Several epochs over a fixed set (issue 32): train_problems and the selection options pass through `train:`."""
+    grid = load_grid(write_grid(tmp_path, train={"train_problems": 16, "sft": {"epochs": 1},
+                                                 "grpo": {"filter_groups": True, "generation_batch_size": 4},
+                                                 "sampling": {"skip_predictable": True}}))
+    instance = enumerate_instances(grid)[1]
+    config = instance_config(grid, instance)
+    assert config.train_problems == 16 and config.grpo.filter_groups and config.grpo.generation_batch_size == 4
+    assert config.sampling.skip_predictable
+    assert sft_config(grid, instance).train_problems == 16  # the warm-up reads the same pool
+
+
 def test_emit_commands_one_per_instance(tmp_path):
     grid_path = write_grid(tmp_path, skip_ratios=[0.1, 0.2], mitigations=["base", "retrace"])
     jobs = tmp_path / "jobs.txt"

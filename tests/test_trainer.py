@@ -29,7 +29,7 @@ from nested_reft.engines.rollout import generate_rollouts
 from nested_reft.store.seeding import seeded_generator, step_generator
 from nested_reft.tasks.task import Task
 from nested_reft.models.tiny import tiny_model
-from nested_reft.training.metrics import StepMetrics
+from nested_reft.training.metrics import SELECTION_FIELDS, StepMetrics
 from nested_reft.training.rundir import CONFIG_FILE, METRICS_FILE, SFT_MODEL_DIR, SUMMARY_FILE
 from nested_reft.training.trainer import train
 from nested_reft.training.update import TrainingState
@@ -43,6 +43,11 @@ LOWERCASE = set(string.ascii_lowercase)
 def lowercase_share(completion: str, gold: str) -> float:
     """A reward a random byte-level model earns now and then (about 1 character in 10): learnable, varied."""
     return sum(ch in LOWERCASE for ch in completion) / max(len(completion), 1)
+
+
+def lowercase_if_even(completion: str, gold: str) -> float:
+    """lowercase_share on problems with an even answer, 0 on the others: their groups never teach."""
+    return lowercase_share(completion, gold) if int(gold) % 2 == 0 else 0.0
 
 
 def config_for(output_dir, **overrides):
@@ -141,7 +146,8 @@ def test_metrics_summary_and_files_of_a_run(tmp_path):
     assert METRIC_KEYS <= set(StepMetrics.__dataclass_fields__)
     assert [row["step"] for row in rows] == [1, 2, 3]  # one line per step
     for step, row in enumerate(rows, start=1):
-        assert set(row) == set(StepMetrics.__dataclass_fields__) and METRIC_KEYS <= set(row)
+        # every field, but rollout selection's counts only in a run that selects (issue 32)
+        assert set(row) == set(StepMetrics.__dataclass_fields__) - set(SELECTION_FIELDS) and METRIC_KEYS <= set(row)
         assert row["tokens_generated"] == B * G * T and row["completion_length"] == T
         assert row["tokens_processed"] > row["tokens_generated"]  # prompts count too
         assert row["gen_tokens_per_s"] == pytest.approx(row["tokens_generated"] / row["generation_time_s"])
@@ -391,15 +397,16 @@ class KilledAfter(Exception):
     pass
 
 
-def killed_after(step: int):
-    """A reward that kills the run when scoring step `step` + 1: steps 1..step are complete and logged."""
-    calls = []
+def killed_after(step: int, scored: int | None = None, score=None):
+    """A reward (`score`, by default lowercase_share) that kills the run when scoring step `step` + 1: steps 1..step
+    are complete and logged. `scored`: the completions steps 1..step score (default step x B x G)."""
+    calls, score = [], score or lowercase_share
 
     def reward(completion, gold):
         calls.append(None)
-        if len(calls) > step * B * G:
+        if len(calls) > (step * B * G if scored is None else scored):
             raise KilledAfter(f"killed after step {step}")
-        return lowercase_share(completion, gold)
+        return score(completion, gold)
 
     return reward
 
@@ -421,24 +428,32 @@ RESUMED_KEYS = ("step", "skip_set", "skipped_layers", "reward_mean", "reward_std
     # bridges: refitted every 3 steps, so the resumed step 3 samples from bridges fitted before the kill and
     # refits from the restored sums; the behavior log-probs (kl_behavior_target) read the bridges
     {"nesting.bridge": "linear", "nesting.bridge_refit_steps": 3},
-], ids=["plain", "kl-penalty", "dropout", "influence-policy", "kl-target-policy", "lora", "bridges"])
+    # rollout selection (issue 32): the data order's cursor and the prompts' history are restored; a pool of 6
+    # problems is read several times in 4 steps, odd answers never rewarded, so groups are dropped and prompts skipped
+    {"grpo.filter_groups": True, "grpo.filter_max_rounds": 3, "sampling.skip_predictable": True, "train_problems": 6,
+     "reward": "lowercase_if_even"},
+], ids=["plain", "kl-penalty", "dropout", "influence-policy", "kl-target-policy", "lora", "bridges", "selection"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, variant):
+    variant = dict(variant)
+    score = {"lowercase_if_even": lowercase_if_even, None: lowercase_share}[variant.pop("reward", None)]
     settings = dict(rft_steps=4, save_steps=2, **{"importance.mitigation": "base", "sft.epochs": 1,
                                                    "sft.max_examples": 4, "sft.batch_size": 4}, **variant)
-    whole_summary, whole = run(tmp_path / "whole", **settings)
+    whole_summary, whole = run(tmp_path / "whole", reward=score, **settings)
     assert (tmp_path / "whole" / SFT_MODEL_DIR).is_dir() == ("grpo.beta" in variant)  # kept only for a reference
+    selects = "groups_sampled" in whole[0]
+    scored = sum(row["groups_sampled"] for row in whole[:3]) * G if selects else None
 
     with pytest.raises(KilledAfter):  # dies after step 3: its last checkpoint is step 2
-        run(tmp_path / "killed", reward=killed_after(3), **settings)
+        run(tmp_path / "killed", reward=killed_after(3, scored, score), **settings)
     assert [row["step"] for row in metrics(tmp_path / "killed")] == [1, 2, 3]
     assert latest_checkpoint(tmp_path / "killed").name == "checkpoint-2"
     assert not (tmp_path / "killed" / "model").exists()
 
-    resumed_summary, resumed = run(tmp_path / "killed", resume=True, **settings)
+    resumed_summary, resumed = run(tmp_path / "killed", reward=score, resume=True, **settings)
 
     assert [row["step"] for row in resumed] == [1, 2, 3, 4]  # step 3 recomputed, not logged twice
     for a, b in zip(whole, resumed):
-        for key in RESUMED_KEYS:
+        for key in RESUMED_KEYS + (SELECTION_FIELDS if selects else ()):
             if isinstance(a[key], float):
                 assert b[key] == pytest.approx(a[key], abs=1e-6), f"step {a['step']}: {key}"
             else:
@@ -447,6 +462,9 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, variant):
     for key in ("steps", "tokens_processed", "tokens_generated", "final_reward", "nonfinite_updates"):
         assert resumed_summary[key] == whole_summary[key], key
     assert any(row["grad_norm"] > 0 for row in whole[2:])  # steps 3-4 did update: the comparison means something
+    if selects:  # the premise: after the resume, groups were dropped and prompts skipped and sampled again
+        assert any(row["groups_kept"] < row["groups_sampled"] for row in whole[2:])
+        assert any(row["prompts_skipped"] for row in whole[2:]) and any(row["prompts_returned"] for row in whole[2:])
     if "nesting.skip_policy" in variant:  # the policy's draws after the resume depend on the restored state
         assert all(row["layer_influence"] == pytest.approx(other["layer_influence"], abs=1e-6)
                    for row, other in zip(whole, resumed))

@@ -9,8 +9,8 @@ from nested_reft.config.checks import ConfigError, check_option, check_types, fr
 from nested_reft.config.commands import DemoSettings, ProbeSettings
 from nested_reft.config.evaluation import EvalConfig, EvalSettings, eval_config, listed_benchmarks
 from nested_reft.config.names import (
-    BENCHMARKS, BRIDGES, DEFAULT_BENCHMARKS, DTYPES, ENGINES, EVALUATION_SETS, LAYER_CHOICES, LEVELS, LOSS_TYPES, MITIGATIONS,
-    NAMED_OPTIONS, SCALINGS, SCHEDULERS, SKIP_POLICIES, TRAINING_SETS,
+    BENCHMARKS, BRIDGES, DEFAULT_BENCHMARKS, DTYPES, ENGINES, EVALUATION_SETS, FILTER_METRICS, LAYER_CHOICES, LEVELS,
+    LOSS_TYPES, MITIGATIONS, NAMED_OPTIONS, SCALINGS, SCHEDULERS, SKIP_POLICIES, TRAINING_SETS,
 )
 from nested_reft.config.options import (
     RESUMABLE_OPTIONS, GRPOConfig, ImportanceConfig, LoRAConfig, NestingConfig, SamplingConfig, SFTConfig, TrainConfig,
@@ -18,8 +18,9 @@ from nested_reft.config.options import (
 from nested_reft.config.yaml_io import config_differences, flat_options, load_config, read_yaml_mapping, save_config
 
 __all__ = [
-    "BENCHMARKS", "BRIDGES", "DEFAULT_BENCHMARKS", "DTYPES", "ENGINES", "EVALUATION_SETS", "LAYER_CHOICES", "LEVELS", "LOSS_TYPES",
-    "MITIGATIONS", "NAMED_OPTIONS", "RESUMABLE_OPTIONS", "SCALINGS", "SCHEDULERS", "SKIP_POLICIES", "TRAINING_SETS",
+    "BENCHMARKS", "BRIDGES", "DEFAULT_BENCHMARKS", "DTYPES", "ENGINES", "EVALUATION_SETS", "FILTER_METRICS",
+    "LAYER_CHOICES", "LEVELS", "LOSS_TYPES", "MITIGATIONS", "NAMED_OPTIONS", "RESUMABLE_OPTIONS", "SCALINGS",
+    "SCHEDULERS", "SKIP_POLICIES", "TRAINING_SETS",
     "ConfigError", "DemoSettings", "EvalConfig", "EvalSettings", "GRPOConfig", "ImportanceConfig", "LoRAConfig",
     "NestingConfig", "ProbeSettings", "SFTConfig", "SamplingConfig", "TrainConfig", "check_option", "check_types",
     "config_differences", "eval_config", "flat_options", "from_dict", "listed_benchmarks", "load_config",

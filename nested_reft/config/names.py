@@ -16,6 +16,8 @@ LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")  # nested_reft.algorithm.grpo.L
 SCALINGS = ("group", "batch", "none")  # nested_reft.algorithm.grpo.REWARD_SCALINGS
 SCHEDULERS = ("constant", "linear", "cosine")  # nested_reft.training.optim.SHAPES
 DTYPES = ("float32", "bfloat16", "float16")  # nested_reft.training.trainer.MIXED_PRECISION
+# what grpo.filter_groups reads the spread of: nested_reft.training.rollout_selection.FILTER_METRICS
+FILTER_METRICS = ("reward", "correct")
 
 # The data sets (nested_reft.tasks.data.REGISTRY loads each): training sets have a train split, benchmarks a test one
 TRAINING_SETS = ("svamp", "gsm8k", "math12k", "arithmetic")
@@ -36,6 +38,7 @@ NAMED_OPTIONS: dict[str, tuple[str, ...]] = {
     "sampling.engine": ENGINES,
     "grpo.loss_type": LOSS_TYPES,
     "grpo.scale_rewards": SCALINGS,
+    "grpo.filter_metric": FILTER_METRICS,
     "grpo.lr_scheduler": SCHEDULERS,
     "sft.lr_scheduler": SCHEDULERS,
 }

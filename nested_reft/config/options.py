@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from nested_reft.config.checks import check_option, check_types, default_of
 from nested_reft.config.names import (
-    BRIDGES, DTYPES, ENGINES, LAYER_CHOICES, LEVELS, LOSS_TYPES, MITIGATIONS, SCALINGS, SCHEDULERS, SKIP_POLICIES, TRAINING_SETS,
+    BRIDGES, DTYPES, ENGINES, FILTER_METRICS, LAYER_CHOICES, LEVELS, LOSS_TYPES, MITIGATIONS, SCALINGS, SCHEDULERS,
+    SKIP_POLICIES, TRAINING_SETS,
 )
 
 
@@ -109,6 +110,22 @@ class SamplingConfig:
     # layer, not three; what TRL and verl do before handing weights to vLLM), the base saved aside and put back
     # after the rollout; False samples through the adapters (no saved copy: memory a 7B run may need, docs/scaling.md)
     merge_adapters: bool = True
+    # Past the paper (issue 32, GRESO-style selective rollouts, `training.prompt_history` states the rule): before
+    # sampling, a prompt whose last z >= 1 groups all had zero reward variance is skipped with probability
+    # 1 - max(skip_floor, e^z), and the next prompt of the data order takes its place; e starts at skip_initial and
+    # moves by skip_adapt after each step that met such a prompt, toward skipping a share skip_target of the prompts
+    # the step considered. Off (ours): the paper and TRL sample every prompt of the order.
+    skip_predictable: bool = False
+    # ours: skip at most about half the prompts; GRESO reports up to 2.4x less rollout time, i.e. more than half of
+    # the rollouts spared, in multi-epoch training where most prompts have become predictable
+    skip_target: float = 0.5
+    skip_initial: float = 0.5  # ours: e at the first step; a prompt with one zero-variance group is then skipped 1 in 2
+    # ours: GRESO adapts its exploration probability a little at every step over hundreds of steps; our runs are
+    # tens of steps, so the step is larger
+    skip_adapt: float = 0.05
+    # ours: a predictable prompt is sampled with probability at least this, each time the order reaches it, so no
+    # prompt is skipped for ever (in expectation 1 / 0.05 = 20 times at the most in a row)
+    skip_floor: float = 0.05
 
     def __post_init__(self) -> None:
         check_types(self, "sampling.")
@@ -124,6 +141,12 @@ class SamplingConfig:
         check_option(self.vllm_max_model_len is None or self.vllm_max_model_len > self.max_new_tokens,
                      "sampling.vllm_max_model_len", self.vllm_max_model_len,
                      f"None (the model's context) or more than sampling.max_new_tokens={self.max_new_tokens}")
+        check_option(0 <= self.skip_target < 1, "sampling.skip_target", self.skip_target, "in [0, 1)")
+        check_option(0 < self.skip_floor <= 1, "sampling.skip_floor", self.skip_floor,
+                     "in (0, 1] (a prompt is always sampled with at least this probability)")
+        check_option(self.skip_floor <= self.skip_initial <= 1, "sampling.skip_initial", self.skip_initial,
+                     f"in [sampling.skip_floor={self.skip_floor}, 1]")
+        check_option(0 <= self.skip_adapt <= 1, "sampling.skip_adapt", self.skip_adapt, "in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -156,6 +179,22 @@ class GRPOConfig:
     # x = 0, b = 0 (classical ReFT), against the paper's own check. The paper's models (Qwen2.5-Math) have
     # no dropout, so for them True changes nothing; for GPT-2/OPT-style models it removes the noise.
     disable_dropout: bool = True
+    # Past the paper (issue 32, DAPO's dynamic sampling, verl's algorithm.filter_groups; `training.rollout_selection`):
+    # a group whose filter_metric does not vary over its G completions has zero advantages and teaches nothing; such
+    # groups are dropped and more generation rounds of generation_batch_size prompts (the next of the data order)
+    # sampled until the batch holds batch_size informative groups or filter_max_rounds rounds have run. Off: verl's
+    # filter_groups.enable default, the paper's and TRL's batch.
+    filter_groups: bool = False
+    # what must vary within a group: reward (its value; verl's "score") | correct (reward >= 1; verl's "acc"). Ours:
+    # reward, whose spread is what makes the advantages nonzero
+    filter_metric: str = "reward"
+    # verl's max_num_gen_batches: the most generation rounds a step runs, the first included; a step that reaches it
+    # trains on the informative groups it has (none: no gradient step). DAPO's recipe: 10. 0 = no limit but the data:
+    # the step stops once its rounds have read as many prompts as the training set holds.
+    filter_max_rounds: int = 10
+    # verl's data.gen_batch_size: prompts per generation round, with filter_groups only; None = batch_size (ours:
+    # the first round costs what a step without the filter costs; DAPO's recipe samples 3x the batch)
+    generation_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         check_types(self, "grpo.")
@@ -175,6 +214,15 @@ class GRPOConfig:
         for name in ("adam_beta1", "adam_beta2"):  # torch's AdamW refuses these only once the run has started
             check_option(0 <= getattr(self, name) < 1, f"grpo.{name}", getattr(self, name), "in [0, 1)")
         check_option(self.adam_epsilon > 0, "grpo.adam_epsilon", self.adam_epsilon, "> 0")
+        check_option(self.filter_metric in FILTER_METRICS, "grpo.filter_metric", self.filter_metric,
+                     f"one of {FILTER_METRICS}")
+        check_option(self.filter_max_rounds >= 0, "grpo.filter_max_rounds", self.filter_max_rounds,
+                     ">= 1, or 0 for no limit but the training set")
+        check_option(self.generation_batch_size is None or self.generation_batch_size >= 1,
+                     "grpo.generation_batch_size", self.generation_batch_size, ">= 1, or None for batch_size")
+        check_option(self.generation_batch_size is None or self.filter_groups, "grpo.generation_batch_size",
+                     self.generation_batch_size, "None while grpo.filter_groups is off: without the filter every "
+                     "step samples batch_size prompts; set grpo.filter_groups: true")
 
         if self.num_iterations == 1:  # the clip in effect must be the default's: anything else would not act
             default = default_of(GRPOConfig, "epsilon")
@@ -261,6 +309,9 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"  # an alias, a hub id, a local directory or a .gguf file
     dataset: str = "arithmetic"  # svamp | gsm8k | math12k | arithmetic
     data_dir: str | None = None  # a local copy in the original formats; default $NESTED_REFT_DATA, else the hub
+    # ours: the training set is its first N problems in the data set's own order, for the warm-up and ReFT alike
+    # (None = all): a fixed pool that several epochs revisit (what sampling.skip_predictable learns from)
+    train_problems: int | None = None
     output_dir: str = "runs/nested-reft"
     seed: int = 0
     rft_steps: int = 99  # S; paper
@@ -291,6 +342,8 @@ class TrainConfig:
         check_types(self, "")
         check_option(self.dataset in TRAINING_SETS, "dataset", self.dataset, f"one of {TRAINING_SETS}")
         check_option(0 <= self.seed < 2**32, "seed", self.seed, "in [0, 2**32) (numpy's seeds)")
+        check_option(self.train_problems is None or self.train_problems >= 1, "train_problems", self.train_problems,
+                     ">= 1, or None for the whole training set")
         check_option(self.rft_steps >= 0, "rft_steps", self.rft_steps, ">= 0")
         check_option(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check_option(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")

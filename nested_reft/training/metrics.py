@@ -3,12 +3,18 @@
 
 Over several processes: counts (tokens) are summed over ranks; rewards, completion lengths, h statistics and
 KLs are computed on the gathered batch; times are the slowest rank's, since the step waits for it.
+
+With rollout selection (`grpo.filter_groups`, `sampling.skip_predictable`; `rollout_selection`) a step samples more
+than it trains on: its tokens, rollout FLOPs, generation time, rewards and completion lengths are those of every
+completion it sampled (every round, dropped groups included: what the step spent, and what the policy does on the
+prompts it met); its h statistics, KLs and loss those of the batch it trained on. Its records then also hold the
+selection's counts (`SELECTION_FIELDS`), which the records of a run without selection leave out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -17,6 +23,7 @@ from nested_reft.algorithm.importance import behavior_target_kl, importance_stat
 from nested_reft.nesting.layers import decoder_layers
 from nested_reft.engines.rollout import Rollouts
 from nested_reft.training.bridging import FitCost
+from nested_reft.training.rollout_selection import SelectionCounts
 from nested_reft.training.update import UpdateResult, loss_mask
 
 
@@ -68,6 +75,30 @@ class StepMetrics:
     # bridges when the step refits them (a fresh run's first step includes the calibration's); None without bridges
     bridge_fit_time_s: float | None = None
     bridge_fit_flops: float | None = None
+    # Rollout selection (issue 32), None without it (and then not written): groups of G completions sampled over
+    # the step's generation rounds and kept to train (0: no gradient step); the rounds; whether the step stopped at
+    # grpo.filter_max_rounds short of batch_size informative groups; prompts of the data order skipped before
+    # sampling and prompts sampled again after a skip; the exploration probability e the skips used
+    groups_sampled: int | None = None
+    groups_kept: int | None = None
+    generation_rounds: int | None = None
+    round_limit_hit: bool | None = None
+    prompts_skipped: int | None = None
+    prompts_returned: int | None = None
+    skip_exploration: float | None = None
+
+
+SELECTION_FIELDS = ("groups_sampled", "groups_kept", "generation_rounds", "round_limit_hit", "prompts_skipped",
+                    "prompts_returned", "skip_exploration")
+
+
+def metrics_record(metrics: StepMetrics) -> dict:
+    """The line of metrics.jsonl: every field, but the selection's counts only in a run that selects."""
+    record = asdict(metrics)
+    if metrics.groups_sampled is None:
+        for name in SELECTION_FIELDS:
+            del record[name]
+    return record
 
 
 @dataclass
@@ -162,19 +193,18 @@ class StepResult:
     layer_influence: list[float] | None = None  # each block's influence, when the skip policy measures it
     gathered_weight_bytes: int = 0  # FSDP2: the whole weights this rank gathered to generate
     bridge_fit: FitCost | None = None  # the step's bridge fitting (nesting.bridge = linear)
+    selection: SelectionCounts | None = None  # what the step's rollout selection sampled and kept, if it selects
 
 
 def step_metrics(result: StepResult, config: TrainConfig, accelerator, shapes: ModelShapes) -> StepMetrics:
     """The step's metrics over all ranks (see `StepMetrics`)."""
-    rollouts, update, times, all_rewards = result.rollouts, result.update, result.times, result.all_rewards
-    device = accelerator.device
-    generated = int(accelerator.reduce(torch.tensor(rollouts.completion_tokens, device=device), "sum"))
-    prompts = int(accelerator.reduce(torch.tensor(rollouts.prompt_tokens, device=device), "sum"))
-    flops = rollout_flops(shapes, rollouts.skip_set, rollouts.prompt_mask.sum(-1), rollouts.completion_mask.sum(-1),
+    rollouts, update, times, selection = result.rollouts, result.update, result.times, result.selection
+    sampled = _Sampled.of(result, accelerator)
+    flops = rollout_flops(shapes, rollouts.skip_set, sampled.prompt_lengths, sampled.completion_lengths,
                           rollouts.bridged)
-    flops = float(accelerator.reduce(torch.tensor(flops, dtype=torch.float64, device=device), "sum"))
+    flops = float(accelerator.reduce(torch.tensor(flops, dtype=torch.float64, device=accelerator.device), "sum"))
     generation_s, scoring_s, training_s, step_s = _slowest_rank(
-        accelerator, [rollouts.generation_time_s, times.scored - times.generated, times.updated - times.scored,
+        accelerator, [sampled.generation_time_s, times.scored - times.generated, times.updated - times.scored,
                       times.updated - times.started],
     )
     mask = _gather_rows(accelerator, rollouts.completion_mask.float())
@@ -186,18 +216,18 @@ def step_metrics(result: StepResult, config: TrainConfig, accelerator, shapes: M
         step=result.step,
         skip_set=list(rollouts.skip_set),
         skipped_layers=len(rollouts.skip_set),
-        reward_mean=all_rewards.mean().item(),
-        reward_std=all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
-        fraction_correct=(all_rewards >= 1.0).float().mean().item(),
-        completion_length=mask.sum(-1).mean().item(),
+        reward_mean=sampled.rewards.mean().item(),
+        reward_std=sampled.rewards.std().item() if sampled.rewards.numel() > 1 else 0.0,
+        fraction_correct=(sampled.rewards >= 1.0).float().mean().item(),
+        completion_length=mask.sum(-1).mean().item() if selection is None else sampled.completion_length,
         generation_time_s=generation_s,
         scoring_time_s=scoring_s,
         training_time_s=training_s,
         step_time_s=step_s,
-        tokens_generated=generated,
-        tokens_processed=generated + prompts,
+        tokens_generated=sampled.completion_tokens,
+        tokens_processed=sampled.completion_tokens + sampled.prompt_tokens,
         rollout_flops=flops,
-        gen_tokens_per_s=generated / max(generation_s, 1e-9),
+        gen_tokens_per_s=sampled.completion_tokens / max(generation_s, 1e-9),
         h_mean=stats.mean,
         h_min=stats.min,
         h_max=stats.max,
@@ -215,7 +245,60 @@ def step_metrics(result: StepResult, config: TrainConfig, accelerator, shapes: M
         **_engine_mismatch(rollouts),
         bridge_fit_time_s=result.bridge_fit.time_s if result.bridge_fit else None,
         bridge_fit_flops=result.bridge_fit.flops if result.bridge_fit else None,
+        **_selection_counts(selection),
     )
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    """What the step sampled, over all ranks (token counts, rewards, the mean completion length), and this rank's
+    rows' lengths and generation time: the trained batch's, or with rollout selection every round's."""
+
+    prompt_lengths: torch.Tensor
+    completion_lengths: torch.Tensor
+    generation_time_s: float
+    rewards: torch.Tensor
+    prompt_tokens: int
+    completion_tokens: int
+    completion_length: float | None
+
+    @classmethod
+    def of(cls, result: StepResult, accelerator) -> _Sampled:
+        rollouts, selection = result.rollouts, result.selection
+        if selection is None:
+            lengths = (rollouts.prompt_mask.sum(-1), rollouts.completion_mask.sum(-1))
+            seconds, rewards = rollouts.generation_time_s, result.all_rewards
+        else:
+            lengths = (selection.prompt_lengths, selection.completion_lengths)
+            seconds, rewards = selection.generation_time_s, selection.sampled_rewards
+        device = accelerator.device
+        prompts, completions = (int(accelerator.reduce(torch.tensor(int(value), device=device), "sum"))
+                                for value in (lengths[0].sum(), lengths[1].sum()))
+        length = None  # the trained batch's mean completion length is read off its gathered mask (`step_metrics`)
+        if selection is not None:  # every rank samples as many rows
+            every = accelerator.gather(lengths[1].to(device)).float()
+            length = every.mean().item() if every.numel() else 0.0
+        return cls(*lengths, seconds, rewards, prompts, completions, length)
+
+
+def _selection_totals(rows: list[dict]) -> dict:
+    """The selection's counts summed over a run's records (none for a run without selection)."""
+    if not rows or rows[0].get("groups_sampled") is None:
+        return {}
+    totals = {name: sum(row[name] for row in rows)
+              for name in ("groups_sampled", "groups_kept", "prompts_skipped", "prompts_returned")}
+    return {**totals, "steps_without_update": sum(row["groups_kept"] == 0 for row in rows),
+            "steps_at_round_limit": sum(bool(row["round_limit_hit"]) for row in rows)}
+
+
+def _selection_counts(selection: SelectionCounts | None) -> dict:
+    """The selection's counts as StepMetrics fields (none without selection)."""
+    if selection is None:
+        return {}
+    return {"groups_sampled": selection.groups_sampled, "groups_kept": selection.groups_kept,
+            "generation_rounds": selection.generation_rounds, "round_limit_hit": selection.round_limit_hit,
+            "prompts_skipped": selection.prompts_skipped, "prompts_returned": selection.prompts_returned,
+            "skip_exploration": selection.skip_exploration}
 
 
 def _engine_mismatch(rollouts: Rollouts) -> dict[str, float]:
@@ -247,6 +330,8 @@ def summarize(rows: list[dict], totals: RunTotals, config: TrainConfig) -> dict:
     token_speed: tokens processed (prompt + completion, all ranks) / total_runtime_s (the paper's metric).
     final_reward: the mean of reward_mean over the last 10% of the steps (at least one step), which
     smooths the step-to-step noise of a single batch.
+    With rollout selection, the run's groups sampled and kept, its steps without a gradient step (no group kept)
+    and at the round limit, and its prompts skipped and returned, summed over the steps.
     """
     tail = rows[-max(1, len(rows) // 10) :] if rows else []
     return {
@@ -262,6 +347,7 @@ def summarize(rows: list[dict], totals: RunTotals, config: TrainConfig) -> dict:
         "sft_flops": totals.sft_flops,
         **({"bridge_fit_time_s": totals.bridge_fit_time_s, "bridge_fit_flops": totals.bridge_fit_flops}
            if config.nesting.bridge != "none" else {}),
+        **_selection_totals(rows),
         "skip_ratio": config.nesting.skip_ratio,
         "border": config.nesting.border,
         "mitigation": config.importance.mitigation,

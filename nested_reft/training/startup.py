@@ -7,6 +7,7 @@ The trainer calls them in order: the launch (`check_world`), the model against t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from nested_reft.config import ConfigError, TrainConfig
@@ -48,6 +49,9 @@ def check_fits_model(config: TrainConfig, num_layers: int, world: int) -> None:
     """
     if config.batch_size % world:
         raise ConfigError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")
+    if (config.grpo.generation_batch_size or 0) % world:
+        raise ConfigError(f"grpo.generation_batch_size={config.grpo.generation_batch_size} must be divisible by the "
+                          f"number of processes ({world}): each rank samples its share of a generation round")
     if 2 * config.nesting.border > num_layers:
         raise ConfigError(
             f"nesting.border={config.nesting.border} protects the first and last {config.nesting.border} layers, "
@@ -77,6 +81,16 @@ def _skip_ratios(config: TrainConfig) -> list[tuple[str, float]]:
     if config.sft.epochs and config.sft.distill_nested:
         ratios.append(("sft.distill_ratio", config.sft.nested_ratio(config.nesting.skip_ratio)))
     return ratios
+
+
+def training_set(config: TrainConfig, task: Task) -> Task:
+    """The run's training set: `task`, or its first `train_problems` problems (refused when it has fewer)."""
+    if config.train_problems is None:
+        return task
+    if len(task.problems) < config.train_problems:
+        raise DataError(f"train_problems={config.train_problems}, but training set {task.name!r} has "
+                        f"{len(task.problems)} problems")
+    return dataclasses.replace(task, problems=task.problems[: config.train_problems])
 
 
 def check_task(config: TrainConfig, task: Task, tokenizer, model, fresh: bool) -> None:

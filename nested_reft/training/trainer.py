@@ -12,7 +12,8 @@ measurements feed; the default, `uniform`, is f_{x,b}.
 
 This module is the loop (`reft`) and the setting up around it (`train`). The rest lives elsewhere: the nested
 model (`nesting`), sampling (`engines`), h_m and the objective (`algorithm`), and beside this module the
-update (the gradient step), the warm-up (`sft`), the start-up checks (`startup`), the batches (`data_order`),
+update (the gradient step), the warm-up (`sft`), the start-up checks (`startup`), the batches (`data_order`; past the
+paper, `rollout_selection` picks which prompts get rollouts and which groups train: DAPO's filter, GRESO-style skips),
 metrics, the run directory (`rundir`: its files and start/resume rules), checkpoints and FSDP2 (`sharding`). Processes are run by `accelerate`: each rank samples
 for its share of the prompts and DDP averages the gradients; launched with configs/accelerate/fsdp2.yaml, the
 weights, gradients and optimizer state are sharded over the ranks instead (FSDP2, `sharding`).
@@ -67,9 +68,12 @@ from nested_reft.training.checkpoint import (
     verify_checkpoint,
 )
 from nested_reft.training.bridging import BridgeTraining
-from nested_reft.training.data_order import batch_for_step, calibration_problems
-from nested_reft.training.metrics import ModelShapes, RunTotals, StepMetrics, StepResult, StepTimes, step_metrics, summarize
+from nested_reft.training.data_order import calibration_problems
+from nested_reft.training.metrics import (
+    ModelShapes, RunTotals, StepMetrics, StepResult, StepTimes, metrics_record, step_metrics, summarize,
+)
 from nested_reft.training.optim import make_optimizer
+from nested_reft.training.rollout_selection import RolloutSelection
 from nested_reft.training.rundir import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -93,8 +97,8 @@ from nested_reft.training.rundir import (
 )
 from nested_reft.training.sft import sft_warmup
 from nested_reft.training.sharding import FSDP2, check_fits_fsdp2, fsdp2_of_launch, gathered_state, gathered_weights
-from nested_reft.training.startup import check_model, check_task, check_world
-from nested_reft.training.update import TrainingState, policy_update
+from nested_reft.training.startup import check_model, check_task, check_world, training_set
+from nested_reft.training.update import TrainingState, no_update, policy_update
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # config.dtype -> accelerate
 
@@ -125,7 +129,7 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
         if config.lora.r:
             model = add_adapters(model, config.lora)
         check_model(config, model, accelerator.num_processes)
-        task = task or Task.load(config.dataset, "train", config.data_dir)
+        task = training_set(config, task or Task.load(config.dataset, "train", config.data_dir))
         check_task(config, task, tokenizer, model, fresh=checkpoint is None)
         identity = data_identity(task.name, task.problems)
         if checkpoint is not None:
@@ -173,12 +177,14 @@ def _train_model(
                           reference_model(config, policy, accelerator, resumed=checkpoint is not None),
                           InfluenceMeter(policy) if skip_policy.measures_influence else None, fsdp2,
                           BridgeTraining.of(policy, config.nesting))
-    start_step = 0
+    start_step, selection = 0, RolloutSelection(config, tokenizer.pad_token_id)
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, policy, optimizer, scheduler)
         start_step, totals = saved["step"], RunTotals(**saved["totals"])
         if "skip_policy" in saved:  # checkpoints before adaptive policies hold none (their policy was uniform)
             skip_policy.load_state_dict(saved["skip_policy"])
+        if selection.active:
+            selection.load_state_dict(saved["rollout_selection"])
         if state.bridging is not None:
             state.bridging.load_state_dict(load_run_tensors(checkpoint))
     elif state.bridging is not None:  # past the paper: the first bridges, from a calibration pass
@@ -191,7 +197,7 @@ def _train_model(
         accelerator.init_trackers("nested-reft", config=_tracker_hyperparameters(config))
     if checkpoint is not None:  # last, so that nothing above (loading, copying) moves the restored states
         restore_rng_states(checkpoint, accelerator.process_index)
-    reft(config, task, state, tokenizer, skip_policy, start_step, totals)
+    reft(config, task, state, tokenizer, skip_policy, start_step, totals, selection)
     summary = summarize(read_metrics(output / METRICS_FILE), totals, config)
     weights = gathered_weights(policy)  # FSDP2: every rank takes part in gathering onto the main process
     if accelerator.is_main_process:
@@ -208,35 +214,30 @@ def _train_model(
 
 def reft(
     config: TrainConfig, task: Task, state: TrainingState, tokenizer, skip_policy: SkipPolicy, start_step: int,
-    totals: RunTotals,
+    totals: RunTotals, selection: RolloutSelection,
 ) -> None:
     """Algorithm 1, step 2: for s = 1..S, sample a nested model, roll out, score, update."""
-    accelerator, policy, G = state.accelerator, state.policy, config.grpo.num_generations
-    shapes = ModelShapes.of(policy)
+    accelerator = state.accelerator
+    shapes = ModelShapes.of(state.policy)
     with _progress(accelerator, config.rft_steps, start_step) as advance:
         for step in range(start_step + 1, config.rft_steps + 1):
             started_at = time.perf_counter()
-            problems = batch_for_step(task.problems, config, step, accelerator)  # line 7
             skip_set = skip_policy.draw(step_generator(config.seed, step, "skip"))  # [N1] line 9: f_{x,b}(eta_s)
+            generate, score = _roll_out(config, task, state, tokenizer, skip_set, step)
             with accelerator.autocast(), state.gathered_for_generation(skip_set) as gathered_bytes:
-                rollouts = generate_rollouts(  # [N2] lines 8, 10, 11: eta'_s = pi_{theta_{s-1}} without S_s
-                    policy, tokenizer, task.prompts(tokenizer, problems), G, config.sampling, skip_set,
-                    step_generator(config.seed, step, f"sample-{accelerator.process_index}", accelerator.device),
-                    bridges=state.bridges,  # past the paper: each skipped block's bridge runs in its place
-                )
-            generated_at = time.perf_counter()
-            completions = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-            golds = [problem.answer for problem in problems for _ in range(G)]
-            rewards = torch.tensor(task.score(completions, golds), dtype=torch.float32)  # line 12
-            all_rewards, advantages = _advantages(rewards, config, accelerator)
+                # line 7, the prompts; lines 8, 10-12 in `generate` and `score`; past the paper, groups that cannot
+                # teach are filtered out after sampling (DAPO) and predictable prompts skipped before it (GRESO)
+                batch = selection.batch(task.problems, step, accelerator, generate, score)
+            all_rewards, advantages = _advantages(batch.rewards, config, accelerator)
             scored_at = time.perf_counter()
             learning_rate = state.scheduler.get_last_lr()[0]  # the rate this step's update uses (logged as such)
-            update = policy_update(state, rollouts, advantages, config)  # lines 13-14, [N3] and [N4]
+            update = (policy_update(state, batch.rollouts, advantages, config) if batch.trains  # lines 13-14, [N3-4]
+                      else no_update(state, batch.rollouts, config))
             bridge_fit = state.bridging.end_of(step, accelerator) if state.bridging else None  # past the paper
-            times = StepTimes(started_at, generated_at, scored_at, time.perf_counter())
+            times = StepTimes(started_at, scored_at - batch.scoring_time_s, scored_at, time.perf_counter())
             influence = state.influence.take(accelerator) if state.influence else None
-            result = StepResult(step, rollouts, all_rewards, update, learning_rate, times, influence, gathered_bytes,
-                                bridge_fit)
+            result = StepResult(step, batch.rollouts, all_rewards, update, learning_rate, times, influence,
+                                gathered_bytes, bridge_fit, batch.selection)
             metrics = step_metrics(result, config, accelerator, shapes)
             skip_policy.observe(skip_set, influence, metrics.kl_behavior_target)  # past the paper: adaptive policies
             totals.add(metrics)
@@ -248,8 +249,31 @@ def reft(
                     f"(max_nonfinite_steps={config.max_nonfinite_steps}); last at step {step}"
                 )
             if step % config.save_steps == 0 or step == config.rft_steps:
-                _checkpoint(config, state, tokenizer, step, {"step": step, "totals": asdict(totals),
-                                                             "skip_policy": skip_policy.state_dict()})
+                saved = {"step": step, "totals": asdict(totals), "skip_policy": skip_policy.state_dict()}
+                if selection.active:  # past the paper: the data order's cursor and the prompts' history
+                    saved["rollout_selection"] = selection.state_dict()
+                _checkpoint(config, state, tokenizer, step, saved)
+
+
+def _roll_out(config: TrainConfig, task: Task, state: TrainingState, tokenizer, skip_set, step: int):
+    """(generate, score) of step `step`: G completions per prompt from the step's nested model, and their rewards.
+    Round r > 0 of a selecting step (`rollout_selection`) samples with a generator of its own."""
+    accelerator, G = state.accelerator, config.grpo.num_generations
+
+    def generate(problems, round_index: int):
+        purpose = f"sample-{accelerator.process_index}" + (f"-round{round_index}" if round_index else "")
+        return generate_rollouts(  # [N2] lines 8, 10, 11: eta'_s = pi_{theta_{s-1}} without S_s
+            state.policy, tokenizer, task.prompts(tokenizer, problems), G, config.sampling, skip_set,
+            step_generator(config.seed, step, purpose, accelerator.device),
+            bridges=state.bridges,  # past the paper: each skipped block's bridge runs in its place
+        )
+
+    def score(problems, rollouts) -> torch.Tensor:
+        completions = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+        golds = [problem.answer for problem in problems for _ in range(G)]
+        return torch.tensor(task.score(completions, golds), dtype=torch.float32)  # line 12
+
+    return generate, score
 
 
 def _accelerator(config: TrainConfig) -> Accelerator:
@@ -335,8 +359,11 @@ def reference_model(config: TrainConfig, model, accelerator, resumed: bool):
 def _advantages(rewards: torch.Tensor, config: TrainConfig, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """(all ranks' rewards, this rank's advantages), normalised over the whole batch as TRL does.
 
-    Groups never straddle ranks, so "group" scaling is the same either way; "batch" needs the global std.
+    Groups never straddle ranks, so "group" scaling is the same either way; "batch" needs the global std. A batch
+    without a group (rollout selection at its round limit, on every rank alike) has none.
     """
+    if not rewards.numel():
+        return rewards, rewards
     all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu()  # rank-major = prompt-major
     advantages = group_advantages(all_rewards, config.grpo.num_generations, config.grpo.scale_rewards)
     rows = rewards.shape[0]
@@ -345,7 +372,7 @@ def _advantages(rewards: torch.Tensor, config: TrainConfig, accelerator) -> tupl
 
 def _log(metrics: StepMetrics, config: TrainConfig, accelerator) -> None:
     if accelerator.is_main_process:
-        append_jsonl(Path(config.output_dir) / METRICS_FILE, asdict(metrics))
+        append_jsonl(Path(config.output_dir) / METRICS_FILE, metrics_record(metrics))
     if config.report_to:
         scalars = {k: v for k, v in asdict(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         accelerator.log(scalars, step=metrics.step)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -99,6 +100,18 @@ def policy_update(state: TrainingState, rollouts: Rollouts, advantages: torch.Te
         kl=statistics.fmean(kls) if kls else None,
         clip_fraction=statistics.fmean(one.clip_fraction for one in passes),
     )
+
+
+def no_update(state: TrainingState, rollouts: Rollouts, config: TrainConfig) -> UpdateResult:
+    """A step with no group to train on (rollout selection at its round limit, `rollout_selection`): no forward, no
+    gradient, no optimizer step. The schedule still advances, as the rate is a function of the step: later steps
+    train at the rates they would have had."""
+    with warnings.catch_warnings():  # a first step without an update has not stepped the optimizer yet
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        for _ in range(config.grpo.num_iterations):
+            state.scheduler.step()
+    empty = torch.zeros_like(rollouts.behavior_logprobs).cpu()  # (0, T): no row, no log-prob
+    return UpdateResult(loss=0.0, grad_norm=0.0, finite=True, logp_old=empty)
 
 
 @dataclass
