@@ -293,6 +293,27 @@ def test_variants_add_pairs_and_labelled_policies_and_refuse_repeats():
         from_dict(GridConfig, {**base, "variants": [{"skip_ratio": 0.3, "label": "a", "nesting": {"skip_polcy": 1}}]})
 
 
+def test_a_variant_sets_grpo_and_sampling_options_too():
+    """Issue 32's study puts a run that filters groups and skips predictable prompts beside the plain one."""
+    from nested_reft.config import ConfigError, from_dict
+    from nested_reft.experiments.grid import GridConfig, enumerate_instances, instance_config
+
+    base = {"name": "g", "models": ["tiny-llama"], "datasets": ["arithmetic"], "skip_ratios": [0.0, 0.3],
+            "mitigations": ["retrace"], "train": {"sft": {"epochs": 0}}}
+    grid = from_dict(GridConfig, {**base, "variants": [{"skip_ratio": 0.3, "label": "selective",
+                                                        "grpo": {"filter_groups": True},
+                                                        "sampling": {"skip_predictable": True}}]})
+    (selective,) = [i for i in enumerate_instances(grid) if i.name == "x0.3-b1-retrace-selective-s0"]
+    config = instance_config(grid, selective)
+    assert config.grpo.filter_groups and config.sampling.skip_predictable and config.nesting.skip_ratio == 0.3
+    plain = instance_config(grid, next(i for i in enumerate_instances(grid) if i.name == "x0.3-b1-retrace-s0"))
+    assert not plain.grpo.filter_groups and not plain.sampling.skip_predictable
+    with pytest.raises(ConfigError, match="variants.label"):
+        from_dict(GridConfig, {**base, "variants": [{"skip_ratio": 0.3, "grpo": {"filter_groups": True}}]})
+    with pytest.raises(ConfigError, match="grpo.filter_group"):
+        from_dict(GridConfig, {**base, "variants": [{"skip_ratio": 0.3, "label": "a", "grpo": {"filter_group": 1}}]})
+
+
 def test_break_even_divides_the_extra_warm_up_by_the_rollout_flops_saved_per_step():
     """distill's warm-up costs 26 TFLOPs more than the plain one; its nested runs saved 0.24 and 0.12 TFLOPs over
     their 4 steps against their own baselines (0.06 and 0.03 per step: 0.045 on average): 26 / 0.045 steps. A

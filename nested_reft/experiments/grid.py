@@ -80,28 +80,39 @@ GRID_EVAL_OPTIONS = tuple(spec.name for spec in dataclasses.fields(GridEvalSetti
 @dataclass(frozen=True)
 class Variant:
     """An instance beside the grid's product of skip ratios and mitigations, run at every seed: one (x, m) pair
-    (base at 30% where the product holds only retrace), or one with other nesting options (an adaptive skip
-    policy, its temperature or KL target), which `label` then names."""
+    (base at 30% where the product holds only retrace), or one with other options (nesting: an adaptive skip
+    policy, its temperature or KL target, bridges; grpo and sampling: which rollouts teach, filter_groups and
+    skip_predictable), which `label` then names."""
 
     skip_ratio: float
     mitigation: str = "retrace"
     label: str = ""  # required with nesting options: it names the run (x0.3-b1-retrace-<label>-s0)
     nesting: dict[str, Any] = field(default_factory=dict)  # NestingConfig options, e.g. {skip_policy: influence}
+    grpo: dict[str, Any] = field(default_factory=dict)  # GRPOConfig options, e.g. {filter_groups: true}
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingConfig options, e.g. {skip_predictable: true}
 
     def __post_init__(self) -> None:
         check_option(self.label == "" or bool(re.fullmatch(r"[\w.-]+", str(self.label))), "variants.label",
                      self.label, "a name of letters, digits, '.', '_' or '-'")
-        check_option(bool(self.label) or not self.nesting, "variants.label", self.label,
-                     "given for a variant with nesting options (it names the run)")
+        check_option(bool(self.label) or not self.sections(), "variants.label", self.label,
+                     "given for a variant with nesting, grpo or sampling options (it names the run)")
         check_option(0.0 <= self.skip_ratio < 1.0, "variants.skip_ratio", self.skip_ratio, "in [0, 1)")
         check_option(self.mitigation in MITIGATIONS, "variants.mitigation", self.mitigation, f"one of {MITIGATIONS}")
-        check_option(isinstance(self.nesting, dict), "variants.nesting", self.nesting, "a mapping of nesting options")
+        for section in ("nesting", "grpo", "sampling"):
+            check_option(isinstance(getattr(self, section), dict), f"variants.{section}", getattr(self, section),
+                         f"a mapping of {section} options")
         fixed = sorted({"skip_ratio", "border"} & set(self.nesting))
         check_option(not fixed, f"variants.nesting.{fixed[0] if fixed else ''}", self.nesting,
                      "free of skip_ratio and border (the variant's skip_ratio and the grid's border set them)")
 
+    def sections(self) -> dict[str, dict[str, Any]]:
+        """The variant's own options by config section (the sections it sets)."""
+        return {name: options for name, options in (("nesting", self.nesting), ("grpo", self.grpo),
+                                                    ("sampling", self.sampling)) if options}
+
     def overrides(self) -> dict[str, Any]:
-        return {f"nesting.{key}": value for key, value in self.nesting.items()}
+        return {f"{section}.{key}": value for section, options in self.sections().items()
+                for key, value in options.items()}
 
 
 @dataclass(frozen=True)
