@@ -32,7 +32,7 @@ from nested_reft.evaluation.evaluate import EvalConfig, evaluate, evaluate_tasks
 from nested_reft.experiments.grid import enumerate_instances, load_grid
 from nested_reft.store.files import LOCK_FILE, LockHeldError, PathError, exclusive_lock
 from nested_reft.models.loading import ModelLoadError, load_model, remove_abandoned_staging
-from nested_reft.experiments.results import RESULTS_FILE, csv_text, results_columns
+from nested_reft.experiments.results import RESULTS_FILE, csv_text, read_results, results_columns
 from nested_reft.tasks.problems import Problem
 from nested_reft.training.rundir import (
     CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, read_metrics,
@@ -686,3 +686,76 @@ def test_cosmetic_ctrl_c_ends_a_demo_lane_quietly():
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert finished.returncode == 128 + signal.SIGINT and finished.stderr == ""
+
+
+# ==========================================================================================================
+# Issue 33, the third bad-input probe: one test (or a few) per finding, named i33_fNN
+# ==========================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------
+# A finished run is its summary and its evaluation, never its model/
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep_checkpoint", [False, True])
+def test_i33_f01_a_finished_run_whose_model_was_deleted_is_not_trained_again(tmp_path, capsys, keep_checkpoint):
+    output = tmp_path / "run"
+    train(run_config(output), tiny_task())
+    shutil.rmtree(output / FINAL_MODEL_DIR)  # keep_models: false
+    if not keep_checkpoint:
+        for checkpoint in output.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+    before = {name: (output / name).read_text() for name in (SUMMARY_FILE, METRICS_FILE)}
+    assert run_state(output) is RunState.FINISHED
+    with pytest.raises(ConfigError, match=rf"{output} already holds a run, finished \({SUMMARY_FILE}\)"):
+        train(run_config(output), tiny_task())
+    save_config(run_config(output), tmp_path / "config.yaml")
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "config.yaml"), "--output-dir", str(output)]) == 2
+    assert "finished" in error_line(capsys)
+    if not keep_checkpoint:
+        assert main(["train", "--config", str(tmp_path / "config.yaml"), "--output-dir", str(output), "--resume"]) == 2
+        assert "a finished run" in error_line(capsys) and "without --resume" not in capsys.readouterr().err
+    assert {name: (output / name).read_text() for name in before} == before
+
+
+def fake_sweep(monkeypatch, evaluations: list):
+    """Training and evaluation stood in by files: a finished run (config, summary, model/) and an eval.json."""
+    def fake_train(config):
+        output = Path(config.output_dir)
+        if not (output / SUMMARY_FILE).is_file():
+            (output / FINAL_MODEL_DIR).mkdir(parents=True, exist_ok=True)
+            save_config(config, output / CONFIG_FILE)
+            (output / SUMMARY_FILE).write_text('{"token_speed": 1.0, "total_runtime_s": 1.0}')
+        return {}
+
+    def fake_evaluate(model_dir, output_dir, *args):
+        assert Path(model_dir).is_dir()
+        evaluations.append(str(output_dir))
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "eval.json").write_text('{"benchmarks": {"arithmetic": {"accuracy": 0.5}}, "average": 0.5}')
+        return {}
+
+    monkeypatch.setattr(sweep, "ensure_trained", fake_train)
+    monkeypatch.setattr(sweep, "evaluate_instance", fake_evaluate)
+
+
+@pytest.mark.parametrize("keep_models", [True, False])
+def test_i33_f12_a_done_run_whose_evaluation_is_gone_is_evaluated_again_or_reported(tmp_path, monkeypatch,
+                                                                                     keep_models):
+    evaluations = []
+    fake_sweep(monkeypatch, evaluations)
+    grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}, keep_models=keep_models))
+    instance = enumerate_instances(grid)[0]
+    assert sweep.run_sweep(grid, log=lambda line: None).ran
+    shutil.rmtree(grid.root / instance.id / "eval")
+    evaluations.clear()
+    outcome = sweep.run_sweep(grid, log=lambda line: None)
+    assert instance.id not in outcome.skipped
+    row = next(row for row in read_results(grid.root / RESULTS_FILE) if row["instance"] == instance.id)
+    if keep_models:  # evaluated again from its model
+        assert instance.id in outcome.ran and evaluations == [str(grid.root / instance.id / "eval")]
+        assert row["status"] == "done" and row["accuracy"] == 0.5
+    else:  # nothing to evaluate: reported, not "done" with an empty accuracy
+        assert "model/ is gone" in outcome.failed[instance.id] and not evaluations
+        assert row["status"] == "failed" and "model/ is gone" in row["error"]

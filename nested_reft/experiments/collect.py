@@ -101,10 +101,20 @@ def _by_instance(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
     return grouped
 
 
+def run_status(directory: Path) -> dict:
+    """A run directory's status record as the sweep and the results count it: "done" needs the run's evaluation
+    (eval/eval.json) too, so a done run whose evaluation is gone (deleted, or lost beside a model that
+    `keep_models: false` deleted) is failed, with what is missing named."""
+    status = read_status(directory)
+    if status.get("status") == "done" and not (directory / EVAL_DIR / EVAL_FILE).is_file():
+        return {**status, "status": "failed", "error": f"done, but its evaluation {EVAL_DIR}/{EVAL_FILE} is missing"}
+    return status
+
+
 def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:
     """One row of results.csv from the run directory's status, summary, metrics and evaluation."""
     directory = run_directory(grid, instance)
-    status = read_status(directory)
+    status = run_status(directory)
     row: dict[str, Any] = {
         "model": instance.model, "dataset": instance.dataset, "instance": instance.id, "role": instance.role,
         "skip_ratio": instance.skip_ratio, "border": instance.border, "mitigation": instance.mitigation,

@@ -41,7 +41,7 @@ import torch
 
 from nested_reft.training.checkpoint import checkpoints
 from nested_reft.config import ConfigError, TrainConfig, config_differences, load_config
-from nested_reft.experiments.collect import EVAL_DIR, collect_results, recorded_done
+from nested_reft.experiments.collect import EVAL_DIR, collect_results, recorded_done, run_status
 from nested_reft.evaluation.records import EVAL_FILE
 from nested_reft.evaluation.evaluate import evaluate_model, print_progress
 from nested_reft.store.files import (
@@ -140,12 +140,13 @@ def _run_unless_done(grid: GridConfig, instance: Instance, label: str, outcome: 
                      failed_warm_ups: dict[str, str], log: Callable[[str], None]) -> None:
     """Run one instance (its lock held) unless its status says done; record what happened in `outcome`."""
     directory = run_directory(grid, instance)
-    status = read_status(directory)
+    status = run_status(directory)
     if status.get("status") == "done":
         outcome.skipped.append(instance.id)
         _warn_if_changed(grid, instance, status, log)
         return
-    log(f"{label} {instance.id}")
+    lost = read_status(directory).get("status") == "done"  # done, its evaluation since lost: evaluated again
+    log(f"{label} {instance.id}" + (f" ({status['error']}: evaluating it again)" if lost else ""))
     error = run_instance(grid, instance, failed_warm_ups)
     if error is None:
         outcome.ran.append(instance.id)
@@ -190,7 +191,8 @@ def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str
         if not grid.keep_checkpoints:  # trained: model/ is the result, the checkpoint only served resuming
             for checkpoint in checkpoints(directory):
                 shutil.rmtree(checkpoint, ignore_errors=True)
-        evaluate_instance(directory / FINAL_MODEL_DIR, directory / EVAL_DIR, grid.eval, config, instance.seed)
+        evaluate_instance(trained_model(directory, instance.id), directory / EVAL_DIR, grid.eval, config,
+                          instance.seed)
     except KeyboardInterrupt:
         write_status(directory, "failed", error="interrupted")
         raise
@@ -221,10 +223,21 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
                 write_status(directory, "failed", error=_describe(error), traceback=traceback.format_exc())
                 raise
             write_status(directory, "done")
+        model = trained_model(directory, f"SFT warm-up {instance.sft_id}")
         if grid.evaluate_warm_up and not (directory / EVAL_DIR / EVAL_FILE).is_file():  # the accuracy before ReFT
-            evaluate_instance(directory / FINAL_MODEL_DIR, directory / EVAL_DIR, grid.eval, sft_config(grid, instance),
-                              instance.seed)
-    return directory / FINAL_MODEL_DIR
+            evaluate_instance(model, directory / EVAL_DIR, grid.eval, sft_config(grid, instance), instance.seed)
+    return model
+
+
+def trained_model(directory: Path, what: str) -> Path:
+    """The model/ of the finished run in `directory`; a ConfigError naming `what` where it was deleted after the run
+    finished (a finished run is not trained again, so nothing can be evaluated or started from it)."""
+    model = directory / FINAL_MODEL_DIR
+    if not model.is_dir():
+        raise ConfigError(f"{what} is trained ({SUMMARY_FILE}) but its {FINAL_MODEL_DIR}/ is gone (keep_models: false "
+                          f"deletes it once evaluated), so it cannot be evaluated or started from: delete {directory} "
+                          "to run it again")
+    return model
 
 
 def _check_warm_up_settings(grid: GridConfig, instance: Instance) -> None:
