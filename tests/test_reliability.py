@@ -759,3 +759,20 @@ def test_i33_f12_a_done_run_whose_evaluation_is_gone_is_evaluated_again_or_repor
     else:  # nothing to evaluate: reported, not "done" with an empty accuracy
         assert "model/ is gone" in outcome.failed[instance.id] and not evaluations
         assert row["status"] == "failed" and "model/ is gone" in row["error"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Identity by content: labels as path components, directories compared resolved, models by their files
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"warm_ups": [{"label": ".", "sft": {"layer_drop": 0.2}}]}, "warm_ups.label"),
+    ({"warm_ups": [{"label": "..", "sft": {"layer_drop": 0.2}}]}, "warm_ups.label"),
+    ({"variants": [{"skip_ratio": 0.3, "label": ".."}]}, "variants.label"),
+    ({"name": ".."}, "name"),
+    ({"warm_ups": [{"label": "baseline-s0", "sft": {"layer_drop": 0.2}}]}, "would share a directory"),
+])
+def test_i33_f04_labels_that_make_two_runs_share_a_directory_are_refused(tmp_path, options, named):
+    with pytest.raises(ConfigError, match=named):
+        load_grid(grid_file(tmp_path, **options))

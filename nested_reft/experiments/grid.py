@@ -27,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from nested_reft.config import (
-    MITIGATIONS, TRAINING_SETS, ConfigError, EvalSettings, TrainConfig, check_option, config_differences, flat_options,
+    MITIGATIONS, TRAINING_SETS, ConfigError, EvalSettings, TrainConfig, check_option, check_path_component,
+    config_differences, flat_options,
     from_dict, load_config, read_yaml_mapping,
 )
 from nested_reft.tasks.data import DataError
@@ -89,8 +89,8 @@ class Variant:
     nesting: dict[str, Any] = field(default_factory=dict)  # NestingConfig options, e.g. {skip_policy: influence}
 
     def __post_init__(self) -> None:
-        check_option(self.label == "" or bool(re.fullmatch(r"[\w.-]+", str(self.label))), "variants.label",
-                     self.label, "a name of letters, digits, '.', '_' or '-'")
+        if self.label != "":
+            check_path_component(self.label, "variants.label")
         check_option(bool(self.label) or not self.nesting, "variants.label", self.label,
                      "given for a variant with nesting options (it names the run)")
         check_option(0.0 <= self.skip_ratio < 1.0, "variants.skip_ratio", self.skip_ratio, "in [0, 1)")
@@ -113,8 +113,7 @@ class WarmUp:
     sft: dict[str, Any] = field(default_factory=dict)  # SFTConfig options, e.g. {layer_drop: 0.15}
 
     def __post_init__(self) -> None:
-        check_option(bool(re.fullmatch(r"[\w.-]+", str(self.label))), "warm_ups.label", self.label,
-                     "a name of letters, digits, '.', '_' or '-'")
+        check_path_component(self.label, "warm_ups.label")
         check_option(isinstance(self.sft, dict) and bool(self.sft), "warm_ups.sft", self.sft,
                      "a non-empty mapping of sft options (what makes this warm-up another)")
 
@@ -146,8 +145,7 @@ class GridConfig:
     warm_ups: tuple[WarmUp, ...] = ()  # warm-ups beside train.sft's, each with the grid's instances again
 
     def __post_init__(self) -> None:
-        check_option(isinstance(self.name, str) and bool(re.fullmatch(r"[\w.-]+", self.name)), "name", self.name,
-               "a non-empty name of letters, digits, '.', '_' or '-'")
+        check_path_component(self.name, "name")
         for option, kind in (("models", str), ("datasets", str), ("skip_ratios", float), ("mitigations", str),
                              ("seeds", int), ("baseline_seeds", int)):
             _normalise(self, option, kind)
@@ -183,7 +181,7 @@ class GridConfig:
             self.base_config(self.models[0], self.datasets[0], self.seeds[0],
                              {"nesting.skip_ratio": variant.skip_ratio, **variant.overrides()})
         self._check_warm_ups()
-        _check_distinct_ids(enumerate_instances(self))
+        _check_distinct_directories(self, enumerate_instances(self))
 
     def _check_warm_ups(self) -> None:
         """Warm-ups with distinct labels, each a valid SFT config, in a grid that warms up at all."""
@@ -220,9 +218,11 @@ class GridConfig:
         return self.base_config(self.models[0], self.datasets[0], self.seeds[0]).sft.epochs > 0
 
 
-def _check_distinct_ids(instances: list[Instance]) -> None:
+def _check_distinct_directories(grid: GridConfig, instances: list[Instance]) -> None:
     """Refuse two instances with one id, so one run directory: ids print x with %g, so skip ratios equal to six
-    digits (0.1 and 0.1000001) collide, and the second would be taken for the first, done with its results."""
+    digits (0.1 and 0.1000001) collide, and the second would be taken for the first, done with its results. Then
+    every run's directory (the instances' and their warm-ups') compared as the directory it resolves to: none may
+    be another's, or lie inside another's (a label named like a run)."""
     first: dict[str, Instance] = {}
     for instance in instances:
         other = first.setdefault(instance.id, instance)
@@ -231,6 +231,17 @@ def _check_distinct_ids(instances: list[Instance]) -> None:
                 f"two instances share the id {instance.id} (one run directory): skip_ratio {other.skip_ratio!r} "
                 f"and {instance.skip_ratio!r} ({instance.mitigation}); make the ratios differ in six digits"
             )
+    runs = {instance.id: run_directory(grid, instance) for instance in instances}
+    runs.update({instance.sft_id: sft_directory(grid, instance) for instance in instances if grid.warm_up})
+    owners: dict[Path, str] = {}
+    for run_id, directory in runs.items():
+        resolved = Path(os.path.normpath(directory.absolute()))
+        clash = next(((other, path) for path, other in owners.items()
+                      if path == resolved or path in resolved.parents or resolved in path.parents), None)
+        if clash is not None:
+            raise ConfigError(f"runs {clash[0]} and {run_id} would share a directory ({clash[1]} and {resolved}, the "
+                              "same or one inside the other): rename a warm_ups or variants label")
+        owners[resolved] = run_id
 
 
 def _variant(value: Any) -> Variant:
