@@ -776,3 +776,20 @@ def test_i33_f12_a_done_run_whose_evaluation_is_gone_is_evaluated_again_or_repor
 def test_i33_f04_labels_that_make_two_runs_share_a_directory_are_refused(tmp_path, options, named):
     with pytest.raises(ConfigError, match=named):
         load_grid(grid_file(tmp_path, **options))
+
+
+def test_i33_f05_evaluation_records_are_not_reused_for_another_model_at_the_same_path(saved_tiny, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved_tiny, model_dir)
+    argv = ["eval", "--model", str(model_dir), "--benchmarks", "arithmetic", "--limit", "2", "--max-new-tokens", "2",
+            "--output-dir", str(tmp_path / "eval")]
+    assert main(argv) == 0
+    records = (tmp_path / "eval" / "arithmetic.jsonl").read_text()
+    assert main(argv) == 0  # the same model: resumed
+    damaged_copy(saved_tiny, tmp_path / "other", lambda weights: weights[UP].mul_(2))
+    shutil.rmtree(model_dir)
+    (tmp_path / "other").rename(model_dir)  # another model saved at the same path
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "another model at the same path" in error_line(capsys)
+    assert (tmp_path / "eval" / "arithmetic.jsonl").read_text() == records

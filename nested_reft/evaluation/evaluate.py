@@ -83,7 +83,7 @@ def evaluate_model(
     Benchmark names and the data are checked before the model is loaded; a path that is not a model raises
     `ModelLoadError` before anything is generated or written.
     """
-    from nested_reft.models.loading import MODEL_ALIASES, load_model
+    from nested_reft.models.loading import MODEL_ALIASES, load_model, model_fingerprint
 
     device = usable_device(device)
     output_dir = default_output_dir(name_or_path) if output_dir is None else output_dir
@@ -92,7 +92,8 @@ def evaluate_model(
     model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
     local = Path(name_or_path).expanduser()
     model_name = str(local.resolve()) if name_or_path not in MODEL_ALIASES and local.exists() else str(name_or_path)
-    return evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
+    return evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress,
+                          model_files=model_fingerprint(str(name_or_path)))
 
 
 def usable_device(device: str | torch.device | None) -> torch.device:
@@ -184,20 +185,25 @@ def evaluate_tasks(
     limit: int | None,
     model_name: str,
     progress: Progress | None,
+    model_files: str | None = None,
 ) -> dict:
     """pass@1 of a loaded model on `tasks` (a benchmark's, or any problems a script holds out), written and
-    resumed in `output_dir` as `evaluate` does; `data_dir` and `limit` are only recorded in eval.json."""
+    resumed in `output_dir` as `evaluate` does; `data_dir` and `limit` are only recorded in eval.json.
+    `model_files`: the model's fingerprint (`models.loading.model_fingerprint`), recorded beside its name and
+    compared on resume, so that records are never resumed for another model saved at the same path."""
     output_dir = Path(output_dir)
     check_output_directory(output_dir, "--output-dir")  # again for callers of `evaluate` and this function
     for task in tasks:
         task.check_fits(tokenizer, position_table_size(model), config.max_new_tokens, "max_new_tokens")
     with locked_eval_directory(output_dir):
-        return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
+        return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress,
+                               model_files)
 
 
 def _evaluate_tasks(model, tokenizer, tasks: list[Task], output_dir: Path, config: EvalConfig,
-                    data_dir: str | Path | None, limit: int | None, model_name: str, progress: Progress | None) -> dict:
-    settings = {"model": model_name, "config": dataclasses.asdict(config)}
+                    data_dir: str | Path | None, limit: int | None, model_name: str, progress: Progress | None,
+                    model_files: str | None) -> dict:
+    settings = {"model": model_name, "model_files": model_files, "config": dataclasses.asdict(config)}
     claim_output_dir(output_dir, settings, [task.name for task in tasks])
     started = time.perf_counter()
     timing = {"generated_tokens": 0, "generation_time_s": 0.0, "generated_problems": 0, "resumed_problems": 0}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -26,7 +27,7 @@ from safetensors import SafetensorError
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import __version__ as transformers_version
 
-from nested_reft.store.files import PathError, read_json_object
+from nested_reft.store.files import PathError, file_digest, read_json_object
 from nested_reft.models.tiny import CHATML_TEMPLATE, TINY_ARCHITECTURES, tiny_model
 
 ModelAndTokenizer = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -84,6 +85,23 @@ def load_model(
     model, tokenizer = _resolve(str(name_or_path), _as_dtype(dtype))
     _check_finite_weights(model, name_or_path)
     return _ready_for_generation(model, tokenizer, device)
+
+
+def model_fingerprint(name_or_path: str) -> str | None:
+    """What a local model is, by content: the SHA-256 of its config and weight files (a directory's config.json,
+    *.safetensors and their index; a .gguf file itself), so that a model replaced at the same path is another
+    model. None for an alias or a Hub id, which their name identifies."""
+    if name_or_path in MODEL_ALIASES:
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        return None
+    files = sorted(file for pattern in ("config.json", "*.safetensors", "*.safetensors.index.json")
+                   for file in path.glob(pattern) if file.is_file())
+    listing = "".join(f"{file.name} {file_digest(file)}\n" for file in files)
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
 def position_table_size(model: PreTrainedModel) -> int | None:

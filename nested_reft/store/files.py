@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -166,6 +167,15 @@ def read_json_lines(path: str | os.PathLike) -> JsonLines:
             raise PathError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
         records.append((number, record))
     return JsonLines(records, torn)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in blocks: a model's weights are not held in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def umask() -> int:

@@ -22,7 +22,6 @@ clear error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from nested_reft.store.files import atomic_write_json, follow_umask, umask
+from nested_reft.store.files import atomic_write_json, file_digest, follow_umask, umask
 from nested_reft.models.lora import has_adapters, load_adapter_weights
 from nested_reft.training.sharding import is_fully_sharded, load_whole_optimizer_state, load_whole_weights
 
@@ -236,11 +235,8 @@ def checkpoint_path(output_dir: Path, step: int) -> Path:
 
 
 def _hashes(directory: Path, exclude: set[str] = frozenset()) -> dict[str, str]:
-    return {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.iterdir())
-        if path.is_file() and path.name not in exclude
-    }
+    return {path.name: file_digest(path) for path in sorted(directory.iterdir())
+            if path.is_file() and path.name not in exclude}
 
 
 def _replace_directory(staging: Path, target: Path) -> None:
