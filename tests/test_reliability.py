@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -726,6 +727,9 @@ def fake_sweep(monkeypatch, evaluations: list):
         if not (output / SUMMARY_FILE).is_file():
             (output / FINAL_MODEL_DIR).mkdir(parents=True, exist_ok=True)
             save_config(config, output / CONFIG_FILE)
+            step = {"step": 1, "reward_mean": 0.5, "skipped_layers": 1, "kl_behavior_target": 0.1, "h_ess": 0.9,
+                    "h_truncated": 0.0, "gen_tokens_per_s": 10.0}
+            (output / METRICS_FILE).write_text(json.dumps(step) + "\n")
             (output / SUMMARY_FILE).write_text('{"token_speed": 1.0, "total_runtime_s": 1.0}')
         return {}
 
@@ -733,6 +737,9 @@ def fake_sweep(monkeypatch, evaluations: list):
         assert Path(model_dir).is_dir()
         evaluations.append(str(output_dir))
         Path(output_dir).mkdir(parents=True, exist_ok=True)
+        record = {"id": "arithmetic/0", "prompt": "p", "completion": "c", "extracted_answer": "1", "gold": "1",
+                  "correct": True, "completion_tokens": 1, "finished": True}
+        (Path(output_dir) / "arithmetic.jsonl").write_text(json.dumps(record) + "\n")
         (Path(output_dir) / "eval.json").write_text('{"benchmarks": {"arithmetic": {"accuracy": 0.5}}, "average": 0.5}')
         return {}
 
@@ -793,3 +800,78 @@ def test_i33_f05_evaluation_records_are_not_reused_for_another_model_at_the_same
     assert main(argv) == 2
     assert "another model at the same path" in error_line(capsys)
     assert (tmp_path / "eval" / "arithmetic.jsonl").read_text() == records
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results tables: merged row by row with what is on disk, one row per key, every CSV read with its schema
+# ----------------------------------------------------------------------------------------------------------
+
+
+def table(path) -> list[dict]:
+    import csv
+    with open(path, encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_i33_f02_a_smaller_grid_on_the_same_output_dir_keeps_the_other_instances_rows(tmp_path, monkeypatch):
+    fake_sweep(monkeypatch, [])
+    larger = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}, skip_ratios=[0.2, 0.3]))
+    sweep.run_sweep(larger, log=lambda line: None)
+    before = {name: table(larger.root / name) for name in ("results.csv", "steps.csv", "problems.csv")}
+    assert {row["instance"].split("/")[-1] for row in before["steps.csv"]} >= {"x0.3-b1-retrace-s0"}
+    smaller = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}, skip_ratios=[0.2]))
+    sweep.run_sweep(smaller, log=lambda line: None)
+    for name, rows in before.items():
+        after = table(larger.root / name)
+        assert sorted(map(sorted, (row.items() for row in after))) == sorted(map(sorted, (row.items() for row in rows)))
+
+
+def recorded_sweep(tmp_path, monkeypatch):
+    """A grid swept once (its results as a record to merge) and the same grid on a fresh output_dir."""
+    fake_sweep(monkeypatch, [])
+    grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}))
+    sweep.run_sweep(grid, log=lambda line: None)
+    record = tmp_path / "record"
+    record.mkdir()
+    for name in ("results.csv", "steps.csv", "problems.csv"):
+        shutil.copy(grid.root / name, record / name)
+    (tmp_path / "fresh").mkdir()
+    return record, grid_file(tmp_path / "fresh", train={"sft": {"epochs": 0}})
+
+
+def append_line(path, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as stream:
+        stream.write(line + "\n")
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda r: append_line(r / "results.csv", (r / "results.csv").read_text().splitlines()[1]),
+     r"results\.csv, line 4: a second row for .*baseline-s0 \(the first is on line 2\)"),
+    (lambda r: (r / "problems.csv").write_text("instance,correct\nx,1\n"), r"problems\.csv lacks column\(s\) benchmark"),
+])
+def test_i33_f11_merge_refuses_duplicate_rows_and_tables_without_their_columns(tmp_path, monkeypatch, capsys, damage,
+                                                                               named):
+    record, grid_path = recorded_sweep(tmp_path, monkeypatch)
+    damage(record)
+    capsys.readouterr()
+    assert main(["sweep", str(grid_path), "--collect", "--merge", str(record)]) == 2
+    assert re.search(named, error_line(capsys))
+
+
+def test_i33_f11_f22_report_refuses_a_problems_row_of_one_field(tmp_path, monkeypatch, capsys):
+    fake_sweep(monkeypatch, [])
+    grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}))
+    sweep.run_sweep(grid, log=lambda line: None)
+    append_line(grid.root / "problems.csv", "0")
+    capsys.readouterr()
+    assert main(["report", str(grid.root)]) == 2
+    assert "problems.csv, line 4: 1 field(s), but the header has 4 columns" in error_line(capsys)
+
+
+def test_i33_f22_merge_of_a_steps_table_without_instance_is_one_line(tmp_path, monkeypatch, capsys):
+    record, grid_path = recorded_sweep(tmp_path, monkeypatch)
+    rows = table(record / "steps.csv")
+    (record / "steps.csv").write_text(csv_text([c for c in rows[0] if c != "instance"], rows))
+    capsys.readouterr()
+    assert main(["sweep", str(grid_path), "--collect", "--merge", str(record)]) == 2
+    assert "steps.csv lacks column(s) instance" in error_line(capsys)

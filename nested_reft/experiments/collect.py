@@ -6,19 +6,17 @@ per-problem JSONL files (`evaluate`), and its warm-up's evaluation for the accur
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nested_reft.evaluation.records import EVAL_FILE, read_records
-from nested_reft.store.files import atomic_write_text, read_json, read_text
+from nested_reft.store.files import atomic_write_text, read_json
 from nested_reft.experiments.grid import GridConfig, Instance, enumerate_instances, run_directory, sft_directory
 from nested_reft.experiments.results import (
-    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError,
-    accuracy_column, mean_of_measured, read_results, write_results, write_table,
+    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE,
+    ResultsError, accuracy_column, mean_of_measured, read_results, table_rows, write_results, write_table,
 )
 from nested_reft.training.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
 from nested_reft.experiments.status import read_status
@@ -32,7 +30,9 @@ def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Pat
 
     `recorded`: a results directory (another sweep's output_dir, a study's docs directory) whose done instances
     fill in those not done here, their steps and problems with them: a study continued in a later session, on a
-    fresh checkout, or split across machines reports as one grid.
+    fresh checkout, or split across machines reports as one grid. The tables are merged row by row with what is on
+    disk: the rows of runs this grid does not have (a larger version of it, run before on the same output_dir)
+    are kept as they are, so a smaller grid never deletes another instance's results.
     """
     instances = enumerate_instances(grid)
     rows = {instance.id: result_row(grid, instance) for instance in instances}
@@ -43,9 +43,12 @@ def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Pat
     problems = {run_id: problem_rows(grid, run_id, directory) for run_id, directory in evaluated.items()}
     if recorded is not None:
         merge_recorded(Path(recorded), rows, steps, problems, grid.eval.benchmarks)
-    write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, rows.values())
-    write_table(grid.root / STEPS_FILE, STEP_COLUMNS, [row for run in steps.values() for row in run])
-    write_table(grid.root / PROBLEMS_FILE, PROBLEM_COLUMNS, [row for run in problems.values() for row in run])
+    kept = {name: [row for row in table_rows(grid.root / name) if row["instance"] not in ours]
+            for name, ours in ((RESULTS_FILE, rows), (STEPS_FILE, steps), (PROBLEMS_FILE, problems))}
+    write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, [*rows.values(), *kept[RESULTS_FILE]])
+    write_table(grid.root / STEPS_FILE, STEP_COLUMNS, [row for run in steps.values() for row in run] + kept[STEPS_FILE])
+    write_table(grid.root / PROBLEMS_FILE, PROBLEM_COLUMNS,
+                [row for run in problems.values() for row in run] + kept[PROBLEMS_FILE])
     if grid.conditions:
         atomic_write_text(grid.root / CONDITIONS_FILE, grid.conditions.strip() + "\n")
     return grid.root / RESULTS_FILE
@@ -66,7 +69,7 @@ def merge_recorded(recorded: Path, rows: dict[str, dict], steps: dict[str, list]
     grid does not have (its rows would be lost when the tables are copied back), or a recorded results.csv without
     an accuracy column of one of this grid's benchmarks."""
     done_there = recorded_done(recorded)
-    recorded_rows = {row["instance"]: row for row in _raw_rows(recorded / RESULTS_FILE)}
+    recorded_rows = {row["instance"]: row for row in table_rows(recorded / RESULTS_FILE)}
     foreign = sorted(set(recorded_rows) - set(rows))
     if foreign:
         raise ResultsError(f"{recorded / RESULTS_FILE} records instance(s) the grid does not have "
@@ -77,8 +80,8 @@ def merge_recorded(recorded: Path, rows: dict[str, dict], steps: dict[str, list]
     if missing:
         raise ResultsError(f"{recorded / RESULTS_FILE} lacks column(s) {', '.join(missing)} of this grid's benchmarks "
                            "(were its runs evaluated on other benchmarks?)")
-    recorded_steps = _by_instance(_raw_rows(recorded / STEPS_FILE))
-    recorded_problems = _by_instance(_raw_rows(recorded / PROBLEMS_FILE))
+    recorded_steps = _by_instance(table_rows(recorded / STEPS_FILE))
+    recorded_problems = _by_instance(table_rows(recorded / PROBLEMS_FILE))
     for run_id, row in rows.items():
         if row["status"] != "done" and run_id in done_there:
             rows[run_id] = recorded_rows[run_id]
@@ -87,11 +90,6 @@ def merge_recorded(recorded: Path, rows: dict[str, dict], steps: dict[str, list]
     for run_id in set(problems) - set(rows):  # this grid's warm-ups (evaluate_warm_up)
         if not problems[run_id]:
             problems[run_id] = recorded_problems.get(run_id, [])
-
-
-def _raw_rows(path: Path) -> list[dict[str, str]]:
-    """A table's rows as written (no cell parsed); [] where the file does not exist."""
-    return list(csv.DictReader(io.StringIO(read_text(path)))) if path.is_file() else []
 
 
 def _by_instance(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
