@@ -833,8 +833,9 @@ def recorded_sweep(tmp_path, monkeypatch):
     sweep.run_sweep(grid, log=lambda line: None)
     record = tmp_path / "record"
     record.mkdir()
-    for name in ("results.csv", "steps.csv", "problems.csv"):
-        shutil.copy(grid.root / name, record / name)
+    for name in ("results.csv", "steps.csv", "problems.csv", "run_settings.json"):
+        if (grid.root / name).exists():
+            shutil.copy(grid.root / name, record / name)
     (tmp_path / "fresh").mkdir()
     return record, grid_file(tmp_path / "fresh", train={"sft": {"epochs": 0}})
 
@@ -875,3 +876,30 @@ def test_i33_f22_merge_of_a_steps_table_without_instance_is_one_line(tmp_path, m
     capsys.readouterr()
     assert main(["sweep", str(grid_path), "--collect", "--merge", str(record)]) == 2
     assert "steps.csv lacks column(s) instance" in error_line(capsys)
+
+
+@pytest.mark.parametrize("record", ["tables", "output_dir", "output_dir-without-settings"])
+@pytest.mark.parametrize("change, named", [
+    ({"train": {"sft": {"epochs": 1}, "rft_steps": 3}}, "rft_steps: 99 -> 3"),
+    ({"train": {"sft": {"epochs": 1}}, "eval": {"benchmarks": ["arithmetic"], "limit": 3}}, "eval.limit: 2 -> 3"),
+])
+def test_i33_f06_merge_refuses_runs_recorded_under_other_settings(tmp_path, monkeypatch, capsys, record, change,
+                                                                  named):
+    fake_sweep(monkeypatch, [])
+    grid = load_grid(grid_file(tmp_path))  # warms up: its instances start from a model under its output_dir
+    sweep.run_sweep(grid, log=lambda line: None)
+    source = grid.root
+    if record == "tables":
+        source = tmp_path / "record"
+        source.mkdir()
+        for name in ("results.csv", "steps.csv", "problems.csv", "run_settings.json"):
+            shutil.copy(grid.root / name, source / name)
+    elif record == "output_dir-without-settings":
+        (grid.root / "run_settings.json").unlink()
+    (tmp_path / "fresh").mkdir()
+    same = grid_file(tmp_path / "fresh")  # the same grid on another output_dir: its runs count as done
+    assert main(["sweep", str(same), "--collect", "--merge", str(source)]) == 0
+    for argv in (["--collect"], ["--emit-commands", str(tmp_path / "jobs.txt")], []):
+        capsys.readouterr()
+        assert main(["sweep", str(grid_file(tmp_path / "fresh", **change)), *argv, "--merge", str(source)]) == 2
+        assert named in error_line(capsys)

@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from nested_reft.config import (
-    MITIGATIONS, TRAINING_SETS, ConfigError, EvalSettings, TrainConfig, check_option, check_path_component,
-    config_differences, flat_options,
-    from_dict, load_config, read_yaml_mapping,
+    MITIGATIONS, RESUMABLE_OPTIONS, TRAINING_SETS, ConfigError, EvalSettings, TrainConfig, check_option,
+    check_path_component, config_differences, flat_options, from_dict, load_config, read_yaml_mapping, to_dict,
 )
 from nested_reft.tasks.data import DataError
 from nested_reft.evaluation.evaluate import benchmark_names
@@ -400,13 +399,44 @@ def changed_settings(grid: GridConfig, instance: Instance, saved: TrainConfig | 
     config.yaml; options of RESUMABLE_OPTIONS, which do not shape a result, aside) and evaluated with
     (`evaluated`, its status's record), as "option: then -> now"; unknown (None) compares as unchanged."""
     changes = [] if saved is None else config_differences(saved, instance_config(grid, instance))
-    now = eval_record(grid)
-    if evaluated is not None:
-        # Records written before EvalSettings filled in its defaults hold None for an option left at its default.
-        defaults = _eval_options(EvalSettings())
-        changes += [f"eval.{name}: {evaluated.get(name)!r} -> {now[name]!r}" for name in sorted(now)
-                    if (defaults[name] if evaluated.get(name) is None else evaluated.get(name)) != now[name]]
-    return changes
+    return changes + _eval_changes(evaluated, eval_record(grid))
+
+
+def _eval_changes(evaluated: dict | None, now: dict, ignored: tuple[str, ...] = ()) -> list[str]:
+    """The evaluation options of `now` that `evaluated` (a status's record) set otherwise, "eval.option: then -> now";
+    None (unknown) compares as unchanged."""
+    if evaluated is None:
+        return []
+    # Records written before EvalSettings filled in its defaults hold None for an option left at its default.
+    defaults = _eval_options(EvalSettings())
+    return [f"eval.{name}: {evaluated.get(name)!r} -> {now[name]!r}" for name in sorted(now) if name not in ignored
+            and (defaults[name] if evaluated.get(name) is None else evaluated.get(name)) != now[name]]
+
+
+OUTPUT_DIR = "$output_dir"  # how run settings write a path under the grid's output_dir (`run_settings`)
+
+
+def run_settings(run_id: str, config: TrainConfig, evaluated: dict | None) -> dict[str, Any]:
+    """What the run `run_id` is, as a results directory records it for `--merge` to compare (`settings_differences`):
+    its train options `config`, dotted, outside RESUMABLE_OPTIONS (where files are, how the run was logged), a model
+    under its grid's output_dir (the run directory, config.output_dir, less `run_id`) written from there
+    ($output_dir/...: another machine's output_dir compares equal), and its evaluation's options `evaluated` (its
+    status's record)."""
+    options = {name: value for name, value in flat_options(to_dict(config)).items() if name not in RESUMABLE_OPTIONS}
+    directory, model = os.path.normpath(config.output_dir), os.path.normpath(options["model"])
+    root = directory[: -len(os.path.normpath(run_id))] if directory.endswith(os.sep + os.path.normpath(run_id)) else None
+    if root and model.startswith(root):
+        options["model"] = f"{OUTPUT_DIR}/{Path(model[len(root):]).as_posix()}"
+    return {"train": options, "eval": evaluated}
+
+
+def settings_differences(recorded: dict, now: dict) -> list[str]:
+    """What `now` (`run_settings` of the grid's instance) sets otherwise than `recorded`, "option: then -> now";
+    where the data and how many prompts a batch holds are aside (neither changes what an evaluation draws from)."""
+    before, after = recorded.get("train") or {}, now["train"]
+    changes = [f"{name}: {before.get(name)!r} -> {after.get(name)!r}" for name in sorted(set(before) | set(after))
+               if before.get(name) != after.get(name)]
+    return changes + _eval_changes(recorded.get("eval"), now["eval"], ignored=("data_dir", "batch_size"))
 
 
 def select_instances(grid: GridConfig, only: str | None) -> list[Instance]:

@@ -11,6 +11,7 @@ Layout, under the grid's `output_dir`:
         eval/eval.json, eval/<benchmark>.jsonl   (nested_reft.evaluation.evaluate)
     results.csv                                  one row per instance (nested_reft.experiments.results; the only input
                                                  of `report`)
+    run_settings.json                            each done run's settings, which `--merge` compares (`collect`)
     .sweep.lock, <model-slug>/<dataset>/<instance or sft-s<seed>>.lock     one writer each (see `run_sweep`)
 
 Rerunning a sweep skips instances whose status is done, retries failed or interrupted ones (a run left
@@ -93,7 +94,7 @@ def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], No
     the refusal is raised, in a whole-grid sweep it is reported in `in_use` and the sweep goes on.
     """
     instances = select_instances(grid, only)
-    done_there = recorded_done(recorded)
+    done_there = recorded_done(recorded, grid)
     with contextlib.ExitStack() as stack:
         if only is None:
             stack.enter_context(exclusive_lock(grid.root / SWEEP_LOCK_FILE, f"the sweep of grid {grid.name!r} "
@@ -279,7 +280,7 @@ def emit_commands(grid: GridConfig, grid_path: str | os.PathLike, path: str | os
     prefix = f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m nested_reft.cli sweep"
     grid_file = shlex.quote(str(Path(grid_path).resolve()))
     merge = f" --merge {shlex.quote(str(Path(recorded).resolve()))}" if recorded is not None else ""
-    done_there = recorded_done(recorded)
+    done_there = recorded_done(recorded, grid)
     check_output_file(path, "--emit-commands")
     lines = [f"{prefix} {grid_file}{merge} --only {shlex.quote(instance.id)}" for instance in enumerate_instances(grid)
              if instance.id not in done_there]
