@@ -903,3 +903,45 @@ def test_i33_f06_merge_refuses_runs_recorded_under_other_settings(tmp_path, monk
         capsys.readouterr()
         assert main(["sweep", str(grid_file(tmp_path / "fresh", **change)), *argv, "--merge", str(source)]) == 2
         assert named in error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every command that writes an output directory: the one lock, nothing overwritten, results staged
+# ----------------------------------------------------------------------------------------------------------
+
+TINY_PROBE = ["probe", "--model", "tiny-llama", "--dataset", "arithmetic", "--skip-ratios", "0.2", "--problems", "1",
+              "--draws", "1", "--generations", "1", "--max-new-tokens", "2"]
+
+
+def test_i33_f03_a_probe_never_overwrites_an_earlier_one_and_a_second_probe_is_refused(tmp_path, capsys):
+    output = tmp_path / "probe"
+    assert main([*TINY_PROBE, "--output-dir", str(output)]) == 0
+    first = {name: (output / name).read_bytes() for name in ("probe.json", "probe.png")}
+    capsys.readouterr()
+    assert main([*TINY_PROBE, "--seed", "1", "--output-dir", str(output)]) == 2
+    assert "already holds a probe (probe.json)" in error_line(capsys)
+    with exclusive_lock(tmp_path / "other" / LOCK_FILE, "the first probe"):  # a probe under way there
+        assert main([*TINY_PROBE, "--output-dir", str(tmp_path / "other")]) == 2
+        assert "is in use by pid" in error_line(capsys)
+    assert {name: (output / name).read_bytes() for name in first} == first
+    assert not (tmp_path / "other" / "probe.json").exists()
+
+
+def test_i33_f07_a_probe_into_a_run_directory_a_train_is_writing_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    with exclusive_lock(run / LOCK_FILE, "the running train"):
+        assert main([*TINY_PROBE, "--output-dir", str(run)]) == 2
+        assert f"probe output directory {run} is in use by pid {os.getpid()}" in error_line(capsys)
+    assert sorted(path.name for path in run.iterdir()) == [LOCK_FILE]
+
+
+def test_i33_f23_a_refused_report_writes_none_of_its_files(tmp_path, monkeypatch, capsys):
+    fake_sweep(monkeypatch, [])
+    grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}))
+    sweep.run_sweep(grid, log=lambda line: None)
+    append_line(grid.root / "steps.csv", "damaged")
+    capsys.readouterr()
+    assert main(["report", str(grid.root)]) == 2
+    assert "steps.csv, line" in error_line(capsys)
+    assert not (grid.root / "report").exists()

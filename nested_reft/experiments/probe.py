@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from nested_reft.config import ConfigError, ImportanceConfig, NestingConfig, ProbeSettings, SamplingConfig, check_option
-from nested_reft.store.files import atomic_write_json, check_output_directory
+from nested_reft.store.files import atomic_write_json, check_output_directory, written_on_success
 from nested_reft.algorithm.importance import ImportanceStats, behavior_target_kl, importance_statistics
 from nested_reft.nesting.bridges import BridgeFitter, Bridges, fit_bridges, record_texts
 from nested_reft.nesting.influence import InfluenceMeter
@@ -290,19 +290,25 @@ def _given(options: dict) -> dict:
 
 def probe_main(model: str, dataset: str, output_dir: str, settings: ProbeSettings, data_dir: str | None = None,
                dtype: str = "float32", device: str | None = None) -> ProbeResult:
-    """Load, probe, write; prints the table and the recommendation. Inputs are checked before anything is written."""
+    """Load, probe, write; prints the table and the recommendation. Inputs are checked before anything is written;
+    the output directory is held (its one-writer lock, as a run's: a probe into a directory a run or another probe
+    is writing is refused), never holds a probe already, and gets probe.json and probe.png together at the end."""
     from nested_reft.evaluation.evaluate import usable_device
     from nested_reft.models.loading import load_model
 
     check_output_directory(output_dir, "--output-dir")
-    calibrating = settings.nesting.bridge == "linear"  # the bridges are fitted on the problems after the probed ones
-    task = Task.load(dataset, "train", data_dir,
-                     limit=settings.problems + (settings.nesting.bridge_calibration if calibrating else 0))
-    if not task.problems:
-        raise ConfigError(f"--dataset {dataset} has no training problems to probe")
-    loaded, tokenizer = load_model(model, dtype=dtype, device=usable_device(device))
-    result = probe(loaded, tokenizer, task, settings, model)
-    write_probe(result, output_dir)
+    with written_on_success(output_dir, f"probe output directory {output_dir}") as staging:
+        if (Path(output_dir) / PROBE_FILE).exists():
+            raise ConfigError(f"--output-dir {output_dir} already holds a probe ({PROBE_FILE}): choose another "
+                              "--output-dir, or delete it to probe again")
+        calibrating = settings.nesting.bridge == "linear"  # the bridges are fitted on the problems after the probed ones
+        task = Task.load(dataset, "train", data_dir,
+                         limit=settings.problems + (settings.nesting.bridge_calibration if calibrating else 0))
+        if not task.problems:
+            raise ConfigError(f"--dataset {dataset} has no training problems to probe")
+        loaded, tokenizer = load_model(model, dtype=dtype, device=usable_device(device))
+        result = probe(loaded, tokenizer, task, settings, model)
+        write_probe(result, staging)
     print(format_table(result))
     return result
 

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -234,3 +235,22 @@ def _holder_description() -> str:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = " ".join(sys.argv)[:300]
     return f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command})"
+
+
+@contextlib.contextmanager
+def written_on_success(directory: str | os.PathLike, what: str) -> Iterator[Path]:
+    """For a command that writes its results into `directory` (probe, report): the directory's one-writer lock held
+    for the body (`locked_directory`, `what` naming it in a refusal), and a staging directory inside it to write
+    the results into, whose files appear in `directory` (each renamed into place) only once the body succeeds. A
+    body that fails leaves none of them, and a directory it created is removed again (`removed_unless_used`)."""
+    directory = Path(directory)
+    with removed_unless_used(directory, (LOCK_FILE,)), locked_directory(directory, what):
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=".staging-"))
+        try:
+            yield staging
+            for file in sorted(path for path in staging.rglob("*") if path.is_file()):
+                target = directory / file.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
