@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from nested_reft.experiments import demo
 from nested_reft.experiments import sweep
 from nested_reft.training import trainer
+from nested_reft.training.checkpoint import CheckpointError
 from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.cli import main
 from nested_reft.config import ConfigError, load_config, save_config
@@ -945,3 +946,63 @@ def test_i33_f23_a_refused_report_writes_none_of_its_files(tmp_path, monkeypatch
     assert main(["report", str(grid.root)]) == 2
     assert "steps.csv, line" in error_line(capsys)
     assert not (grid.root / "report").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights from safetensors only, through an index too; our own checkpoint's pickle refused by name
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Forbidden:
+    """Pickles as a call of a global that weights_only never allows (print: harmless, were it ever called)."""
+
+    def __reduce__(self):
+        return print, ("unpickled",)
+
+
+def indexed_bin_model(saved, target, payload):
+    """`saved` with its weights moved to pytorch_model.bin (torch.save of `payload(weights)`) and a safetensors
+    index that lists that file."""
+    shutil.copytree(saved, target)
+    weights = load_file(target / "model.safetensors")
+    (target / "model.safetensors").unlink()
+    torch.save(payload(weights), target / "pytorch_model.bin")
+    index = {"metadata": {}, "weight_map": {name: "pytorch_model.bin" for name in weights}}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index))
+    return target
+
+
+@pytest.mark.parametrize("finding, payload", [("f08", lambda weights: weights),
+                                              ("f09", lambda weights: {**weights, "x": _Forbidden()})])
+def test_i33_f08_f09_an_index_listing_a_pickled_file_is_refused_before_it_is_read(saved_tiny, tmp_path, capsys,
+                                                                                  monkeypatch, finding, payload):
+    model = indexed_bin_model(saved_tiny, tmp_path / "model", payload)
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args))
+    assert main(["train", *TINY_RUN, "--model", str(model), "--output-dir", str(tmp_path / "out")]) == 2
+    line = error_line(capsys)
+    assert "model.safetensors.index.json lists pytorch_model.bin" in line and "safetensors only" in line
+    assert not loads and not (tmp_path / "out").exists()
+
+
+def rewrite_checkpoint_file(checkpoint, name, write):
+    """Replace a checkpoint's file and update its manifest's checksum, as a deliberate edit would."""
+    write(checkpoint / name)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest[name] = __import__("hashlib").sha256((checkpoint / name).read_bytes()).hexdigest()
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("finding, name, write, named", [
+    ("f09", "optimizer.pt", lambda path: torch.save({"optimizer": _Forbidden(), "scheduler": {}}, path),
+     "optimizer.pt is not an optimizer state of tensors and plain values"),
+    ("f22", "trainer_state.json", lambda path: path.write_text('{"step": 1, "total": {}}'),
+     "trainer_state.json is not a trainer state (totals must map names of"),
+])
+def test_i33_f09_f22_a_checkpoint_file_replaced_with_its_checksum_is_refused_by_name(tmp_path, finding, name, write,
+                                                                                     named):
+    output = tmp_path / "run"
+    resumable_run(output)
+    rewrite_checkpoint_file(max(output.glob("checkpoint-*")), name, write)
+    with pytest.raises(CheckpointError, match=re.escape(named)):  # the CLI's one line, exit 2
+        train(run_config(output), tiny_task(), resume=True)

@@ -2,7 +2,7 @@
 
 A checkpoint is a directory: the model (`save_pretrained`, safetensors) with its tokenizer, the
 optimizer and scheduler states (`torch.save`, read back with `weights_only=True`, so loading never
-runs pickled code), `trainer_state.json` (the step and the run's totals), every process's torch RNG
+runs pickled code: anything but tensors and plain values is refused by name), `trainer_state.json` (the step and the run's totals), every process's torch RNG
 states (`rng_state.safetensors`), and `manifest.json` written last with the SHA-256 of every file.
 
 What makes a resumed run draw what the original drew: every sampling decision of the trainer (the
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from nested_reft.store.files import atomic_write_json, file_digest, follow_umask, umask
+from nested_reft.store.files import PathError, atomic_write_json, file_digest, follow_umask, read_json_object, umask
 from nested_reft.models.lora import has_adapters, load_adapter_weights
 from nested_reft.training.sharding import is_fully_sharded, load_whole_optimizer_state, load_whole_weights
 
@@ -148,13 +149,38 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, sc
             f"checkpoint {directory} does not fit the model: missing {sorted(set(missing) - tied)}, "
             f"unexpected {sorted(unexpected)}"
         )
-    states = torch.load(directory / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+    states = _optimizer_states(directory / OPTIMIZER_STATE)
     if is_fully_sharded(model):
         load_whole_optimizer_state(model, optimizer, states["optimizer"])
     else:
         optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    return json.loads((directory / TRAINER_STATE).read_text())
+    return _trainer_state(directory / TRAINER_STATE)
+
+
+def _optimizer_states(path: Path) -> dict:
+    """The optimizer and scheduler states of optimizer.pt, the one pickle nested-reft reads: with torch.load's
+    weights_only=True, which unpickles tensors, numbers, strings and plain containers and refuses anything else
+    (a global it does not know is never imported or called). What it refuses, or a file of another shape, is a
+    CheckpointError naming the file."""
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        reason = str(error).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{path} is not an optimizer state of tensors and plain values ({reason}): nested-reft "
+                              "did not write it; restore the checkpoint, or start a new --output-dir") from None
+    if not isinstance(states, dict) or not {"optimizer", "scheduler"} <= set(states):
+        raise CheckpointError(f"{path} holds no optimizer and scheduler states: nested-reft did not write it; restore "
+                              "the checkpoint, or start a new --output-dir")
+    return states
+
+
+def _trainer_state(path: Path) -> dict:
+    """The JSON object trainer_state.json holds; a CheckpointError naming the file where it holds none."""
+    try:
+        return read_json_object(path)
+    except PathError as error:
+        raise CheckpointError(f"{error}: restore the checkpoint, or start a new --output-dir") from None
 
 
 def load_run_tensors(directory: Path) -> dict[str, torch.Tensor]:

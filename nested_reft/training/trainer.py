@@ -36,7 +36,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -56,6 +56,8 @@ from nested_reft.store.files import atomic_write_json, atomic_write_text, check_
 from nested_reft.store.seeding import step_generator
 from nested_reft.tasks.task import Task
 from nested_reft.training.checkpoint import (
+    TRAINER_STATE,
+    CheckpointError,
     checkpoint_path,
     load_checkpoint,
     load_run_tensors,
@@ -176,7 +178,7 @@ def _train_model(
     start_step = 0
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, policy, optimizer, scheduler)
-        start_step, totals = saved["step"], RunTotals(**saved["totals"])
+        start_step, totals = _saved_progress(saved, checkpoint)
         if "skip_policy" in saved:  # checkpoints before adaptive policies hold none (their policy was uniform)
             skip_policy.load_state_dict(saved["skip_policy"])
         if state.bridging is not None:
@@ -204,6 +206,24 @@ def _train_model(
     # a rank that destroys it while another still writes can hang the launch (pytorch/pytorch#75097).
     accelerator.wait_for_everyone()
     return summary
+
+
+def _saved_progress(saved: dict, checkpoint: Path) -> tuple[int, RunTotals]:
+    """The step and the run's totals a checkpoint's trainer_state.json holds; a CheckpointError naming the file where
+    it holds no integer step >= 0, or totals that are not RunTotals' names with numbers."""
+    step, totals = saved.get("step"), saved.get("totals")
+    names = {spec.name for spec in fields(RunTotals)}
+    problems = [] if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else [
+        f"step must be an integer >= 0, got {step!r}"]
+    if not (isinstance(totals, dict) and set(totals) <= names and all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in totals.values())):
+        problems.append(f"totals must map names of {', '.join(sorted(names))} to numbers, got {totals!r:.100}")
+    if not isinstance(saved.get("skip_policy", {}), dict):
+        problems.append(f"skip_policy must be a mapping, got {saved['skip_policy']!r:.100}")
+    if problems:
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE} is not a trainer state ({'; '.join(problems)}): restore "
+                              "the checkpoint, or start a new --output-dir")
+    return step, RunTotals(**totals)
 
 
 def reft(
