@@ -1006,3 +1006,17 @@ def test_i33_f09_f22_a_checkpoint_file_replaced_with_its_checksum_is_refused_by_
     rewrite_checkpoint_file(max(output.glob("checkpoint-*")), name, write)
     with pytest.raises(CheckpointError, match=re.escape(named)):  # the CLI's one line, exit 2
         train(run_config(output), tiny_task(), resume=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Silent wrong: non-finite warm-ups, options that do nothing, what a probe ran with, ranks wider than the model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_i33_f10_a_warm_up_whose_loss_is_not_finite_stops_and_saves_nothing(tmp_path, capsys):
+    output = tmp_path / "sft"
+    argv = ["sft", *TINY_RUN, "--sft-epochs", "1", "--sft-max-examples", "2", "--sft-distill-nested", "1e300",
+            "--skip-ratio", "0.2", "--output-dir", str(output)]
+    assert main(argv) == 2
+    assert "SFT warm-up step 1: the loss" in error_line(capsys)
+    assert not (output / FINAL_MODEL_DIR).exists() and not (output / SUMMARY_FILE).exists()
