@@ -1020,3 +1020,42 @@ def test_i33_f10_a_warm_up_whose_loss_is_not_finite_stops_and_saves_nothing(tmp_
     assert main(argv) == 2
     assert "SFT warm-up step 1: the loss" in error_line(capsys)
     assert not (output / FINAL_MODEL_DIR).exists() and not (output / SUMMARY_FILE).exists()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--sft-layer-drop", "0.2"], "sft.layer_drop must be 0 while sft.epochs = 0"),
+    (["--sft-distill-nested", "1.0", "--skip-ratio", "0.2"], "sft.distill_nested must be 0 while sft.epochs = 0"),
+    (["--sft-epochs", "1", "--sft-distill-ratio", "0.2"], "sft.distill_ratio must be unset (null) while "
+                                                          "sft.distill_nested = 0"),
+])
+def test_i33_f13_options_that_would_do_nothing_are_refused_not_recorded(tmp_path, capsys, argv, named):
+    assert main(["train", *TINY_RUN, *argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_i33_f13_a_grid_whose_warm_up_drops_layers_runs_its_instances_without_those_options(tmp_path):
+    grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 1, "layer_drop": 0.2}}))
+    instance = enumerate_instances(grid)[0]
+    assert sweep.sft_config(grid, instance).sft.layer_drop == 0.2
+    assert sweep.instance_config(grid, instance).sft.layer_drop == 0.0
+
+
+def test_i33_f14_a_probe_refuses_more_problems_than_the_set_has_and_records_what_it_ran_with(tmp_path, capsys):
+    assert main([*TINY_PROBE, "--problems", "100000", "--output-dir", str(tmp_path / "many")]) == 2
+    assert "--problems 100000: training set arithmetic has" in error_line(capsys)
+    assert not (tmp_path / "many").exists()
+    assert main([*TINY_PROBE, "--output-dir", str(tmp_path / "probe")]) == 0
+    settings = json.loads((tmp_path / "probe" / "probe.json").read_text())["settings"]
+    assert (settings["problems"], settings["problems_probed"], settings["draws"], settings["generations"]) == (1, 1, 1, 1)
+    assert settings["sampling"]["max_new_tokens"] == 2 and settings["seed"] == 0
+
+
+def test_i33_f15_a_lora_rank_wider_than_the_model_is_refused_before_adapters_are_added(tmp_path, monkeypatch):
+    def added(*args):
+        raise AssertionError("adapters of rank 100000 were added")
+
+    monkeypatch.setattr(trainer, "add_adapters", added)
+    with pytest.raises(ConfigError, match=r"lora\.r=100000 is wider than the model \(hidden size 32\)"):
+        train(run_config(tmp_path / "run", **{"lora.r": 100000}), tiny_task())
+    assert not (tmp_path / "run").exists()

@@ -378,8 +378,9 @@ def instance_config(grid: GridConfig, instance: Instance) -> TrainConfig:
         "importance.mitigation": instance.mitigation,
         **(instance.variant.overrides() if instance.variant else {}),
     }
-    if grid.warm_up:
-        overrides.update({"model": str(sft_directory(grid, instance) / FINAL_MODEL_DIR), "sft.epochs": 0})
+    if grid.warm_up:  # no warm-up of its own: its options, which would do nothing, are the defaults
+        overrides.update({"model": str(sft_directory(grid, instance) / FINAL_MODEL_DIR), "sft.epochs": 0,
+                          "sft.layer_drop": 0.0, "sft.distill_nested": 0.0, "sft.distill_ratio": None})
     return grid.base_config(instance.model, instance.dataset, instance.seed, overrides)
 
 

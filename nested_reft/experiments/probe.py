@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import textwrap
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,6 +74,9 @@ class ProbeResult:
     # nesting.bridge = linear: the training problems the bridges were fitted on (the nesting.bridge_calibration after
     # the probed ones, else the probed ones themselves); 0 without bridges
     bridge_calibration_problems: int = 0
+    # what the probe ran with: ProbeSettings (problems, draws, generations, sampling with its token limit, nesting,
+    # threshold, seed) and the number of problems it measured on
+    settings: dict = field(default_factory=dict)
 
     @property
     def recommended_ratio(self) -> float | None:
@@ -162,7 +165,8 @@ def probe(model, tokenizer, task: Task, settings: ProbeSettings, model_name: str
               for x in settings.skip_ratios for name in variants]
     return ProbeResult(model_name, task.name, num_layers, influence, ratios, settings.kl_threshold,
                        recommendation_text(ratios, settings.kl_threshold),
-                       len(calibration) if len(variants) > 1 else 0)
+                       len(calibration) if len(variants) > 1 else 0,
+                       asdict(settings) | {"problems_probed": len(problems)})
 
 
 def calibrated_bridges(model, tokenizer, problems: Sequence[Problem], nesting: NestingConfig) -> Bridges:
@@ -304,8 +308,9 @@ def probe_main(model: str, dataset: str, output_dir: str, settings: ProbeSetting
         calibrating = settings.nesting.bridge == "linear"  # the bridges are fitted on the problems after the probed ones
         task = Task.load(dataset, "train", data_dir,
                          limit=settings.problems + (settings.nesting.bridge_calibration if calibrating else 0))
-        if not task.problems:
-            raise ConfigError(f"--dataset {dataset} has no training problems to probe")
+        if len(task.problems) < settings.problems:  # never fewer problems than asked for, silently
+            raise ConfigError(f"--problems {settings.problems}: training set {dataset} has {len(task.problems)} "
+                              "problems; ask for at most that many")
         loaded, tokenizer = load_model(model, dtype=dtype, device=usable_device(device))
         result = probe(loaded, tokenizer, task, settings, model)
         write_probe(result, staging)

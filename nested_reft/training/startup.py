@@ -40,6 +40,15 @@ def check_model(config: TrainConfig, model, world: int) -> None:
         check_vllm_supports(model, world, config.sampling.merge_adapters)
 
 
+def check_lora_fits(config: TrainConfig, model) -> None:
+    """Refuse LoRA adapters wider than the model, before they are added: a rank above the hidden size adds
+    parameters (and gigabytes of checkpoints) and no capacity, the update of a layer being of rank <= its width."""
+    width = getattr(model.config.get_text_config(), "hidden_size", None)
+    if config.lora.r and width and config.lora.r > width:
+        raise ConfigError(f"lora.r={config.lora.r} is wider than the model (hidden size {width}): a rank above it adds "
+                          f"parameters and no capacity; use lora.r <= {width}")
+
+
 def check_fits_model(config: TrainConfig, num_layers: int, world: int) -> None:
     """Start-up checks that need the model or the launch: refused before SFT, not after an hour of it.
 

@@ -95,7 +95,7 @@ from nested_reft.training.rundir import (
 )
 from nested_reft.training.sft import sft_warmup
 from nested_reft.training.sharding import FSDP2, check_fits_fsdp2, fsdp2_of_launch, gathered_state, gathered_weights
-from nested_reft.training.startup import check_model, check_task, check_world
+from nested_reft.training.startup import check_lora_fits, check_model, check_task, check_world
 from nested_reft.training.update import TrainingState, policy_update
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # config.dtype -> accelerate
@@ -125,6 +125,7 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
             check_resumed_config(config, output)
         model, tokenizer = load_model(config.model, dtype=torch.float32, device=accelerator.device)  # fp32 master weights
         if config.lora.r:
+            check_lora_fits(config, model)
             model = add_adapters(model, config.lora)
         check_model(config, model, accelerator.num_processes)
         task = task or Task.load(config.dataset, "train", config.data_dir)
