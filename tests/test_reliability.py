@@ -1059,3 +1059,73 @@ def test_i33_f15_a_lora_rank_wider_than_the_model_is_refused_before_adapters_are
     with pytest.raises(ConfigError, match=r"lora\.r=100000 is wider than the model \(hidden size 32\)"):
         train(run_config(tmp_path / "run", **{"lora.r": 100000}), tiny_task())
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refused before start: what can be known then (every layer skipped, vLLM missing or unable, prompts too long)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["train", *TINY_RUN, "--skip-ratio", "0.95", "--border", "0"], "nesting.skip_ratio=0.95 skips all 6"),
+    (["sft", *TINY_RUN, "--sft-epochs", "1", "--sft-layer-drop", "0.95", "--border", "0"],
+     "sft.layer_drop=0.95 skips all 6"),
+    ([*TINY_PROBE, "--skip-ratios", "0.95", "--border", "0"], "--skip-ratios 0.95 skips all 6"),
+], ids=["train", "sft", "probe"])
+def test_i33_f16_skipping_every_layer_is_refused_before_start(tmp_path, capsys, argv, named):
+    assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+VLLM_INSTALLED = __import__("importlib").util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(VLLM_INSTALLED, reason="vLLM is installed here")
+@pytest.mark.parametrize("argv, named", [
+    (["train", *TINY_RUN, "--engine", "vllm"], "sampling.engine=vllm needs vLLM, which is not installed"),
+    (["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "1", "--engine", "vllm"],
+     "engine=vllm needs vLLM, which is not installed"),
+], ids=["train", "eval"])
+def test_i33_f17_the_vllm_engine_without_vllm_is_refused_before_anything_is_written(tmp_path, capsys, argv, named):
+    assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_i33_f17_an_evaluation_that_fails_before_its_first_record_leaves_no_directory(tmp_path, monkeypatch):
+    import nested_reft.evaluation.evaluate as evaluation
+
+    def engine_fails(*args, **kwargs):
+        raise RuntimeError("the engine could not start")
+
+    monkeypatch.setattr(evaluation, "generate_rollouts", engine_fails)
+    model, tokenizer = load_model("tiny-llama")
+    with pytest.raises(RuntimeError, match="could not start"):
+        evaluate(model, tokenizer, ["arithmetic"], tmp_path / "eval", EvalConfig(max_new_tokens=2), limit=1)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("argv, named", [
+    (["train", *TINY_RUN, "--engine", "vllm"], "sampling.engine=vllm: vLLM's CPU attention has no kernel for this "
+                                               "model's head size 8"),
+    (["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "1", "--engine", "vllm"],
+     "engine=vllm: vLLM's CPU attention has no kernel for this model's head size 8"),
+], ids=["train", "eval"])
+def test_i33_f18_a_head_size_vllms_cpu_kernels_lack_is_refused_before_anything_is_written(tmp_path, capsys, argv,
+                                                                                          named):
+    pytest.importorskip("vllm")
+    assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_i33_f19_prompts_longer_than_the_vllm_engine_takes_are_refused_before_start():
+    from nested_reft.training.startup import check_task
+
+    model, tokenizer = load_model("tiny-llama")
+    config = load_config(None, {"sampling.engine": "vllm", "sampling.vllm_max_model_len": 20,
+                                "sampling.max_new_tokens": 4, "sampling.min_new_tokens": 4, "sft.epochs": 0})
+    with pytest.raises(DataError, match=r"plus sampling\.max_new_tokens \(4\) runs past sampling\.vllm_max_model_len=20"):
+        check_task(config, tiny_task(), tokenizer, model, fresh=True)

@@ -34,16 +34,16 @@ from typing import Any
 import torch
 
 from nested_reft.evaluation.records import (
-    EVAL_FILE, claim_output_dir, json_line, locked_eval_directory, resumable_records, write_records,
+    EVAL_FILE, claimed_output_dir, json_line, locked_eval_directory, resumable_records, write_records,
 )
-from nested_reft.store.files import atomic_write_json, check_output_directory
+from nested_reft.store.files import LOCK_FILE, atomic_write_json, check_output_directory, removed_unless_used
 from nested_reft.config import (  # noqa: F401 (eval_config: callers import it from here too)
     DEFAULT_BENCHMARKS, EVALUATION_SETS, ConfigError, EvalConfig, eval_config, listed_benchmarks,
 )
 from nested_reft.tasks.data import DATA_ENV, DataError, Problem
-from nested_reft.models.loading import position_table_size
 from nested_reft.tasks.rewards import extract_answer
 from nested_reft.engines.rollout import generate_rollouts
+from nested_reft.engines.vllm_engine import check_vllm_runs, check_vllm_supports, engine_positions
 from nested_reft.store.seeding import seeded_generator
 from nested_reft.tasks.task import Task
 
@@ -193,9 +193,13 @@ def evaluate_tasks(
     compared on resume, so that records are never resumed for another model saved at the same path."""
     output_dir = Path(output_dir)
     check_output_directory(output_dir, "--output-dir")  # again for callers of `evaluate` and this function
+    if config.engine == "vllm":
+        check_vllm_supports(model, option="engine")
+        check_vllm_runs(model, option="engine")
+    positions, positions_name = engine_positions(model, config.sampling())
     for task in tasks:
-        task.check_fits(tokenizer, position_table_size(model), config.max_new_tokens, "max_new_tokens")
-    with locked_eval_directory(output_dir):
+        task.check_fits(tokenizer, positions, config.max_new_tokens, "max_new_tokens", positions_name)
+    with removed_unless_used(output_dir, (LOCK_FILE,)), locked_eval_directory(output_dir):
         return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress,
                                model_files)
 
@@ -204,7 +208,14 @@ def _evaluate_tasks(model, tokenizer, tasks: list[Task], output_dir: Path, confi
                     data_dir: str | Path | None, limit: int | None, model_name: str, progress: Progress | None,
                     model_files: str | None) -> dict:
     settings = {"model": model_name, "model_files": model_files, "config": dataclasses.asdict(config)}
-    claim_output_dir(output_dir, settings, [task.name for task in tasks])
+    with claimed_output_dir(output_dir, settings, [task.name for task in tasks]):
+        return _evaluate_claimed(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress,
+                                 settings)
+
+
+def _evaluate_claimed(model, tokenizer, tasks: list[Task], output_dir: Path, config: EvalConfig,
+                      data_dir: str | Path | None, limit: int | None, model_name: str, progress: Progress | None,
+                      settings: dict) -> dict:
     started = time.perf_counter()
     timing = {"generated_tokens": 0, "generation_time_s": 0.0, "generated_problems": 0, "resumed_problems": 0}
     summaries = {}

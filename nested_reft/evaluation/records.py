@@ -136,6 +136,22 @@ def claim_output_dir(output_dir: Path, settings: dict, names: list[str]) -> None
     atomic_write_json(path, settings)
 
 
+@contextlib.contextmanager
+def claimed_output_dir(output_dir: Path, settings: dict, names: list[str]) -> Iterator[None]:
+    """`claim_output_dir` for the body; a body that fails before a record is written (an engine that cannot start, a
+    full disk) removes what the claim wrote into a directory that held no evaluation: a failed start leaves no trace."""
+    fresh = not (output_dir / SETTINGS_FILE).exists()
+    claim_output_dir(output_dir, settings, names)
+    try:
+        yield
+    except BaseException:
+        files = [output_dir / f"{name}.jsonl" for name in names]
+        if fresh and not any(file.is_file() and file.stat().st_size for file in files):
+            for file in [*files, output_dir / SETTINGS_FILE]:
+                file.unlink(missing_ok=True)
+        raise
+
+
 def _differences(previous: dict, current: dict) -> list[str]:
     """The settings that differ, "key was X, now Y"; a model's files are compared where both record them (an alias or
     a Hub id has none, and settings written before they were recorded are not checked)."""

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from nested_reft.config import ConfigError, ImportanceConfig, NestingConfig, ProbeSettings, SamplingConfig, check_option
+from nested_reft.config import ConfigError, ImportanceConfig, NestingConfig, ProbeSettings, SamplingConfig
 from nested_reft.store.files import atomic_write_json, check_output_directory, written_on_success
 from nested_reft.algorithm.importance import ImportanceStats, behavior_target_kl, importance_statistics
 from nested_reft.nesting.bridges import BridgeFitter, Bridges, fit_bridges, record_texts
 from nested_reft.nesting.influence import InfluenceMeter
 from nested_reft.training.metrics import ModelShapes, rollout_flops
-from nested_reft.nesting.layers import num_decoder_layers, num_skipped_layers, valid_layers
+from nested_reft.nesting.layers import num_decoder_layers, skip_count_problem, valid_layers
 from nested_reft.experiments.plots import pyplot, save_figure
 from nested_reft.engines.logprobs import completion_logprobs
 from nested_reft.engines.rollout import Rollouts, generate_rollouts, rollout_speedup
@@ -229,11 +229,11 @@ def _flops_per_token(draws: list[_Draw]) -> float:
 
 
 def _check_ratios(settings: ProbeSettings, num_layers: int) -> None:
-    """Refuse, before sampling, a ratio whose U the border's valid layers cannot give."""
-    valid = len(valid_layers(num_layers, settings.nesting.border))
+    """Refuse, before sampling, a ratio whose U the border's valid layers cannot give, or that skips every layer."""
     for x in settings.skip_ratios:
-        check_option(num_skipped_layers(num_layers, x) <= valid, "--skip-ratios", x,
-                     f"at most {valid} of the model's {num_layers} layers with --border {settings.nesting.border}")
+        problem = skip_count_problem(num_layers, settings.nesting.border, x, "--border")
+        if problem:
+            raise ConfigError(f"--skip-ratios {x:g} {problem}: lower it")
 
 
 def write_probe(result: ProbeResult, output_dir: str | Path) -> tuple[Path, Path]:
