@@ -1129,3 +1129,61 @@ def test_i33_f19_prompts_longer_than_the_vllm_engine_takes_are_refused_before_st
                                 "sampling.max_new_tokens": 4, "sampling.min_new_tokens": 4, "sft.epochs": 0})
     with pytest.raises(DataError, match=r"plus sampling\.max_new_tokens \(4\) runs past sampling\.vllm_max_model_len=20"):
         check_task(config, tiny_task(), tokenizer, model, fresh=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A full disk and a read-only or unreachable output directory: one line naming the path and the cause
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(name, *options): a file system mounted at tmp_path/name for the test (a small tmpfs, a read-only bind);
+    the test is skipped where this process may not mount (not root)."""
+    mounted = []
+
+    def make(name: str, *options: str) -> Path:
+        target = tmp_path / name
+        target.mkdir()
+        result = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount here: {result.stderr.strip()[:100]}")
+        mounted.append(target)
+        return target
+
+    yield make
+    for target in reversed(mounted):  # lazily where a failed write still holds a file open there
+        subprocess.run(["umount", "-l", str(target)], check=True)
+
+
+@pytest.mark.parametrize("argv, size, named", [
+    (["train", *TINY_RUN, "--rft-steps", "2", "--save-steps", "1"], "600k",
+     "checkpoint-1 could not be written: no space left on its file system"),
+    (["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "2", "--max-new-tokens", "2"], "8k",
+     "arithmetic.jsonl could not be written: no space left on its file system"),
+], ids=["checkpoint", "eval"])
+def test_i33_f20_a_full_disk_is_one_line_naming_the_path_and_the_cause(tmp_path, capsys, mount, argv, size, named):
+    disk = mount("disk", "-t", "tmpfs", "-o", f"size={size}", "tmpfs")
+    assert main([*argv, "--output-dir", str(disk / "out")]) == 2
+    line = error_line(capsys)
+    assert str(disk / "out") in line and named in line
+    assert not (disk / "out").exists()  # nothing to resume yet, so nothing is kept
+
+
+@pytest.mark.parametrize("where", ["read-only", "dangling", "loop"])
+def test_i33_f21_a_sweep_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys, mount, where):
+    if where == "read-only":
+        (tmp_path / "source").mkdir()
+        output, named = mount("ro", "--bind", "-o", "ro", str(tmp_path / "source")) / "sweep", "read-only file system"
+    elif where == "dangling":
+        (tmp_path / "sweep").symlink_to(tmp_path / "nowhere")
+        output, named = tmp_path / "sweep", "is a symbolic link to"
+    else:
+        (tmp_path / "sweep").symlink_to(tmp_path / "sweep")
+        output, named = tmp_path / "sweep", "is a symbolic link to"
+    path = grid_file(tmp_path, output_dir=str(output))
+    for argv in ([], ["--collect"]):
+        capsys.readouterr()
+        assert main(["sweep", str(path), *argv]) == 2
+        line = error_line(capsys)
+        assert f"output_dir {output}" in line and named in line

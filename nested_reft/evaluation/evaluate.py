@@ -36,7 +36,7 @@ import torch
 from nested_reft.evaluation.records import (
     EVAL_FILE, claimed_output_dir, json_line, locked_eval_directory, resumable_records, write_records,
 )
-from nested_reft.store.files import LOCK_FILE, atomic_write_json, check_output_directory, removed_unless_used
+from nested_reft.store.files import LOCK_FILE, atomic_write_json, check_output_directory, removed_unless_used, writing
 from nested_reft.config import (  # noqa: F401 (eval_config: callers import it from here too)
     DEFAULT_BENCHMARKS, EVALUATION_SETS, ConfigError, EvalConfig, eval_config, listed_benchmarks,
 )
@@ -250,7 +250,7 @@ def _evaluate_task(
     _warn_if_longer_than_context(model, tokenizer, batches, prompts, config.max_new_tokens)
     sampling = config.sampling()
     device = next(model.parameters()).device
-    with path.open("a", encoding="utf-8") as stream:
+    with writing(path), path.open("a", encoding="utf-8") as stream:
         for index, batch in enumerate(batches):
             pending = [problem for problem in batch if problem.id not in done]
             if pending:

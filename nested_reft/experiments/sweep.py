@@ -46,7 +46,8 @@ from nested_reft.experiments.collect import EVAL_DIR, collect_results, recorded_
 from nested_reft.evaluation.records import EVAL_FILE
 from nested_reft.evaluation.evaluate import evaluate_model, print_progress
 from nested_reft.store.files import (
-    LockHeldError, atomic_write_json, atomic_write_text, check_output_file, exclusive_lock, read_json,
+    LockHeldError, atomic_write_json, atomic_write_text, check_output_directory, check_output_file, exclusive_lock,
+    read_json,
 )
 from nested_reft.experiments.grid import (
     EvalSettings, GridConfig, Instance, changed_settings, enumerate_instances, eval_record, instance_config, load_grid,
@@ -94,6 +95,7 @@ def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], No
     the refusal is raised, in a whole-grid sweep it is reported in `in_use` and the sweep goes on.
     """
     instances = select_instances(grid, only)
+    check_output_directory(grid.root, "output_dir")
     done_there = recorded_done(recorded, grid)
     with contextlib.ExitStack() as stack:
         if only is None:
@@ -299,6 +301,7 @@ def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None,
         log(f"wrote {len(lines)} commands to {emit}")
         return 0
     if collect:
+        check_output_directory(grid.root, "output_dir")
         log(f"wrote {collect_results(grid, merge)}")
         return 0
     outcome = run_sweep(grid, only=only, log=log, recorded=merge)

@@ -14,6 +14,7 @@ lock file so that a refused second writer can name it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -55,13 +56,23 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
 
 
 def _unwritable(target: Path, directory: Path) -> str | None:
-    """Why `directory` (`target` or the one it goes in) cannot be made or written into, or None."""
+    """Why `directory` (`target` or the one it goes in) cannot be made or written into, or None: a path through a
+    symbolic link that leads nowhere (or in a loop), a file, a directory not writable (a read-only mount)."""
+    for candidate in (directory, *directory.parents):
+        if candidate.is_symlink() and not candidate.exists():
+            return (f"cannot be made: {candidate} is a symbolic link to {os.readlink(candidate)}, which does not exist "
+                    "or loops")
     existing = next(candidate for candidate in (directory, *directory.parents) if candidate.exists())
     if not existing.is_dir():
         return "is a file; give a directory" if existing == target else f"is under {existing}, which is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot be written: {existing} is not writable"
+        return f"cannot be written: {existing} is not writable" + (
+            " (a read-only file system)" if _read_only(existing) else "")
     return None
+
+
+def _read_only(directory: Path) -> bool:
+    return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
 
 
 @contextlib.contextmanager
@@ -81,9 +92,39 @@ def removed_unless_used(path: str | os.PathLike, ignored: tuple[str, ...] = (), 
             directory.rmdir()
 
 
+UNWRITABLE = {errno.ENOSPC: "no space left on its file system", errno.EDQUOT: "the disk quota is used up",
+              errno.EROFS: "its file system is read-only"}  # a write's errors that name a cause the user can fix
+LOW_SPACE = 16 << 20  # bytes: a writer that fails with less free than this failed for want of space
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, writers: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Writes of `path` in the body: one that fails for want of space, of quota or of a writable file system is a
+    PathError naming `path` and the cause (one line, instead of the OSError, which names neither), and so is an
+    error of one of `writers` (torch.save's RuntimeError "unexpected pos", safetensors' own) raised while the file
+    system has less than LOW_SPACE left. Every other error passes unchanged."""
+    try:
+        yield
+    except (OSError, *writers) as error:
+        cause = UNWRITABLE.get(error.errno) if isinstance(error, OSError) else None
+        if cause is None and isinstance(error, writers):
+            existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+            free = shutil.disk_usage(existing).free
+            if free < LOW_SPACE:
+                cause = f"no space left on its file system ({free} bytes free; {str(error).splitlines()[0][:120]})"
+        if cause is None:
+            raise
+        raise PathError(f"{path} could not be written: {cause}") from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` via a temporary file and a rename: readers see the old or the new file."""
     path = Path(path)
+    with writing(path):
+        _atomic_write_text(path, text)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

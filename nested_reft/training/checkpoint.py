@@ -32,9 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nested_reft.store.files import PathError, atomic_write_json, file_digest, follow_umask, read_json_object, umask
+from nested_reft.store.files import (
+    PathError, atomic_write_json, file_digest, follow_umask, read_json_object, umask, writing,
+)
 from nested_reft.models.lora import has_adapters, load_adapter_weights
 from nested_reft.training.sharding import is_fully_sharded, load_whole_optimizer_state, load_whole_weights
 
@@ -103,10 +106,11 @@ def _write_atomically(directory: Path, write) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f"{STAGING_PREFIX}{directory.name}."))
     try:
-        staging.chmod(0o777 & ~umask())  # mkdtemp makes it 0700; give it a normal directory's mode
-        write(staging)
-        follow_umask(staging)  # safetensors writes 0600 files: a model other users and jobs load follows the umask
-        atomic_write_json(staging / MANIFEST, _hashes(staging))
+        with writing(directory, (RuntimeError, SafetensorError)):  # a full disk: one line naming the directory
+            staging.chmod(0o777 & ~umask())  # mkdtemp makes it 0700; give it a normal directory's mode
+            write(staging)
+            follow_umask(staging)  # safetensors writes 0600 files: a model other users and jobs load follows the umask
+            atomic_write_json(staging / MANIFEST, _hashes(staging))
         _replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

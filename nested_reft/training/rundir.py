@@ -29,7 +29,7 @@ from nested_reft.training.checkpoint import latest_checkpoint, remove_stale_stag
 from nested_reft.config import RESUMABLE_OPTIONS, ConfigError, TrainConfig, config_differences, load_config
 from nested_reft.store.files import (
     LOCK_FILE, LockHeldError, PathError, atomic_write_text, locked_directory, read_json_lines, read_json_object,
-    removed_unless_used,
+    removed_unless_used, writing,
 )
 from nested_reft.tasks.problems import Problem
 
@@ -192,7 +192,7 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line (a step's metrics) to `path`."""
-    with open(path, "a", encoding="utf-8") as stream:
+    with writing(path), open(path, "a", encoding="utf-8") as stream:
         stream.write(json.dumps(record) + "\n")
 
 
