@@ -1187,3 +1187,12 @@ def test_i33_f21_a_sweep_output_dir_that_cannot_be_made_is_one_line(tmp_path, ca
         assert main(["sweep", str(path), *argv]) == 2
         line = error_line(capsys)
         assert f"output_dir {output}" in line and named in line
+
+
+def test_i33_f22_a_svamp_equation_with_a_number_out_of_range_is_one_line(tmp_path, capsys):
+    (tmp_path / "svamp").mkdir()
+    rows = [{"ID": f"chal-{i}", "Body": "b", "Question": "q", "Equation": "( 1e400 - 3.0 )" if i == 0 else "1.0 + 1.0",
+             "Answer": 2.0} for i in range(10)]
+    (tmp_path / "svamp" / "SVAMP.json").write_text(json.dumps(rows))
+    assert main(["data", "show", "svamp", "--split", "train", "--data-dir", str(tmp_path)]) == 2
+    assert "index 0: field 'Equation' holds a number out of range (inf)" in error_line(capsys)
