@@ -860,14 +860,20 @@ def test_i33_f11_merge_refuses_duplicate_rows_and_tables_without_their_columns(t
     assert re.search(named, error_line(capsys))
 
 
-def test_i33_f11_f22_report_refuses_a_problems_row_of_one_field(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("table, line, named", [
+    ("problems.csv", "0", "problems.csv, line 4: 1 field(s), but the header has 4 columns"),  # f11, f22
+    ("steps.csv", "damaged", "steps.csv, line 4: 1 field(s)"),  # f23: refused after the figures are made
+])
+def test_i33_f11_f22_f23_a_report_refuses_a_short_row_and_writes_none_of_its_files(tmp_path, monkeypatch, capsys,
+                                                                                   table, line, named):
     fake_sweep(monkeypatch, [])
     grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}))
     sweep.run_sweep(grid, log=lambda line: None)
-    append_line(grid.root / "problems.csv", "0")
+    append_line(grid.root / table, line)
     capsys.readouterr()
     assert main(["report", str(grid.root)]) == 2
-    assert "problems.csv, line 4: 1 field(s), but the header has 4 columns" in error_line(capsys)
+    assert named in error_line(capsys)
+    assert not (grid.root / "report").exists()
 
 
 def test_i33_f22_merge_of_a_steps_table_without_instance_is_one_line(tmp_path, monkeypatch, capsys):
@@ -935,17 +941,6 @@ def test_i33_f07_a_probe_into_a_run_directory_a_train_is_writing_is_refused(tmp_
         assert main([*TINY_PROBE, "--output-dir", str(run)]) == 2
         assert f"probe output directory {run} is in use by pid {os.getpid()}" in error_line(capsys)
     assert sorted(path.name for path in run.iterdir()) == [LOCK_FILE]
-
-
-def test_i33_f23_a_refused_report_writes_none_of_its_files(tmp_path, monkeypatch, capsys):
-    fake_sweep(monkeypatch, [])
-    grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}))
-    sweep.run_sweep(grid, log=lambda line: None)
-    append_line(grid.root / "steps.csv", "damaged")
-    capsys.readouterr()
-    assert main(["report", str(grid.root)]) == 2
-    assert "steps.csv, line" in error_line(capsys)
-    assert not (grid.root / "report").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
