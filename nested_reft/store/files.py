@@ -6,7 +6,9 @@ PathError that names the file and the line.
 
 Atomic writes go through a temporary sibling and a rename, so a reader (or a run killed mid-write) sees the
 old file or the new one, never half of one; they get the mode the umask gives a new file, as the files a
-plain `open` writes do. Locks are `flock` locks on a file beside what they guard: the kernel releases them
+plain `open` writes do. A write that fails for want of space or of a writable file system is a PathError
+naming the path and the cause (`writing`). A command whose results appear only when it succeeds writes them
+through `written_on_success`. Locks are `flock` locks on a file beside what they guard: the kernel releases them
 when the holding process dies (a `kill -9` leaves no stale lock), and the holder writes who it is into the
 lock file so that a refused second writer can name it.
 """
