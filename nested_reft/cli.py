@@ -323,8 +323,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     ConfigError covers the trainer's refusals too (an output directory that holds a run, a bad launch);
     LockHeldError is a run directory, sweep or sweep instance that another process is writing (it names
-    that process); PathError is an output path that cannot be written, or a damaged file the project reads
-    back; FloatingPointError is the trainer's abort after `max_nonfinite_steps` non-finite updates.
+    that process); PathError is an output path that cannot be written (a full disk or a read-only file system
+    met while writing too), or a damaged file the project reads back; FloatingPointError is the trainer's abort
+    after `max_nonfinite_steps` non-finite updates, or the warm-up's at a non-finite step.
     """
     from nested_reft.training.checkpoint import CheckpointError
     from nested_reft.tasks.data import DataError

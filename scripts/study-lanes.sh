@@ -26,5 +26,5 @@ run_in_lanes() {
     [ -f "$study_dir/results.csv" ] && merge=(--merge "$study_dir")
     .venv/bin/nested-reft sweep "$grid" --collect ${merge[@]+"${merge[@]}"}
     mkdir -p "$study_dir"
-    cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$study_dir"/
+    cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$sweep_dir"/run_settings.json "$study_dir"/
 }

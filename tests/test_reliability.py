@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from nested_reft.experiments import demo
 from nested_reft.experiments import sweep
 from nested_reft.training import trainer
+from nested_reft.training.checkpoint import CheckpointError
 from nested_reft.tasks.arithmetic import generate_arithmetic
 from nested_reft.cli import main
 from nested_reft.config import ConfigError, load_config, save_config
@@ -32,7 +34,7 @@ from nested_reft.evaluation.evaluate import EvalConfig, evaluate, evaluate_tasks
 from nested_reft.experiments.grid import enumerate_instances, load_grid
 from nested_reft.store.files import LOCK_FILE, LockHeldError, PathError, exclusive_lock
 from nested_reft.models.loading import ModelLoadError, load_model, remove_abandoned_staging
-from nested_reft.experiments.results import RESULTS_FILE, csv_text, results_columns
+from nested_reft.experiments.results import RESULTS_FILE, csv_text, read_results, results_columns
 from nested_reft.tasks.problems import Problem
 from nested_reft.training.rundir import (
     CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE, SFT_METRICS_FILE, SUMMARY_FILE, RunState, read_metrics,
@@ -686,3 +688,506 @@ def test_cosmetic_ctrl_c_ends_a_demo_lane_quietly():
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert finished.returncode == 128 + signal.SIGINT and finished.stderr == ""
+
+
+# ==========================================================================================================
+# Issue 33, the third bad-input probe: one test (or a few) per finding, named i33_fNN
+# ==========================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------
+# A finished run is its summary and its evaluation, never its model/
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep_checkpoint", [False, True])
+def test_i33_f01_a_finished_run_whose_model_was_deleted_is_not_trained_again(tmp_path, capsys, keep_checkpoint):
+    output = tmp_path / "run"
+    train(run_config(output), tiny_task())
+    shutil.rmtree(output / FINAL_MODEL_DIR)  # keep_models: false
+    if not keep_checkpoint:
+        for checkpoint in output.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+    before = {name: (output / name).read_text() for name in (SUMMARY_FILE, METRICS_FILE)}
+    assert run_state(output) is RunState.FINISHED
+    with pytest.raises(ConfigError, match=rf"{output} already holds a run, finished \({SUMMARY_FILE}\)"):
+        train(run_config(output), tiny_task())
+    save_config(run_config(output), tmp_path / "config.yaml")
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "config.yaml"), "--output-dir", str(output)]) == 2
+    assert "finished" in error_line(capsys)
+    if not keep_checkpoint:
+        assert main(["train", "--config", str(tmp_path / "config.yaml"), "--output-dir", str(output), "--resume"]) == 2
+        assert "a finished run" in error_line(capsys) and "without --resume" not in capsys.readouterr().err
+    assert {name: (output / name).read_text() for name in before} == before
+
+
+def fake_sweep(monkeypatch, evaluations: list):
+    """Training and evaluation stood in by files: a finished run (config, summary, model/) and an eval.json."""
+    def fake_train(config):
+        output = Path(config.output_dir)
+        if not (output / SUMMARY_FILE).is_file():
+            (output / FINAL_MODEL_DIR).mkdir(parents=True, exist_ok=True)
+            save_config(config, output / CONFIG_FILE)
+            step = {"step": 1, "reward_mean": 0.5, "skipped_layers": 1, "kl_behavior_target": 0.1, "h_ess": 0.9,
+                    "h_truncated": 0.0, "gen_tokens_per_s": 10.0}
+            (output / METRICS_FILE).write_text(json.dumps(step) + "\n")
+            (output / SUMMARY_FILE).write_text('{"token_speed": 1.0, "total_runtime_s": 1.0}')
+        return {}
+
+    def fake_evaluate(model_dir, output_dir, *args):
+        assert Path(model_dir).is_dir()
+        evaluations.append(str(output_dir))
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        record = {"id": "arithmetic/0", "prompt": "p", "completion": "c", "extracted_answer": "1", "gold": "1",
+                  "correct": True, "completion_tokens": 1, "finished": True}
+        (Path(output_dir) / "arithmetic.jsonl").write_text(json.dumps(record) + "\n")
+        (Path(output_dir) / "eval.json").write_text('{"benchmarks": {"arithmetic": {"accuracy": 0.5}}, "average": 0.5}')
+        return {}
+
+    monkeypatch.setattr(sweep, "ensure_trained", fake_train)
+    monkeypatch.setattr(sweep, "evaluate_instance", fake_evaluate)
+
+
+@pytest.mark.parametrize("keep_models", [True, False])
+def test_i33_f12_a_done_run_whose_evaluation_is_gone_is_evaluated_again_or_reported(tmp_path, monkeypatch,
+                                                                                     keep_models):
+    evaluations = []
+    fake_sweep(monkeypatch, evaluations)
+    grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}, keep_models=keep_models))
+    instance = enumerate_instances(grid)[0]
+    assert sweep.run_sweep(grid, log=lambda line: None).ran
+    shutil.rmtree(grid.root / instance.id / "eval")
+    evaluations.clear()
+    outcome = sweep.run_sweep(grid, log=lambda line: None)
+    assert instance.id not in outcome.skipped
+    row = next(row for row in read_results(grid.root / RESULTS_FILE) if row["instance"] == instance.id)
+    if keep_models:  # evaluated again from its model
+        assert instance.id in outcome.ran and evaluations == [str(grid.root / instance.id / "eval")]
+        assert row["status"] == "done" and row["accuracy"] == 0.5
+    else:  # nothing to evaluate: reported, not "done" with an empty accuracy
+        assert "model/ is gone" in outcome.failed[instance.id] and not evaluations
+        assert row["status"] == "failed" and "model/ is gone" in row["error"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Identity by content: labels as path components, directories compared resolved, models by their files
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"warm_ups": [{"label": ".", "sft": {"layer_drop": 0.2}}]}, "warm_ups.label"),
+    ({"warm_ups": [{"label": "..", "sft": {"layer_drop": 0.2}}]}, "warm_ups.label"),
+    ({"variants": [{"skip_ratio": 0.3, "label": ".."}]}, "variants.label"),
+    ({"name": ".."}, "name"),
+    ({"warm_ups": [{"label": "baseline-s0", "sft": {"layer_drop": 0.2}}]}, "would share a directory"),
+])
+def test_i33_f04_labels_that_make_two_runs_share_a_directory_are_refused(tmp_path, options, named):
+    with pytest.raises(ConfigError, match=named):
+        load_grid(grid_file(tmp_path, **options))
+
+
+def test_i33_f05_evaluation_records_are_not_reused_for_another_model_at_the_same_path(saved_tiny, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved_tiny, model_dir)
+    argv = ["eval", "--model", str(model_dir), "--benchmarks", "arithmetic", "--limit", "2", "--max-new-tokens", "2",
+            "--output-dir", str(tmp_path / "eval")]
+    assert main(argv) == 0
+    records = (tmp_path / "eval" / "arithmetic.jsonl").read_text()
+    assert main(argv) == 0  # the same model: resumed
+    damaged_copy(saved_tiny, tmp_path / "other", lambda weights: weights[UP].mul_(2))
+    shutil.rmtree(model_dir)
+    (tmp_path / "other").rename(model_dir)  # another model saved at the same path
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "another model at the same path" in error_line(capsys)
+    assert (tmp_path / "eval" / "arithmetic.jsonl").read_text() == records
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results tables: merged row by row with what is on disk, one row per key, every CSV read with its schema
+# ----------------------------------------------------------------------------------------------------------
+
+
+def table(path) -> list[dict]:
+    import csv
+    with open(path, encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_i33_f02_a_smaller_grid_on_the_same_output_dir_keeps_the_other_instances_rows(tmp_path, monkeypatch):
+    fake_sweep(monkeypatch, [])
+    larger = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}, skip_ratios=[0.2, 0.3]))
+    sweep.run_sweep(larger, log=lambda line: None)
+    before = {name: table(larger.root / name) for name in ("results.csv", "steps.csv", "problems.csv")}
+    assert {row["instance"].split("/")[-1] for row in before["steps.csv"]} >= {"x0.3-b1-retrace-s0"}
+    smaller = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}, skip_ratios=[0.2]))
+    sweep.run_sweep(smaller, log=lambda line: None)
+    for name, rows in before.items():
+        after = table(larger.root / name)
+        assert sorted(map(sorted, (row.items() for row in after))) == sorted(map(sorted, (row.items() for row in rows)))
+
+
+def recorded_sweep(tmp_path, monkeypatch):
+    """A grid swept once (its results as a record to merge) and the same grid on a fresh output_dir."""
+    fake_sweep(monkeypatch, [])
+    grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}))
+    sweep.run_sweep(grid, log=lambda line: None)
+    record = tmp_path / "record"
+    record.mkdir()
+    for name in ("results.csv", "steps.csv", "problems.csv", "run_settings.json"):
+        if (grid.root / name).exists():
+            shutil.copy(grid.root / name, record / name)
+    (tmp_path / "fresh").mkdir()
+    return record, grid_file(tmp_path / "fresh", train={"sft": {"epochs": 0}})
+
+
+def append_line(path, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as stream:
+        stream.write(line + "\n")
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda r: append_line(r / "results.csv", (r / "results.csv").read_text().splitlines()[1]),
+     r"results\.csv, line 4: a second row for .*baseline-s0 \(the first is on line 2\)"),
+    (lambda r: (r / "problems.csv").write_text("instance,correct\nx,1\n"), r"problems\.csv lacks column\(s\) benchmark"),
+])
+def test_i33_f11_merge_refuses_duplicate_rows_and_tables_without_their_columns(tmp_path, monkeypatch, capsys, damage,
+                                                                               named):
+    record, grid_path = recorded_sweep(tmp_path, monkeypatch)
+    damage(record)
+    capsys.readouterr()
+    assert main(["sweep", str(grid_path), "--collect", "--merge", str(record)]) == 2
+    assert re.search(named, error_line(capsys))
+
+
+@pytest.mark.parametrize("table, line, named", [
+    ("problems.csv", "0", "problems.csv, line 4: 1 field(s), but the header has 4 columns"),  # f11, f22
+    ("steps.csv", "damaged", "steps.csv, line 4: 1 field(s)"),  # f23: refused after the figures are made
+])
+def test_i33_f11_f22_f23_a_report_refuses_a_short_row_and_writes_none_of_its_files(tmp_path, monkeypatch, capsys,
+                                                                                   table, line, named):
+    fake_sweep(monkeypatch, [])
+    grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 0}}))
+    sweep.run_sweep(grid, log=lambda line: None)
+    append_line(grid.root / table, line)
+    capsys.readouterr()
+    assert main(["report", str(grid.root)]) == 2
+    assert named in error_line(capsys)
+    assert not (grid.root / "report").exists()
+
+
+def test_i33_f22_merge_of_a_steps_table_without_instance_is_one_line(tmp_path, monkeypatch, capsys):
+    record, grid_path = recorded_sweep(tmp_path, monkeypatch)
+    rows = table(record / "steps.csv")
+    (record / "steps.csv").write_text(csv_text([c for c in rows[0] if c != "instance"], rows))
+    capsys.readouterr()
+    assert main(["sweep", str(grid_path), "--collect", "--merge", str(record)]) == 2
+    assert "steps.csv lacks column(s) instance" in error_line(capsys)
+
+
+@pytest.mark.parametrize("record", ["tables", "output_dir", "output_dir-without-settings"])
+@pytest.mark.parametrize("change, named", [
+    ({"train": {"sft": {"epochs": 1}, "rft_steps": 3}}, "rft_steps: 99 -> 3"),
+    ({"train": {"sft": {"epochs": 1}}, "eval": {"benchmarks": ["arithmetic"], "limit": 3}}, "eval.limit: 2 -> 3"),
+])
+def test_i33_f06_merge_refuses_runs_recorded_under_other_settings(tmp_path, monkeypatch, capsys, record, change,
+                                                                  named):
+    fake_sweep(monkeypatch, [])
+    grid = load_grid(grid_file(tmp_path))  # warms up: its instances start from a model under its output_dir
+    sweep.run_sweep(grid, log=lambda line: None)
+    source = grid.root
+    if record == "tables":
+        source = tmp_path / "record"
+        source.mkdir()
+        for name in ("results.csv", "steps.csv", "problems.csv", "run_settings.json"):
+            shutil.copy(grid.root / name, source / name)
+    elif record == "output_dir-without-settings":
+        (grid.root / "run_settings.json").unlink()
+    (tmp_path / "fresh").mkdir()
+    same = grid_file(tmp_path / "fresh")  # the same grid on another output_dir: its runs count as done
+    assert main(["sweep", str(same), "--collect", "--merge", str(source)]) == 0
+    for argv in (["--collect"], ["--emit-commands", str(tmp_path / "jobs.txt")], []):
+        capsys.readouterr()
+        assert main(["sweep", str(grid_file(tmp_path / "fresh", **change)), *argv, "--merge", str(source)]) == 2
+        assert named in error_line(capsys)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every command that writes an output directory: the one lock, nothing overwritten, results staged
+# ----------------------------------------------------------------------------------------------------------
+
+TINY_PROBE = ["probe", "--model", "tiny-llama", "--dataset", "arithmetic", "--skip-ratios", "0.2", "--problems", "1",
+              "--draws", "1", "--generations", "1", "--max-new-tokens", "2"]
+
+
+def test_i33_f03_a_probe_never_overwrites_an_earlier_one_and_a_second_probe_is_refused(tmp_path, capsys):
+    output = tmp_path / "probe"
+    assert main([*TINY_PROBE, "--output-dir", str(output)]) == 0
+    first = {name: (output / name).read_bytes() for name in ("probe.json", "probe.png")}
+    capsys.readouterr()
+    assert main([*TINY_PROBE, "--seed", "1", "--output-dir", str(output)]) == 2
+    assert "already holds a probe (probe.json)" in error_line(capsys)
+    with exclusive_lock(tmp_path / "other" / LOCK_FILE, "the first probe"):  # a probe under way there
+        assert main([*TINY_PROBE, "--output-dir", str(tmp_path / "other")]) == 2
+        assert "is in use by pid" in error_line(capsys)
+    assert {name: (output / name).read_bytes() for name in first} == first
+    assert not (tmp_path / "other" / "probe.json").exists()
+
+
+def test_i33_f07_a_probe_into_a_run_directory_a_train_is_writing_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    with exclusive_lock(run / LOCK_FILE, "the running train"):
+        assert main([*TINY_PROBE, "--output-dir", str(run)]) == 2
+        assert f"probe output directory {run} is in use by pid {os.getpid()}" in error_line(capsys)
+    assert sorted(path.name for path in run.iterdir()) == [LOCK_FILE]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights from safetensors only, through an index too; our own checkpoint's pickle refused by name
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Forbidden:
+    """Pickles as a call of a global that weights_only never allows (print: harmless, were it ever called)."""
+
+    def __reduce__(self):
+        return print, ("unpickled",)
+
+
+def indexed_bin_model(saved, target, payload):
+    """`saved` with its weights moved to pytorch_model.bin (torch.save of `payload(weights)`) and a safetensors
+    index that lists that file."""
+    shutil.copytree(saved, target)
+    weights = load_file(target / "model.safetensors")
+    (target / "model.safetensors").unlink()
+    torch.save(payload(weights), target / "pytorch_model.bin")
+    index = {"metadata": {}, "weight_map": {name: "pytorch_model.bin" for name in weights}}
+    (target / "model.safetensors.index.json").write_text(json.dumps(index))
+    return target
+
+
+@pytest.mark.parametrize("finding, payload", [("f08", lambda weights: weights),
+                                              ("f09", lambda weights: {**weights, "x": _Forbidden()})])
+def test_i33_f08_f09_an_index_listing_a_pickled_file_is_refused_before_it_is_read(saved_tiny, tmp_path, capsys,
+                                                                                  monkeypatch, finding, payload):
+    model = indexed_bin_model(saved_tiny, tmp_path / "model", payload)
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args))
+    assert main(["train", *TINY_RUN, "--model", str(model), "--output-dir", str(tmp_path / "out")]) == 2
+    line = error_line(capsys)
+    assert "model.safetensors.index.json lists pytorch_model.bin" in line and "safetensors only" in line
+    assert not loads and not (tmp_path / "out").exists()
+
+
+def rewrite_checkpoint_file(checkpoint, name, write):
+    """Replace a checkpoint's file and update its manifest's checksum, as a deliberate edit would."""
+    write(checkpoint / name)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest[name] = __import__("hashlib").sha256((checkpoint / name).read_bytes()).hexdigest()
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("finding, name, write, named", [
+    ("f09", "optimizer.pt", lambda path: torch.save({"optimizer": _Forbidden(), "scheduler": {}}, path),
+     "optimizer.pt is not an optimizer state of tensors and plain values"),
+    ("f22", "trainer_state.json", lambda path: path.write_text('{"step": 1, "total": {}}'),
+     "trainer_state.json is not a trainer state (totals must map names of"),
+])
+def test_i33_f09_f22_a_checkpoint_file_replaced_with_its_checksum_is_refused_by_name(tmp_path, finding, name, write,
+                                                                                     named):
+    output = tmp_path / "run"
+    resumable_run(output)
+    rewrite_checkpoint_file(max(output.glob("checkpoint-*")), name, write)
+    with pytest.raises(CheckpointError, match=re.escape(named)):  # the CLI's one line, exit 2
+        train(run_config(output), tiny_task(), resume=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Silent wrong: non-finite warm-ups, options that do nothing, what a probe ran with, ranks wider than the model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_i33_f10_a_warm_up_whose_loss_is_not_finite_stops_and_saves_nothing(tmp_path, capsys):
+    output = tmp_path / "sft"
+    argv = ["sft", *TINY_RUN, "--sft-epochs", "1", "--sft-max-examples", "2", "--sft-distill-nested", "1e300",
+            "--skip-ratio", "0.2", "--output-dir", str(output)]
+    assert main(argv) == 2
+    assert "SFT warm-up step 1: the loss" in error_line(capsys)
+    assert not (output / FINAL_MODEL_DIR).exists() and not (output / SUMMARY_FILE).exists()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--sft-layer-drop", "0.2"], "sft.layer_drop must be 0 while sft.epochs = 0"),
+    (["--sft-distill-nested", "1.0", "--skip-ratio", "0.2"], "sft.distill_nested must be 0 while sft.epochs = 0"),
+    (["--sft-epochs", "1", "--sft-distill-ratio", "0.2"], "sft.distill_ratio must be unset (null) while "
+                                                          "sft.distill_nested = 0"),
+])
+def test_i33_f13_options_that_would_do_nothing_are_refused_not_recorded(tmp_path, capsys, argv, named):
+    assert main(["train", *TINY_RUN, *argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_i33_f13_a_grid_whose_warm_up_drops_layers_runs_its_instances_without_those_options(tmp_path):
+    grid = load_grid(grid_file(tmp_path, train={"sft": {"epochs": 1, "layer_drop": 0.2}}))
+    instance = enumerate_instances(grid)[0]
+    assert sweep.sft_config(grid, instance).sft.layer_drop == 0.2
+    assert sweep.instance_config(grid, instance).sft.layer_drop == 0.0
+
+
+def test_i33_f14_a_probe_refuses_more_problems_than_the_set_has_and_records_what_it_ran_with(tmp_path, capsys):
+    assert main([*TINY_PROBE, "--problems", "100000", "--output-dir", str(tmp_path / "many")]) == 2
+    assert "--problems 100000: training set arithmetic has" in error_line(capsys)
+    assert not (tmp_path / "many").exists()
+    assert main([*TINY_PROBE, "--output-dir", str(tmp_path / "probe")]) == 0
+    settings = json.loads((tmp_path / "probe" / "probe.json").read_text())["settings"]
+    assert (settings["problems"], settings["problems_probed"], settings["draws"], settings["generations"]) == (1, 1, 1, 1)
+    assert settings["sampling"]["max_new_tokens"] == 2 and settings["seed"] == 0
+
+
+def test_i33_f15_a_lora_rank_wider_than_the_model_is_refused_before_adapters_are_added(tmp_path, monkeypatch):
+    def added(*args):
+        raise AssertionError("adapters of rank 100000 were added")
+
+    monkeypatch.setattr(trainer, "add_adapters", added)
+    with pytest.raises(ConfigError, match=r"lora\.r=100000 is wider than the model \(hidden size 32\)"):
+        train(run_config(tmp_path / "run", **{"lora.r": 100000}), tiny_task())
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Refused before start: what can be known then (every layer skipped, vLLM missing or unable, prompts too long)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["train", *TINY_RUN, "--skip-ratio", "0.95", "--border", "0"], "nesting.skip_ratio=0.95 skips all 6"),
+    (["sft", *TINY_RUN, "--sft-epochs", "1", "--sft-layer-drop", "0.95", "--border", "0"],
+     "sft.layer_drop=0.95 skips all 6"),
+    ([*TINY_PROBE, "--skip-ratios", "0.95", "--border", "0"], "--skip-ratios 0.95 skips all 6"),
+], ids=["train", "sft", "probe"])
+def test_i33_f16_skipping_every_layer_is_refused_before_start(tmp_path, capsys, argv, named):
+    assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+VLLM_INSTALLED = __import__("importlib").util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(VLLM_INSTALLED, reason="vLLM is installed here")
+@pytest.mark.parametrize("argv, named", [
+    (["train", *TINY_RUN, "--engine", "vllm"], "sampling.engine=vllm needs vLLM, which is not installed"),
+    (["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "1", "--engine", "vllm"],
+     "engine=vllm needs vLLM, which is not installed"),
+], ids=["train", "eval"])
+def test_i33_f17_the_vllm_engine_without_vllm_is_refused_before_anything_is_written(tmp_path, capsys, argv, named):
+    assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_i33_f17_an_evaluation_that_fails_before_its_first_record_leaves_no_directory(tmp_path, monkeypatch):
+    import nested_reft.evaluation.evaluate as evaluation
+
+    def engine_fails(*args, **kwargs):
+        raise RuntimeError("the engine could not start")
+
+    monkeypatch.setattr(evaluation, "generate_rollouts", engine_fails)
+    model, tokenizer = load_model("tiny-llama")
+    with pytest.raises(RuntimeError, match="could not start"):
+        evaluate(model, tokenizer, ["arithmetic"], tmp_path / "eval", EvalConfig(max_new_tokens=2), limit=1)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("argv, named", [
+    (["train", *TINY_RUN, "--engine", "vllm"], "sampling.engine=vllm: vLLM's CPU attention has no kernel for this "
+                                               "model's head size 8"),
+    (["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "1", "--engine", "vllm"],
+     "engine=vllm: vLLM's CPU attention has no kernel for this model's head size 8"),
+], ids=["train", "eval"])
+def test_i33_f18_a_head_size_vllms_cpu_kernels_lack_is_refused_before_anything_is_written(tmp_path, capsys, argv,
+                                                                                          named):
+    pytest.importorskip("vllm")
+    assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_i33_f19_prompts_longer_than_the_vllm_engine_takes_are_refused_before_start():
+    from nested_reft.training.startup import check_task
+
+    model, tokenizer = load_model("tiny-llama")
+    config = load_config(None, {"sampling.engine": "vllm", "sampling.vllm_max_model_len": 20,
+                                "sampling.max_new_tokens": 4, "sampling.min_new_tokens": 4, "sft.epochs": 0})
+    with pytest.raises(DataError, match=r"plus sampling\.max_new_tokens \(4\) runs past sampling\.vllm_max_model_len=20"):
+        check_task(config, tiny_task(), tokenizer, model, fresh=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A full disk and a read-only or unreachable output directory: one line naming the path and the cause
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(name, *options): a file system mounted at tmp_path/name for the test (a small tmpfs, a read-only bind);
+    the test is skipped where this process may not mount (not root)."""
+    mounted = []
+
+    def make(name: str, *options: str) -> Path:
+        target = tmp_path / name
+        target.mkdir()
+        result = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount here: {result.stderr.strip()[:100]}")
+        mounted.append(target)
+        return target
+
+    yield make
+    for target in reversed(mounted):  # lazily where a failed write still holds a file open there
+        subprocess.run(["umount", "-l", str(target)], check=True)
+
+
+@pytest.mark.parametrize("argv, size, named", [
+    (["train", *TINY_RUN, "--rft-steps", "2", "--save-steps", "1"], "600k",
+     "checkpoint-1 could not be written: no space left on its file system"),
+    (["eval", "--model", "tiny-llama", "--benchmarks", "arithmetic", "--limit", "2", "--max-new-tokens", "2"], "8k",
+     "arithmetic.jsonl could not be written: no space left on its file system"),
+], ids=["checkpoint", "eval"])
+def test_i33_f20_a_full_disk_is_one_line_naming_the_path_and_the_cause(tmp_path, capsys, mount, argv, size, named):
+    disk = mount("disk", "-t", "tmpfs", "-o", f"size={size}", "tmpfs")
+    assert main([*argv, "--output-dir", str(disk / "out")]) == 2
+    line = error_line(capsys)
+    assert str(disk / "out") in line and named in line
+    assert not (disk / "out").exists()  # nothing to resume yet, so nothing is kept
+
+
+@pytest.mark.parametrize("where", ["read-only", "dangling", "loop"])
+def test_i33_f21_a_sweep_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys, mount, where):
+    if where == "read-only":
+        (tmp_path / "source").mkdir()
+        output, named = mount("ro", "--bind", "-o", "ro", str(tmp_path / "source")) / "sweep", "read-only file system"
+    elif where == "dangling":
+        (tmp_path / "sweep").symlink_to(tmp_path / "nowhere")
+        output, named = tmp_path / "sweep", "is a symbolic link to"
+    else:
+        (tmp_path / "sweep").symlink_to(tmp_path / "sweep")
+        output, named = tmp_path / "sweep", "is a symbolic link to"
+    path = grid_file(tmp_path, output_dir=str(output))
+    for argv in ([], ["--collect"]):
+        capsys.readouterr()
+        assert main(["sweep", str(path), *argv]) == 2
+        line = error_line(capsys)
+        assert f"output_dir {output}" in line and named in line
+
+
+def test_i33_f22_a_svamp_equation_with_a_number_out_of_range_is_one_line(tmp_path, capsys):
+    (tmp_path / "svamp").mkdir()
+    rows = [{"ID": f"chal-{i}", "Body": "b", "Question": "q", "Equation": "( 1e400 - 3.0 )" if i == 0 else "1.0 + 1.0",
+             "Answer": 2.0} for i in range(10)]
+    (tmp_path / "svamp" / "SVAMP.json").write_text(json.dumps(rows))
+    assert main(["data", "show", "svamp", "--split", "train", "--data-dir", str(tmp_path)]) == 2
+    assert "index 0: field 'Equation' holds a number out of range (inf)" in error_line(capsys)

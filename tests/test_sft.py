@@ -191,7 +191,8 @@ def test_a_layer_drop_warm_up_draws_the_same_nested_models_every_time_it_runs():
 def test_distilling_without_a_nested_model_is_refused_naming_the_option():
     with pytest.raises(ConfigError, match=r"sft\.distill_ratio"):
         load_config(None, {"sft.distill_nested": 0.5})  # x = 0 and no layer_drop: nothing to distil into
-    assert load_config(None, {"sft.distill_nested": 0.5, "sft.epochs": 0}).sft.distill_nested == 0.5  # no warm-up
+    with pytest.raises(ConfigError, match=r"sft\.distill_nested must be 0 while sft\.epochs = 0"):  # no warm-up:
+        load_config(None, {"sft.distill_nested": 0.5, "sft.epochs": 0})  # it would do nothing (issue 33: 13)
     assert load_config(None, {"sft.distill_nested": 0.5, "sft.distill_ratio": 0.15}).sft.nested_ratio(0.0) == 0.15
     for option, value in (("sft.layer_drop", 1.0), ("sft.distill_nested", -1.0), ("sft.distill_ratio", 0.0)):
         with pytest.raises(ConfigError, match=option.replace(".", r"\.")):

@@ -21,7 +21,7 @@ from nested_reft.experiments.grid import (
     EvalSettings, GridConfig, changed_settings, enumerate_instances, eval_record, instance_config, load_grid,
     run_directory, sft_config,
 )
-from nested_reft.experiments.results import ResultsError
+from nested_reft.experiments.results import STEP_COLUMNS, ResultsError
 from nested_reft.training.rundir import CONFIG_FILE
 from nested_reft.experiments.sweep import read_status, run_sweep, sweep_main
 
@@ -363,8 +363,9 @@ def test_a_study_recorded_elsewhere_continues_on_a_fresh_checkout(tmp_path, monk
     with (record / "results.csv").open("w") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader(), writer.writerows(rows)
-    (record / "steps.csv").write_text("instance,step,reward_mean\n"
-                                      f"{group}/baseline-s0,1,0.5\n{group}/x0.2-b1-retrace-s0,1,0.9\n")
+    other_columns = "," * (len(STEP_COLUMNS) - 3)  # the steps' other columns, empty: not measured
+    (record / "steps.csv").write_text(",".join(STEP_COLUMNS) + "\n" f"{group}/baseline-s0,1,0.5{other_columns}\n"
+                                      f"{group}/x0.2-b1-retrace-s0,1,0.9{other_columns}\n")
     (record / "problems.csv").write_text("instance,benchmark,problem,correct\n"
                                          f"{group}/baseline-s0,arithmetic,p1,1\n{group}/sft-s0,arithmetic,p1,0\n"
                                          f"{group}/x0.2-b1-retrace-s0,arithmetic,p1,1\n")

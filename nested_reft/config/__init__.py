@@ -5,7 +5,7 @@ The name tables (`names`) let it check names without importing the modules that 
 May import: store.
 """
 
-from nested_reft.config.checks import ConfigError, check_option, check_types, from_dict, to_dict
+from nested_reft.config.checks import ConfigError, check_option, check_path_component, check_types, from_dict, to_dict
 from nested_reft.config.commands import DemoSettings, ProbeSettings
 from nested_reft.config.evaluation import EvalConfig, EvalSettings, eval_config, listed_benchmarks
 from nested_reft.config.names import (
@@ -23,6 +23,6 @@ __all__ = [
     "SCHEDULERS", "SKIP_POLICIES", "TRAINING_SETS",
     "ConfigError", "DemoSettings", "EvalConfig", "EvalSettings", "GRPOConfig", "ImportanceConfig", "LoRAConfig",
     "NestingConfig", "ProbeSettings", "SFTConfig", "SamplingConfig", "TrainConfig", "check_option", "check_types",
-    "config_differences", "eval_config", "flat_options", "from_dict", "listed_benchmarks", "load_config",
+    "check_path_component", "config_differences", "eval_config", "flat_options", "from_dict", "listed_benchmarks", "load_config",
     "read_yaml_mapping", "save_config", "to_dict",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 
@@ -23,6 +24,15 @@ def default_of(cls: type, name: str) -> Any:
 def check_option(ok: bool, option: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{option} must be {expected}, got {value!r}")
+
+
+def check_path_component(value: Any, option: str) -> None:
+    """Refuse a name that becomes one directory of a path (a grid's name, a warm-up's or a variant's label) unless it
+    is one: letters, digits, '.', '_' or '-', and not only dots ('.' is the directory itself, '..' its parent, so
+    two runs would share a directory)."""
+    name = value if isinstance(value, str) else ""
+    check_option(bool(re.fullmatch(r"[\w.-]+", name)) and name.strip(".") != "", option, value,
+                 "a name of letters, digits, '.', '_' or '-', not only dots (it names a directory)")
 
 
 def check_types(config: Any, prefix: str) -> None:

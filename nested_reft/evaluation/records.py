@@ -3,7 +3,8 @@
     OUTPUT/<benchmark>.jsonl     one record per problem: {"id", "prompt", "completion", "extracted_answer",
                                  "gold", "correct", "completion_tokens", "finished"}; appended batch by batch,
                                  rewritten (atomically) in the data set's order once the benchmark is done
-    OUTPUT/eval_settings.json    the model and sampling settings the records were drawn with
+    OUTPUT/eval_settings.json    the model (its name, and the SHA-256 of its config and weight files) and the
+                                 sampling settings the records were drawn with
     OUTPUT/eval.json             the accuracies, written atomically at the end (`nested_reft.evaluation.evaluate`)
     OUTPUT/.nested-reft.lock     held while an evaluation writes
 
@@ -135,13 +136,35 @@ def claim_output_dir(output_dir: Path, settings: dict, names: list[str]) -> None
     atomic_write_json(path, settings)
 
 
+@contextlib.contextmanager
+def claimed_output_dir(output_dir: Path, settings: dict, names: list[str]) -> Iterator[None]:
+    """`claim_output_dir` for the body; a body that fails before a record is written (an engine that cannot start, a
+    full disk) removes what the claim wrote into a directory that held no evaluation: a failed start leaves no trace."""
+    fresh = not (output_dir / SETTINGS_FILE).exists()
+    claim_output_dir(output_dir, settings, names)
+    try:
+        yield
+    except BaseException:
+        files = [output_dir / f"{name}.jsonl" for name in names]
+        if fresh and not any(file.is_file() and file.stat().st_size for file in files):
+            for file in [*files, output_dir / SETTINGS_FILE]:
+                file.unlink(missing_ok=True)
+        raise
+
+
 def _differences(previous: dict, current: dict) -> list[str]:
+    """The settings that differ, "key was X, now Y"; a model's files are compared where both record them (an alias or
+    a Hub id has none, and settings written before they were recorded are not checked)."""
     def flat(settings: dict) -> dict[str, Any]:
         config = settings.get("config")
         config = dict(config) if isinstance(config, dict) else {"config": config}
         for how in ("batch_size", "engine"):  # how the problems are batched and run, not what is drawn from
             config.pop(how, None)
-        return {"model": settings.get("model"), **config}
+        return {"model": settings.get("model"), "model_files": settings.get("model_files"), **config}
 
     before, now = flat(previous), flat(current)
-    return [f"{key} was {before.get(key)!r}, now {now[key]!r}" for key in now if before.get(key) != now[key]]
+    if before["model_files"] is None or now["model_files"] is None:
+        now.pop("model_files")
+    return [f"{key} was {before.get(key)!r}, now {now[key]!r}" + (" (another model at the same path)"
+                                                                  if key == "model_files" else "")
+            for key in now if before.get(key) != now[key]]

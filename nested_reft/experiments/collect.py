@@ -6,25 +6,27 @@ per-problem JSONL files (`evaluate`), and its warm-up's evaluation for the accur
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nested_reft.evaluation.records import EVAL_FILE, read_records
-from nested_reft.store.files import atomic_write_text, read_json, read_text
-from nested_reft.experiments.grid import GridConfig, Instance, enumerate_instances, run_directory, sft_directory
-from nested_reft.experiments.results import (
-    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError,
-    accuracy_column, mean_of_measured, read_results, write_results, write_table,
+from nested_reft.config import ConfigError, load_config
+from nested_reft.store.files import atomic_write_json, atomic_write_text, read_json, read_json_object
+from nested_reft.experiments.grid import (
+    GridConfig, Instance, enumerate_instances, instance_config, eval_record, run_directory, run_settings,
+    settings_differences, sft_directory,
 )
-from nested_reft.training.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
+from nested_reft.experiments.results import (
+    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE,
+    ResultsError, accuracy_column, mean_of_measured, read_results, table_rows, write_results, write_table,
+)
+from nested_reft.training.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 from nested_reft.experiments.status import read_status
 
 EVAL_DIR = "eval"
 RUN_MEANS = ("skipped_layers", "kl_behavior_target", "h_ess", "h_truncated")  # averaged over a run's steps
+RUN_SETTINGS_FILE = "run_settings.json"  # each done run's settings (`grid.run_settings`), which --merge compares
 
 
 def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Path:
@@ -32,7 +34,9 @@ def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Pat
 
     `recorded`: a results directory (another sweep's output_dir, a study's docs directory) whose done instances
     fill in those not done here, their steps and problems with them: a study continued in a later session, on a
-    fresh checkout, or split across machines reports as one grid.
+    fresh checkout, or split across machines reports as one grid. The tables are merged row by row with what is on
+    disk: the rows of runs this grid does not have (a larger version of it, run before on the same output_dir)
+    are kept as they are, so a smaller grid never deletes another instance's results.
     """
     instances = enumerate_instances(grid)
     rows = {instance.id: result_row(grid, instance) for instance in instances}
@@ -41,57 +45,93 @@ def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Pat
     if grid.evaluate_warm_up:
         evaluated.update({instance.sft_id: sft_directory(grid, instance) for instance in instances})
     problems = {run_id: problem_rows(grid, run_id, directory) for run_id, directory in evaluated.items()}
+    settings = {run_id: directory_settings(grid.root, run_id) for run_id, row in rows.items() if row["status"] == "done"}
     if recorded is not None:
-        merge_recorded(Path(recorded), rows, steps, problems, grid.eval.benchmarks)
-    write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, rows.values())
-    write_table(grid.root / STEPS_FILE, STEP_COLUMNS, [row for run in steps.values() for row in run])
-    write_table(grid.root / PROBLEMS_FILE, PROBLEM_COLUMNS, [row for run in problems.values() for row in run])
+        merge_recorded(grid, Path(recorded), rows, steps, problems, settings)
+    kept = {name: [row for row in table_rows(grid.root / name) if row["instance"] not in ours]
+            for name, ours in ((RESULTS_FILE, rows), (STEPS_FILE, steps), (PROBLEMS_FILE, problems))}
+    settings.update({run_id: entry for run_id, entry in recorded_settings(grid.root).items() if run_id not in rows})
+    atomic_write_json(grid.root / RUN_SETTINGS_FILE, {run_id: entry for run_id, entry in settings.items() if entry})
+    write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, [*rows.values(), *kept[RESULTS_FILE]])
+    write_table(grid.root / STEPS_FILE, STEP_COLUMNS, [row for run in steps.values() for row in run] + kept[STEPS_FILE])
+    write_table(grid.root / PROBLEMS_FILE, PROBLEM_COLUMNS,
+                [row for run in problems.values() for row in run] + kept[PROBLEMS_FILE])
     if grid.conditions:
         atomic_write_text(grid.root / CONDITIONS_FILE, grid.conditions.strip() + "\n")
     return grid.root / RESULTS_FILE
 
 
-def recorded_done(recorded: str | Path | None) -> set[str]:
-    """The instances `recorded`/results.csv holds as done (checked as `report` reads it); none without a record."""
+def recorded_done(recorded: str | Path | None, grid: GridConfig) -> set[str]:
+    """The instances the results directory `recorded` holds as done (results.csv, checked as `report` reads it),
+    which `grid` counts as done; none without a record. Each must be the grid's instance as the grid sets it now:
+    its settings there (`run_settings.json`, else its run directory's config.yaml and status.json) are compared
+    with the grid's, and a difference is refused naming the instance and the options (a record of neither, tables
+    written before them, is not checked). Refused too (ResultsError): a recorded instance the grid does not have
+    (its rows would be lost when the tables are copied back), and a results.csv without an accuracy column of one
+    of the grid's benchmarks."""
     if recorded is None:
         return set()
-    return {row["instance"] for row in read_results(Path(recorded) / RESULTS_FILE) if row["status"] == "done"}
-
-
-def merge_recorded(recorded: Path, rows: dict[str, dict], steps: dict[str, list], problems: dict[str, list],
-                   benchmarks: Sequence[str]) -> None:
-    """Take into `rows`, `steps` and `problems` (by instance id) what `recorded` holds for the instances done there
-    and not here, and its warm-ups' problems where this grid's warm-up has no finished evaluation; the recorded
-    cells are copied as written, so merging changes no figure. Refused (ResultsError): a recorded instance this
-    grid does not have (its rows would be lost when the tables are copied back), or a recorded results.csv without
-    an accuracy column of one of this grid's benchmarks."""
-    done_there = recorded_done(recorded)
-    recorded_rows = {row["instance"]: row for row in _raw_rows(recorded / RESULTS_FILE)}
-    foreign = sorted(set(recorded_rows) - set(rows))
+    recorded = Path(recorded)
+    rows = read_results(recorded / RESULTS_FILE)
+    instances = {instance.id: instance for instance in enumerate_instances(grid)}
+    foreign = sorted({row["instance"] for row in rows} - set(instances))
     if foreign:
         raise ResultsError(f"{recorded / RESULTS_FILE} records instance(s) the grid does not have "
                            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): merge it into the grid "
                            "it was run from")
-    header = next(iter(recorded_rows.values()), {})
-    missing = [accuracy_column(name) for name in benchmarks if header and accuracy_column(name) not in header]
+    missing = [accuracy_column(name) for name in grid.eval.benchmarks if rows and accuracy_column(name) not in rows[0]]
     if missing:
         raise ResultsError(f"{recorded / RESULTS_FILE} lacks column(s) {', '.join(missing)} of this grid's benchmarks "
                            "(were its runs evaluated on other benchmarks?)")
-    recorded_steps = _by_instance(_raw_rows(recorded / STEPS_FILE))
-    recorded_problems = _by_instance(_raw_rows(recorded / PROBLEMS_FILE))
+    done = {row["instance"] for row in rows if row["status"] == "done"}
+    saved = recorded_settings(recorded)
+    for run_id in sorted(done):
+        there = saved.get(run_id) or directory_settings(recorded, run_id)
+        now = run_settings(run_id, instance_config(grid, instances[run_id]), eval_record(grid))
+        differences = settings_differences(there, now) if there else []
+        if differences:
+            raise ResultsError(f"{recorded}: instance {run_id} is done there with other settings than the grid gives "
+                               f"it now ({'; '.join(differences)}): it is not this grid's run; merge it into the grid "
+                               "it was run from, or use another output_dir")
+    return done
+
+
+def recorded_settings(directory: Path) -> dict[str, dict]:
+    """The run settings a results directory records (`run_settings.json`), by instance; {} where it has none."""
+    path = Path(directory) / RUN_SETTINGS_FILE
+    return read_json_object(path) if path.is_file() else {}
+
+
+def directory_settings(root: Path, run_id: str) -> dict | None:
+    """`run_settings` of the run `run_id` under the grid output_dir `root`, from its config.yaml and status.json;
+    None where it has no config.yaml, or one that no longer loads (options this version does not have)."""
+    directory = Path(root) / run_id
+    try:
+        config = load_config(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else None
+    except ConfigError:
+        return None
+    return None if config is None else run_settings(run_id, config, read_status(directory).get("eval"))
+
+
+def merge_recorded(grid: GridConfig, recorded: Path, rows: dict[str, dict], steps: dict[str, list],
+                   problems: dict[str, list], settings: dict[str, dict | None]) -> None:
+    """Take into `rows`, `steps`, `problems` and `settings` (by instance id) what `recorded` holds for the instances
+    done there (`recorded_done`, which checks them) and not here, and its warm-ups' problems where this grid's
+    warm-up has no finished evaluation; the recorded cells are copied as written, so merging changes no figure."""
+    done_there = recorded_done(recorded, grid)
+    recorded_rows = {row["instance"]: row for row in table_rows(recorded / RESULTS_FILE)}
+    recorded_steps = _by_instance(table_rows(recorded / STEPS_FILE))
+    recorded_problems = _by_instance(table_rows(recorded / PROBLEMS_FILE))
+    saved = recorded_settings(recorded)
     for run_id, row in rows.items():
         if row["status"] != "done" and run_id in done_there:
             rows[run_id] = recorded_rows[run_id]
             steps[run_id] = recorded_steps.get(run_id, [])
             problems[run_id] = recorded_problems.get(run_id, [])
+            settings[run_id] = saved.get(run_id) or directory_settings(recorded, run_id)
     for run_id in set(problems) - set(rows):  # this grid's warm-ups (evaluate_warm_up)
         if not problems[run_id]:
             problems[run_id] = recorded_problems.get(run_id, [])
-
-
-def _raw_rows(path: Path) -> list[dict[str, str]]:
-    """A table's rows as written (no cell parsed); [] where the file does not exist."""
-    return list(csv.DictReader(io.StringIO(read_text(path)))) if path.is_file() else []
 
 
 def _by_instance(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
@@ -101,10 +141,20 @@ def _by_instance(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
     return grouped
 
 
+def run_status(directory: Path) -> dict:
+    """A run directory's status record as the sweep and the results count it: "done" needs the run's evaluation
+    (eval/eval.json) too, so a done run whose evaluation is gone (deleted, or lost beside a model that
+    `keep_models: false` deleted) is failed, with what is missing named."""
+    status = read_status(directory)
+    if status.get("status") == "done" and not (directory / EVAL_DIR / EVAL_FILE).is_file():
+        return {**status, "status": "failed", "error": f"done, but its evaluation {EVAL_DIR}/{EVAL_FILE} is missing"}
+    return status
+
+
 def result_row(grid: GridConfig, instance: Instance) -> dict[str, Any]:
     """One row of results.csv from the run directory's status, summary, metrics and evaluation."""
     directory = run_directory(grid, instance)
-    status = read_status(directory)
+    status = run_status(directory)
     row: dict[str, Any] = {
         "model": instance.model, "dataset": instance.dataset, "instance": instance.id, "role": instance.role,
         "skip_ratio": instance.skip_ratio, "border": instance.border, "mitigation": instance.mitigation,

@@ -27,14 +27,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from nested_reft.config import (
-    MITIGATIONS, TRAINING_SETS, ConfigError, EvalSettings, TrainConfig, check_option, config_differences, flat_options,
-    from_dict, load_config, read_yaml_mapping,
+    MITIGATIONS, RESUMABLE_OPTIONS, TRAINING_SETS, ConfigError, EvalSettings, TrainConfig, check_option,
+    check_path_component, config_differences, flat_options, from_dict, load_config, read_yaml_mapping, to_dict,
 )
 from nested_reft.tasks.data import DataError
 from nested_reft.evaluation.evaluate import benchmark_names
@@ -92,8 +91,8 @@ class Variant:
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingConfig options, e.g. {skip_predictable: true}
 
     def __post_init__(self) -> None:
-        check_option(self.label == "" or bool(re.fullmatch(r"[\w.-]+", str(self.label))), "variants.label",
-                     self.label, "a name of letters, digits, '.', '_' or '-'")
+        if self.label != "":
+            check_path_component(self.label, "variants.label")
         check_option(bool(self.label) or not self.sections(), "variants.label", self.label,
                      "given for a variant with nesting, grpo or sampling options (it names the run)")
         check_option(0.0 <= self.skip_ratio < 1.0, "variants.skip_ratio", self.skip_ratio, "in [0, 1)")
@@ -124,8 +123,7 @@ class WarmUp:
     sft: dict[str, Any] = field(default_factory=dict)  # SFTConfig options, e.g. {layer_drop: 0.15}
 
     def __post_init__(self) -> None:
-        check_option(bool(re.fullmatch(r"[\w.-]+", str(self.label))), "warm_ups.label", self.label,
-                     "a name of letters, digits, '.', '_' or '-'")
+        check_path_component(self.label, "warm_ups.label")
         check_option(isinstance(self.sft, dict) and bool(self.sft), "warm_ups.sft", self.sft,
                      "a non-empty mapping of sft options (what makes this warm-up another)")
 
@@ -157,8 +155,7 @@ class GridConfig:
     warm_ups: tuple[WarmUp, ...] = ()  # warm-ups beside train.sft's, each with the grid's instances again
 
     def __post_init__(self) -> None:
-        check_option(isinstance(self.name, str) and bool(re.fullmatch(r"[\w.-]+", self.name)), "name", self.name,
-               "a non-empty name of letters, digits, '.', '_' or '-'")
+        check_path_component(self.name, "name")
         for option, kind in (("models", str), ("datasets", str), ("skip_ratios", float), ("mitigations", str),
                              ("seeds", int), ("baseline_seeds", int)):
             _normalise(self, option, kind)
@@ -194,7 +191,7 @@ class GridConfig:
             self.base_config(self.models[0], self.datasets[0], self.seeds[0],
                              {"nesting.skip_ratio": variant.skip_ratio, **variant.overrides()})
         self._check_warm_ups()
-        _check_distinct_ids(enumerate_instances(self))
+        _check_distinct_directories(self, enumerate_instances(self))
 
     def _check_warm_ups(self) -> None:
         """Warm-ups with distinct labels, each a valid SFT config, in a grid that warms up at all."""
@@ -231,9 +228,11 @@ class GridConfig:
         return self.base_config(self.models[0], self.datasets[0], self.seeds[0]).sft.epochs > 0
 
 
-def _check_distinct_ids(instances: list[Instance]) -> None:
+def _check_distinct_directories(grid: GridConfig, instances: list[Instance]) -> None:
     """Refuse two instances with one id, so one run directory: ids print x with %g, so skip ratios equal to six
-    digits (0.1 and 0.1000001) collide, and the second would be taken for the first, done with its results."""
+    digits (0.1 and 0.1000001) collide, and the second would be taken for the first, done with its results. Then
+    every run's directory (the instances' and their warm-ups') compared as the directory it resolves to: none may
+    be another's, or lie inside another's (a label named like a run)."""
     first: dict[str, Instance] = {}
     for instance in instances:
         other = first.setdefault(instance.id, instance)
@@ -242,6 +241,17 @@ def _check_distinct_ids(instances: list[Instance]) -> None:
                 f"two instances share the id {instance.id} (one run directory): skip_ratio {other.skip_ratio!r} "
                 f"and {instance.skip_ratio!r} ({instance.mitigation}); make the ratios differ in six digits"
             )
+    runs = {instance.id: run_directory(grid, instance) for instance in instances}
+    runs.update({instance.sft_id: sft_directory(grid, instance) for instance in instances if grid.warm_up})
+    owners: dict[Path, str] = {}
+    for run_id, directory in runs.items():
+        resolved = Path(os.path.normpath(directory.absolute()))
+        clash = next(((other, path) for path, other in owners.items()
+                      if path == resolved or path in resolved.parents or resolved in path.parents), None)
+        if clash is not None:
+            raise ConfigError(f"runs {clash[0]} and {run_id} would share a directory ({clash[1]} and {resolved}, the "
+                              "same or one inside the other): rename a warm_ups or variants label")
+        owners[resolved] = run_id
 
 
 def _variant(value: Any) -> Variant:
@@ -379,8 +389,9 @@ def instance_config(grid: GridConfig, instance: Instance) -> TrainConfig:
         "importance.mitigation": instance.mitigation,
         **(instance.variant.overrides() if instance.variant else {}),
     }
-    if grid.warm_up:
-        overrides.update({"model": str(sft_directory(grid, instance) / FINAL_MODEL_DIR), "sft.epochs": 0})
+    if grid.warm_up:  # no warm-up of its own: its options, which would do nothing, are the defaults
+        overrides.update({"model": str(sft_directory(grid, instance) / FINAL_MODEL_DIR), "sft.epochs": 0,
+                          "sft.layer_drop": 0.0, "sft.distill_nested": 0.0, "sft.distill_ratio": None})
     return grid.base_config(instance.model, instance.dataset, instance.seed, overrides)
 
 
@@ -400,13 +411,44 @@ def changed_settings(grid: GridConfig, instance: Instance, saved: TrainConfig | 
     config.yaml; options of RESUMABLE_OPTIONS, which do not shape a result, aside) and evaluated with
     (`evaluated`, its status's record), as "option: then -> now"; unknown (None) compares as unchanged."""
     changes = [] if saved is None else config_differences(saved, instance_config(grid, instance))
-    now = eval_record(grid)
-    if evaluated is not None:
-        # Records written before EvalSettings filled in its defaults hold None for an option left at its default.
-        defaults = _eval_options(EvalSettings())
-        changes += [f"eval.{name}: {evaluated.get(name)!r} -> {now[name]!r}" for name in sorted(now)
-                    if (defaults[name] if evaluated.get(name) is None else evaluated.get(name)) != now[name]]
-    return changes
+    return changes + _eval_changes(evaluated, eval_record(grid))
+
+
+def _eval_changes(evaluated: dict | None, now: dict, ignored: tuple[str, ...] = ()) -> list[str]:
+    """The evaluation options of `now` that `evaluated` (a status's record) set otherwise, "eval.option: then -> now";
+    None (unknown) compares as unchanged."""
+    if evaluated is None:
+        return []
+    # Records written before EvalSettings filled in its defaults hold None for an option left at its default.
+    defaults = _eval_options(EvalSettings())
+    return [f"eval.{name}: {evaluated.get(name)!r} -> {now[name]!r}" for name in sorted(now) if name not in ignored
+            and (defaults[name] if evaluated.get(name) is None else evaluated.get(name)) != now[name]]
+
+
+OUTPUT_DIR = "$output_dir"  # how run settings write a path under the grid's output_dir (`run_settings`)
+
+
+def run_settings(run_id: str, config: TrainConfig, evaluated: dict | None) -> dict[str, Any]:
+    """What the run `run_id` is, as a results directory records it for `--merge` to compare (`settings_differences`):
+    its train options `config`, dotted, outside RESUMABLE_OPTIONS (where files are, how the run was logged), a model
+    under its grid's output_dir (the run directory, config.output_dir, less `run_id`) written from there
+    ($output_dir/...: another machine's output_dir compares equal), and its evaluation's options `evaluated` (its
+    status's record)."""
+    options = {name: value for name, value in flat_options(to_dict(config)).items() if name not in RESUMABLE_OPTIONS}
+    directory, model = os.path.normpath(config.output_dir), os.path.normpath(options["model"])
+    root = directory[: -len(os.path.normpath(run_id))] if directory.endswith(os.sep + os.path.normpath(run_id)) else None
+    if root and model.startswith(root):
+        options["model"] = f"{OUTPUT_DIR}/{Path(model[len(root):]).as_posix()}"
+    return {"train": options, "eval": evaluated}
+
+
+def settings_differences(recorded: dict, now: dict) -> list[str]:
+    """What `now` (`run_settings` of the grid's instance) sets otherwise than `recorded`, "option: then -> now";
+    where the data and how many prompts a batch holds are aside (neither changes what an evaluation draws from)."""
+    before, after = recorded.get("train") or {}, now["train"]
+    changes = [f"{name}: {before.get(name)!r} -> {after.get(name)!r}" for name in sorted(set(before) | set(after))
+               if before.get(name) != after.get(name)]
+    return changes + _eval_changes(recorded.get("eval"), now["eval"], ignored=("data_dir", "batch_size"))
 
 
 def select_instances(grid: GridConfig, only: str | None) -> list[Instance]:

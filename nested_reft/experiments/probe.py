@@ -20,18 +20,18 @@ from __future__ import annotations
 import statistics
 import textwrap
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from nested_reft.config import ConfigError, ImportanceConfig, NestingConfig, ProbeSettings, SamplingConfig, check_option
-from nested_reft.store.files import atomic_write_json, check_output_directory
+from nested_reft.config import ConfigError, ImportanceConfig, NestingConfig, ProbeSettings, SamplingConfig
+from nested_reft.store.files import atomic_write_json, check_output_directory, written_on_success
 from nested_reft.algorithm.importance import ImportanceStats, behavior_target_kl, importance_statistics
 from nested_reft.nesting.bridges import BridgeFitter, Bridges, fit_bridges, record_texts
 from nested_reft.nesting.influence import InfluenceMeter
 from nested_reft.training.metrics import ModelShapes, rollout_flops
-from nested_reft.nesting.layers import num_decoder_layers, num_skipped_layers, valid_layers
+from nested_reft.nesting.layers import num_decoder_layers, skip_count_problem, valid_layers
 from nested_reft.experiments.plots import pyplot, save_figure
 from nested_reft.engines.logprobs import completion_logprobs
 from nested_reft.engines.rollout import Rollouts, generate_rollouts, rollout_speedup
@@ -74,6 +74,9 @@ class ProbeResult:
     # nesting.bridge = linear: the training problems the bridges were fitted on (the nesting.bridge_calibration after
     # the probed ones, else the probed ones themselves); 0 without bridges
     bridge_calibration_problems: int = 0
+    # what the probe ran with: ProbeSettings (problems, draws, generations, sampling with its token limit, nesting,
+    # threshold, seed) and the number of problems it measured on
+    settings: dict = field(default_factory=dict)
 
     @property
     def recommended_ratio(self) -> float | None:
@@ -162,7 +165,8 @@ def probe(model, tokenizer, task: Task, settings: ProbeSettings, model_name: str
               for x in settings.skip_ratios for name in variants]
     return ProbeResult(model_name, task.name, num_layers, influence, ratios, settings.kl_threshold,
                        recommendation_text(ratios, settings.kl_threshold),
-                       len(calibration) if len(variants) > 1 else 0)
+                       len(calibration) if len(variants) > 1 else 0,
+                       asdict(settings) | {"problems_probed": len(problems)})
 
 
 def calibrated_bridges(model, tokenizer, problems: Sequence[Problem], nesting: NestingConfig) -> Bridges:
@@ -225,11 +229,11 @@ def _flops_per_token(draws: list[_Draw]) -> float:
 
 
 def _check_ratios(settings: ProbeSettings, num_layers: int) -> None:
-    """Refuse, before sampling, a ratio whose U the border's valid layers cannot give."""
-    valid = len(valid_layers(num_layers, settings.nesting.border))
+    """Refuse, before sampling, a ratio whose U the border's valid layers cannot give, or that skips every layer."""
     for x in settings.skip_ratios:
-        check_option(num_skipped_layers(num_layers, x) <= valid, "--skip-ratios", x,
-                     f"at most {valid} of the model's {num_layers} layers with --border {settings.nesting.border}")
+        problem = skip_count_problem(num_layers, settings.nesting.border, x, "--border")
+        if problem:
+            raise ConfigError(f"--skip-ratios {x:g} {problem}: lower it")
 
 
 def write_probe(result: ProbeResult, output_dir: str | Path) -> tuple[Path, Path]:
@@ -290,19 +294,26 @@ def _given(options: dict) -> dict:
 
 def probe_main(model: str, dataset: str, output_dir: str, settings: ProbeSettings, data_dir: str | None = None,
                dtype: str = "float32", device: str | None = None) -> ProbeResult:
-    """Load, probe, write; prints the table and the recommendation. Inputs are checked before anything is written."""
+    """Load, probe, write; prints the table and the recommendation. Inputs are checked before anything is written;
+    the output directory is held (its one-writer lock, as a run's: a probe into a directory a run or another probe
+    is writing is refused), never holds a probe already, and gets probe.json and probe.png together at the end."""
     from nested_reft.evaluation.evaluate import usable_device
     from nested_reft.models.loading import load_model
 
     check_output_directory(output_dir, "--output-dir")
-    calibrating = settings.nesting.bridge == "linear"  # the bridges are fitted on the problems after the probed ones
-    task = Task.load(dataset, "train", data_dir,
-                     limit=settings.problems + (settings.nesting.bridge_calibration if calibrating else 0))
-    if not task.problems:
-        raise ConfigError(f"--dataset {dataset} has no training problems to probe")
-    loaded, tokenizer = load_model(model, dtype=dtype, device=usable_device(device))
-    result = probe(loaded, tokenizer, task, settings, model)
-    write_probe(result, output_dir)
+    with written_on_success(output_dir, f"probe output directory {output_dir}") as staging:
+        if (Path(output_dir) / PROBE_FILE).exists():
+            raise ConfigError(f"--output-dir {output_dir} already holds a probe ({PROBE_FILE}): choose another "
+                              "--output-dir, or delete it to probe again")
+        calibrating = settings.nesting.bridge == "linear"  # the bridges are fitted on the problems after the probed ones
+        task = Task.load(dataset, "train", data_dir,
+                         limit=settings.problems + (settings.nesting.bridge_calibration if calibrating else 0))
+        if len(task.problems) < settings.problems:  # never fewer problems than asked for, silently
+            raise ConfigError(f"--problems {settings.problems}: training set {dataset} has {len(task.problems)} "
+                              "problems; ask for at most that many")
+        loaded, tokenizer = load_model(model, dtype=dtype, device=usable_device(device))
+        result = probe(loaded, tokenizer, task, settings, model)
+        write_probe(result, staging)
     print(format_table(result))
     return result
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nested_reft.store.files import atomic_write_text, check_output_directory
+from nested_reft.store.files import atomic_write_text, check_output_directory, written_on_success
 from nested_reft.experiments import study, study_figures
 from nested_reft.experiments.formatting import number, seeds_text
 from nested_reft.experiments.plots import pyplot, save_figure, series_style
@@ -331,20 +331,23 @@ def deltas_csv(deltas: Sequence[dict]) -> str:
 
 
 def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) -> Path:
-    """Read SWEEP_DIR/results.csv only; write deltas.csv, the Figure 1 PNGs and report.md; return report.md."""
+    """Read SWEEP_DIR/results.csv only; write deltas.csv, the Figure 1 PNGs and report.md; return report.md.
+    They are written under the output directory's lock and appear together, once all of them are made: a report
+    refused midway (a damaged steps.csv) leaves none of them."""
     sweep_dir = Path(sweep_dir)
     output = Path(output_dir) if output_dir is not None else sweep_dir / REPORT_DIR
     check_output_directory(output, "--output-dir")
     rows = read_results(sweep_dir / RESULTS_FILE)
     if not any(row["status"] == "done" for row in rows):
         raise ResultsError(f"{sweep_dir / RESULTS_FILE} has no finished instance yet")
-    baselines = baseline_summary(rows)
-    deltas = compute_deltas(rows)
-    points = instance_means(deltas)
-    figures = plot_figure1(points, baselines, output)
-    atomic_write_text(output / "deltas.csv", deltas_csv(deltas))
-    text = render_markdown(rows, baselines, deltas, points, [path.name for path in figures])
-    atomic_write_text(output / "report.md", text + study_section(sweep_dir, rows, output))
+    with written_on_success(output, f"report directory {output}") as staging:
+        baselines = baseline_summary(rows)
+        deltas = compute_deltas(rows)
+        points = instance_means(deltas)
+        figures = plot_figure1(points, baselines, staging)
+        atomic_write_text(staging / "deltas.csv", deltas_csv(deltas))
+        text = render_markdown(rows, baselines, deltas, points, [path.name for path in figures])
+        atomic_write_text(staging / "report.md", text + study_section(sweep_dir, rows, staging))
     return output / "report.md"
 
 

@@ -74,9 +74,14 @@ def results_columns(benchmarks: Sequence[str]) -> list[str]:
     return RESULT_COLUMNS[:at] + [accuracy_column(name) for name in benchmarks] + RESULT_COLUMNS[at:] + STUDY_COLUMNS
 
 
-def write_results(path: str | Path, benchmarks: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
-    """(Re)write results.csv at `path` atomically."""
-    atomic_write_text(path, csv_text(results_columns(benchmarks), rows))
+def write_results(path: str | Path, benchmarks: Sequence[str], rows: Sequence[dict[str, Any]]) -> Path:
+    """(Re)write results.csv at `path` atomically: the columns of `benchmarks`, and the accuracy columns of other
+    benchmarks that some of `rows` hold (the runs of a larger grid, kept as written)."""
+    columns = results_columns(benchmarks)
+    at = columns.index("accuracy")
+    columns[at:at] = list(dict.fromkeys(column for row in rows for column in row
+                                        if column.startswith(accuracy_column("")) and column not in columns))
+    atomic_write_text(path, csv_text(columns, rows))
     return Path(path)
 
 
@@ -101,6 +106,52 @@ def csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# What identifies a row of each table: a second row with the same key is refused, never "the last one wins".
+ROW_KEYS = {RESULTS_FILE: ("instance",), STEPS_FILE: ("instance", "step"),
+            PROBLEMS_FILE: ("instance", "benchmark", "problem")}
+TEXT_COLUMNS = ("instance", "benchmark", "problem")
+SCHEMAS = {RESULTS_FILE: (REQUIRED_COLUMNS, ()), STEPS_FILE: (STEP_COLUMNS, OPTIONAL_STEP_COLUMNS),
+           PROBLEMS_FILE: (PROBLEM_COLUMNS, ())}  # each table's columns, and those a table written before them lacks  # the columns of steps.csv and problems.csv that are not numbers
+
+
+def read_rows(path: str | Path, columns: Sequence[str], optional: Sequence[str] = ()) -> list[tuple[str, dict]]:
+    """The one reader of the results tables: each row of the CSV file `path` as written (cells not parsed) with
+    where it is ("<path>, line N"); [] where the file does not exist. Refused (ResultsError, naming file and line):
+    text that is not UTF-8, a header without one of `columns` (`optional` ones may be absent), a row with more or
+    fewer fields than the header, an empty key cell, and a second row with the key of an earlier one (`ROW_KEYS`)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return csv_rows(read_text(path), str(path), columns, optional, ROW_KEYS.get(path.name, ("instance",)))
+
+
+def csv_rows(text: str, source: str, columns: Sequence[str], optional: Sequence[str] = (),
+             key: Sequence[str] = ("instance",), expected: str | None = None) -> list[tuple[str, dict]]:
+    """`read_rows` of the text of a table named `source`; `expected` says which columns a refusal asks for."""
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    missing = [column for column in columns if column not in header and column not in optional]
+    if missing:
+        raise ResultsError(f"{source} lacks column(s) {', '.join(missing)}; expected {expected or ', '.join(columns)}")
+    rows, first = [], {}
+    for row in reader:
+        where = f"{source}, line {reader.line_num}"
+        if None in row:  # csv.DictReader files the cells past the header's columns under None
+            raise ResultsError(f"{where}: more fields than the header has columns ({len(row[None])} over)")
+        if any(value is None for value in row.values()):  # and leaves those of a short row None
+            given = sum(value is not None for value in row.values())
+            raise ResultsError(f"{where}: {given} field(s), but the header has {len(header)} columns")
+        identity = tuple(row.get(column, "") for column in key)
+        if not all(identity):
+            raise ResultsError(f"{where}: an empty {' or '.join(key)}")
+        if identity in first:
+            raise ResultsError(f"{where}: a second row for {', '.join(identity)} (the first is on line "
+                               f"{first[identity]}); a table holds one row per {', '.join(key)}")
+        first[identity] = reader.line_num
+        rows.append((where, row))
+    return rows
+
+
 def read_results(path: str | Path) -> list[dict]:
     """The rows of results.csv, numbers parsed; finished rows must have every metric."""
     path = Path(path)
@@ -110,33 +161,33 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def parse_results(text: str, source: str = RESULTS_FILE) -> list[dict]:
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
-    if missing:
-        raise ResultsError(
-            f"{source} lacks column(s) {', '.join(missing)}; expected the columns written by `nested-reft sweep`: "
-            f"{', '.join(REQUIRED_COLUMNS)}"
-        )
-    return [_parse_row(row, f"{source}, line {number}") for number, row in enumerate(reader, start=2)]
+    expected = f"the columns written by `nested-reft sweep`: {', '.join(REQUIRED_COLUMNS)}"
+    return [_parse_row(row, where) for where, row in csv_rows(text, source, REQUIRED_COLUMNS, expected=expected)]
 
 
 def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str] = ()) -> list[dict]:
-    """The rows of steps.csv or problems.csv, every column but `instance` and `benchmark` a number (None where
-    empty, or where an `optional` column is absent); [] where the file does not exist (a sweep written before
-    the study's tables)."""
+    """The rows of steps.csv or problems.csv (`read_rows`), every column but `instance`, `benchmark` and `problem` a
+    number (None where empty, or where an `optional` column is absent); [] where the file does not exist (a sweep
+    written before the study's tables)."""
+    return [parse_table_row(row, columns, where) for where, row in read_rows(path, columns, optional)]
+
+
+def parse_table_row(row: dict, columns: Sequence[str], where: str) -> dict:
+    """A row of steps.csv or problems.csv with its numbers parsed."""
+    return {column: row[column] if column in TEXT_COLUMNS else _optional_number(row.get(column), column, where)
+            for column in columns}
+
+
+def table_rows(path: str | Path) -> list[dict]:
+    """The rows of results.csv, steps.csv or problems.csv (by the file's name) as written, cells not parsed (so that
+    copying them changes no figure), each checked as `read_results` and `read_table` check it; [] where the file
+    does not exist."""
     path = Path(path)
-    if not path.is_file():
-        return []
-    reader = csv.DictReader(io.StringIO(read_text(path)))
-    missing = [column for column in columns if column not in (reader.fieldnames or []) and column not in optional]
-    if missing:
-        raise ResultsError(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(columns)}")
-    text_columns = ("instance", "benchmark", "problem")
-    return [
-        {column: row[column] if column in text_columns
-         else _optional_number(row.get(column), column, f"{path}, line {n}") for column in columns}
-        for n, row in enumerate(reader, start=2)
-    ]
+    columns, optional = SCHEMAS[path.name]
+    rows = read_rows(path, columns, optional)
+    for where, row in rows:
+        _parse_row(row, where) if path.name == RESULTS_FILE else parse_table_row(row, columns, where)
+    return [row for _, row in rows]
 
 
 def _optional_number(value: str, column: str, where: str) -> float | None:
@@ -144,8 +195,6 @@ def _optional_number(value: str, column: str, where: str) -> float | None:
 
 
 def _parse_row(row: dict, where: str) -> dict:
-    if None in row:  # csv.DictReader files the cells past the header's columns under None
-        raise ResultsError(f"{where}: more fields than the header has columns ({len(row[None])} over)")
     parsed: dict[str, Any] = dict(row)
     for column, kind in NUMERIC.items():
         parsed[column] = _number(row[column], column, where, kind)

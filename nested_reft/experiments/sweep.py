@@ -11,6 +11,7 @@ Layout, under the grid's `output_dir`:
         eval/eval.json, eval/<benchmark>.jsonl   (nested_reft.evaluation.evaluate)
     results.csv                                  one row per instance (nested_reft.experiments.results; the only input
                                                  of `report`)
+    run_settings.json                            each done run's settings, which `--merge` compares (`collect`)
     .sweep.lock, <model-slug>/<dataset>/<instance or sft-s<seed>>.lock     one writer each (see `run_sweep`)
 
 Rerunning a sweep skips instances whose status is done, retries failed or interrupted ones (a run left
@@ -41,11 +42,12 @@ import torch
 
 from nested_reft.training.checkpoint import checkpoints
 from nested_reft.config import ConfigError, TrainConfig, config_differences, load_config
-from nested_reft.experiments.collect import EVAL_DIR, collect_results, recorded_done
+from nested_reft.experiments.collect import EVAL_DIR, collect_results, recorded_done, run_status
 from nested_reft.evaluation.records import EVAL_FILE
 from nested_reft.evaluation.evaluate import evaluate_model, print_progress
 from nested_reft.store.files import (
-    LockHeldError, atomic_write_json, atomic_write_text, check_output_file, exclusive_lock, read_json,
+    LockHeldError, atomic_write_json, atomic_write_text, check_output_directory, check_output_file, exclusive_lock,
+    read_json,
 )
 from nested_reft.experiments.grid import (
     EvalSettings, GridConfig, Instance, changed_settings, enumerate_instances, eval_record, instance_config, load_grid,
@@ -93,7 +95,8 @@ def run_sweep(grid: GridConfig, only: str | None = None, log: Callable[[str], No
     the refusal is raised, in a whole-grid sweep it is reported in `in_use` and the sweep goes on.
     """
     instances = select_instances(grid, only)
-    done_there = recorded_done(recorded)
+    check_output_directory(grid.root, "output_dir")
+    done_there = recorded_done(recorded, grid)
     with contextlib.ExitStack() as stack:
         if only is None:
             stack.enter_context(exclusive_lock(grid.root / SWEEP_LOCK_FILE, f"the sweep of grid {grid.name!r} "
@@ -140,12 +143,13 @@ def _run_unless_done(grid: GridConfig, instance: Instance, label: str, outcome: 
                      failed_warm_ups: dict[str, str], log: Callable[[str], None]) -> None:
     """Run one instance (its lock held) unless its status says done; record what happened in `outcome`."""
     directory = run_directory(grid, instance)
-    status = read_status(directory)
+    status = run_status(directory)
     if status.get("status") == "done":
         outcome.skipped.append(instance.id)
         _warn_if_changed(grid, instance, status, log)
         return
-    log(f"{label} {instance.id}")
+    lost = read_status(directory).get("status") == "done"  # done, its evaluation since lost: evaluated again
+    log(f"{label} {instance.id}" + (f" ({status['error']}: evaluating it again)" if lost else ""))
     error = run_instance(grid, instance, failed_warm_ups)
     if error is None:
         outcome.ran.append(instance.id)
@@ -190,7 +194,8 @@ def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str
         if not grid.keep_checkpoints:  # trained: model/ is the result, the checkpoint only served resuming
             for checkpoint in checkpoints(directory):
                 shutil.rmtree(checkpoint, ignore_errors=True)
-        evaluate_instance(directory / FINAL_MODEL_DIR, directory / EVAL_DIR, grid.eval, config, instance.seed)
+        evaluate_instance(trained_model(directory, instance.id), directory / EVAL_DIR, grid.eval, config,
+                          instance.seed)
     except KeyboardInterrupt:
         write_status(directory, "failed", error="interrupted")
         raise
@@ -221,10 +226,21 @@ def ensure_warm_up(grid: GridConfig, instance: Instance) -> Path:
                 write_status(directory, "failed", error=_describe(error), traceback=traceback.format_exc())
                 raise
             write_status(directory, "done")
+        model = trained_model(directory, f"SFT warm-up {instance.sft_id}")
         if grid.evaluate_warm_up and not (directory / EVAL_DIR / EVAL_FILE).is_file():  # the accuracy before ReFT
-            evaluate_instance(directory / FINAL_MODEL_DIR, directory / EVAL_DIR, grid.eval, sft_config(grid, instance),
-                              instance.seed)
-    return directory / FINAL_MODEL_DIR
+            evaluate_instance(model, directory / EVAL_DIR, grid.eval, sft_config(grid, instance), instance.seed)
+    return model
+
+
+def trained_model(directory: Path, what: str) -> Path:
+    """The model/ of the finished run in `directory`; a ConfigError naming `what` where it was deleted after the run
+    finished (a finished run is not trained again, so nothing can be evaluated or started from it)."""
+    model = directory / FINAL_MODEL_DIR
+    if not model.is_dir():
+        raise ConfigError(f"{what} is trained ({SUMMARY_FILE}) but its {FINAL_MODEL_DIR}/ is gone (keep_models: false "
+                          f"deletes it once evaluated), so it cannot be evaluated or started from: delete {directory} "
+                          "to run it again")
+    return model
 
 
 def _check_warm_up_settings(grid: GridConfig, instance: Instance) -> None:
@@ -266,7 +282,7 @@ def emit_commands(grid: GridConfig, grid_path: str | os.PathLike, path: str | os
     prefix = f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m nested_reft.cli sweep"
     grid_file = shlex.quote(str(Path(grid_path).resolve()))
     merge = f" --merge {shlex.quote(str(Path(recorded).resolve()))}" if recorded is not None else ""
-    done_there = recorded_done(recorded)
+    done_there = recorded_done(recorded, grid)
     check_output_file(path, "--emit-commands")
     lines = [f"{prefix} {grid_file}{merge} --only {shlex.quote(instance.id)}" for instance in enumerate_instances(grid)
              if instance.id not in done_there]
@@ -285,6 +301,7 @@ def sweep_main(grid_path: str, only: str | None = None, emit: str | None = None,
         log(f"wrote {len(lines)} commands to {emit}")
         return 0
     if collect:
+        check_output_directory(grid.root, "output_dir")
         log(f"wrote {collect_results(grid, merge)}")
         return 0
     outcome = run_sweep(grid, only=only, log=log, recorded=merge)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -25,8 +26,10 @@ import torch
 from safetensors import SafetensorError
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import __version__ as transformers_version
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
+from transformers.utils.hub import cached_file
 
-from nested_reft.store.files import PathError, read_json_object
+from nested_reft.store.files import PathError, file_digest, read_json_object
 from nested_reft.models.tiny import CHATML_TEMPLATE, TINY_ARCHITECTURES, tiny_model
 
 ModelAndTokenizer = tuple[PreTrainedModel, PreTrainedTokenizerBase]
@@ -86,6 +89,23 @@ def load_model(
     return _ready_for_generation(model, tokenizer, device)
 
 
+def model_fingerprint(name_or_path: str) -> str | None:
+    """What a local model is, by content: the SHA-256 of its config and weight files (a directory's config.json,
+    *.safetensors and their index; a .gguf file itself), so that a model replaced at the same path is another
+    model. None for an alias or a Hub id, which their name identifies."""
+    if name_or_path in MODEL_ALIASES:
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        return None
+    files = sorted(file for pattern in ("config.json", "*.safetensors", "*.safetensors.index.json")
+                   for file in path.glob(pattern) if file.is_file())
+    listing = "".join(f"{file.name} {file_digest(file)}\n" for file in files)
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+
+
 def position_table_size(model: PreTrainedModel) -> int | None:
     """How many positions a model with a learned table of position embeddings has (GPT-2, OPT): its forward
     fails with an IndexError past them. None for rotary models, which run on past the positions they saw."""
@@ -132,11 +152,33 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def _load_pretrained(source: str | Path, dtype: torch.dtype) -> ModelAndTokenizer:
     """`from_pretrained` for model and tokenizer; safetensors only, because unpickling .bin files can run code."""
+    check_safetensors_index(source)
     model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True,
                                                           output_loading_info=True, ignore_mismatched_sizes=True)
     check_every_weight_loaded(source, loading)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
+
+
+def check_safetensors_index(source: str | Path) -> None:
+    """Refuse a safetensors index (a sharded model's model.safetensors.index.json, in a directory or on the Hub) that
+    lists a weight file other than a .safetensors file beside it: transformers loads every file the index lists,
+    and would read a listed .bin file with torch.load, past `use_safetensors=True`."""
+    index = cached_file(str(source), SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False)
+    if index is None:
+        return
+    try:
+        weight_map = read_json_object(index).get("weight_map")
+    except PathError as error:
+        raise ModelLoadError(f"{error}: not a safetensors index") from None
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(f"{index} has no weight_map of weight names to files: not a safetensors index")
+    unsafe = sorted({str(file) for file in weight_map.values()
+                     if not (isinstance(file, str) and file.endswith(".safetensors") and Path(file).name == file)})
+    if unsafe:
+        raise ModelLoadError(f"{index} lists {', '.join(unsafe[:3])}{', ...' if len(unsafe) > 3 else ''}, not "
+                             ".safetensors files beside it: model weights are read from safetensors only (unpickling "
+                             "another format can run code)")
 
 
 def check_every_weight_loaded(source: str | Path, loading: dict) -> None:

@@ -56,6 +56,19 @@ def valid_layers(num_layers: int, border: int) -> list[int]:
     return list(range(border, num_layers - border))
 
 
+def skip_count_problem(num_layers: int, border: int, ratio: float, border_option: str = "nesting.border") -> str | None:
+    """Why no skip set of ratio `ratio` can be drawn from a model of `num_layers` layers with `border`, or None:
+    U_x more than the valid layers, or every layer (none would run); `border_option` names the border. What start-up
+    checks ask before a run or a probe draws its first skip set."""
+    skipped, valid = num_skipped_layers(num_layers, ratio), len(valid_layers(num_layers, border))
+    if skipped > valid:
+        return (f"skips {skipped} of the model's {num_layers} layers, but {border_option}={border} leaves only {valid} "
+                "valid layers")
+    if skipped >= num_layers:
+        return f"skips all {num_layers} of the model's layers, so none would run"
+    return None
+
+
 def sample_skip_set(
     num_layers: int, ratio: float, border: int, generator: torch.Generator | None = None
 ) -> tuple[int, ...]:

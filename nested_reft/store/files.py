@@ -6,7 +6,9 @@ PathError that names the file and the line.
 
 Atomic writes go through a temporary sibling and a rename, so a reader (or a run killed mid-write) sees the
 old file or the new one, never half of one; they get the mode the umask gives a new file, as the files a
-plain `open` writes do. Locks are `flock` locks on a file beside what they guard: the kernel releases them
+plain `open` writes do. A write that fails for want of space or of a writable file system is a PathError
+naming the path and the cause (`writing`). A command whose results appear only when it succeeds writes them
+through `written_on_success`. Locks are `flock` locks on a file beside what they guard: the kernel releases them
 when the holding process dies (a `kill -9` leaves no stale lock), and the holder writes who it is into the
 lock file so that a refused second writer can name it.
 """
@@ -14,9 +16,12 @@ lock file so that a refused second writer can name it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -53,13 +58,23 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
 
 
 def _unwritable(target: Path, directory: Path) -> str | None:
-    """Why `directory` (`target` or the one it goes in) cannot be made or written into, or None."""
+    """Why `directory` (`target` or the one it goes in) cannot be made or written into, or None: a path through a
+    symbolic link that leads nowhere (or in a loop), a file, a directory not writable (a read-only mount)."""
+    for candidate in (directory, *directory.parents):
+        if candidate.is_symlink() and not candidate.exists():
+            return (f"cannot be made: {candidate} is a symbolic link to {os.readlink(candidate)}, which does not exist "
+                    "or loops")
     existing = next(candidate for candidate in (directory, *directory.parents) if candidate.exists())
     if not existing.is_dir():
         return "is a file; give a directory" if existing == target else f"is under {existing}, which is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot be written: {existing} is not writable"
+        return f"cannot be written: {existing} is not writable" + (
+            " (a read-only file system)" if _read_only(existing) else "")
     return None
+
+
+def _read_only(directory: Path) -> bool:
+    return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
 
 
 @contextlib.contextmanager
@@ -79,9 +94,39 @@ def removed_unless_used(path: str | os.PathLike, ignored: tuple[str, ...] = (), 
             directory.rmdir()
 
 
+UNWRITABLE = {errno.ENOSPC: "no space left on its file system", errno.EDQUOT: "the disk quota is used up",
+              errno.EROFS: "its file system is read-only"}  # a write's errors that name a cause the user can fix
+LOW_SPACE = 16 << 20  # bytes: a writer that fails with less free than this failed for want of space
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, writers: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Writes of `path` in the body: one that fails for want of space, of quota or of a writable file system is a
+    PathError naming `path` and the cause (one line, instead of the OSError, which names neither), and so is an
+    error of one of `writers` (torch.save's RuntimeError "unexpected pos", safetensors' own) raised while the file
+    system has less than LOW_SPACE left. Every other error passes unchanged."""
+    try:
+        yield
+    except (OSError, *writers) as error:
+        cause = UNWRITABLE.get(error.errno) if isinstance(error, OSError) else None
+        if cause is None and isinstance(error, writers):
+            existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+            free = shutil.disk_usage(existing).free
+            if free < LOW_SPACE:
+                cause = f"no space left on its file system ({free} bytes free; {str(error).splitlines()[0][:120]})"
+        if cause is None:
+            raise
+        raise PathError(f"{path} could not be written: {cause}") from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` via a temporary file and a rename: readers see the old or the new file."""
     path = Path(path)
+    with writing(path):
+        _atomic_write_text(path, text)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -168,6 +213,15 @@ def read_json_lines(path: str | os.PathLike) -> JsonLines:
     return JsonLines(records, torn)
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in blocks: a model's weights are not held in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def umask() -> int:
     """The process's umask (read by setting it and putting it back: there is no getter)."""
     mask = os.umask(0)
@@ -224,3 +278,22 @@ def _holder_description() -> str:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     command = " ".join(sys.argv)[:300]
     return f"pid {os.getpid()} on {socket.gethostname()} since {started} ({command})"
+
+
+@contextlib.contextmanager
+def written_on_success(directory: str | os.PathLike, what: str) -> Iterator[Path]:
+    """For a command that writes its results into `directory` (probe, report): the directory's one-writer lock held
+    for the body (`locked_directory`, `what` naming it in a refusal), and a staging directory inside it to write
+    the results into, whose files appear in `directory` (each renamed into place) only once the body succeeds. A
+    body that fails leaves none of them, and a directory it created is removed again (`removed_unless_used`)."""
+    directory = Path(directory)
+    with removed_unless_used(directory, (LOCK_FILE,)), locked_directory(directory, what):
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=".staging-"))
+        try:
+            yield staging
+            for file in sorted(path for path in staging.rglob("*") if path.is_file()):
+                target = directory / file.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

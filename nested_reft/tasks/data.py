@@ -31,6 +31,7 @@ import ast
 import glob
 import hashlib
 import json
+import math
 import operator
 import os
 import re
@@ -223,7 +224,9 @@ _OPERATIONS = {
 
 def _evaluate_steps(node: ast.AST, steps: list[str], where: str) -> Fraction:
     """Evaluate an equation tree exactly (Fractions), appending 'a op b = c' for each operation, inner first."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        if not math.isfinite(node.value):  # a literal past float's range (1e400) parses as inf
+            raise DataError(f"{where}: field 'Equation' holds a number out of range ({node.value})")
         return Fraction(str(node.value))
     if isinstance(node, ast.BinOp) and type(node.op) in _OPERATIONS:
         left, right = _evaluate_steps(node.left, steps, where), _evaluate_steps(node.right, steps, where)

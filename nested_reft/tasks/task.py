@@ -30,10 +30,12 @@ class Task:
     def prompts(self, tokenizer, problems: Sequence[Problem]) -> list[str]:
         return [build_prompt(tokenizer, problem.question) for problem in problems]
 
-    def check_fits(self, tokenizer, positions: int | None, max_new_tokens: int, option: str) -> None:
+    def check_fits(self, tokenizer, positions: int | None, max_new_tokens: int, option: str,
+                   limit: str | None = None) -> None:
         """The rule for problems longer than the model: refused at start-up, naming the longest, never truncated
         (a cut question is another problem): its prompt plus `max_new_tokens` (the option `option`) must fit
-        `positions` (`models.position_table_size`; None: no limit)."""
+        `positions` (`models.position_table_size`, or what the engine takes; None: no limit), which `limit` names
+        (default: the model's positions)."""
         if positions is None or not self.problems:
             return
         prompts = self.prompts(tokenizer, self.problems)
@@ -42,8 +44,8 @@ class Task:
         if lengths[longest] + max_new_tokens > positions:
             raise DataError(
                 f"problem {self.problems[longest].id}: its prompt ({lengths[longest]} tokens) plus {option} "
-                f"({max_new_tokens}) runs past the model's {positions} positions; problems are not truncated: lower "
-                f"{option}, or leave the problem out"
+                f"({max_new_tokens}) runs past {limit or f'the model{chr(39)}s {positions} positions'}; problems are "
+                f"not truncated: lower {option}, or leave the problem out"
             )
 
     def score(self, completions: Sequence[str], golds: Sequence[str]) -> list[float]:

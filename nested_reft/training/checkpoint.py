@@ -2,7 +2,7 @@
 
 A checkpoint is a directory: the model (`save_pretrained`, safetensors) with its tokenizer, the
 optimizer and scheduler states (`torch.save`, read back with `weights_only=True`, so loading never
-runs pickled code), `trainer_state.json` (the step and the run's totals), every process's torch RNG
+runs pickled code: anything but tensors and plain values is refused by name), `trainer_state.json` (the step and the run's totals), every process's torch RNG
 states (`rng_state.safetensors`), and `manifest.json` written last with the SHA-256 of every file.
 
 What makes a resumed run draw what the original drew: every sampling decision of the trainer (the
@@ -22,9 +22,9 @@ clear error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -32,9 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nested_reft.store.files import atomic_write_json, follow_umask, umask
+from nested_reft.store.files import (
+    PathError, atomic_write_json, file_digest, follow_umask, read_json_object, umask, writing,
+)
 from nested_reft.models.lora import has_adapters, load_adapter_weights
 from nested_reft.training.sharding import is_fully_sharded, load_whole_optimizer_state, load_whole_weights
 
@@ -103,10 +106,11 @@ def _write_atomically(directory: Path, write) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f"{STAGING_PREFIX}{directory.name}."))
     try:
-        staging.chmod(0o777 & ~umask())  # mkdtemp makes it 0700; give it a normal directory's mode
-        write(staging)
-        follow_umask(staging)  # safetensors writes 0600 files: a model other users and jobs load follows the umask
-        atomic_write_json(staging / MANIFEST, _hashes(staging))
+        with writing(directory, (RuntimeError, SafetensorError)):  # a full disk: one line naming the directory
+            staging.chmod(0o777 & ~umask())  # mkdtemp makes it 0700; give it a normal directory's mode
+            write(staging)
+            follow_umask(staging)  # safetensors writes 0600 files: a model other users and jobs load follows the umask
+            atomic_write_json(staging / MANIFEST, _hashes(staging))
         _replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -149,13 +153,38 @@ def load_checkpoint(directory: Path, model, optimizer: torch.optim.Optimizer, sc
             f"checkpoint {directory} does not fit the model: missing {sorted(set(missing) - tied)}, "
             f"unexpected {sorted(unexpected)}"
         )
-    states = torch.load(directory / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+    states = _optimizer_states(directory / OPTIMIZER_STATE)
     if is_fully_sharded(model):
         load_whole_optimizer_state(model, optimizer, states["optimizer"])
     else:
         optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    return json.loads((directory / TRAINER_STATE).read_text())
+    return _trainer_state(directory / TRAINER_STATE)
+
+
+def _optimizer_states(path: Path) -> dict:
+    """The optimizer and scheduler states of optimizer.pt, the one pickle nested-reft reads: with torch.load's
+    weights_only=True, which unpickles tensors, numbers, strings and plain containers and refuses anything else
+    (a global it does not know is never imported or called). What it refuses, or a file of another shape, is a
+    CheckpointError naming the file."""
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        reason = str(error).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{path} is not an optimizer state of tensors and plain values ({reason}): nested-reft "
+                              "did not write it; restore the checkpoint, or start a new --output-dir") from None
+    if not isinstance(states, dict) or not {"optimizer", "scheduler"} <= set(states):
+        raise CheckpointError(f"{path} holds no optimizer and scheduler states: nested-reft did not write it; restore "
+                              "the checkpoint, or start a new --output-dir")
+    return states
+
+
+def _trainer_state(path: Path) -> dict:
+    """The JSON object trainer_state.json holds; a CheckpointError naming the file where it holds none."""
+    try:
+        return read_json_object(path)
+    except PathError as error:
+        raise CheckpointError(f"{error}: restore the checkpoint, or start a new --output-dir") from None
 
 
 def load_run_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -236,11 +265,8 @@ def checkpoint_path(output_dir: Path, step: int) -> Path:
 
 
 def _hashes(directory: Path, exclude: set[str] = frozenset()) -> dict[str, str]:
-    return {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.iterdir())
-        if path.is_file() and path.name not in exclude
-    }
+    return {path.name: file_digest(path) for path in sorted(directory.iterdir())
+            if path.is_file() and path.name not in exclude}
 
 
 def _replace_directory(staging: Path, target: Path) -> None:

@@ -29,7 +29,7 @@ from nested_reft.training.checkpoint import latest_checkpoint, remove_stale_stag
 from nested_reft.config import RESUMABLE_OPTIONS, ConfigError, TrainConfig, config_differences, load_config
 from nested_reft.store.files import (
     LOCK_FILE, LockHeldError, PathError, atomic_write_text, locked_directory, read_json_lines, read_json_object,
-    removed_unless_used,
+    removed_unless_used, writing,
 )
 from nested_reft.tasks.problems import Problem
 
@@ -52,16 +52,18 @@ class RunState(Enum):
     EMPTY = "empty"  # no run: missing, empty, or only a lock file
     STARTED = "started"  # a run began but wrote no checkpoint yet (killed early, or failed at start-up)
     RESUMABLE = "resumable"  # a run with a checkpoint to continue from
-    FINISHED = "finished"  # summary.json and model/: the run is complete
+    FINISHED = "finished"  # summary.json: the run is complete (its model/ may have been deleted since)
 
 
 def run_state(output: str | Path) -> RunState:
+    """What `output` holds. A finished run is known by its summary, written last, never by its model/: a sweep
+    with `keep_models: false` deletes that once it is evaluated, and the run is finished all the same."""
     output = Path(output)
-    if (output / SUMMARY_FILE).is_file() and (output / FINAL_MODEL_DIR).is_dir():
+    if (output / SUMMARY_FILE).is_file():
         return RunState.FINISHED
     if latest_checkpoint(output) is not None:
         return RunState.RESUMABLE
-    started = [*_STARTED_FILES, SUMMARY_FILE, FINAL_MODEL_DIR, SFT_MODEL_DIR]
+    started = [*_STARTED_FILES, FINAL_MODEL_DIR, SFT_MODEL_DIR]
     return RunState.STARTED if any((output / name).exists() for name in started) else RunState.EMPTY
 
 
@@ -71,7 +73,7 @@ def clear_started_run(output: str | Path) -> None:
     output = Path(output)
     if run_state(output) is not RunState.STARTED:
         return
-    for name in [*_STARTED_FILES, SUMMARY_FILE]:
+    for name in _STARTED_FILES:
         (output / name).unlink(missing_ok=True)
     for name in (FINAL_MODEL_DIR, SFT_MODEL_DIR, ADAPTER_DIR):
         shutil.rmtree(output / name, ignore_errors=True)
@@ -91,8 +93,8 @@ def checkpoint_to_resume(output: Path, resume: bool | None) -> Path | None:
         resume = state is RunState.RESUMABLE
     if not resume:
         if state is RunState.FINISHED:
-            raise ConfigError(f"output_dir {output} already holds a run, finished ({SUMMARY_FILE} and "
-                              f"{FINAL_MODEL_DIR}/): it is not trained again; choose another --output-dir")
+            raise ConfigError(f"output_dir {output} already holds a run, finished ({SUMMARY_FILE}): it is not trained "
+                              "again, whatever was deleted from it since; choose another --output-dir")
         if state is RunState.RESUMABLE:
             raise ConfigError(f"output_dir {output} already holds a run: pass --resume to continue it, or choose "
                               "another --output-dir")
@@ -105,7 +107,7 @@ def checkpoint_to_resume(output: Path, resume: bool | None) -> Path | None:
         return checkpoint
     if state is RunState.FINISHED:
         raise ConfigError(f"--resume: the run in {output} is finished and its checkpoints were removed: there is "
-                          "nothing to continue, and a finished run is not trained again")
+                          f"nothing to continue, and a finished run ({SUMMARY_FILE}) is not trained again")
     if state is RunState.STARTED:
         raise ConfigError(
             f"--resume: the run in {output} stopped before its first checkpoint (save_steps), so there is nothing to "
@@ -190,7 +192,7 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line (a step's metrics) to `path`."""
-    with open(path, "a", encoding="utf-8") as stream:
+    with writing(path), open(path, "a", encoding="utf-8") as stream:
         stream.write(json.dumps(record) + "\n")
 
 

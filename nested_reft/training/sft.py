@@ -189,7 +189,8 @@ def sft_warmup(
     gradients, so a batch costs 1/world of its time per process and the update equals the one-process update.
     `on_step` sees each step as it ends (the trainer writes them to sft_metrics.jsonl). Optimizer and
     schedule are TRL SFTConfig's (AdamW, `config.lr_scheduler` without warm-up, gradient clipping at
-    `config.max_grad_norm`), set in `SFTConfig`. `nesting` is the run's (border, skip policy, skip ratio): the
+    `config.max_grad_norm`), set in `SFTConfig`; a non-finite loss or gradient stops it (FloatingPointError), as
+    ReFT stops on non-finite updates. `nesting` is the run's (border, skip policy, skip ratio): the
     nested models of sft.layer_drop and sft.distill_nested are drawn as ReFT draws them.
     """
     examples = sft_examples(problems)[: config.max_examples]
@@ -215,7 +216,8 @@ def sft_warmup(
             learning_rate = scheduler.get_last_lr()[0]
             draws = functools.partial(warm_up.skip_sets, seed, step)
             loss, flops = _sft_step(model, tokenizer, batch, config, micro_batch_size, accelerator, draws, shapes)
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            _check_finite(step, loss, norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -224,6 +226,17 @@ def sft_warmup(
                 on_step(records[-1])
     model.eval()
     return records
+
+
+def _check_finite(step: int, loss: float, norm) -> None:
+    """Stop the warm-up (FloatingPointError) at a step whose loss or gradient norm is not finite, before its update:
+    one such update makes every weight NaN, and the warm-up's model would be saved and trained from. Both values
+    are the same on every process (reduced), so every rank stops alike."""
+    norm = None if norm is None else float(norm)
+    if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
+        raise FloatingPointError(f"SFT warm-up step {step}: the loss ({loss:g}) or the gradient norm ({norm:g}) is not "
+                                 "finite; the warm-up stopped before its update, nothing was saved (lower "
+                                 "sft.learning_rate or sft.distill_nested)")
 
 
 def _sft_step(model, tokenizer, batch: Sequence[Problem], config: SFTConfig, micro_batch_size: int, accelerator,

@@ -11,9 +11,8 @@ import dataclasses
 import os
 
 from nested_reft.config import ConfigError, TrainConfig
-from nested_reft.engines.vllm_engine import check_vllm_supports
-from nested_reft.models.loading import position_table_size
-from nested_reft.nesting.layers import num_decoder_layers, num_skipped_layers, valid_layers
+from nested_reft.engines.vllm_engine import check_vllm_runs, check_vllm_supports, engine_positions
+from nested_reft.nesting.layers import num_decoder_layers, skip_count_problem
 from nested_reft.tasks.data import DataError
 from nested_reft.tasks.task import Task
 from nested_reft.training.sft import sft_examples
@@ -39,6 +38,16 @@ def check_model(config: TrainConfig, model, world: int) -> None:
                           "skip set; use sampling.engine=eager or vllm")
     if config.sampling.engine == "vllm":
         check_vllm_supports(model, world, config.sampling.merge_adapters)
+        check_vllm_runs(model)
+
+
+def check_lora_fits(config: TrainConfig, model) -> None:
+    """Refuse LoRA adapters wider than the model, before they are added: a rank above the hidden size adds
+    parameters (and gigabytes of checkpoints) and no capacity, the update of a layer being of rank <= its width."""
+    width = getattr(model.config.get_text_config(), "hidden_size", None)
+    if config.lora.r and width and config.lora.r > width:
+        raise ConfigError(f"lora.r={config.lora.r} is wider than the model (hidden size {width}): a rank above it adds "
+                          f"parameters and no capacity; use lora.r <= {width}")
 
 
 def check_fits_model(config: TrainConfig, num_layers: int, world: int) -> None:
@@ -57,14 +66,10 @@ def check_fits_model(config: TrainConfig, num_layers: int, world: int) -> None:
             f"nesting.border={config.nesting.border} protects the first and last {config.nesting.border} layers, "
             f"but the model has {num_layers}: the border must be at most {num_layers // 2}"
         )
-    valid = len(valid_layers(num_layers, config.nesting.border))
     for option, ratio in _skip_ratios(config):
-        skipped = num_skipped_layers(num_layers, ratio)
-        if skipped > valid:
-            raise ConfigError(
-                f"{option}={ratio} skips {skipped} of the model's {num_layers} layers, but "
-                f"nesting.border={config.nesting.border} leaves only {valid} valid layers: lower one of them"
-            )
+        problem = skip_count_problem(num_layers, config.nesting.border, ratio)
+        if problem:
+            raise ConfigError(f"{option}={ratio} {problem}: lower one of them")
     if config.sft.epochs and config.sft.layer_drop and world > 1:
         raise ConfigError(
             f"sft.layer_drop={config.sft.layer_drop} with {world} processes: the layers a micro-batch skips get no "
@@ -95,11 +100,12 @@ def training_set(config: TrainConfig, task: Task) -> Task:
 
 def check_task(config: TrainConfig, task: Task, tokenizer, model, fresh: bool) -> None:
     """The training set: not empty, something to imitate when a fresh run warms up, and prompts that fit the
-    model's position table with `sampling.max_new_tokens` completion tokens (never truncated)."""
+    model's position table, or what the vllm engine takes, with `sampling.max_new_tokens` completion tokens (never
+    truncated)."""
     if not task.problems:
         raise DataError(f"training set {task.name!r} has 0 problems: nothing to train on")
     if fresh and config.sft.epochs > 0 and not sft_examples(task.problems):
         raise DataError(f"sft.epochs={config.sft.epochs}, but no problem of training set {task.name!r} has a "
                         "solution to imitate: the warm-up would train nothing; set sft.epochs=0")
-    task.check_fits(tokenizer, position_table_size(model), config.sampling.max_new_tokens,
-                    "sampling.max_new_tokens")
+    positions, limit = engine_positions(model, config.sampling)
+    task.check_fits(tokenizer, positions, config.sampling.max_new_tokens, "sampling.max_new_tokens", limit)

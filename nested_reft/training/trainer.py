@@ -37,7 +37,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -57,6 +57,8 @@ from nested_reft.store.files import atomic_write_json, atomic_write_text, check_
 from nested_reft.store.seeding import step_generator
 from nested_reft.tasks.task import Task
 from nested_reft.training.checkpoint import (
+    TRAINER_STATE,
+    CheckpointError,
     checkpoint_path,
     load_checkpoint,
     load_run_tensors,
@@ -97,7 +99,7 @@ from nested_reft.training.rundir import (
 )
 from nested_reft.training.sft import sft_warmup
 from nested_reft.training.sharding import FSDP2, check_fits_fsdp2, fsdp2_of_launch, gathered_state, gathered_weights
-from nested_reft.training.startup import check_model, check_task, check_world, training_set
+from nested_reft.training.startup import check_lora_fits, check_model, check_task, check_world, training_set
 from nested_reft.training.update import TrainingState, no_update, policy_update
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # config.dtype -> accelerate
@@ -127,6 +129,7 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
             check_resumed_config(config, output)
         model, tokenizer = load_model(config.model, dtype=torch.float32, device=accelerator.device)  # fp32 master weights
         if config.lora.r:
+            check_lora_fits(config, model)
             model = add_adapters(model, config.lora)
         check_model(config, model, accelerator.num_processes)
         task = training_set(config, task or Task.load(config.dataset, "train", config.data_dir))
@@ -180,7 +183,7 @@ def _train_model(
     start_step, selection = 0, RolloutSelection(config, tokenizer.pad_token_id)
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, policy, optimizer, scheduler)
-        start_step, totals = saved["step"], RunTotals(**saved["totals"])
+        start_step, totals = _saved_progress(saved, checkpoint)
         if "skip_policy" in saved:  # checkpoints before adaptive policies hold none (their policy was uniform)
             skip_policy.load_state_dict(saved["skip_policy"])
         if selection.active:
@@ -210,6 +213,24 @@ def _train_model(
     # a rank that destroys it while another still writes can hang the launch (pytorch/pytorch#75097).
     accelerator.wait_for_everyone()
     return summary
+
+
+def _saved_progress(saved: dict, checkpoint: Path) -> tuple[int, RunTotals]:
+    """The step and the run's totals a checkpoint's trainer_state.json holds; a CheckpointError naming the file where
+    it holds no integer step >= 0, or totals that are not RunTotals' names with numbers."""
+    step, totals = saved.get("step"), saved.get("totals")
+    names = {spec.name for spec in fields(RunTotals)}
+    problems = [] if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else [
+        f"step must be an integer >= 0, got {step!r}"]
+    if not (isinstance(totals, dict) and set(totals) <= names and all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in totals.values())):
+        problems.append(f"totals must map names of {', '.join(sorted(names))} to numbers, got {totals!r:.100}")
+    if not isinstance(saved.get("skip_policy", {}), dict):
+        problems.append(f"skip_policy must be a mapping, got {saved['skip_policy']!r:.100}")
+    if problems:
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE} is not a trainer state ({'; '.join(problems)}): restore "
+                              "the checkpoint, or start a new --output-dir")
+    return step, RunTotals(**totals)
 
 
 def reft(
