@@ -221,9 +221,14 @@ def test_the_bridges_read_only_the_first_of_mu_passes(tmp_path, monkeypatch):
 
 
 def test_bridges_with_the_compiled_engine_are_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(ConfigError, match=r"nesting\.bridge=linear with sampling\.engine=compiled"):
+    with pytest.raises(ConfigError, match=r"nesting\.bridge must be none with sampling\.engine=compiled"):
         train(bridged_config(tmp_path / "run", **{"sampling.engine": "compiled"}))
     assert not (tmp_path / "run").exists()
+
+
+def test_bridges_where_no_block_is_skipped_are_refused_as_doing_nothing():
+    with pytest.raises(ConfigError, match=r"nesting\.bridge must be none while nesting\.skip_ratio = 0"):
+        bridged_config("unused", **{"nesting.skip_ratio": 0.0})
 
 
 @pytest.mark.parametrize("option, value, expected", [

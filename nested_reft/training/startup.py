@@ -32,10 +32,6 @@ def check_model(config: TrainConfig, model, world: int) -> None:
     """The loaded model against the options and the launch: its layers (`check_fits_model`) and, for the vllm
     engine, what vLLM can serve."""
     check_fits_model(config, num_decoder_layers(model), world)
-    if config.nesting.bridge != "none" and config.sampling.engine == "compiled":
-        raise ConfigError(f"nesting.bridge={config.nesting.bridge} with sampling.engine=compiled: the bridges run as "
-                          "hooks around the kept blocks, which the compiled decode step would recompile for every "
-                          "skip set; use sampling.engine=eager or vllm")
     if config.sampling.engine == "vllm":
         check_vllm_supports(model, world, config.sampling.merge_adapters)
         check_vllm_runs(model)
