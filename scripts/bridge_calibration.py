@@ -31,7 +31,8 @@ from nested_reft.experiments.probe import _distance, calibrated_bridges
 from nested_reft.models.loading import load_model
 from nested_reft.nesting.bridges import BridgeFitter, Bridges, NormalEquations, fit_bridges, nested_bridged
 from nested_reft.nesting.layers import decoder_layers, num_decoder_layers, sample_skip_set
-from nested_reft.store.files import atomic_write_json
+from nested_reft.store.files import atomic_write_json, atomic_write_text
+from nested_reft.training.rundir import append_jsonl
 from nested_reft.store.seeding import step_generator
 from nested_reft.tasks.task import Task
 from nested_reft.training.bridging import calibration_texts
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--problems", type=int, default=8)
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--output", type=Path, default=None, help="a directory for calibration.json")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="a directory: draws.jsonl gets each draw as it is measured, calibration.json all at the end")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model)
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parallel = calibrated_bridges(model, tokenizer, calibration, nesting)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=0)
     rows = []
+    if args.output is not None:
+        atomic_write_text(args.output / "draws.jsonl", "")  # this run's draws only
     for x in args.skip_ratios:
         for draw in range(args.draws):
             skip_set = sample_skip_set(num_decoder_layers(model), x, 1, step_generator(0, draw, f"calibration-{x:g}"))
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                 kl[name] = _distance(model, rollouts, sampling.temperature)[1]
             rows.append({"skip_ratio": x, "skip_set": list(skip_set), "sequential_fit_s": fit_s, **kl})
             print(json.dumps(rows[-1]), flush=True)
+            if args.output is not None:  # a draw takes minutes on a CPU: each is kept as soon as it is measured
+                append_jsonl(args.output / "draws.jsonl", rows[-1])
     print("| x | removed | parallel | sequential | sequential fit, s |\n|---|---|---|---|---|")
     for x in args.skip_ratios:
         mine = [row for row in rows if row["skip_ratio"] == x]

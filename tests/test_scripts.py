@@ -120,6 +120,7 @@ def test_the_bridge_calibration_script_measures_removed_parallel_and_sequential(
     calibration.main(["--model", "tiny-llama", "--skip-ratios", "0.3", "--draws", "1", "--problems", "2",
                       "--calibration", "4", "--max-new-tokens", "4", "--output", str(tmp_path)])
     (row,) = json.loads((tmp_path / "calibration.json").read_text())["draws"]
+    assert [json.loads(line) for line in (tmp_path / "draws.jsonl").read_text().splitlines()] == [row]
     assert row["skip_ratio"] == 0.3 and len(row["skip_set"]) == 2
     assert all(row[key] >= 0 for key in ("removed", "parallel", "sequential"))
     assert "| 0.3 |" in capsys.readouterr().out
