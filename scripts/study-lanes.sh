@@ -28,3 +28,16 @@ run_in_lanes() {
     mkdir -p "$study_dir"
     cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$sweep_dir"/run_settings.json "$study_dir"/
 }
+
+# run_study NAME LANES ORDER: the study NAME (configs/grids/NAME.yaml, runs/sweeps/NAME, docs/NAME) in LANES lanes, its
+# runs in the order the shell function ORDER prints them (each with `pick "$jobs" RUN SEED`), then its report
+run_study() {
+    local name=$1 lanes=$2 order=$3
+    local grid=configs/grids/$name.yaml sweep_dir=runs/sweeps/$name study_dir=docs/$name
+    jobs=$(mktemp)  # global: ORDER reads it, and the trap removes it when the script exits
+    trap 'rm -f "$jobs" "$jobs.ordered"' EXIT
+    emit_jobs "$grid" "$jobs" "$study_dir"
+    "$order" > "$jobs.ordered"
+    run_in_lanes "$grid" "$jobs" "$jobs.ordered" "$lanes" "$sweep_dir" "$study_dir"
+    .venv/bin/nested-reft report "$sweep_dir" --output-dir "$study_dir"
+}

@@ -9,14 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/study-lanes.sh
-grid=configs/grids/study-nested-warmup.yaml
-sweep_dir=runs/sweeps/study-nested-warmup
-study_dir=docs/study-nested-warmup
-lanes=${1:-2}
-jobs=$(mktemp)
-trap 'rm -f "$jobs" "$jobs.ordered"' EXIT
-emit_jobs "$grid" "$jobs" "$study_dir"
-{
+order() {
     for seed in 0 1 2 3 4; do
         for run in baseline distill-256/baseline x0.15-b1-retrace distill-256/x0.15-b1-retrace; do
             pick "$jobs" "arithmetic/$run" "$seed"
@@ -28,6 +21,5 @@ emit_jobs "$grid" "$jobs" "$study_dir"
             pick "$jobs" "arithmetic/$run" "$seed"
         done
     done
-} > "$jobs.ordered"
-run_in_lanes "$grid" "$jobs" "$jobs.ordered" "$lanes" "$sweep_dir" "$study_dir"
-.venv/bin/nested-reft report "$sweep_dir" --output-dir "$study_dir"
+}
+run_study study-nested-warmup "${1:-2}" order

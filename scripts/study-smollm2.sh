@@ -8,16 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/study-lanes.sh
-grid=configs/grids/study-smollm2.yaml
-sweep_dir=runs/sweeps/study-smollm2
-study_dir=docs/study-smollm2
-lanes=${1:-2}
-jobs=$(mktemp)
-trap 'rm -f "$jobs" "$jobs.ordered"' EXIT
-emit_jobs "$grid" "$jobs" "$study_dir"
 # first the runs the comparisons at x = 30% need at every seed (baseline, uniform, the adaptive policies, kl_target with
 # retries), then the rest
-{
+order() {
     for seed in 0 1 2; do
         for run in baseline x0.3-b1-retrace x0.3-b1-retrace-kl-target x0.3-b1-retrace-influence; do
             pick "$jobs" "$run" "$seed"
@@ -34,6 +27,5 @@ emit_jobs "$grid" "$jobs" "$study_dir"
             pick "$jobs" "$run" "$seed"
         done
     done
-} > "$jobs.ordered"
-run_in_lanes "$grid" "$jobs" "$jobs.ordered" "$lanes" "$sweep_dir" "$study_dir"
-.venv/bin/nested-reft report "$sweep_dir" --output-dir "$study_dir"
+}
+run_study study-smollm2 "${1:-2}" order
