@@ -26,7 +26,8 @@ run_in_lanes() {
     [ -f "$study_dir/results.csv" ] && merge=(--merge "$study_dir")
     .venv/bin/nested-reft sweep "$grid" --collect ${merge[@]+"${merge[@]}"}
     mkdir -p "$study_dir"
-    cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$sweep_dir"/run_settings.json "$study_dir"/
+    cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$sweep_dir"/curve.csv \
+        "$sweep_dir"/run_settings.json "$study_dir"/
 }
 
 # run_study NAME LANES ORDER: the study NAME (configs/grids/NAME.yaml, runs/sweeps/NAME, docs/NAME) in LANES lanes, its

@@ -356,7 +356,7 @@ def test_f03_instances_whose_ids_collide_are_refused_naming_both(tmp_path, optio
 def test_f04_a_warm_up_trained_with_other_sft_options_is_not_reused(tmp_path, monkeypatch):
     trained = []
 
-    def fake_train(config):
+    def fake_train(config, callbacks=()):
         output = Path(config.output_dir)
         trained.append(output.name)
         (output / FINAL_MODEL_DIR).mkdir(parents=True, exist_ok=True)
@@ -723,7 +723,7 @@ def test_i33_f01_a_finished_run_whose_model_was_deleted_is_not_trained_again(tmp
 
 def fake_sweep(monkeypatch, evaluations: list):
     """Training and evaluation stood in by files: a finished run (config, summary, model/) and an eval.json."""
-    def fake_train(config):
+    def fake_train(config, callbacks=()):
         output = Path(config.output_dir)
         if not (output / SUMMARY_FILE).is_file():
             (output / FINAL_MODEL_DIR).mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 from test_trainer import G as RUN_G
+from test_trainer import PROBLEMS as RUN_PROBLEMS
 from test_trainer import T, final_weights, initial_weights, lowercase_if_even, run
 
 import nested_reft.training.metrics as metrics_module
@@ -354,6 +355,20 @@ def test_a_selecting_run_that_drops_and_skips_nothing_is_the_plain_run_bit_for_b
         assert {k: v for k, v in a.items() if k not in TIMES} == {k: b[k] for k in a if k not in TIMES}
     selected = final_weights(tmp_path / "selecting")
     assert all(torch.equal(weight, selected[name]) for name, weight in final_weights(tmp_path / "plain").items())
+
+
+def test_the_warm_up_reads_the_whole_training_set_and_refts_the_pool(tmp_path, monkeypatch):
+    """train_problems bounds ReFT's problems only: the warm-up imitates as many as sft.max_examples allows."""
+    warmed, prompted = [], []
+    warm_up = trainer.sft_warmup
+    monkeypatch.setattr(trainer, "sft_warmup", lambda model, tokenizer, problems, *a: warmed.extend(problems) or
+                        warm_up(model, tokenizer, problems, *a))
+    selection_batch = trainer.RolloutSelection.batch
+    monkeypatch.setattr(trainer.RolloutSelection, "batch", lambda self, problems, *a: prompted.append(problems) or
+                        selection_batch(self, problems, *a))
+    run(tmp_path / "run", rft_steps=2, train_problems=3, **{"sft.epochs": 1, "sft.max_examples": 8})
+    assert warmed == RUN_PROBLEMS and len(prompted) == 2
+    assert all(list(problems) == RUN_PROBLEMS[:3] for problems in prompted)
 
 
 def test_the_metrics_count_what_the_dropped_groups_cost(tmp_path, monkeypatch):

@@ -22,7 +22,9 @@ from nested_reft.experiments.stats import (
 from nested_reft.experiments.study import (
     kl_quarters, learning_curves, quarter_means, run_rows, study_rows, warm_up_rows,
 )
-from nested_reft.experiments.study_markdown import render_break_even, render_runs, render_study, render_warm_ups
+from nested_reft.experiments.study_markdown import (
+    render_break_even, render_cost, render_runs, render_study, render_warm_ups,
+)
 from nested_reft.training.rundir import METRICS_FILE, read_metrics
 from nested_reft.experiments.sweep import sweep_main
 
@@ -352,3 +354,33 @@ def test_delta_against_kl_plots_each_nested_run_against_its_own_baseline(tmp_pat
     assert [path.name for path in paths] == ["delta-against-kl-m-d.png"] and paths[0].is_file()
     assert plotted == {"plain/x = 30%, retrace": [[1.0, 50.0], [2.0, 25.0]],
                        "distill/x = 30%, retrace": [[2.0, -50.0], [3.0, -50.0]]}
+
+
+def test_cost_rows_give_what_pass_at_1_cost_in_rollout_flops_against_the_baseline(tmp_path):
+    """Baseline seeds (0.30 -> 0.40 -> 0.50 and 0.30 -> 0.44 -> 0.54 at 0, 4, 8 TFLOPs and 0, 5, 10): mean final
+    0.52 at 9 TFLOPs. The nested runs (0.30 -> 0.52 -> 0.50 at 0, 3, 6 and 0, 3, 6, a third point only one seed has):
+    mean 0.52 at step 2 (within 2 points of 0.52) after 3 TFLOPs: 3x less than the baseline's 9; total 6: 1.5x;
+    gain 20 points for 6 TFLOPs: 0.3 per point. A configuration that never gets within 2 points says never."""
+    rows, _ = rows_and_problems()
+    curves = {("baseline", 0): [(0, 0.30, 0), (2, 0.40, 4), (4, 0.50, 8)],
+              ("baseline", 1): [(0, 0.30, 0), (2, 0.44, 5), (4, 0.54, 10)],
+              ("nested", 0): [(0, 0.30, 0), (2, 0.52, 3), (4, 0.50, 6), (6, 0.9, 7)],
+              ("nested", 1): [(0, 0.30, 0), (2, 0.52, 3), (4, 0.50, 6)]}
+    curve = [{"instance": f"m/d/{role}-s{seed}", "step": step, "accuracy": accuracy, "rollout_flops": tflops * 1e12}
+             for (role, seed), points in curves.items() for step, accuracy, tflops in points]
+    table = {entry["role"]: entry for entry in (
+        {**entry, "role": "baseline" if entry["label"].startswith("baseline") else "nested"}
+        for entry in study.cost_rows(rows, curve))}
+    nested, baseline = table["nested"], table["baseline"]
+    assert [point["step"] for point in nested["curve"]] == [0, 2, 4]  # the steps both seeds evaluated
+    assert nested["total_flops"] == pytest.approx(6e12) and nested["saving"] == pytest.approx(1.5)
+    assert nested["flops_per_point"] == pytest.approx(6e12 / 20)
+    assert (nested["reached_step"], nested["reached_flops"]) == (2, pytest.approx(3e12))
+    assert nested["reached_saving"] == pytest.approx(3.0)
+    assert baseline["reached_step"] == 4 and baseline["saving"] == pytest.approx(1.0)
+    lower = [{**point, "accuracy": point["accuracy"] - 0.1 if "nested" in point["instance"] and point["step"] else
+              point["accuracy"]} for point in curve]
+    assert {entry["label"]: entry["reached_step"] for entry in study.cost_rows(rows, lower)}["x = 30%, retrace"] is None
+    text = "\n".join(render_cost(study.cost_rows(rows, lower)))
+    assert "| never |" in text and "1.50x" in text
+    assert study_figures.plot_cost_curves(rows, curve, study.cost_rows(rows, curve), tmp_path)[0].is_file()

@@ -16,7 +16,7 @@ import yaml
 from nested_reft.experiments import sweep
 from nested_reft.cli import main
 from nested_reft.config import ConfigError, save_config
-from nested_reft.evaluation.evaluate import DEFAULT_BENCHMARKS, EvalConfig
+from nested_reft.evaluation.evaluate import DEFAULT_BENCHMARKS, EvalConfig, evaluate_model
 from nested_reft.experiments.grid import (
     EvalSettings, GridConfig, changed_settings, enumerate_instances, eval_record, instance_config, load_grid,
     run_directory, sft_config,
@@ -60,6 +60,8 @@ def write_grid(tmp_path: Path, **options) -> Path:
         ({"eval": {"benchmarks": ["arithmetic"], "top_p": 0}}, "top_p"),
         ({"eval": {"benchmarks": ["arithmetic"], "max_new_tokens": 0}}, "max_new_tokens"),
         ({"eval": {"benchmarks": ["arithmetic"], "limit": 0}}, "eval.limit"),
+        ({"eval": {"benchmarks": ["arithmetic"], "steps": 0}}, "eval.steps"),
+        ({"eval": {"benchmarks": ["arithmetic"], "steps": 1.5}}, "eval.steps"),
         ({"eval": {"benchmarks": ["arithmetic", "arithmetic"]}}, "eval.benchmarks"),
         ({"eval": {"benchmarks": ["arithmetic"], "seed": 3}}, "eval.seed"),  # each instance's own
         ({"eval": {"benchmarks": ["arithmetic"], "engine": "compiled"}}, "eval.engine"),
@@ -172,7 +174,7 @@ def test_a_grid_runs_its_instances_over_a_fixed_pool_of_problems_with_rollout_se
     config = instance_config(grid, instance)
     assert config.train_problems == 16 and config.grpo.filter_groups and config.grpo.generation_batch_size == 4
     assert config.sampling.skip_predictable
-    assert sft_config(grid, instance).train_problems == 16  # the warm-up reads the same pool
+    assert sft_config(grid, instance).train_problems == 16  # one config; the trainer's warm-up reads the whole set
 
 
 def test_emit_commands_one_per_instance(tmp_path):
@@ -204,7 +206,7 @@ class FakeRuns:
         monkeypatch.setattr(sweep, "ensure_trained", self.train)
         monkeypatch.setattr(sweep, "evaluate_instance", self.evaluate)
 
-    def train(self, config):
+    def train(self, config, callbacks=()):
         """As `ensure_trained`: a finished run is returned as it is, without training."""
         output = Path(config.output_dir)
         if (output / "summary.json").is_file() and (output / "model").is_dir():
@@ -419,7 +421,7 @@ def test_a_record_that_is_missing_or_of_another_grid_is_refused_naming_it(tmp_pa
 def test_each_warm_up_trains_once_per_seed_and_its_instances_start_from_its_model(tmp_path, monkeypatch):
     trained = []
     fake = FakeRuns(monkeypatch)
-    monkeypatch.setattr(sweep, "ensure_trained", lambda config: (
+    monkeypatch.setattr(sweep, "ensure_trained", lambda config, callbacks=(): (
         trained.append((Path(config.output_dir).relative_to(tmp_path / "sweep").as_posix(), config.model,
                         config.sft.layer_drop if config.rft_steps == 0 else None)),
         fake.train(config))[1])
@@ -440,7 +442,7 @@ def test_each_warm_up_trains_once_per_seed_and_its_instances_start_from_its_mode
 
 def test_no_warm_up_when_sft_epochs_is_zero(tmp_path, monkeypatch):
     fake = FakeRuns(monkeypatch)
-    monkeypatch.setattr(FakeRuns, "train", lambda self, config: (
+    monkeypatch.setattr(FakeRuns, "train", lambda self, config, callbacks=(): (
         self.trained.append((config.model, config.sft.epochs)),
         (Path(config.output_dir) / "model").mkdir(parents=True),
         (Path(config.output_dir) / "summary.json").write_text("{}"),
@@ -468,7 +470,7 @@ def test_a_second_sweep_or_a_second_job_of_a_running_instance_is_refused_naming_
     inside_baseline, release = fork.Event(), fork.Event()
     test_process = os.getpid()
 
-    def train(config):
+    def train(config, callbacks=()):
         with trainings.open("a") as log:
             log.write(Path(config.output_dir).name + "\n")
         if Path(config.output_dir).name == "baseline-s0" and os.getpid() != test_process:
@@ -561,3 +563,40 @@ def test_end_to_end_tiny_sweep(tmp_path, capsys):
     assert main(["report", str(grid.root)]) == 0
     assert (grid.root / "report" / "figure1-tiny-llama-arithmetic.png").is_file()
     assert "Table 2" in (grid.root / "report" / "report.md").read_text()
+
+
+def test_eval_steps_evaluate_the_policy_during_training_as_its_checkpoint_evaluates(tmp_path):
+    """eval.steps: the live policy is evaluated after every N-th ReFT step before the last, with the same answers
+    as its saved checkpoint gives; curve.csv holds the warm-up's, those and the run's own pass@1 beside the rollout
+    FLOPs spent by then."""
+    grid_path = write_grid(
+        tmp_path, skip_ratios=[0.5], evaluate_warm_up=True, keep_checkpoints=True,
+        train={"rft_steps": 3, "batch_size": 2, "micro_batch_size": 4, "save_steps": 1, "save_total_limit": 0,
+               "grpo": {"num_generations": 2, "learning_rate": 1e-3},
+               "sampling": {"max_new_tokens": 8, "min_new_tokens": 8},
+               "sft": {"epochs": 1, "max_examples": 4, "batch_size": 2, "max_length": 64}},
+        eval={"benchmarks": ["arithmetic"], "limit": 4, "max_new_tokens": 8, "batch_size": 4, "steps": 2,
+              "temperature": 1.0},
+    )
+    grid = load_grid(grid_path)
+    assert not run_sweep(grid, log=lambda line: None).failed
+    with (grid.root / "curve.csv").open() as stream:
+        curve = list(csv.DictReader(stream))
+    for instance in enumerate_instances(grid):
+        directory = run_directory(grid, instance)
+        assert sorted(path.name for path in (directory / "eval-steps").iterdir()) == ["step-2"]
+        during = [json.loads(line) for line in (directory / "eval-steps" / "step-2" / "arithmetic.jsonl").open()]
+        evaluate_model(str(directory / "checkpoint-2"), ["arithmetic"], tmp_path / "check" / instance.id,
+                       grid.eval.config(instance.seed), limit=4)
+        saved = [json.loads(line) for line in (tmp_path / "check" / instance.id / "arithmetic.jsonl").open()]
+        assert [r["completion"] for r in during] == [r["completion"] for r in saved]
+        steps = [json.loads(line) for line in (directory / "metrics.jsonl").open()]
+        evaluations = [directory.parent / f"sft-s{instance.seed}" / "eval", directory / "eval-steps" / "step-2",
+                       directory / "eval"]
+        expected = [(step, json.loads((path / "eval.json").read_text())["average"],
+                     sum(record["rollout_flops"] for record in steps[:step]))
+                    for step, path in zip((0, 2, 3), evaluations)]
+        rows = [(int(r["step"]), float(r["accuracy"]), float(r["rollout_flops"])) for r in curve
+                if r["instance"] == instance.id]
+        assert rows == [(step, pytest.approx(accuracy), pytest.approx(flops)) for step, accuracy, flops in expected]
+    assert len(curve) == 6  # 3 points each of the 2 runs

@@ -470,6 +470,29 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, variant):
                    for row, other in zip(whole, resumed))
 
 
+def test_step_callbacks_see_each_steps_policy_and_change_nothing_the_run_does(tmp_path):
+    """A callback (an evaluation during training) that draws from the global RNG and switches the policy's mode
+    is called once per step with the updated policy, and the run draws and learns exactly what it does without."""
+    settings = {"model": "tiny-gpt2", "grpo.disable_dropout": False, "rft_steps": 3}  # dropout reads the global RNG
+    seen = []
+
+    def callback(step, policy, tokenizer):
+        torch.rand(1000)
+        policy.eval()
+        seen.append((step, {name: value.detach().clone() for name, value in policy.state_dict().items()}))
+
+    task = Task("tiny", list(PROBLEMS), reward=lowercase_share)
+    train(config_for(tmp_path / "with", **settings), task, callbacks=[callback])
+    _, without = run(tmp_path / "without", **settings)
+    assert [step for step, _ in seen] == [1, 2, 3]
+    assert changed(final_weights(tmp_path / "with"), seen[-1][1]) == set()  # the step's policy, after its update
+    assert changed(seen[0][1], seen[1][1])  # each step's own
+    for a, b in zip(without, metrics(tmp_path / "with"), strict=True):
+        for key in RESUMED_KEYS:
+            assert b[key] == (pytest.approx(a[key], abs=1e-6) if isinstance(a[key], float) else a[key]), key
+    assert changed(final_weights(tmp_path / "with"), final_weights(tmp_path / "without")) == set()
+
+
 @pytest.mark.parametrize("limit, kept", [(1, [3]), (0, [1, 2, 3])])
 def test_save_total_limit_keeps_the_newest_checkpoints_of_a_run(tmp_path, limit, kept):
     run(tmp_path, rft_steps=3, save_steps=1, save_total_limit=limit)

@@ -309,8 +309,8 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"  # an alias, a hub id, a local directory or a .gguf file
     dataset: str = "arithmetic"  # svamp | gsm8k | math12k | arithmetic
     data_dir: str | None = None  # a local copy in the original formats; default $NESTED_REFT_DATA, else the hub
-    # ours: the training set is its first N problems in the data set's own order, for the warm-up and ReFT alike
-    # (None = all): a fixed pool that several epochs revisit (what sampling.skip_predictable learns from)
+    # ours: ReFT reads the first N problems of the training set in the data set's own order (None = all): a fixed
+    # pool that several epochs revisit (what sampling.skip_predictable learns from); the warm-up reads the whole set
     train_problems: int | None = None
     output_dir: str = "runs/nested-reft"
     seed: int = 0

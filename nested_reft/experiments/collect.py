@@ -1,7 +1,8 @@
 """Gathering a grid's runs into the results tables (`results`): what each run directory holds, as rows.
 
 Reads each instance's status.json (`status`), summary.json and metrics.jsonl (`rundir`), eval/eval.json and the
-per-problem JSONL files (`evaluate`), and its warm-up's evaluation for the accuracy before ReFT.
+per-problem JSONL files (`evaluate`), its evaluations during training (`step_evals`), and its warm-up's evaluation
+for the accuracy before ReFT.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from nested_reft.experiments.grid import (
     settings_differences, sft_directory,
 )
 from nested_reft.experiments.results import (
-    CONDITIONS_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE,
+    CONDITIONS_FILE, CURVE_COLUMNS, CURVE_FILE, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS, STEPS_FILE,
     ResultsError, accuracy_column, mean_of_measured, read_results, table_rows, write_results, write_table,
 )
+from nested_reft.experiments.step_evals import curve_rows
 from nested_reft.training.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 from nested_reft.experiments.status import read_status
 
@@ -30,7 +32,7 @@ RUN_SETTINGS_FILE = "run_settings.json"  # each done run's settings (`grid.run_s
 
 
 def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Path:
-    """(Re)write results.csv, steps.csv and problems.csv under the grid's output_dir; returns results.csv.
+    """(Re)write results.csv, steps.csv, problems.csv and curve.csv under the grid's output_dir; returns results.csv.
 
     `recorded`: a results directory (another sweep's output_dir, a study's docs directory) whose done instances
     fill in those not done here, their steps and problems with them: a study continued in a later session, on a
@@ -41,21 +43,24 @@ def collect_results(grid: GridConfig, recorded: str | Path | None = None) -> Pat
     instances = enumerate_instances(grid)
     rows = {instance.id: result_row(grid, instance) for instance in instances}
     steps = {instance.id: step_rows(grid, instance) for instance in instances}
+    curves = {instance.id: run_curve(grid, instance) for instance in instances}
     evaluated = {instance.id: run_directory(grid, instance) for instance in instances}
     if grid.evaluate_warm_up:
         evaluated.update({instance.sft_id: sft_directory(grid, instance) for instance in instances})
     problems = {run_id: problem_rows(grid, run_id, directory) for run_id, directory in evaluated.items()}
     settings = {run_id: directory_settings(grid.root, run_id) for run_id, row in rows.items() if row["status"] == "done"}
     if recorded is not None:
-        merge_recorded(grid, Path(recorded), rows, steps, problems, settings)
+        merge_recorded(grid, Path(recorded), rows, steps, problems, settings, curves)
     kept = {name: [row for row in table_rows(grid.root / name) if row["instance"] not in ours]
-            for name, ours in ((RESULTS_FILE, rows), (STEPS_FILE, steps), (PROBLEMS_FILE, problems))}
+            for name, ours in ((RESULTS_FILE, rows), (STEPS_FILE, steps), (PROBLEMS_FILE, problems),
+                               (CURVE_FILE, curves))}
     settings.update({run_id: entry for run_id, entry in recorded_settings(grid.root).items() if run_id not in rows})
     atomic_write_json(grid.root / RUN_SETTINGS_FILE, {run_id: entry for run_id, entry in settings.items() if entry})
     write_results(grid.root / RESULTS_FILE, grid.eval.benchmarks, [*rows.values(), *kept[RESULTS_FILE]])
     write_table(grid.root / STEPS_FILE, STEP_COLUMNS, [row for run in steps.values() for row in run] + kept[STEPS_FILE])
     write_table(grid.root / PROBLEMS_FILE, PROBLEM_COLUMNS,
                 [row for run in problems.values() for row in run] + kept[PROBLEMS_FILE])
+    write_table(grid.root / CURVE_FILE, CURVE_COLUMNS, [row for run in curves.values() for row in run] + kept[CURVE_FILE])
     if grid.conditions:
         atomic_write_text(grid.root / CONDITIONS_FILE, grid.conditions.strip() + "\n")
     return grid.root / RESULTS_FILE
@@ -114,20 +119,23 @@ def directory_settings(root: Path, run_id: str) -> dict | None:
 
 
 def merge_recorded(grid: GridConfig, recorded: Path, rows: dict[str, dict], steps: dict[str, list],
-                   problems: dict[str, list], settings: dict[str, dict | None]) -> None:
-    """Take into `rows`, `steps`, `problems` and `settings` (by instance id) what `recorded` holds for the instances
-    done there (`recorded_done`, which checks them) and not here, and its warm-ups' problems where this grid's
-    warm-up has no finished evaluation; the recorded cells are copied as written, so merging changes no figure."""
+                   problems: dict[str, list], settings: dict[str, dict | None], curves: dict[str, list]) -> None:
+    """Take into `rows`, `steps`, `problems`, `settings` and `curves` (by instance id) what `recorded` holds for the
+    instances done there (`recorded_done`, which checks them) and not here, and its warm-ups' problems where this
+    grid's warm-up has no finished evaluation; the recorded cells are copied as written, so merging changes no
+    figure."""
     done_there = recorded_done(recorded, grid)
     recorded_rows = {row["instance"]: row for row in table_rows(recorded / RESULTS_FILE)}
     recorded_steps = _by_instance(table_rows(recorded / STEPS_FILE))
     recorded_problems = _by_instance(table_rows(recorded / PROBLEMS_FILE))
+    recorded_curves = _by_instance(table_rows(recorded / CURVE_FILE))
     saved = recorded_settings(recorded)
     for run_id, row in rows.items():
         if row["status"] != "done" and run_id in done_there:
             rows[run_id] = recorded_rows[run_id]
             steps[run_id] = recorded_steps.get(run_id, [])
             problems[run_id] = recorded_problems.get(run_id, [])
+            curves[run_id] = recorded_curves.get(run_id, [])
             settings[run_id] = saved.get(run_id) or directory_settings(recorded, run_id)
     for run_id in set(problems) - set(rows):  # this grid's warm-ups (evaluate_warm_up)
         if not problems[run_id]:
@@ -185,6 +193,14 @@ def step_rows(grid: GridConfig, instance: Instance) -> list[dict[str, Any]]:
     """The rows of steps.csv for one instance: its metrics.jsonl, the learning curve's columns."""
     steps = read_metrics(run_directory(grid, instance) / METRICS_FILE)
     return [{"instance": instance.id, **{column: step.get(column) for column in STEP_COLUMNS[1:]}} for step in steps]
+
+
+def run_curve(grid: GridConfig, instance: Instance) -> list[dict[str, Any]]:
+    """The rows of curve.csv for one instance (`step_evals.curve_rows`)."""
+    directory = run_directory(grid, instance)
+    warm_up = sft_directory(grid, instance) / EVAL_DIR / EVAL_FILE if grid.evaluate_warm_up else None
+    return curve_rows(instance.id, directory, instance_config(grid, instance), grid.eval.steps,
+                      read_metrics(directory / METRICS_FILE), warm_up, directory / EVAL_DIR / EVAL_FILE)
 
 
 def problem_rows(grid: GridConfig, run_id: str, directory: Path) -> list[dict[str, Any]]:

@@ -59,6 +59,9 @@ class GridEvalSettings(EvalSettings):
     train data_dir first), checked at grid load."""
 
     OMITTED_OPTIONS: ClassVar[tuple[str, ...]] = ("seed", "engine")  # each instance's own seed; the default engine
+    # TRL's eval_steps: also evaluate the policy every `steps` ReFT steps before the last, with these settings
+    # (`step_evals`: the points of pass@1 against rollout FLOPs in curve.csv); None: once trained only
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         """Every check runs here, at grid load, not when the first instance has trained for hours."""
@@ -69,6 +72,8 @@ class GridEvalSettings(EvalSettings):
             raise ConfigError(f"eval: {error}") from None
         check_option(len(set(self.benchmarks)) == len(self.benchmarks), "eval.benchmarks", self.benchmarks, "distinct")
         check_option(self.limit is None or self.limit >= 1, "eval.limit", self.limit, ">= 1 or null")
+        check_option(self.steps is None or (isinstance(self.steps, int) and not isinstance(self.steps, bool)
+                                            and self.steps >= 1), "eval.steps", self.steps, "an integer >= 1 or null")
 
 
 # The eval options a grid file sets, as its instances' status.json records them
@@ -420,7 +425,7 @@ def _eval_changes(evaluated: dict | None, now: dict, ignored: tuple[str, ...] = 
     if evaluated is None:
         return []
     # Records written before EvalSettings filled in its defaults hold None for an option left at its default.
-    defaults = _eval_options(EvalSettings())
+    defaults = _eval_options(GridEvalSettings())
     return [f"eval.{name}: {evaluated.get(name)!r} -> {now[name]!r}" for name in sorted(now) if name not in ignored
             and (defaults[name] if evaluated.get(name) is None else evaluated.get(name)) != now[name]]
 

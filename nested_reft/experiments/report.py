@@ -36,8 +36,8 @@ from nested_reft.experiments import study, study_figures
 from nested_reft.experiments.formatting import number, seeds_text
 from nested_reft.experiments.plots import pyplot, save_figure, series_style
 from nested_reft.experiments.results import (
-    CONDITIONS_FILE, METRIC_COLUMNS, OPTIONAL_STEP_COLUMNS, PROBLEM_COLUMNS, PROBLEMS_FILE, RESULTS_FILE, STEP_COLUMNS,
-    STEPS_FILE, ResultsError, csv_text, model_slug, read_results, read_table,
+    CONDITIONS_FILE, CURVE_COLUMNS, CURVE_FILE, METRIC_COLUMNS, OPTIONAL_STEP_COLUMNS, PROBLEM_COLUMNS, PROBLEMS_FILE,
+    RESULTS_FILE, STEP_COLUMNS, STEPS_FILE, ResultsError, csv_text, model_slug, read_results, read_table,
 )
 from nested_reft.experiments.stats import SEED_COLUMNS, paired_deltas, seed_summary
 from nested_reft.experiments.study_markdown import render_study
@@ -366,7 +366,12 @@ def study_section(sweep_dir: Path, rows: Sequence[dict], output: Path) -> str:
     runs = study.run_rows(rows, steps)
     warm_ups = study.warm_up_rows(rows, problems)
     break_even = study.break_even_rows(rows, steps)
-    return "\n" + render_study(table, runs, [path.name for path in figures], conditions, warm_ups, break_even)
+    curve = read_table(sweep_dir / CURVE_FILE, CURVE_COLUMNS)
+    cost = study.cost_rows(rows, curve)
+    if not any(len(entry["curve"]) > 2 for entry in cost):  # evaluated before and after only: the tables say it
+        cost = []
+    figures += study_figures.plot_cost_curves(rows, curve, cost, output) if cost else []
+    return "\n" + render_study(table, runs, [path.name for path in figures], conditions, warm_ups, break_even, cost)
 
 
 def render_markdown(rows, baselines, deltas, points, figure_files: Sequence[str]) -> str:

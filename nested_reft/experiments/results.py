@@ -7,6 +7,8 @@ before ReFT, i.e. of the SFT warm-up; the run's mean skipped layers, KL(behavior
 fraction; median generation tokens/s; total rollout FLOPs; the warm-up's label, runtime and training FLOPs).
 steps.csv: one row per ReFT step of each instance (the learning curves and off-policy diagnostics). problems.csv:
 one row per evaluated problem of each instance and warm-up (correct or not: what the bootstrap resamples).
+curve.csv: one row per evaluation of each instance, from its warm-up's to its own (pass@1 against the rollout FLOPs
+spent by then).
 
 Its own module so that the report, which only reads numbers, imports nothing that trains (no torch, no
 transformers): this file needs the standard library alone.
@@ -39,9 +41,15 @@ STUDY_COLUMNS = ["variant", "accuracy_before", "skipped_layers", "kl_behavior_ta
 TEXT_STUDY_COLUMNS = ("variant", "warm_up")  # the others are numbers; warm_up: the label of a grid's warm_ups entry
 REQUIRED_COLUMNS = [column for column in RESULT_COLUMNS if column != "error"]
 STEP_COLUMNS = ["instance", "step", "reward_mean", "skipped_layers", "rollout_flops", "kl_behavior_target", "h_ess",
-                "h_truncated", "gen_tokens_per_s", "step_time_s", "grad_norm"]
-OPTIONAL_STEP_COLUMNS = ("grad_norm",)  # added after the first study's steps.csv, which still reads (as None)
+                "h_truncated", "gen_tokens_per_s", "step_time_s", "grad_norm", "groups_sampled", "groups_kept",
+                "prompts_skipped"]
+# added after the first study's steps.csv, which still reads (as None); the last three: rollout selection's
+OPTIONAL_STEP_COLUMNS = ("grad_norm", "groups_sampled", "groups_kept", "prompts_skipped")
 PROBLEM_COLUMNS = ["instance", "benchmark", "problem", "correct"]
+# curve.csv: one row per evaluation of each run, at ReFT step `step` (0: its warm-up; intermediate ones with the
+# grid's eval.steps, `step_evals`; the last, its own), with the rollout FLOPs the run had spent by then
+CURVE_FILE = "curve.csv"
+CURVE_COLUMNS = ["instance", "step", "accuracy", "rollout_flops"]
 METRIC_COLUMNS = ("accuracy", "token_speed", "total_runtime_s")  # every finished instance has them
 NUMERIC = {"skip_ratio": float, "border": int, "seed": int}
 ROLES = ("baseline", "nested")
@@ -111,7 +119,7 @@ ROW_KEYS = {RESULTS_FILE: ("instance",), STEPS_FILE: ("instance", "step"),
             PROBLEMS_FILE: ("instance", "benchmark", "problem")}
 TEXT_COLUMNS = ("instance", "benchmark", "problem")
 SCHEMAS = {RESULTS_FILE: (REQUIRED_COLUMNS, ()), STEPS_FILE: (STEP_COLUMNS, OPTIONAL_STEP_COLUMNS),
-           PROBLEMS_FILE: (PROBLEM_COLUMNS, ())}  # each table's columns, and those a table written before them lacks  # the columns of steps.csv and problems.csv that are not numbers
+           PROBLEMS_FILE: (PROBLEM_COLUMNS, ()), CURVE_FILE: (CURVE_COLUMNS, ())}  # each table's columns, and those a table written before them lacks  # the columns of steps.csv and problems.csv that are not numbers
 
 
 def read_rows(path: str | Path, columns: Sequence[str], optional: Sequence[str] = ()) -> list[tuple[str, dict]]:

@@ -264,3 +264,55 @@ def _steps_by_run(steps: Iterable[dict]) -> dict[str, list[dict]]:
     for step in steps:
         by_run.setdefault(step["instance"], []).append(step)
     return {instance: sorted(run, key=lambda step: step["step"]) for instance, run in by_run.items()}
+
+
+REACH_TOLERANCE = 0.02  # "reaches the baseline's final pass@1": within 2 points of it (issue 32's target)
+
+
+def cost_rows(rows: Sequence[dict], curve: Sequence[dict]) -> list[dict]:
+    """Per finished configuration with points in curve.csv: what its pass@1 cost in rollout FLOPs.
+
+    Its mean curve: at each step every seed evaluated, the seeds' mean pass@1 and cumulative rollout FLOPs. Total:
+    the last point's FLOPs, and the baseline's total over it (> 1: it spent less). Per point gained: the total over
+    the gain from step 0 (its warm-up) to the last point, in points (– where it gained nothing). Reaching the
+    baseline: the first evaluated step at which its mean is within REACH_TOLERANCE of the baseline's final mean, the
+    FLOPs spent by then and the baseline's total over them (> 1: it got there for less)."""
+    by_run = _curves_by_run(curve)
+    several = several_warm_ups(warm_up(row) for row in rows)
+    table = []
+    for members, baselines in configurations(rows):
+        mean = _mean_curve([by_run[row["instance"]] for row in members if row["instance"] in by_run])
+        reference = _mean_curve([by_run[row["instance"]] for row in baselines if row["instance"] in by_run])
+        if not mean:
+            continue
+        first = members[0]
+        total, gain = mean[-1]["flops"], (mean[-1]["accuracy"] - mean[0]["accuracy"] if mean[0]["step"] == 0 else None)
+        target = reference[-1]["accuracy"] - REACH_TOLERANCE if reference else None
+        reached = next((point for point in mean if target is not None and point["accuracy"] >= target), None)
+        base_total = reference[-1]["flops"] if reference else None
+        table.append({
+            "model": first["model"], "dataset": first["dataset"], "label": configuration_label(first, several),
+            "seeds": sum(row["instance"] in by_run for row in members), "curve": mean, "total_flops": total,
+            "saving": base_total / total if base_total and total else None,
+            "flops_per_point": total / (100 * gain) if gain and gain > 0 else None,
+            "reached_step": reached["step"] if reached else None, "reached_flops": reached["flops"] if reached else None,
+            "reached_saving": base_total / reached["flops"] if reached and reached["flops"] and base_total else None,
+        })
+    return table
+
+
+def _curves_by_run(curve: Iterable[dict]) -> dict[str, dict[int, dict]]:
+    """curve.csv's points by run and step."""
+    runs: dict[str, dict[int, dict]] = {}
+    for point in curve:
+        runs.setdefault(point["instance"], {})[int(point["step"])] = point
+    return runs
+
+
+def _mean_curve(runs: Sequence[dict[int, dict]]) -> list[dict]:
+    """At each step every run has a point at, the runs' mean pass@1 and cumulative rollout FLOPs, in step order."""
+    if not runs:
+        return []
+    shared = sorted(set.intersection(*(set(run) for run in runs)))
+    return [{"step": step, "accuracy": statistics.fmean(run[step]["accuracy"] for run in runs),
+             "flops": statistics.fmean(run[step]["rollout_flops"] or 0.0 for run in runs)} for step in shared]

@@ -1,5 +1,6 @@
 """The study's figures: learning curves against steps and against rollout FLOPs, the off-policy diagnostics and
-the Delta accuracy against the layers skipped, and each nested run's Delta against its KL (from `study`'s rows)."""
+the Delta accuracy against the layers skipped, each nested run's Delta against its KL, and pass@1 against the rollout
+FLOPs spent (from `study`'s rows)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,40 @@ def plot_delta_against_kl(rows: Sequence[dict], output_dir: Path) -> list[Path]:
         axis.legend(fontsize=7)
         figure.tight_layout()
         paths.append(save_figure(figure, Path(output_dir) / f"delta-against-kl-{model_slug(model)}-{dataset}.png"))
+    return paths
+
+
+def plot_cost_curves(rows: Sequence[dict], curve: Sequence[dict], cost: Sequence[dict], output_dir: Path
+                     ) -> list[Path]:
+    """One PNG per (model, dataset) with points in curve.csv: each run's pass@1 against the rollout FLOPs it had
+    spent (thin), and each configuration's mean over its seeds (`cost`, thick, with markers)."""
+    plt = pyplot()
+    several = several_warm_ups(warm_up(row) for row in rows)
+    runs: dict[str, list[dict]] = {}
+    for point in curve:
+        runs.setdefault(point["instance"], []).append(point)
+    figures: dict[tuple[str, str], object] = {}
+    for index, entry in enumerate(cost):
+        if (entry["model"], entry["dataset"]) not in figures:
+            figures[(entry["model"], entry["dataset"])] = plt.subplots(figsize=(8, 5))
+        _, axis = figures[(entry["model"], entry["dataset"])]
+        style = series_style(index)
+        for row in rows:
+            if row["status"] == "done" and row["model"] == entry["model"] and row["dataset"] == entry["dataset"] \
+                    and configuration_label(row, several) == entry["label"] and row["instance"] in runs:
+                points = sorted(runs[row["instance"]], key=lambda point: point["step"])
+                axis.plot([p["rollout_flops"] / 1e12 for p in points], [100 * p["accuracy"] for p in points],
+                          alpha=0.3, linewidth=0.8, **style)
+        axis.plot([p["flops"] / 1e12 for p in entry["curve"]], [100 * p["accuracy"] for p in entry["curve"]],
+                  marker="o", linewidth=2, label=f"{entry['label']} (mean of {entry['seeds']})", **style)
+    paths = []
+    for (model, dataset), (figure, axis) in figures.items():
+        axis.set(xlabel="cumulative rollout TFLOPs", ylabel="pass@1 (%)",
+                 title=f"pass@1 against rollout compute, {model} on {dataset} (thin: each run)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        paths.append(save_figure(figure, Path(output_dir) / f"cost-{model_slug(model)}-{dataset}.png"))
     return paths
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from nested_reft.experiments.formatting import interval_cell, number, percent, seeds_text, tera
+from nested_reft.experiments.formatting import MISSING, interval_cell, number, percent, seeds_text, tera
 from nested_reft.experiments.stats import BOOTSTRAP_SAMPLES, CONFIDENCE
+from nested_reft.experiments.study import REACH_TOLERANCE
 
 
 def render_study(table: Sequence[dict], runs: Sequence[dict], figures: Sequence[str], conditions: str,
-                 warm_ups: Sequence[dict] = (), break_even: Sequence[dict] = ()) -> str:
+                 warm_ups: Sequence[dict] = (), break_even: Sequence[dict] = (), cost: Sequence[dict] = ()) -> str:
     """The study's Markdown section: the table of configurations, the figures, the timing conditions, the warm-ups'
-    own effect and their break-even (where there are named warm-ups), the runs."""
+    own effect and their break-even (where there are named warm-ups), pass@1 against rollout compute (where runs
+    were evaluated during training), the runs."""
     lines = _table(
         "## The study: accuracy with confidence intervals, diagnostics, learning curves",
         f"Δ acc is pass@1 minus the baseline's (of the same warm-up), in points, with a {CONFIDENCE:.0%} percentile "
@@ -35,6 +37,7 @@ def render_study(table: Sequence[dict], runs: Sequence[dict], figures: Sequence[
     lines += [f"![{name}]({name})\n" for name in figures]
     lines += render_warm_ups(warm_ups) if warm_ups else []
     lines += render_break_even(break_even) if break_even else []
+    lines += render_cost(cost) if cost else []
     lines += render_runs(runs)
     return "\n".join(lines) + "\n"
 
@@ -75,6 +78,31 @@ def render_break_even(rows: Sequence[dict]) -> list[str]:
 def _break_even(row: dict) -> str:
     saving = row["saving_per_step"]
     return "never" if saving is not None and saving <= 0 else number(row["break_even_steps"], ".0f")
+
+
+def render_cost(rows: Sequence[dict]) -> list[str]:
+    """The table of `cost_rows`: what each configuration's pass@1 cost in rollout FLOPs."""
+    return _table(
+        "### Pass@1 against rollout compute",
+        "From curve.csv: pass@1 at step 0 (the warm-up), at the evaluations during training (the grid's eval.steps) "
+        "and after the last step, beside the rollout FLOPs spent by then (dropped groups included); means over the "
+        "seeds. Saving: the baseline's total rollout FLOPs over the configuration's. Per point: total TFLOPs over the "
+        "gain from the warm-up, in points. Reaches the baseline: the first evaluated step at which the mean is "
+        f"within {100 * REACH_TOLERANCE:.0f} points of the baseline's final mean, the TFLOPs spent by then, and the "
+        "baseline's total over them (> 1: it got there for less).",
+        ("model", "dataset", "configuration", "seeds", "pass@1 by step", "rollout TFLOPs", "saving",
+         "TFLOPs per point gained", "reaches the baseline at step", "TFLOPs by then", "saving there"),
+        ((r["model"], r["dataset"], r["label"], r["seeds"],
+          ", ".join(f"{p['step']}: {percent(p['accuracy'])}" for p in r["curve"]), tera(r["total_flops"], ".1f"),
+          _times(r["saving"]), tera(r["flops_per_point"], ".2f"),
+          "never" if r["reached_step"] is None else r["reached_step"], tera(r["reached_flops"], ".1f"),
+          _times(r["reached_saving"])) for r in rows),
+    )
+
+
+def _times(ratio: float | None) -> str:
+    """A ratio as `1.32x`; – where there is none."""
+    return MISSING if ratio is None else f"{ratio:.2f}x"
 
 
 def render_runs(runs: Sequence[dict]) -> list[str]:

@@ -9,8 +9,9 @@ Layout, under the grid's `output_dir`:
                                                  removed once trained, unless keep_checkpoints; model/ once
                                                  evaluated, where keep_models is false)
         eval/eval.json, eval/<benchmark>.jsonl   (nested_reft.evaluation.evaluate)
-    results.csv                                  one row per instance (nested_reft.experiments.results; the only input
-                                                 of `report`)
+        eval-steps/step-<s>/                     the evaluations during training, with eval.steps (`step_evals`)
+    results.csv                                  one row per instance (nested_reft.experiments.results; with
+                                                 steps.csv, problems.csv and curve.csv the only input of `report`)
     run_settings.json                            each done run's settings, which `--merge` compares (`collect`)
     .sweep.lock, <model-slug>/<dataset>/<instance or sft-s<seed>>.lock     one writer each (see `run_sweep`)
 
@@ -56,6 +57,7 @@ from nested_reft.experiments.grid import (
 from nested_reft.experiments.results import RESULTS_FILE
 from nested_reft.training.rundir import CONFIG_FILE, FINAL_MODEL_DIR, SUMMARY_FILE
 from nested_reft.experiments.status import STATUS_FILE, read_status, write_status
+from nested_reft.experiments.step_evals import StepEvaluator
 from nested_reft.training.trainer import ensure_trained
 
 SWEEP_LOCK_FILE = ".sweep.lock"  # in output_dir, held by a sweep of the whole grid
@@ -190,7 +192,8 @@ def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str
                 failed_warm_ups[instance.sft_id] = _describe(error)
                 raise
         config = instance_config(grid, instance)
-        ensure_trained(config)  # resumes from the last checkpoint; starts afresh where there is none
+        evaluations = [StepEvaluator(directory, grid.eval, config, grid.eval.steps)] if grid.eval.steps else []
+        ensure_trained(config, callbacks=evaluations)  # resumes from the last checkpoint; starts afresh where none
         if not grid.keep_checkpoints:  # trained: model/ is the result, the checkpoint only served resuming
             for checkpoint in checkpoints(directory):
                 shutil.rmtree(checkpoint, ignore_errors=True)

@@ -85,7 +85,8 @@ def _skip_ratios(config: TrainConfig) -> list[tuple[str, float]]:
 
 
 def training_set(config: TrainConfig, task: Task) -> Task:
-    """The run's training set: `task`, or its first `train_problems` problems (refused when it has fewer)."""
+    """ReFT's problems: `task`, or its first `train_problems` problems (refused when it has fewer); the warm-up reads
+    all of `task` (as many as sft.max_examples)."""
     if config.train_problems is None:
         return task
     if len(task.problems) < config.train_problems:

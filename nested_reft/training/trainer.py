@@ -36,9 +36,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
@@ -105,11 +106,23 @@ from nested_reft.training.update import TrainingState, no_update, policy_update
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # config.dtype -> accelerate
 
 
-def train(config: TrainConfig, task: Task | None = None, resume: bool | None = False) -> dict:
+class StepCallback(Protocol):
+    """Called on every process after each ReFT step is logged and before its checkpoint (TRL's `on_step_end`),
+    with the policy as it leaves the step (the unwrapped module: under FSDP2, each rank's shards) and the tokenizer,
+    under the run's autocast and with the random states put back afterwards, so that a callback (an evaluation
+    during training) changes nothing the run does. Before the checkpoint: a run killed inside a callback resumes
+    from the checkpoint before and calls it again on the same step's policy."""
+
+    def __call__(self, step: int, policy: torch.nn.Module, tokenizer) -> None: ...
+
+
+def train(config: TrainConfig, task: Task | None = None, resume: bool | None = False,
+          callbacks: Sequence[StepCallback] = ()) -> dict:
     """Run SFT (if sft.epochs > 0) and ReFT for `config`; return the summary written to summary.json.
 
     `resume`: continue the run's checkpoint (True), start a fresh run (False), or whatever the directory holds
-    (None, `ensure_trained`). Nothing is written before the inputs are checked: the output directory, its
+    (None, `ensure_trained`). `callbacks` are called after each ReFT step (`StepCallback`: an evaluation during
+    training, the sweep's `eval.steps`). Nothing is written before the inputs are checked: the output directory, its
     state, the model, the data and their fit; only one process at a time may write a run directory, and it
     takes the lock before it touches anything. A run that fails before its first checkpoint is removed again.
     """
@@ -132,7 +145,8 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
             check_lora_fits(config, model)
             model = add_adapters(model, config.lora)
         check_model(config, model, accelerator.num_processes)
-        task = training_set(config, task or Task.load(config.dataset, "train", config.data_dir))
+        task = task or Task.load(config.dataset, "train", config.data_dir)
+        training_set(config, task)  # ReFT's pool (train_problems): refused here, before anything is written
         check_task(config, task, tokenizer, model, fresh=checkpoint is None)
         identity = data_identity(task.name, task.problems)
         if checkpoint is not None:
@@ -143,7 +157,7 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
             save_config(config, output / CONFIG_FILE)
             atomic_write_json(output / DATA_FILE, identity)
         try:
-            summary = _train_model(config, task, model, tokenizer, accelerator, checkpoint, fsdp2)
+            summary = _train_model(config, task, model, tokenizer, accelerator, checkpoint, fsdp2, callbacks)
         except BaseException:
             if accelerator.is_main_process:  # no checkpoint yet: nothing to resume, so nothing is kept
                 clear_started_run(output)
@@ -152,18 +166,21 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
     return summary
 
 
-def ensure_trained(config: TrainConfig, task: Task | None = None) -> dict:
+def ensure_trained(config: TrainConfig, task: Task | None = None, callbacks: Sequence[StepCallback] = ()) -> dict:
     """Bring the run in `config.output_dir` to its end, for callers that own the directory (sweeps, the demo):
     a finished run is left as it is (its summary is returned), one with a checkpoint resumes, one that stopped
     before its first checkpoint is cleared and started again, and an empty directory starts a run; all of it
     decided under the run directory's lock, so a second caller is refused before it clears anything."""
-    return train(config, task, resume=None)
+    return train(config, task, resume=None, callbacks=callbacks)
 
 
 def _train_model(
     config: TrainConfig, task: Task, model, tokenizer, accelerator, checkpoint: Path | None, fsdp2: FSDP2 | None,
+    callbacks: Sequence[StepCallback] = (),
 ) -> dict:
     """Algorithm 1 from a loaded model: warm-up (fresh runs), ReFT from step 0 or the checkpoint, final files.
+    The warm-up reads the training set `task`, ReFT its first `train_problems` (`training_set`: a pool that several
+    epochs revisit).
 
     The model is prepared once, for both phases: sharded under FSDP2, else by accelerate (DDP wraps it).
     """
@@ -172,7 +189,7 @@ def _train_model(
     totals = RunTotals()
     if checkpoint is None and config.sft.epochs > 0:
         totals.sft_runtime_s, totals.sft_flops = _warm_up(config, model, tokenizer, task, accelerator)
-    policy = accelerator.unwrap_model(model)
+    policy, task = accelerator.unwrap_model(model), training_set(config, task)
     prepare_for_reft(policy, config)
     optimizer, scheduler = make_optimizer(policy, config.grpo, config.rft_steps * config.grpo.num_iterations)
     skip_policy = SkipPolicy.from_config(config.nesting, num_decoder_layers(policy))
@@ -200,7 +217,7 @@ def _train_model(
         accelerator.init_trackers("nested-reft", config=_tracker_hyperparameters(config))
     if checkpoint is not None:  # last, so that nothing above (loading, copying) moves the restored states
         restore_rng_states(checkpoint, accelerator.process_index)
-    reft(config, task, state, tokenizer, skip_policy, start_step, totals, selection)
+    reft(config, task, state, tokenizer, skip_policy, start_step, totals, selection, callbacks)
     summary = summarize(read_metrics(output / METRICS_FILE), totals, config)
     weights = gathered_weights(policy)  # FSDP2: every rank takes part in gathering onto the main process
     if accelerator.is_main_process:
@@ -235,7 +252,7 @@ def _saved_progress(saved: dict, checkpoint: Path) -> tuple[int, RunTotals]:
 
 def reft(
     config: TrainConfig, task: Task, state: TrainingState, tokenizer, skip_policy: SkipPolicy, start_step: int,
-    totals: RunTotals, selection: RolloutSelection,
+    totals: RunTotals, selection: RolloutSelection, callbacks: Sequence[StepCallback] = (),
 ) -> None:
     """Algorithm 1, step 2: for s = 1..S, sample a nested model, roll out, score, update."""
     accelerator = state.accelerator
@@ -269,6 +286,9 @@ def reft(
                     f"{totals.nonfinite_updates} updates had a non-finite loss or gradient "
                     f"(max_nonfinite_steps={config.max_nonfinite_steps}); last at step {step}"
                 )
+            for callback in callbacks:
+                with accelerator.autocast(), _random_states_kept(accelerator.device):
+                    callback(step, state.policy, tokenizer)
             if step % config.save_steps == 0 or step == config.rft_steps:
                 saved = {"step": step, "totals": asdict(totals), "skip_policy": skip_policy.state_dict()}
                 if selection.active:  # past the paper: the data order's cursor and the prompts' history
@@ -420,6 +440,11 @@ def _tracker_hyperparameters(config: TrainConfig) -> dict:
     """The config as tracker hyperparameters: dotted names, non-scalar values as strings."""
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
             for key, value in flat_options(to_dict(config)).items()}
+
+
+def _random_states_kept(device: torch.device) -> contextlib.AbstractContextManager:
+    """The global torch random states (CPU, and the run's GPU) as they were, once the block is left."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 @contextlib.contextmanager
