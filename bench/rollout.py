@@ -316,7 +316,7 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS), help="skip ratios x, 0 first")
     parser.add_argument("--engine", nargs="+", default=["eager", "compiled"], choices=ENGINES,
                         help="our decoding engines to time beside HF generate (vllm where it is installed)")
-    parser.add_argument("--bridged", nargs="*", default=[], choices=("eager", "vllm"),
+    parser.add_argument("--bridged", nargs="*", default=[], choices=ENGINES,
                         help="also time these engines with each skipped block bridged (nesting.bridge: linear)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per completion (min = max)")

@@ -27,24 +27,26 @@ def protocol_members(protocol) -> set[str]:
 
 
 def test_the_protocol_declares_what_rollouts_and_the_trainer_use():
-    assert protocol_members(Decoder) == {"sample", "close", "applies_skip_set"}
+    assert protocol_members(Decoder) == {"sample", "close", "applies_skip_set", "applies_bridges"}
 
 
 @pytest.mark.parametrize("engine", ENGINE_CLASSES, ids=lambda engine: engine.__name__)
 def test_each_engine_has_the_protocols_members(engine):
     assert all(hasattr(engine, name) for name in protocol_members(Decoder))
-    assert isinstance(engine.applies_skip_set, bool)
+    assert isinstance(engine.applies_skip_set, bool) and isinstance(engine.applies_bridges, bool)
+    assert not (engine.applies_skip_set and engine.applies_bridges)  # one way of handing over the bridges
     assert inspect.signature(engine.close).parameters.keys() == {"self"}
 
 
 @pytest.mark.parametrize("engine", ENGINE_CLASSES, ids=lambda engine: engine.__name__)
-def test_each_engines_sample_takes_the_protocols_arguments_and_skip_set_if_it_applies_it(engine):
+def test_each_engines_sample_takes_the_protocols_arguments_and_skip_set_or_bridges_if_it_applies_them(engine):
     ours = list(inspect.signature(engine.sample).parameters.values())
     declared = list(inspect.signature(Decoder.sample).parameters.values())
     assert [(p.name, p.kind, p.default) for p in ours[: len(declared)]] == [
         (p.name, p.kind, p.default) for p in declared]
     extra = [p.name for p in ours[len(declared):]]
-    assert extra == (["skip_set", "bridges"] if engine.applies_skip_set else [])
+    assert extra == (["skip_set", "bridges"] if engine.applies_skip_set else ["bridges"] if engine.applies_bridges
+                     else [])
     assert all(p.default is not inspect.Parameter.empty for p in ours[len(declared):])
 
 

@@ -363,10 +363,6 @@ class TrainConfig:
         check_option(not distills or self.sft.nested_ratio(self.nesting.skip_ratio) > 0, "sft.distill_ratio",
                      self.sft.distill_ratio, "set when sft.distill_nested > 0 and neither sft.layer_drop nor "
                      "nesting.skip_ratio is: the distillation needs a nested model to distil into")
-        check_option(self.nesting.bridge == "none" or self.sampling.engine != "compiled", "nesting.bridge",
-                     self.nesting.bridge, "none with sampling.engine=compiled: the bridges run as hooks around the kept "
-                     "blocks, which the compiled decode step would recompile for every skip set; use "
-                     "sampling.engine=eager or vllm")
         # options that would do nothing in this combination are refused, not recorded in config.yaml as if they acted
         check_option(self.nesting.bridge == "none" or self.nesting.skip_ratio > 0, "nesting.bridge", self.nesting.bridge,
                      "none while nesting.skip_ratio = 0: no block is skipped, so no bridge would run")

@@ -1,13 +1,15 @@
 """The compiled engine: a static KV cache and one `torch.compile`d decode step (a CUDA graph on GPUs), with the
-attention function that keeps its grouped-query attention packed (`packed_gqa_sdpa`). It samples as the eager
-engine does (`completions`), only running the model otherwise."""
+attention function that keeps its grouped-query attention packed (`packed_gqa_sdpa`) and the bridges in static
+buffers (`nesting.static_bridges`). It samples as the eager engine does (`completions`), only running the model
+otherwise."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel, StaticCache
@@ -17,6 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from nested_reft.config import SamplingConfig
 from nested_reft.engines.completions import Completions, sync_every_for
 from nested_reft.engines.interface import Samples
+from nested_reft.nesting.static_bridges import ComposedBridges, StaticBridges, statically_bridged
 
 
 class CompiledDecoder:
@@ -31,12 +34,19 @@ class CompiledDecoder:
     constants. The prompt is prefilled eagerly (its length varies); rows are not dropped when they end (the
     shapes are static), and a completion past its end is masked as in the eager engine.
 
+    Bridged nested models (`nesting.bridge: linear`) run their bridges from static buffers (`StaticBridges`: a map
+    per position of the nested model, one set per size kept like the caches), each run of adjacent skipped blocks
+    composed into one map and copied in place for each skip set: a new skip set of the same size reads the same
+    buffers, so it does not recompile either (and on CUDA the bridges' addresses stay those the graph was captured
+    with).
+
     Hybrid-attention models (Gemma2's sliding and full layers) compile one graph per sequence of kept layer
     types; `recompile_limit` bounds the graphs per decode step (dynamo's default, 8, would silently fall back
     to eager decoding past it).
     """
 
     applies_skip_set = False  # samples from the model it is handed: `generate_rollouts` nests it
+    applies_bridges = True  # ... and hands it the skip set's bridges, composed (hooks would recompile per skip set)
 
     def __init__(self, backend: str = "inductor", mode: str | None = None, length_bucket: int = 64,
                  recompile_limit: int = 64, sync_every: int | None = None, max_caches: int = 2):
@@ -44,12 +54,14 @@ class CompiledDecoder:
         self.recompile_limit = recompile_limit
         self._decode_step = torch.compile(_decode_step, backend=backend, mode=mode)
         self._caches: collections.OrderedDict[tuple, StaticCache] = collections.OrderedDict()
+        self._bridges: collections.OrderedDict[tuple, StaticBridges] = collections.OrderedDict()
 
     @torch.no_grad()
     def sample(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                config: SamplingConfig, eos_token_ids: Sequence[int], pad_token_id: int,
-               generator: torch.Generator | None = None) -> Samples:
-        """As `EagerDecoder.sample`, through the compiled decode step."""
+               generator: torch.Generator | None = None, bridges: ComposedBridges | None = None) -> Samples:
+        """As `EagerDecoder.sample`, through the compiled decode step; with `bridges`, the nested `model`'s
+        (`static_bridges.composed_bridges`), run before the kept blocks they precede."""
         batch, prompt_length = input_ids.shape
         device = input_ids.device
         sync_every = self.sync_every or sync_every_for(device)
@@ -58,20 +70,21 @@ class CompiledDecoder:
         mask = torch.zeros((batch, length), dtype=attention_mask.dtype, device=device)
         mask[:, :prompt_length] = attention_mask
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-        out = Completions(batch, config, eos_token_ids, pad_token_id, device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        position = position_ids[:, -1:]
-        with packed_gqa_attention(model):  # once for the whole loop: the prefill above attended as transformers does
-            while True:
-                next_tokens, alive, finished = out.append(logits, slice(None), finished, generator)
-                if out.full or (out.time_to_look(sync_every) and bool(finished.all())):
-                    break
-                mask[:, prompt_length + out.length - 1] = alive.to(mask.dtype)
-                position = position + 1
-                with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
-                    logits = self._decode_step(model, next_tokens[:, None], mask, position, cache)
+        with self._bridged(model, bridges):
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            out = Completions(batch, config, eos_token_ids, pad_token_id, device)
+            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            position = position_ids[:, -1:]
+            with packed_gqa_attention(model):  # once for the loop: the prefill above attended as transformers does
+                while True:
+                    next_tokens, alive, finished = out.append(logits, slice(None), finished, generator)
+                    if out.full or (out.time_to_look(sync_every) and bool(finished.all())):
+                        break
+                    mask[:, prompt_length + out.length - 1] = alive.to(mask.dtype)
+                    position = position + 1
+                    with torch._dynamo.config.patch(recompile_limit=self.recompile_limit):
+                        logits = self._decode_step(model, next_tokens[:, None], mask, position, cache)
         return out.samples()
 
     def close(self) -> None:
@@ -88,19 +101,44 @@ class CompiledDecoder:
         device = next(model.parameters()).device
         key = (config.num_hidden_layers, tuple(getattr(config, "layer_types", None) or ()), batch, length, dtype,
                device)
-        cache = self._caches.pop(key, None)
-        if cache is None:
-            while len(self._caches) >= self.max_caches:
-                self._caches.popitem(last=False)
-            cache = StaticCache(config=_full_attention_within(config, length), max_cache_len=length)
-        else:
+        cache = self._caches.get(key)
+        if cache is not None:
             cache.reset()
-        self._caches[key] = cache
-        return cache
+        return _recently_used(self._caches, key, self.max_caches,
+                              lambda: StaticCache(config=_full_attention_within(config, length), max_cache_len=length))
+
+    def _bridged(self, model: PreTrainedModel, bridges: ComposedBridges | None) -> contextlib.AbstractContextManager:
+        """The nested `model` behind `bridges`, from the static buffers of their size (at most `max_caches` sizes
+        kept, as the caches: U changes with an adaptive policy), filled in place; as it is without bridges."""
+        if bridges is None:
+            return contextlib.nullcontext()
+        parameter = next(model.parameters())
+        hidden_size = bridges.weight.shape[-1]
+        key = (bridges.num_positions, hidden_size, parameter.dtype, parameter.device)
+        static = _recently_used(self._bridges, key, self.max_caches, lambda: StaticBridges(
+            bridges.num_positions, hidden_size, parameter.dtype, parameter.device))
+        static.fill(bridges)
+        return statically_bridged(model, static)
 
     @property
     def live_caches(self) -> int:
         return len(self._caches)
+
+
+_Kept = TypeVar("_Kept")
+
+
+def _recently_used(store: collections.OrderedDict[tuple, _Kept], key: tuple, limit: int,
+                   make: Callable[[], _Kept]) -> _Kept:
+    """`store[key]`, made by `make` if absent, now the most recently used; at most `limit` entries are kept, the
+    least recently used dropped first."""
+    value = store.pop(key, None)
+    if value is None:
+        while len(store) >= limit:
+            store.popitem(last=False)
+        value = make()
+    store[key] = value
+    return value
 
 
 def default_compiled_mode() -> str | None:

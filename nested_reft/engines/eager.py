@@ -23,6 +23,7 @@ class EagerDecoder:
     """
 
     applies_skip_set = False  # samples from the model it is handed: `generate_rollouts` nests it
+    applies_bridges = False  # ... with its bridges' hooks in place
 
     def __init__(self, sync_every: int | None = None):
         self.sync_every = sync_every

@@ -40,6 +40,12 @@ class Decoder(Protocol):
     samples in its own copy of the model): `sample` is handed the full model and takes `skip_set=` and `bridges=`
     (`nesting.bridges.Bridges` or None) as well, and runs their nested, bridged model itself."""
 
+    applies_bridges: ClassVar[bool]
+    """True (compiled, whose compiled step would trace the bridges' hooks into a graph per skip set): `sample` takes
+    `bridges=` as well, the skip set's bridges composed for the nested model it is handed
+    (`nesting.static_bridges.ComposedBridges` or None), and runs them itself. False: a nested model is handed with
+    its bridges already in place (`nesting.bridges.nested_bridged`), or, with `applies_skip_set`, handed over."""
+
     def sample(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: SamplingConfig,
                eos_token_ids: Sequence[int], pad_token_id: int, generator: torch.Generator | None = None) -> Samples:
         """Decode up to `config.max_new_tokens` tokens for left-padded `input_ids` (N, P) and `attention_mask`,

@@ -24,6 +24,8 @@ from nested_reft.engines.choice import decoder_for
 from nested_reft.engines.interface import Decoder, Samples
 from nested_reft.models.lora import merged_for_sampling
 from nested_reft.nesting.bridges import Bridges, nested_bridged
+from nested_reft.nesting.layers import num_decoder_layers
+from nested_reft.nesting.static_bridges import composed_bridges
 from nested_reft.engines.logprobs import completion_logprobs
 
 
@@ -99,8 +101,11 @@ def generate_rollouts(
             if outside:
                 samples = decoder.sample(model, *arguments, skip_set=skip_set, bridges=bridges)
             else:
-                with nested_bridged(model, skip_set, bridges):
-                    samples = decoder.sample(model, *arguments)
+                inside = decoder.applies_bridges  # compiled: the bridges composed into its static buffers, not hooks
+                extra = ({"bridges": composed_bridges(bridges, skip_set, num_decoder_layers(model), device)}
+                         if inside else {})
+                with nested_bridged(model, skip_set, None if inside else bridges):
+                    samples = decoder.sample(model, *arguments, **extra)
         elapsed = _synchronized_clock(device) - start
         mismatch = (logprob_mismatch(model, skip_set, prompt_ids, prompt_mask, samples, sampling, bridges)
                     if outside else None)

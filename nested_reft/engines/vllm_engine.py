@@ -120,6 +120,7 @@ class VLLMEngine:
     """The process's vLLM engine, built for the first model it samples from (rebuilt if another one comes)."""
 
     applies_skip_set = True  # `generate_rollouts` hands it the full model and the skip set, not a nested model
+    applies_bridges = False  # the bridges come with the skip set (`applies_skip_set`)
 
     def __init__(self):
         self._llm = None

@@ -11,6 +11,10 @@ full model's forwards (the update's own forward, so fitting costs no extra pass)
 `fit_bridges` is a pure function of those sums: (G + lambda * s * I_W) [W; c] = B, where s is the mean of G's
 diagonal over the h columns, so `ridge` is a fraction of the typical squared activation and the bias is not
 shrunk. Shapes: L bridged blocks, hidden size d.
+
+The eager engine runs the bridges as hooks around the kept blocks (`bridged`), vLLM in place of its skipped layers,
+and the compiled engine from static buffers (`static_bridges`): hooks traced into its compiled step would make one
+graph per skip set.
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ class Bridges:
         layers = tuple(layers)
         return cls(layers, torch.zeros(len(layers), hidden_size, hidden_size, device=device),
                    torch.zeros(len(layers), hidden_size, device=device))
+
+    def rows_of(self, layers: Sequence[int]) -> tuple[int, ...]:
+        """The rows of the maps of `layers`, in their order; a layer without a bridge is refused by name."""
+        missing = [i for i in layers if i not in self.layers]
+        if missing:
+            raise ValueError(f"blocks {missing} are skipped but have no bridge (bridged blocks: {self.layers})")
+        return tuple(self.layers.index(i) for i in layers)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (safetensors holds them): the layer indices, the weights and the biases."""
@@ -177,9 +188,7 @@ def bridged(model: nn.Module, skip_set: Sequence[int], bridges: Bridges) -> Iter
     for skipped blocks at the end. The blocks are the full model's (`decoder_layers` before nesting)."""
     _, _, layers = decoder_layers(model)
     skip = sorted(int(i) for i in skip_set)
-    missing = [i for i in skip if i not in bridges.layers]
-    if missing:
-        raise ValueError(f"blocks {missing} are skipped but have no bridge (bridged blocks: {bridges.layers})")
+    bridges.rows_of(skip)  # refuses a skipped block without a bridge, by name
     kept = [i for i in range(len(layers)) if i not in set(skip)]
     placed = _Placed(bridges)
     handles = []
