@@ -11,7 +11,7 @@
 #      log-probs (tests/test_policy.py); cold compilation can take it past its limit (16 of 35 in 150 s once);
 #   3. host-sync: evaluation-style decoding with the host asking for ended rows every k tokens (bench/host_sync.py);
 #   4. decoding: the engines' tokens/s table beside HF generate (bench/rollout.py), vllm's where it imports, and
-#      the eager engine with the skipped blocks bridged (issue 31: its speedup against the bridged FLOP bound).
+#      each engine with the skipped blocks bridged (issue 31: its speedup against the bridged FLOP bound).
 #
 #   bash bench/gpu.sh fetch      # here, once: the wheels the device's image lacks or has too old
 #   device run, carry [".whl"], timeout_s 600:  bash bench/gpu.sh
@@ -91,7 +91,7 @@ part() {  # part NAME LIMIT COMMAND...: run within min(LIMIT, time left), its ou
         --batch "$BATCH" --tokens "$DECODE_TOKENS" --repeats "$REPEATS" --sync-every 1 8 --engines eager
     # shellcheck disable=SC2086
     part decoding 600 $PYTHON bench/rollout.py --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" \
-        --tokens "$DECODE_TOKENS" --repeats "$REPEATS" --ratios 0 0.15 --engine $ENGINES --bridged eager \
+        --tokens "$DECODE_TOKENS" --repeats "$REPEATS" --ratios 0 0.15 --engine $ENGINES --bridged $ENGINES \
         --models "$MODEL" --no-memory
     echo "# wall time of the parts: $(( $(date +%s) - deadline + BUDGET )) s"
 } 2>&1 | tee "$OUT/gpu-bench.log"
