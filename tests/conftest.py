@@ -1,5 +1,5 @@
-"""Shared fixtures and stand-ins: where the shared datasets are, one torch thread per test, an optimizer
-that records gradients."""
+"""Shared fixtures and stand-ins: where the shared datasets are, one torch thread per test, bridges fitted to a
+model, an optimizer that records gradients."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from nested_reft.nesting.bridges import BridgeFitter, Bridges, fit_bridges
 from nested_reft.nesting.layers import decoder_layers
 
 # CI clones the repo next to a copy of shared/, as the developers' checkout sits next to it.
@@ -31,6 +32,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def fitted_bridges(model, tokenizer, prompts: list[str]) -> Bridges:
+    """Bridges fitted to `model` on `prompts` (what a calibration pass does), for every block (border 0)."""
+    fitter = BridgeFitter(model, range(len(decoder_layers(model)[2])), decay=1.0)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad(), fitter.recording(encoded["attention_mask"]):
+        model(**encoded, use_cache=False)
+    fitter.end_step()
+    return fit_bridges(fitter.total, ridge=1e-2)
 
 
 class GradientRecorder:

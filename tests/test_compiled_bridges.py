@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fitted_bridges
 from torch._dynamo.utils import counters
 
 from nested_reft.config import SamplingConfig
 from nested_reft.engines.compiled import CompiledDecoder, default_compiled_mode
 from nested_reft.engines.eager import EagerDecoder
 from nested_reft.engines.rollout import generate_rollouts
+from nested_reft.models.loading import load_model
 from nested_reft.models.tiny import tiny_model
 from nested_reft.nesting import static_bridges
 from nested_reft.nesting.bridges import Bridges
@@ -135,3 +137,15 @@ def test_inductor_numerics_of_bridged_decoding_match_the_eager_engine_without_re
                                  rollouts(model, tokenizer, config, skip_set, EagerDecoder(), bridges))
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1:] == [graphs[0]] * 2
+
+
+@pytest.mark.integration
+def test_bridged_rollouts_of_smollm2_through_the_compiled_engine_equal_the_eager_engines(traced):
+    """SmolLM2-135M with bridges fitted to it: greedy and sampled tokens and behavior log-probs as the eager engine's,
+    for a run of three skipped blocks and for isolated ones."""
+    model, tokenizer = load_model("smollm2-135m-instruct")
+    bridges = fitted_bridges(model, tokenizer, PROMPTS)
+    for skip_set in [(7, 19), (1, 12, 13, 14, 28)]:
+        for config in (GREEDY, SAMPLED):
+            ours = rollouts(model, tokenizer, config, skip_set, traced, bridges)
+            assert_same_rollouts(ours, rollouts(model, tokenizer, config, skip_set, EagerDecoder(), bridges))

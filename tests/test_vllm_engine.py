@@ -22,6 +22,7 @@ import transformers
 
 pytest.importorskip("vllm")
 
+from conftest import fitted_bridges  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from nested_reft.tasks.arithmetic import generate_arithmetic  # noqa: E402
@@ -30,8 +31,7 @@ from nested_reft.config import ConfigError, SamplingConfig, load_config  # noqa:
 from nested_reft.engines.choice import decoder_closed_after, decoder_for  # noqa: E402
 from nested_reft.engines.eager import EagerDecoder  # noqa: E402
 from nested_reft.models.loading import load_model  # noqa: E402
-from nested_reft.nesting.bridges import BridgeFitter, Bridges, fit_bridges  # noqa: E402
-from nested_reft.nesting.layers import decoder_layers, nested  # noqa: E402
+from nested_reft.nesting.layers import nested  # noqa: E402
 from nested_reft.engines.logprobs import completion_logprobs  # noqa: E402
 from nested_reft.engines.rollout import generate_rollouts  # noqa: E402
 from nested_reft.training.rundir import METRICS_FILE  # noqa: E402
@@ -114,23 +114,12 @@ def test_nested_greedy_rollouts_of_smollm2_equal_the_eager_engines():
     assert torch.equal(theirs.completion_ids, ours.completion_ids) and theirs.logprob_mismatch[1] < 1e-2
 
 
-def fitted_bridges(model, tokenizer) -> Bridges:
-    """Bridges fitted to `model` on the prompts (what a calibration pass does), for every block (border 0)."""
-    layers = range(len(decoder_layers(model)[2]))
-    fitter = BridgeFitter(model, layers, decay=1.0)
-    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad(), fitter.recording(encoded["attention_mask"]):
-        model(**encoded, use_cache=False)
-    fitter.end_step()
-    return fit_bridges(fitter.total, ridge=1e-2)
-
-
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_bridged_greedy_rollouts_equal_the_eager_engines(architecture):
     """vLLM runs each skipped layer's bridge in its place (`_BridgeLayer`): the same tokens and log-probs as our
     bridged nested model, and other completions than the same skip sets removed."""
     model, tokenizer = tiny_model(architecture)
-    bridges = fitted_bridges(model, tokenizer)
+    bridges = fitted_bridges(model, tokenizer, PROMPTS)
     differ = 0
     for skip_set in [skip_set for skip_set in SKIP_SETS if skip_set]:  # layer 0 (no residual yet) and the last too
         config, generator = sampling(), torch.Generator().manual_seed(1)
@@ -148,7 +137,7 @@ def test_bridged_greedy_rollouts_equal_the_eager_engines(architecture):
 @pytest.mark.integration
 def test_bridged_greedy_rollouts_of_smollm2_equal_the_eager_engines():
     model, tokenizer = load_model("smollm2-135m-instruct")
-    bridges = fitted_bridges(model, tokenizer)
+    bridges = fitted_bridges(model, tokenizer, PROMPTS)
     for skip_set in [(7, 19), (1, 12, 28)]:
         theirs = generate_rollouts(model, tokenizer, PROMPTS, 2, sampling(tokens=16), skip_set, bridges=bridges)
         ours = generate_rollouts(model, tokenizer, PROMPTS, 2, sampling(tokens=16), skip_set, decoder=EagerDecoder(),
