@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -23,6 +24,9 @@ from nested_reft.experiments.grid import (
 )
 from nested_reft.experiments.results import STEP_COLUMNS, ResultsError
 from nested_reft.training.rundir import CONFIG_FILE
+from nested_reft.experiments.collect import collect_results
+from nested_reft.experiments.report import write_report
+from nested_reft.experiments.step_evals import StepEvaluator, curve_rows, step_eval_directory
 from nested_reft.experiments.sweep import read_status, run_sweep, sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +66,7 @@ def write_grid(tmp_path: Path, **options) -> Path:
         ({"eval": {"benchmarks": ["arithmetic"], "limit": 0}}, "eval.limit"),
         ({"eval": {"benchmarks": ["arithmetic"], "steps": 0}}, "eval.steps"),
         ({"eval": {"benchmarks": ["arithmetic"], "steps": 1.5}}, "eval.steps"),
+        ({"eval": {"benchmarks": ["arithmetic"], "steps": 16}, "train": {"rft_steps": 16}}, "eval.steps"),
         ({"eval": {"benchmarks": ["arithmetic", "arithmetic"]}}, "eval.benchmarks"),
         ({"eval": {"benchmarks": ["arithmetic"], "seed": 3}}, "eval.seed"),  # each instance's own
         ({"eval": {"benchmarks": ["arithmetic"], "engine": "compiled"}}, "eval.engine"),
@@ -600,3 +605,44 @@ def test_eval_steps_evaluate_the_policy_during_training_as_its_checkpoint_evalua
                 if r["instance"] == instance.id]
         assert rows == [(step, pytest.approx(accuracy), pytest.approx(flops)) for step, accuracy, flops in expected]
     assert len(curve) == 6  # 3 points each of the 2 runs
+    assert "steps" not in read_status(directory)["eval"]  # no setting of the run's own evaluation
+    collect_results(grid)  # again, over the tables it wrote: one row per run and step
+    report = write_report(grid.root).read_text()
+    assert "### Pass@1 against rollout compute" in report and (grid.root / "report" / "cost-tiny-llama-arithmetic.png").is_file()
+
+
+def test_a_step_evaluation_is_kept_only_when_finished_with_the_grids_settings(tmp_path):
+    grid = load_grid(write_grid(tmp_path, train={"rft_steps": 4}, eval={"benchmarks": ["arithmetic"], "limit": 4,
+                                                                        "steps": 2}))
+    instance = enumerate_instances(grid)[0]
+    evaluator = StepEvaluator(run_directory(grid, instance), grid.eval, instance_config(grid, instance), 2)
+    output = step_eval_directory(evaluator.run_directory, 2)
+    output.mkdir(parents=True)
+    done = {"config": dataclasses.asdict(grid.eval.config(instance.seed)), "limit": 4,
+            "benchmarks": {"arithmetic": {}}, "average": 0.5}
+    assert not evaluator._evaluated(output)  # cut off before eval.json
+    (output / "eval.json").write_text(json.dumps(done))
+    assert evaluator._evaluated(output)
+    (output / "eval.json").write_text(json.dumps({**done, "limit": 8}))
+    assert not evaluator._evaluated(output)
+
+
+def test_the_curve_of_a_run_reads_its_evaluations_and_metrics(tmp_path):
+    """Points at step 0, at each evaluation found (an unfinished run's last one included) and after the last step,
+    the FLOPs cumulative; none where the metrics are not steps 1..n; None from a step without FLOPs on."""
+    run = tmp_path / "run"
+    for step, accuracy in ((2, 0.3), (4, 0.4)):
+        (step_eval_directory(run, step)).mkdir(parents=True)
+        (step_eval_directory(run, step) / "eval.json").write_text(json.dumps({"average": accuracy}))
+    (tmp_path / "warm-up.json").write_text(json.dumps({"average": 0.2}))
+    steps = [{"step": step, "rollout_flops": 10.0 * step} for step in range(1, 5)]
+    rows = curve_rows("r", run, steps, tmp_path / "warm-up.json", run / "eval" / "eval.json")
+    assert [(row["step"], row["accuracy"], row["rollout_flops"]) for row in rows] == [
+        (0, 0.2, 0.0), (2, 0.3, 30.0), (4, 0.4, 100.0)]
+    (run / "eval").mkdir()
+    (run / "eval" / "eval.json").write_text(json.dumps({"average": 0.5}))
+    six = steps + [{"step": 5, "rollout_flops": None}, {"step": 6, "rollout_flops": 1.0}]
+    rows = curve_rows("r", run, six, None, run / "eval" / "eval.json")
+    assert [(row["step"], row["accuracy"], row["rollout_flops"]) for row in rows] == [
+        (2, 0.3, 30.0), (4, 0.4, 100.0), (6, 0.5, None)]
+    assert curve_rows("r", run, steps[:2] + steps[3:], None, run / "eval" / "eval.json") == []

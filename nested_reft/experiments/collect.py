@@ -199,8 +199,8 @@ def run_curve(grid: GridConfig, instance: Instance) -> list[dict[str, Any]]:
     """The rows of curve.csv for one instance (`step_evals.curve_rows`)."""
     directory = run_directory(grid, instance)
     warm_up = sft_directory(grid, instance) / EVAL_DIR / EVAL_FILE if grid.evaluate_warm_up else None
-    return curve_rows(instance.id, directory, instance_config(grid, instance), grid.eval.steps,
-                      read_metrics(directory / METRICS_FILE), warm_up, directory / EVAL_DIR / EVAL_FILE)
+    return curve_rows(instance.id, directory, read_metrics(directory / METRICS_FILE), warm_up,
+                      directory / EVAL_DIR / EVAL_FILE)
 
 
 def problem_rows(grid: GridConfig, run_id: str, directory: Path) -> list[dict[str, Any]]:

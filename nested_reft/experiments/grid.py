@@ -76,9 +76,10 @@ class GridEvalSettings(EvalSettings):
                                             and self.steps >= 1), "eval.steps", self.steps, "an integer >= 1 or null")
 
 
-# The eval options a grid file sets, as its instances' status.json records them
+# The eval options a grid file sets, as its instances' status.json records them: not `steps`, which adds evaluations
+# beside a run's own and changes neither it nor its training
 GRID_EVAL_OPTIONS = tuple(spec.name for spec in dataclasses.fields(GridEvalSettings)
-                          if spec.name not in GridEvalSettings.OMITTED_OPTIONS)
+                          if spec.name not in (*GridEvalSettings.OMITTED_OPTIONS, "steps"))
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,9 @@ class GridConfig:
         runs += [(variant.skip_ratio, variant.mitigation, variant.label) for variant in self.variants]
         check_option(len(set(runs)) == len(runs), "variants", [r for r in runs if runs.count(r) > 1],
                      "runs the product of skip_ratios and mitigations does not hold already, each once")
-        self.base_config(self.models[0], self.datasets[0], self.seeds[0])  # validates every train option now
+        steps = self.base_config(self.models[0], self.datasets[0], self.seeds[0]).rft_steps  # validates every option
+        check_option(self.eval.steps is None or self.eval.steps < steps, "eval.steps", self.eval.steps,
+                     f"under train.rft_steps={steps} (the last step is evaluated anyway), or null")
         for variant in self.variants:  # and every variant's nesting options
             self.base_config(self.models[0], self.datasets[0], self.seeds[0],
                              {"nesting.skip_ratio": variant.skip_ratio, **variant.overrides()})

@@ -116,7 +116,7 @@ def csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
 
 # What identifies a row of each table: a second row with the same key is refused, never "the last one wins".
 ROW_KEYS = {RESULTS_FILE: ("instance",), STEPS_FILE: ("instance", "step"),
-            PROBLEMS_FILE: ("instance", "benchmark", "problem")}
+            PROBLEMS_FILE: ("instance", "benchmark", "problem"), CURVE_FILE: ("instance", "step")}
 TEXT_COLUMNS = ("instance", "benchmark", "problem")
 SCHEMAS = {RESULTS_FILE: (REQUIRED_COLUMNS, ()), STEPS_FILE: (STEP_COLUMNS, OPTIONAL_STEP_COLUMNS),
            PROBLEMS_FILE: (PROBLEM_COLUMNS, ()), CURVE_FILE: (CURVE_COLUMNS, ())}  # each table's columns, and those a table written before them lacks  # the columns of steps.csv and problems.csv that are not numbers

@@ -294,7 +294,7 @@ def cost_rows(rows: Sequence[dict], curve: Sequence[dict]) -> list[dict]:
             "model": first["model"], "dataset": first["dataset"], "label": configuration_label(first, several),
             "seeds": sum(row["instance"] in by_run for row in members), "curve": mean, "total_flops": total,
             "saving": base_total / total if base_total and total else None,
-            "flops_per_point": total / (100 * gain) if gain and gain > 0 else None,
+            "flops_per_point": total / (100 * gain) if total is not None and gain and gain > 0 else None,
             "reached_step": reached["step"] if reached else None, "reached_flops": reached["flops"] if reached else None,
             "reached_saving": base_total / reached["flops"] if reached and reached["flops"] and base_total else None,
         })
@@ -310,9 +310,11 @@ def _curves_by_run(curve: Iterable[dict]) -> dict[str, dict[int, dict]]:
 
 
 def _mean_curve(runs: Sequence[dict[int, dict]]) -> list[dict]:
-    """At each step every run has a point at, the runs' mean pass@1 and cumulative rollout FLOPs, in step order."""
+    """At each step every run has a point at, the runs' mean pass@1 and cumulative rollout FLOPs (None where a run's
+    are not known), in step order."""
     if not runs:
         return []
     shared = sorted(set.intersection(*(set(run) for run in runs)))
     return [{"step": step, "accuracy": statistics.fmean(run[step]["accuracy"] for run in runs),
-             "flops": statistics.fmean(run[step]["rollout_flops"] or 0.0 for run in runs)} for step in shared]
+             "flops": mean_of_measured(run[step]["rollout_flops"] for run in runs)
+             if all(run[step]["rollout_flops"] is not None for run in runs) else None} for step in shared]

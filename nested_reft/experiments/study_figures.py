@@ -129,10 +129,12 @@ def plot_cost_curves(rows: Sequence[dict], curve: Sequence[dict], cost: Sequence
         for row in rows:
             if row["status"] == "done" and row["model"] == entry["model"] and row["dataset"] == entry["dataset"] \
                     and configuration_label(row, several) == entry["label"] and row["instance"] in runs:
-                points = sorted(runs[row["instance"]], key=lambda point: point["step"])
+                points = sorted((point for point in runs[row["instance"]] if point["rollout_flops"] is not None),
+                                key=lambda point: point["step"])
                 axis.plot([p["rollout_flops"] / 1e12 for p in points], [100 * p["accuracy"] for p in points],
                           alpha=0.3, linewidth=0.8, **style)
-        axis.plot([p["flops"] / 1e12 for p in entry["curve"]], [100 * p["accuracy"] for p in entry["curve"]],
+        known = [point for point in entry["curve"] if point["flops"] is not None]
+        axis.plot([p["flops"] / 1e12 for p in known], [100 * p["accuracy"] for p in known],
                   marker="o", linewidth=2, label=f"{entry['label']} (mean of {entry['seeds']})", **style)
     paths = []
     for (model, dataset), (figure, axis) in figures.items():

@@ -55,9 +55,9 @@ from nested_reft.experiments.grid import (
     run_directory, select_instances, sft_config, sft_directory,
 )
 from nested_reft.experiments.results import RESULTS_FILE
-from nested_reft.training.rundir import CONFIG_FILE, FINAL_MODEL_DIR, SUMMARY_FILE
+from nested_reft.training.rundir import CONFIG_FILE, FINAL_MODEL_DIR, SUMMARY_FILE, RunState, run_state
 from nested_reft.experiments.status import STATUS_FILE, read_status, write_status
-from nested_reft.experiments.step_evals import StepEvaluator
+from nested_reft.experiments.step_evals import StepEvaluator, clear_step_evals
 from nested_reft.training.trainer import ensure_trained
 
 SWEEP_LOCK_FILE = ".sweep.lock"  # in output_dir, held by a sweep of the whole grid
@@ -192,6 +192,8 @@ def run_instance(grid: GridConfig, instance: Instance, failed_warm_ups: dict[str
                 failed_warm_ups[instance.sft_id] = _describe(error)
                 raise
         config = instance_config(grid, instance)
+        if run_state(directory) is not RunState.FINISHED and not checkpoints(directory):
+            clear_step_evals(directory)  # it starts afresh: another trajectory's points are not its own
         evaluations = [StepEvaluator(directory, grid.eval, config, grid.eval.steps)] if grid.eval.steps else []
         ensure_trained(config, callbacks=evaluations)  # resumes from the last checkpoint; starts afresh where none
         if not grid.keep_checkpoints:  # trained: model/ is the result, the checkpoint only served resuming

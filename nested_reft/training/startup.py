@@ -96,13 +96,14 @@ def training_set(config: TrainConfig, task: Task) -> Task:
 
 
 def check_task(config: TrainConfig, task: Task, tokenizer, model, fresh: bool) -> None:
-    """The training set: not empty, something to imitate when a fresh run warms up, and prompts that fit the
-    model's position table, or what the vllm engine takes, with `sampling.max_new_tokens` completion tokens (never
-    truncated)."""
+    """The training set: not empty, something to imitate when a fresh run warms up, and ReFT's prompts (its pool,
+    `training_set`, refused where the set is smaller) that fit the model's position table, or what the vllm engine
+    takes, with `sampling.max_new_tokens` completion tokens (never truncated)."""
     if not task.problems:
         raise DataError(f"training set {task.name!r} has 0 problems: nothing to train on")
     if fresh and config.sft.epochs > 0 and not sft_examples(task.problems):
         raise DataError(f"sft.epochs={config.sft.epochs}, but no problem of training set {task.name!r} has a "
                         "solution to imitate: the warm-up would train nothing; set sft.epochs=0")
     positions, limit = engine_positions(model, config.sampling)
-    task.check_fits(tokenizer, positions, config.sampling.max_new_tokens, "sampling.max_new_tokens", limit)
+    training_set(config, task).check_fits(tokenizer, positions, config.sampling.max_new_tokens,
+                                          "sampling.max_new_tokens", limit)

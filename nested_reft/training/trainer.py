@@ -107,7 +107,8 @@ MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # co
 
 
 class StepCallback(Protocol):
-    """Called on every process after each ReFT step is logged and before its checkpoint (TRL's `on_step_end`),
+    """Called on every process after each ReFT step is logged and before its checkpoint (TRL's `on_step_end`; the
+    sweep's evaluation during training runs in one process only),
     with the policy as it leaves the step (the unwrapped module: under FSDP2, each rank's shards) and the tokenizer,
     under the run's autocast and with the random states put back afterwards, so that a callback (an evaluation
     during training) changes nothing the run does. Before the checkpoint: a run killed inside a callback resumes
@@ -146,8 +147,7 @@ def train(config: TrainConfig, task: Task | None = None, resume: bool | None = F
             model = add_adapters(model, config.lora)
         check_model(config, model, accelerator.num_processes)
         task = task or Task.load(config.dataset, "train", config.data_dir)
-        training_set(config, task)  # ReFT's pool (train_problems): refused here, before anything is written
-        check_task(config, task, tokenizer, model, fresh=checkpoint is None)
+        check_task(config, task, tokenizer, model, fresh=checkpoint is None)  # ReFT's pool (train_problems) too
         identity = data_identity(task.name, task.problems)
         if checkpoint is not None:
             check_resumed_data(output, identity)
