@@ -16,7 +16,9 @@ order() {
         done
     done
     for seed in 0 1 2 3 4; do
-        pick "$jobs" "arithmetic/x0.15-b1-retrace" "$seed"
+        for run in x0.15-b1-retrace; do
+            pick "$jobs" "arithmetic/$run" "$seed"
+        done
     done
 }
 run_study study-rollout-selection "${1:-2}" order

@@ -48,7 +48,8 @@ def test_the_reload_moves_the_kept_layers_and_scales_with_them():
     assert nested.generation_s < full.generation_s
 
 
-@pytest.mark.parametrize("study", ["study-smollm2", "study-nested-warmup", "study-bridged-nesting"])
+@pytest.mark.parametrize("study", ["study-smollm2", "study-nested-warmup", "study-bridged-nesting",
+                                   "study-rollout-selection"])
 def test_the_study_runner_orders_every_instance_of_the_study_grid_once(study):
     """scripts/<study>.sh lists the grid's instances by name (its run order); a variant added to the grid and not to
     the script would stop the study at its start, so the two are checked here."""
