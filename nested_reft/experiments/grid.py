@@ -384,6 +384,7 @@ def sft_directory(grid: GridConfig, instance: Instance) -> Path:
 def sft_config(grid: GridConfig, instance: Instance) -> TrainConfig:
     """The warm-up shared by `instance`'s (model, dataset, seed): the train options with no ReFT step."""
     overrides = {"output_dir": str(sft_directory(grid, instance)), "rft_steps": 0,
+                 "train_problems": None,  # ReFT's pool: the warm-up reads the whole set (one warm-up for every pool)
                  **(instance.warm_up.overrides() if instance.warm_up else {})}
     return grid.base_config(instance.model, instance.dataset, instance.seed, overrides)
 
