@@ -10,7 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from test_trainer import PROBLEMS, lowercase_share
+
 from nested_reft.config import ConfigError, SamplingConfig, load_config
+from nested_reft.engines import choice
+from nested_reft.engines.compiled import CompiledDecoder
 from nested_reft.engines.rollout import generate_rollouts
 from nested_reft.models.tiny import tiny_model
 from nested_reft.nesting.bridges import (
@@ -24,6 +28,7 @@ from nested_reft.nesting.layers import decoder_layers, nested
 from nested_reft.nesting import bridges as bridges_module
 from nested_reft.training import bridging as bridging_module
 from nested_reft.training.metrics import ModelShapes, rollout_flops
+from nested_reft.tasks.task import Task
 from nested_reft.training.trainer import train
 
 
@@ -220,9 +225,23 @@ def test_the_bridges_read_only_the_first_of_mu_passes(tmp_path, monkeypatch):
     assert len(recorded) == 1  # one micro-batch, first pass only
 
 
-def test_bridges_with_the_compiled_engine_are_accepted():
-    """It runs them from static buffers (tests/test_compiled_bridges.py); they were refused before it did."""
-    assert bridged_config("unused", **{"sampling.engine": "compiled"}).nesting.bridge == "linear"
+def test_a_bridged_run_through_the_compiled_engine_trains_as_through_the_eager_one(tmp_path, monkeypatch):
+    """The trainer hands its bridges to the compiled engine (static buffers, tests/test_compiled_bridges.py): the
+    same rollouts, behavior log-probs and updates as the eager engine's, step by step (traced by dynamo without
+    Inductor, which tests/test_compiled_bridges.py covers)."""
+    monkeypatch.setitem(choice.ENGINE_FACTORIES, "compiled", lambda: CompiledDecoder(backend="eager"))
+    monkeypatch.setattr(choice, "_DECODERS", {})
+    runs = {}
+    for engine in ("eager", "compiled"):
+        train(bridged_config(tmp_path / engine, rft_steps=3, **{"sampling.engine": engine,
+                                                                "sampling.min_new_tokens": 6}),
+              Task("tiny", list(PROBLEMS), reward=lowercase_share))  # a reward a random model earns now and then
+        runs[engine] = [json.loads(line) for line in (tmp_path / engine / "metrics.jsonl").read_text().splitlines()]
+    for eager, compiled in zip(runs["eager"], runs["compiled"], strict=True):
+        assert compiled["skip_set"] == eager["skip_set"] and compiled["reward_mean"] == eager["reward_mean"]
+        for key in ("kl_behavior_target", "h_mean", "loss", "grad_norm"):
+            assert compiled[key] == pytest.approx(eager[key], abs=1e-4), (eager["step"], key)
+    assert any(row["grad_norm"] > 0 for row in runs["eager"]) and all(row["skip_set"] for row in runs["eager"])
 
 
 def test_bridges_where_no_block_is_skipped_are_refused_as_doing_nothing():
