@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The study of docs/study-rollout-selection/ (configs/grids/study-rollout-selection.yaml): its 25 runs in two lanes,
+# The study of docs/study-rollout-selection/ (configs/grids/study-rollout-selection.yaml): its 30 runs in two lanes,
 # one core and one torch thread each, seed by seed: the baseline, the baseline with filter_groups and with
-# skip_predictable, and x = 15% bridged with filter_groups; then x = 15% removed, the nested run without either;
+# skip_predictable, and x = 15% bridged with filter_groups; then x = 15% removed, the nested run without either, and
+# the baseline with both options;
 # then the results (never weights) are copied to docs/study-rollout-selection with its report. Resumable: finished
 # runs are skipped (those recorded in docs/study-rollout-selection too, so a fresh checkout continues), a killed run
 # resumes from its last checkpoint, a failed one is retried; rerun it in a later session to continue.
@@ -16,7 +17,7 @@ order() {
         done
     done
     for seed in 0 1 2 3 4; do
-        for run in x0.15-b1-retrace; do
+        for run in x0.15-b1-retrace x0-b1-base-filter-groups-skip-predictable; do
             pick "$jobs" "arithmetic/$run" "$seed"
         done
     done
