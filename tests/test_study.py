@@ -383,4 +383,7 @@ def test_cost_rows_give_what_pass_at_1_cost_in_rollout_flops_against_the_baselin
     assert {entry["label"]: entry["reached_step"] for entry in study.cost_rows(rows, lower)}["x = 30%, retrace"] is None
     text = "\n".join(render_cost(study.cost_rows(rows, lower)))
     assert "| never |" in text and "1.50x" in text
+    one_seed = [point for point in curve if point["instance"] != "m/d/nested-s1"]  # against baseline seed 0 alone
+    alone = {entry["label"]: entry for entry in study.cost_rows(rows, one_seed)}["x = 30%, retrace"]
+    assert alone["seeds"] == 1 and alone["reached_saving"] == pytest.approx(8 / 3)  # seed 0's 8 TFLOPs over 3
     assert study_figures.plot_cost_curves(rows, curve, study.cost_rows(rows, curve), tmp_path)[0].is_file()

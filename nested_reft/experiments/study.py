@@ -272,8 +272,9 @@ REACH_TOLERANCE = 0.02  # "reaches the baseline's final pass@1": within 2 points
 def cost_rows(rows: Sequence[dict], curve: Sequence[dict]) -> list[dict]:
     """Per finished configuration with points in curve.csv: what its pass@1 cost in rollout FLOPs.
 
-    Its mean curve: at each step every seed evaluated, the seeds' mean pass@1 and cumulative rollout FLOPs. Total:
-    the last point's FLOPs, and the baseline's total over it (> 1: it spent less). Per point gained: the total over
+    Its mean curve: at each step every seed evaluated, the seeds' mean pass@1 and cumulative rollout FLOPs; the
+    baseline's, over the same seeds. Total: the last point's FLOPs, and the baseline's total over it (> 1: it spent
+    less). Per point gained: the total over
     the gain from step 0 (its warm-up) to the last point, in points (– where it gained nothing). Reaching the
     baseline: the first evaluated step at which its mean is within REACH_TOLERANCE of the baseline's final mean, the
     FLOPs spent by then and the baseline's total over them (> 1: it got there for less)."""
@@ -282,7 +283,9 @@ def cost_rows(rows: Sequence[dict], curve: Sequence[dict]) -> list[dict]:
     table = []
     for members, baselines in configurations(rows):
         mean = _mean_curve([by_run[row["instance"]] for row in members if row["instance"] in by_run])
-        reference = _mean_curve([by_run[row["instance"]] for row in baselines if row["instance"] in by_run])
+        seeds = {row["seed"] for row in members if row["instance"] in by_run}
+        reference = _mean_curve([by_run[row["instance"]] for row in baselines
+                                 if row["instance"] in by_run and row["seed"] in seeds])
         if not mean:
             continue
         first = members[0]

@@ -86,7 +86,8 @@ def render_cost(rows: Sequence[dict]) -> list[str]:
         "### Pass@1 against rollout compute",
         "From curve.csv: pass@1 at step 0 (the warm-up), at the evaluations during training (the grid's eval.steps) "
         "and after the last step, beside the rollout FLOPs spent by then (dropped groups included); means over the "
-        "seeds. Saving: the baseline's total rollout FLOPs over the configuration's. Per point: total TFLOPs over the "
+        "seeds, the baseline's over the same seeds. Saving: the baseline's total rollout FLOPs over the "
+        "configuration's. Per point: total TFLOPs over the "
         "gain from the warm-up, in points. Reaches the baseline: the first evaluated step at which the mean is "
         f"within {100 * REACH_TOLERANCE:.0f} points of the baseline's final mean, the TFLOPs spent by then, and the "
         "baseline's total over them (> 1: it got there for less).",
