@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import json
 import multiprocessing
 import os
 import shlex
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -269,6 +271,38 @@ def test_skip_done_retry_failed_and_one_failure_does_not_stop_the_others(tmp_pat
     assert {row["status"] for row in results(grid).values()} == {"done"}
     status = read_status(failed)
     assert status["attempts"] == 2 and status["error"] is None and status["finished_at"]
+
+
+class Cycle:
+    """A reference cycle: freed by a collection only, never by reference counting."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_each_instance_s_garbage_is_collected_before_the_next_starts_and_the_collector_is_left_as_found(
+        tmp_path, monkeypatch):
+    fake = FakeRuns(monkeypatch)
+    grid_path = write_grid(tmp_path, skip_ratios=[0.1, 0.2], mitigations=["retrace"])
+    left_behind: list[weakref.ref] = []
+    fake.fail_train = {"x0.2-b1-retrace-s0"}
+
+    def train_leaving_a_cycle(config, callbacks=()):
+        if config.rft_steps > 0:  # an instance's own run (its warm-up is trained within the same instance)
+            assert all(ref() is None for ref in left_behind), "the last instance's garbage outlived it"
+            left_behind.append(weakref.ref(Cycle()))
+        return FakeRuns.train(fake, config, callbacks)
+
+    monkeypatch.setattr(sweep, "ensure_trained", train_leaving_a_cycle)
+    automatic = gc.isenabled()
+    gc.disable()  # so that only the sweep's own collections free the cycles
+    try:
+        assert sweep_main(str(grid_path), log=lambda line: None) == 1  # one failed instance: the sweep goes on
+    finally:
+        if automatic:
+            gc.enable()
+    assert len(left_behind) == 3 and left_behind[-1]() is None  # the baseline and the two nested runs
+    assert gc.get_freeze_count() == 0  # nothing the sweep froze stays out of later collections
 
 
 def test_a_done_instance_the_grid_now_sets_otherwise_is_kept_and_the_change_named(tmp_path, monkeypatch):

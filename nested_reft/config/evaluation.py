@@ -76,6 +76,10 @@ class EvalSettings(EvalConfig):
         options = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(EvalConfig)}
         return EvalConfig(**options) if seed is None else EvalConfig(**{**options, "seed": seed})
 
+    def data_dir_in_grid(self, train_data_dir: str | None) -> str | None:
+        """Where a grid's evaluation reads its benchmarks: this setting's own data_dir, else its training's."""
+        return self.data_dir or train_data_dir
+
 
 def listed_benchmarks(benchmarks: Sequence[str] | str) -> list[str]:
     """The names as listed, each item split at commas: shells give `gsm8k math500` as words, lm-eval's users

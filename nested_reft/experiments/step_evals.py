@@ -70,7 +70,7 @@ class StepEvaluator:
         policy.eval()
         try:
             evaluate(policy, tokenizer, self.settings.benchmarks, output, self._config(),
-                     data_dir=self.settings.data_dir or self.train_config.data_dir, limit=self.settings.limit,
+                     data_dir=self.settings.data_dir_in_grid(self.train_config.data_dir), limit=self.settings.limit,
                      model_name=f"{self.run_directory} after ReFT step {step}", progress=print_progress)
         finally:
             policy.train(training)
@@ -97,8 +97,8 @@ def curve_rows(run_id: str, run_directory: Path, steps: list[dict], warm_up_eval
     """A run's rows of curve.csv: its warm-up's pass@1 at step 0 (`warm_up_eval`, an eval.json; None: not
     evaluated), each finished evaluation during training found in its directory, and its own after its last step
     (`final_eval`, where it exists), each beside the rollout FLOPs of the steps up to it (`steps`: its metrics.jsonl
-    records, 1..n; None where a step recorded none). None for a run whose records are not steps 1..n (lines lost):
-    its FLOPs by step are not known."""
+    records, 1..n; None where a step recorded none). No rows for a run whose records are not steps 1..n (lines
+    lost): its FLOPs by step are not known."""
     if not steps or [record["step"] for record in steps] != list(range(1, len(steps) + 1)):
         return []
     spent = _cumulative_flops(steps)
