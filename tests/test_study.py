@@ -207,6 +207,25 @@ def test_run_rows_list_each_seed_baseline_first_with_its_zero_reward_and_gradien
     assert "| 1 of 4 | 1 of 4 |" in "\n".join(render_runs(runs))
 
 
+def test_a_selecting_run_s_groups_and_skips_are_summed_and_tabled_and_a_run_without_selection_has_none():
+    rows, _ = rows_and_problems()
+    # the nested run of seed 0 filtered groups: 3 rounds of 2 then 1 round at its limit with nothing kept
+    steps = [{"instance": "m/d/nested-s0", "step": s, "reward_mean": 0.5, "rollout_flops": 1.0, "grad_norm": 1.0,
+              "groups_sampled": sampled, "groups_kept": kept, "prompts_skipped": skipped}
+             for s, sampled, kept, skipped in ((1, 6, 2, 1), (2, 2, 0, 0))]
+    steps += [{"instance": "m/d/baseline-s0", "step": s, "reward_mean": 0.5, "rollout_flops": 1.0, "grad_norm": 1.0,
+               "groups_sampled": None, "groups_kept": None, "prompts_skipped": None} for s in (1, 2)]
+    runs = {(run["role"], run["seed"]): run for run in run_rows(rows, steps)}
+    assert (runs["nested", 0]["groups_sampled"], runs["nested", 0]["groups_kept"],
+            runs["nested", 0]["prompts_skipped"]) == (8, 2, 1)
+    assert runs["baseline", 0]["groups_sampled"] is None and runs["nested", 1]["groups_sampled"] is None  # no steps
+    text = render_study([], list(runs.values()), [], "")
+    assert "### Rollout selection" in text
+    assert "| m | d | 0 | x = 30%, retrace | 8 | 4.00 | 2 | 1.00 | 1 |" in text
+    assert text.count("| m | d | ") == 4 + 1  # the four runs, one of them selecting
+    assert "### Rollout selection" not in render_study([], [runs["baseline", 0]], [], "")
+
+
 def test_steps_written_before_grad_norm_read_as_unknown_gradient_steps(tmp_path):
     old = tmp_path / STEPS_FILE
     old.write_text("instance,step,reward_mean,skipped_layers,rollout_flops,kl_behavior_target,h_ess,h_truncated,"

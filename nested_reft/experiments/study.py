@@ -23,6 +23,8 @@ import numpy as np
 from nested_reft.experiments.results import mean_of_measured
 from nested_reft.experiments.stats import Interval, bootstrap_delta, paired_deltas, seed_summary
 
+# what a run with rollout selection (grpo.filter_groups, sampling.skip_predictable) records per step in steps.csv
+SELECTION_COUNTS = ("groups_sampled", "groups_kept", "prompts_skipped")
 PLAIN_WARM_UP = "plain"  # how tables and legends name the grid's own warm-up (train.sft; results.csv's "")
 DIAGNOSTICS = {"kl_behavior_target": "KL(behavior || target) per token", "h_ess": "effective sample size (fraction)",
                "h_truncated": "fraction of tokens truncated", "skipped_layers": "layers skipped (U)"}
@@ -182,13 +184,16 @@ def run_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
     """One row per finished run, by model, dataset and seed: its configuration, pass@1 before and after, its
     mean diagnostics, in how many of its ReFT steps the batch reward was 0 (every advantage 0), and in how many
     the loss had a gradient (None where steps.csv predates `grad_norm`): a rewarded batch gives none either when
-    every completion with a nonzero advantage was cut and `grpo.mask_truncated_completions` drops it."""
+    every completion with a nonzero advantage was cut and `grpo.mask_truncated_completions` drops it; and, for a
+    run with rollout selection (issue 32), its `SELECTION_COUNTS` summed over its steps (None without)."""
     several = several_warm_ups(warm_up(row) for row in rows)
     rewards: dict[str, list[float]] = {}
     gradients: dict[str, list[float | None]] = {}
+    counts: dict[str, list[dict]] = {}
     for step in steps:
         rewards.setdefault(step["instance"], []).append(step["reward_mean"])
         gradients.setdefault(step["instance"], []).append(step.get("grad_norm"))
+        counts.setdefault(step["instance"], []).append(step)
     table = []
     for row in rows:
         if row["status"] != "done":
@@ -198,9 +203,16 @@ def run_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
         table.append({**{column: row.get(column) for column in columns}, "warm_up": warm_up(row),
                       "label": configuration_label(row, several), "steps": len(run),
                       "zero_reward_steps": sum(reward == 0 for reward in run),
-                      "gradient_steps": _gradient_steps(gradients.get(row["instance"], []))})
+                      "gradient_steps": _gradient_steps(gradients.get(row["instance"], [])),
+                      **_selection_totals(counts.get(row["instance"], []))})
     return sorted(table, key=lambda entry: (entry["model"], entry["dataset"], entry["seed"], entry["warm_up"],
                                             entry["role"] != "baseline"))
+
+
+def _selection_totals(steps: Sequence[dict]) -> dict[str, float | None]:
+    """A run's `SELECTION_COUNTS` summed over its steps; None where a step did not record one (no selection)."""
+    return {column: None if not steps or any(step.get(column) is None for step in steps)
+            else sum(step[column] for step in steps) for column in SELECTION_COUNTS}
 
 
 def _gradient_steps(norms: Sequence[float | None]) -> int | None:

@@ -39,6 +39,8 @@ def render_study(table: Sequence[dict], runs: Sequence[dict], figures: Sequence[
     lines += render_break_even(break_even) if break_even else []
     lines += render_cost(cost) if cost else []
     lines += render_runs(runs)
+    selecting = [run for run in runs if run["groups_sampled"] is not None]
+    lines += render_selection(selecting) if selecting else []
     return "\n".join(lines) + "\n"
 
 
@@ -120,6 +122,21 @@ def render_runs(runs: Sequence[dict]) -> list[str]:
           number(_gain(r), "+.1f"), f"{r['zero_reward_steps']} of {r['steps']}", _of(r["gradient_steps"], r["steps"]),
           number(r["skipped_layers"], ".2f"), number(r["kl_behavior_target"], ".2f"), number(r["h_ess"], ".3f"),
           number(r["h_truncated"], ".3f")) for r in runs),
+    )
+
+
+def render_selection(runs: Sequence[dict]) -> list[str]:
+    """What the rollout selection of each run that had one did (`run_rows`' sums of steps.csv's counts)."""
+    return _table(
+        "### Rollout selection",
+        "Runs with grpo.filter_groups or sampling.skip_predictable. Groups sampled: every group the run's rounds "
+        "sampled, those dropped by the filter included; kept: the groups it trained on; both also per step. "
+        "Prompts skipped: passed over before sampling (a skipped prompt's place goes to the next of the order).",
+        ("model", "dataset", "seed", "configuration", "groups sampled", "per step", "groups kept", "per step",
+         "prompts skipped"),
+        ((r["model"], r["dataset"], r["seed"], r["label"], number(r["groups_sampled"], ".0f"),
+          number(r["groups_sampled"] / r["steps"], ".2f"), number(r["groups_kept"], ".0f"),
+          number(r["groups_kept"] / r["steps"], ".2f"), number(r["prompts_skipped"], ".0f")) for r in runs),
     )
 
 
