@@ -187,24 +187,20 @@ def run_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
     every completion with a nonzero advantage was cut and `grpo.mask_truncated_completions` drops it; and, for a
     run with rollout selection (issue 32), its `SELECTION_COUNTS` summed over its steps (None without)."""
     several = several_warm_ups(warm_up(row) for row in rows)
-    rewards: dict[str, list[float]] = {}
-    gradients: dict[str, list[float | None]] = {}
-    counts: dict[str, list[dict]] = {}
+    by_run: dict[str, list[dict]] = {}
     for step in steps:
-        rewards.setdefault(step["instance"], []).append(step["reward_mean"])
-        gradients.setdefault(step["instance"], []).append(step.get("grad_norm"))
-        counts.setdefault(step["instance"], []).append(step)
+        by_run.setdefault(step["instance"], []).append(step)
     table = []
     for row in rows:
         if row["status"] != "done":
             continue
-        run = rewards.get(row["instance"], [])
+        run = by_run.get(row["instance"], [])
         columns = ("model", "dataset", "seed", "role", "accuracy", "accuracy_before", *DIAGNOSTICS)
         table.append({**{column: row.get(column) for column in columns}, "warm_up": warm_up(row),
                       "label": configuration_label(row, several), "steps": len(run),
-                      "zero_reward_steps": sum(reward == 0 for reward in run),
-                      "gradient_steps": _gradient_steps(gradients.get(row["instance"], [])),
-                      **_selection_totals(counts.get(row["instance"], []))})
+                      "zero_reward_steps": sum(step["reward_mean"] == 0 for step in run),
+                      "gradient_steps": _gradient_steps([step.get("grad_norm") for step in run]),
+                      **_selection_totals(run)})
     return sorted(table, key=lambda entry: (entry["model"], entry["dataset"], entry["seed"], entry["warm_up"],
                                             entry["role"] != "baseline"))
 
