@@ -20,7 +20,7 @@ from nested_reft.experiments.stats import (
     SEED_COLUMNS, Interval, bootstrap_delta, bootstrap_replicates, seed_summary, t_interval, t_quantile,
 )
 from nested_reft.experiments.study import (
-    kl_quarters, learning_curves, quarter_means, run_rows, study_rows, warm_up_rows,
+    closeness_rows, kl_quarters, learning_curves, quarter_means, run_rows, study_rows, warm_up_rows,
 )
 from nested_reft.experiments.study_markdown import (
     render_break_even, render_cost, render_runs, render_study, render_warm_ups,
@@ -226,6 +226,34 @@ def test_a_selecting_run_s_groups_and_skips_are_summed_and_tabled_and_a_run_with
     assert "### Rollout selection" not in render_study([], [runs["baseline", 0]], [], "")
 
 
+def test_closeness_rows_correlate_each_nested_run_s_kl_gradient_steps_and_delta_against_its_own_baseline():
+    def run(role, seed, accuracy, kl=None, gradient_steps=20, warm_up="", dataset="d"):
+        return {"model": "m", "dataset": dataset, "role": role, "seed": seed, "warm_up": warm_up, "accuracy": accuracy,
+                "kl_behavior_target": kl, "gradient_steps": gradient_steps, "label": role, "groups_sampled": None,
+                "accuracy_before": 0.5, "steps": 24, "zero_reward_steps": 0, "skipped_layers": 1, "h_ess": 1.0,
+                "h_truncated": 0.0}
+    baselines = [run("baseline", seed, accuracy) for seed, accuracy in ((0, 0.5), (1, 0.6), (2, 0.7))]
+    nested = [run("nested", 0, 0.5, kl=math.e, gradient_steps=4),  # log KL 1, Δ 0
+              run("nested", 1, 0.4, kl=math.e ** 2, gradient_steps=2),  # log KL 2, Δ -20
+              run("nested", 2, 0.6, kl=math.e ** 3, gradient_steps=3)]  # log KL 3, Δ -10
+    left_out = [run("nested", 3, 0.9, kl=0.5),  # no baseline of its seed
+                run("nested", 0, 0.1, kl=0.5, warm_up="distill"),  # none of its warm-up
+                run("nested", 1, 0.9, kl=float("nan")), run("nested", 2, 0.9, kl=0.5, gradient_steps=None),
+                run("baseline", 0, 0.5, dataset="other"), run("nested", 0, 0.5, kl=1.0, dataset="other")]  # one run: no r
+    rows = {(row["dataset"], row["runs"]): row for row in closeness_rows(baselines + nested + left_out)}
+    assert set(rows) == {("d", 3), ("other", 1)}
+    expected = {"kl_gradient": np.corrcoef([1, 2, 3], [4, 2, 3])[0, 1],
+                "gradient_delta": np.corrcoef([4, 2, 3], [0, -20, -10])[0, 1],
+                "kl_delta": np.corrcoef([1, 2, 3], [0, -20, -10])[0, 1]}
+    assert rows["d", 3]["kl_gradient"] == pytest.approx(-0.5) and rows["d", 3]["gradient_delta"] == pytest.approx(1.0)
+    assert {key: rows["d", 3][key] for key in expected} == pytest.approx(expected)
+    assert rows["other", 1]["kl_delta"] is None
+    text = render_study([], baselines + nested, [], "")
+    assert "### What the closeness decides" in text
+    assert f"| m | d | 3 | -0.50 | +1.00 | {expected['kl_delta']:+.2f} |" in text
+    assert "### What the closeness decides" not in render_study([], baselines, [], "")
+
+
 def test_steps_written_before_grad_norm_read_as_unknown_gradient_steps(tmp_path):
     old = tmp_path / STEPS_FILE
     old.write_text("instance,step,reward_mean,skipped_layers,rollout_flops,kl_behavior_target,h_ess,h_truncated,"
@@ -287,9 +315,10 @@ def test_a_tiny_study_end_to_end(tmp_path, capsys):
     assert "| tiny-llama | arithmetic | distill | 0 |" in report  # the warm-ups' own effect, seed 0
     break_even = report[report.index("### Break-even"):report.index("### The runs")]
     assert "| distill/x = 30%, retrace |" in break_even and "plain/" not in break_even
-    runs = report[report.index("### The runs"):].splitlines()
+    runs = report[report.index("### The runs"):report.index("### What the closeness decides")].splitlines()
     assert sum(line.startswith("| tiny-llama | arithmetic | 0 |") for line in runs) == 6  # one row per run
     assert all(" of 2 | " in line and "–" not in line for line in runs if line.startswith("| tiny-llama"))
+    assert "| tiny-llama | arithmetic | 4 |" in report[report.index("### What the closeness decides"):]  # 4 nested
     assert (root / "report" / "curves-tiny-llama-arithmetic.png").is_file()
     assert (root / "report" / "diagnostics-tiny-llama-arithmetic.png").is_file()
 

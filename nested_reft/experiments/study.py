@@ -205,6 +205,38 @@ def run_rows(rows: Sequence[dict], steps: Sequence[dict]) -> list[dict]:
                                             entry["role"] != "baseline"))
 
 
+def closeness_rows(runs: Sequence[dict]) -> list[dict]:
+    """Per model and dataset, over the nested runs of `run_rows` with a KL, gradient steps and a baseline of their
+    seed and warm-up: Pearson's r of log KL(behavior || target) with gradient steps, of gradient steps with Δ pass@1
+    (points, against that baseline), and of log KL with Δ: which link of closeness -> gradient steps -> accuracy
+    holds, where a study asks why a closer behavior model does not keep more of what ReFT learns."""
+    baselines = {(run["model"], run["dataset"], run["warm_up"], run["seed"]): run["accuracy"]
+                 for run in runs if run["role"] == "baseline"}
+    points: dict[tuple[str, str], list[tuple[float, int, float]]] = {}
+    for run in runs:
+        reference = baselines.get((run["model"], run["dataset"], run["warm_up"], run["seed"]))
+        kl = run["kl_behavior_target"]
+        if run["role"] == "baseline" or reference is None or run["gradient_steps"] is None or kl is None \
+                or not math.isfinite(kl) or kl <= 0:
+            continue
+        points.setdefault((run["model"], run["dataset"]), []).append(
+            (math.log(kl), run["gradient_steps"], 100 * (run["accuracy"] - reference)))
+    table = []
+    for (model, dataset), group in points.items():
+        log_kl, gradient_steps, deltas = zip(*group)
+        table.append({"model": model, "dataset": dataset, "runs": len(group),
+                      "kl_gradient": _correlation(log_kl, gradient_steps),
+                      "gradient_delta": _correlation(gradient_steps, deltas), "kl_delta": _correlation(log_kl, deltas)})
+    return table
+
+
+def _correlation(first: Sequence[float], second: Sequence[float]) -> float | None:
+    """Pearson's r; None under 3 points or where either side does not vary."""
+    if len(first) < 3 or np.ptp(first) == 0 or np.ptp(second) == 0:
+        return None
+    return float(np.corrcoef(first, second)[0, 1])
+
+
 def _selection_totals(steps: Sequence[dict]) -> dict[str, float | None]:
     """A run's `SELECTION_COUNTS` summed over its steps; None where a step did not record one (no selection)."""
     return {column: None if not steps or any(step.get(column) is None for step in steps)

@@ -1,5 +1,5 @@
 """The study's Markdown section of the report: the table of configurations, the figures, the timing conditions,
-the warm-ups' own effect and their break-even, and the runs (from `study`'s rows)."""
+the warm-ups' own effect and their break-even, the runs and what their closeness decided (from `study`'s rows)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from collections.abc import Iterable, Sequence
 
 from nested_reft.experiments.formatting import MISSING, interval_cell, number, percent, seeds_text, tera
 from nested_reft.experiments.stats import BOOTSTRAP_SAMPLES, CONFIDENCE
-from nested_reft.experiments.study import REACH_TOLERANCE
+from nested_reft.experiments.study import REACH_TOLERANCE, closeness_rows
 
 
 def render_study(table: Sequence[dict], runs: Sequence[dict], figures: Sequence[str], conditions: str,
                  warm_ups: Sequence[dict] = (), break_even: Sequence[dict] = (), cost: Sequence[dict] = ()) -> str:
     """The study's Markdown section: the table of configurations, the figures, the timing conditions, the warm-ups'
     own effect and their break-even (where there are named warm-ups), pass@1 against rollout compute (where runs
-    were evaluated during training), the runs."""
+    were evaluated during training), the runs, what their closeness decided (where there are nested runs) and their
+    rollout selection (where runs selected)."""
     lines = _table(
         "## The study: accuracy with confidence intervals, diagnostics, learning curves",
         f"Δ acc is pass@1 minus the baseline's (of the same warm-up), in points, with a {CONFIDENCE:.0%} percentile "
@@ -39,6 +40,8 @@ def render_study(table: Sequence[dict], runs: Sequence[dict], figures: Sequence[
     lines += render_break_even(break_even) if break_even else []
     lines += render_cost(cost) if cost else []
     lines += render_runs(runs)
+    closeness = closeness_rows(runs)
+    lines += render_closeness(closeness) if closeness else []
     selecting = [run for run in runs if run["groups_sampled"] is not None]
     lines += render_selection(selecting) if selecting else []
     return "\n".join(lines) + "\n"
@@ -122,6 +125,20 @@ def render_runs(runs: Sequence[dict]) -> list[str]:
           number(_gain(r), "+.1f"), f"{r['zero_reward_steps']} of {r['steps']}", _of(r["gradient_steps"], r["steps"]),
           number(r["skipped_layers"], ".2f"), number(r["kl_behavior_target"], ".2f"), number(r["h_ess"], ".3f"),
           number(r["h_truncated"], ".3f")) for r in runs),
+    )
+
+
+def render_closeness(rows: Sequence[dict]) -> list[str]:
+    """The table of `closeness_rows`: what a nested run's closeness decided, over each model and dataset's runs."""
+    return _table(
+        "### What the closeness decides",
+        "Over the nested runs above, one point a run against the baseline of its seed and warm-up: Pearson's r "
+        "between log KL(behavior || target) per token and the gradient steps taken, between the gradient steps and "
+        "Δ pass@1, and between log KL and Δ pass@1 (– under 3 runs, or where a side does not vary).",
+        ("model", "dataset", "nested runs", "r(log KL, gradient steps)", "r(gradient steps, Δ acc)",
+         "r(log KL, Δ acc)"),
+        ((r["model"], r["dataset"], r["runs"], number(r["kl_gradient"], "+.2f"), number(r["gradient_delta"], "+.2f"),
+          number(r["kl_delta"], "+.2f")) for r in rows),
     )
 
 
