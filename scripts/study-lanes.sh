@@ -28,6 +28,8 @@ run_in_lanes() {
     mkdir -p "$study_dir"
     cp "$sweep_dir"/results.csv "$sweep_dir"/steps.csv "$sweep_dir"/problems.csv "$sweep_dir"/curve.csv \
         "$sweep_dir"/run_settings.json "$study_dir"/
+    # the grid's timing conditions, where it states them, so that `nested-reft report docs/NAME` writes the same report
+    if [ -f "$sweep_dir/conditions.txt" ]; then cp "$sweep_dir/conditions.txt" "$study_dir"/; fi
 }
 
 # run_study NAME LANES ORDER: the study NAME (configs/grids/NAME.yaml, runs/sweeps/NAME, docs/NAME) in LANES lanes, its
